@@ -1,0 +1,144 @@
+"""MegalodonLM: embedding → blocks → final TimestepNorm → LM head, with a streaming cache (spec §5, §9)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from megalodon_jax.config import MegalodonConfig, rope_inv_freq
+from megalodon_jax.nn.attention import LayerCache
+from megalodon_jax.nn.block import MegalodonBlock
+from megalodon_jax.nn.init import truncated_normal
+from megalodon_jax.nn.layers import Buffer, Embed, Linear, TimestepNorm
+from megalodon_jax.ops.timestep_norm import NormState
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Cache(NamedTuple):
+  """Streaming state of the whole model; a pytree, usable under `jax.jit`.
+
+  layers: one LayerCache per block.  final_norm: the output TimestepNorm's state.
+  count: () int32, tokens of the current attention chunk already in the KV caches (0 ≤ count < chunk_size).
+  Its size does not grow with the stream: KV of at most one chunk, CEMA and norm states per layer.
+  """
+  layers: tuple[LayerCache, ...]
+  final_norm: NormState
+  count: jax.Array
+
+
+class MegalodonLM(nnx.Module):
+  """The Megalodon decoder LM (official `Mega`).
+
+  Call `model(input_ids)` for float32 logits (B, L, V_out), or `model(input_ids, cache=cache)` for
+  `(logits, cache)` to continue a stream (start from `model.init_cache(batch_size)`); any split of a sequence
+  into pieces gives the logits of one full forward.
+  """
+
+  def __init__(self, config: MegalodonConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    emb_init = truncated_normal(1.0 / math.sqrt(c.model_dim))
+    self.embed = Embed(c.vocab_size, c.model_dim, init=emb_init, dtype=dt, param_dtype=pdt, rngs=rngs)
+    self.rope_freqs = Buffer(jnp.asarray(rope_inv_freq(c)))
+    self.emb_dropout = nnx.Dropout(c.dropout, rngs=rngs if c.dropout > 0 else None)
+    self.layers = nnx.List([MegalodonBlock(c, i, rngs=rngs) for i in range(c.num_layers)])
+    self.final_norm = TimestepNorm(c.model_dim, c.norm_num_groups, eps=c.norm_eps, param_dtype=pdt)
+    self.output = None if c.share_emb else Linear(
+        c.model_dim, c.out_size, use_bias=False, init_mode=c.init_mode, axes=("embed", "vocab"), dtype=dt,
+        param_dtype=pdt, rngs=rngs, kernel_init=emb_init)
+
+  def init_cache(self, batch_size: int) -> Cache:
+    """An empty stream: no cached tokens, zero CEMA states, norm states from the TimestepNorm priors."""
+    c = self.config
+    dt = jnp.dtype(c.dtype)
+    layers = tuple(
+        LayerCache(
+            k=jnp.zeros((batch_size, c.chunk_size, c.num_heads, c.z_head_dim), dt),
+            v=jnp.zeros((batch_size, c.chunk_size, c.num_heads, c.v_head_dim), dt),
+            norm=blk.mega.timenorm.initial_state(batch_size),
+            cema=jnp.zeros((batch_size, c.model_dim, c.cema_ndim, 2), jnp.float32),
+        ) for blk in self.layers)
+    return Cache(layers, self.final_norm.initial_state(batch_size), jnp.zeros((), jnp.int32))
+
+  def __call__(self, input_ids: jax.Array, cache: Optional[Cache] = None):
+    """Forward pass.
+
+    Args:
+      input_ids: (B, L) integer token ids in [0, vocab_size).
+      cache: None for a stand-alone sequence, or the Cache returned by `init_cache` / a previous call.
+    Returns:
+      logits (B, L, V_out) float32; with a cache, `(logits, new_cache)`.
+    """
+    self._check_inputs(input_ids, cache)
+    c = self.config
+    l = input_ids.shape[1]
+    x = self.embed(input_ids)
+    if c.scale_emb:
+      x = x * jnp.asarray(math.sqrt(c.model_dim), x.dtype)
+    x = self.emb_dropout(x)
+    inv_freq = self.rope_freqs[...]
+
+    new_layers = []
+    if cache is None:
+      run = _remat_block(c.remat_policy)
+      for block in self.layers:
+        x, _ = run(block, x, inv_freq)
+      norm_state = None
+    else:
+      for block, layer_cache in zip(self.layers, cache.layers):
+        x, layer_cache = block(x, inv_freq, layer_cache, cache.count)
+        new_layers.append(layer_cache)
+      norm_state = cache.final_norm
+    x, norm_state = self.final_norm(x, norm_state)
+    logits = self._head(x)
+    if cache is None:
+      return logits
+    return logits, Cache(tuple(new_layers), norm_state, (cache.count + l) % c.chunk_size)
+
+  def _head(self, x: jax.Array) -> jax.Array:
+    """(B, L, D) -> (B, L, V_out) float32; accumulation in float32 whatever the compute dtype."""
+    if self.output is None:
+      return self.embed.attend(x)
+    kernel = self.output.kernel[...].astype(x.dtype)
+    return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+
+  def _check_inputs(self, input_ids: jax.Array, cache: Optional[Cache]) -> None:
+    c = self.config
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise TypeError(f"input_ids must be integers; got dtype {input_ids.dtype}")
+    if input_ids.shape[1] == 0:
+      raise ValueError("input_ids has length 0; pass at least one token")
+    if cache is not None:
+      if len(cache.layers) != c.num_layers:
+        raise ValueError(f"cache has {len(cache.layers)} layers; the model has num_layers={c.num_layers}")
+      if cache.final_norm.mean.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"cache was made for batch size {cache.final_norm.mean.shape[0]}; input_ids has batch "
+                         f"size {input_ids.shape[0]}")
+    if not isinstance(input_ids, jax.core.Tracer):  # concrete ids (eager call): check the range up front
+      ids = np.asarray(input_ids)
+      bad = (ids < 0) | (ids >= c.vocab_size)
+      if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"token id {int(ids[where])} at position {where} is outside [0, vocab_size="
+                         f"{c.vocab_size}); {int(bad.sum())} id(s) out of range")
+
+
+def _remat_block(policy: str):
+  """Calls a block, under `nnx.remat` with the configured policy unless it is "none"."""
+  def run(block, x, inv_freq):
+    return block(x, inv_freq)
+  if policy == "none":
+    return run
+  return nnx.remat(run, policy=_REMAT_POLICIES[policy])

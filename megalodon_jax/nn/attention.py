@@ -1,0 +1,103 @@
+"""MovingAverageGatedAttention: TimestepNorm → CEMA → RMSNorm → normalised chunked attention (spec §4)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from megalodon_jax.config import MegalodonConfig
+from megalodon_jax.nn.cema import ComplexEMA
+from megalodon_jax.nn.layers import Linear, RMSNorm, TimestepNorm
+from megalodon_jax.ops import attention as attn_ops
+from megalodon_jax.ops.timestep_norm import NormState
+
+
+class LayerCache(NamedTuple):
+  """Streaming state of one block.
+
+  k: (B, C, H, dz), v: (B, C, H, dv) in the compute dtype: keys (rotated) and values of the current chunk; only
+    the first `count` slots (kept once, on the model's Cache) are meaningful.
+  norm: the TimestepNorm state.  cema: (B, D, N, 2) float32 CEMA state (real, imag).
+  """
+  k: jax.Array
+  v: jax.Array
+  norm: NormState
+  cema: jax.Array
+
+
+def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+  # Streams only where a rate is set, so dropout-free models carry no RNG state.
+  return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
+
+
+class MovingAverageGatedAttention(nnx.Module):
+  """The attention sub-layer of a Megalodon block: y = x + h(x) (no update gate, no activation on h)."""
+
+  def __init__(self, config: MegalodonConfig, *, rngs: nnx.Rngs):
+    c = config
+    dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    D, Z, E = c.model_dim, c.z_dim, c.value_dim
+
+    def linear(din, dout, axes, bias=True):
+      return Linear(din, dout, use_bias=bias, init_mode=c.init_mode, axes=axes, dtype=dt, param_dtype=pdt, rngs=rngs)
+
+    self.timenorm = TimestepNorm(D, c.norm_num_groups, eps=c.norm_eps, param_dtype=pdt)
+    self.cema = ComplexEMA(D, c.cema_ndim, impl=c.cema_impl, param_dtype=pdt, rngs=rngs)
+    self.rmsnorm = RMSNorm(D, eps=c.norm_eps, affine=c.norm_affine, param_dtype=pdt)
+    self.wv = linear(D, E, ("embed", "value"))
+    self.wz = linear(D, Z, ("embed", "qk"))
+    self.wr = linear(D, E, ("embed", "value"))
+    self.wh1 = linear(D, D, ("embed", "embed_out"))
+    self.wh2 = linear(E, D, ("value", "embed"), bias=False)
+    self.gamma = nnx.Param(jnp.zeros((2, Z), pdt), logical_axes=(None, "qk"))
+    self.beta = nnx.Param(jnp.zeros((2, Z), pdt), logical_axes=(None, "qk"))
+    self.hidden_dropout = _dropout(c.hidden_dropout, rngs)
+    self.dropout = _dropout(c.dropout, rngs)
+    self.attention_dropout = c.attention_dropout
+    self.attention_rngs = rngs["dropout"].fork() if c.attention_dropout > 0 else nnx.data(None)
+    self.drop_key = c.efficient_attn is not None
+    self.deterministic = False
+    self.num_heads = c.num_heads
+    self.chunk_size = c.chunk_size
+    self.norm_eps = c.norm_eps
+    self.dtype = dt
+
+  def __call__(self, x: jax.Array, inv_freq: jax.Array, cache: Optional[LayerCache] = None,
+               count: Optional[jax.Array] = None):
+    """Attention sub-layer.
+
+    Args:
+      x: (B, L, D) block input in the compute dtype.
+      inv_freq: (dz/2,) float32 RoPE frequencies.
+      cache: this layer's LayerCache to continue a stream, or None for a stand-alone sequence.
+      count: () int32 tokens already in the current chunk (with a cache).
+    Returns:
+      y = x + h: (B, L, D) in the compute dtype, and the updated LayerCache (None without a cache).
+    """
+    b, l, _ = x.shape
+    h = self.num_heads
+    xn, norm_state = self.timenorm(x, None if cache is None else cache.norm)
+    c, cema_state = self.cema(xn, None if cache is None else cache.cema, return_state=cache is not None)
+    mx = self.hidden_dropout(self.rmsnorm(c).astype(self.dtype))
+
+    q, k = attn_ops.normalized_qk(self.wz(mx), self.gamma[...], self.beta[...], h, self.norm_eps)
+    v = jax.nn.silu(self.wv(xn)).reshape(b, l, h, -1)
+    r = jax.nn.silu(self.wr(mx))
+
+    rate = 0.0 if self.deterministic else self.attention_dropout
+    drop = dict(dropout_rate=rate, dropout_rng=self.attention_rngs() if rate > 0 else None, drop_key=self.drop_key)
+    offset = 0 if cache is None else count
+    positions = (offset + jnp.arange(l)) % self.chunk_size
+    q, k = attn_ops.rope(q, inv_freq, positions), attn_ops.rope(k, inv_freq, positions)
+    if cache is None:
+      out = attn_ops.chunked_causal_attention(q, k, v, self.chunk_size, **drop)
+      new_cache = None
+    else:
+      out, ck, cv, _ = attn_ops.attention_with_cache(q, k, v, cache.k, cache.v, count, self.chunk_size, **drop)
+      new_cache = LayerCache(ck, cv, norm_state, cema_state)
+    a = self.hidden_dropout(out.reshape(b, l, -1) * r)
+    y = self.dropout(self.wh1(mx) + self.wh2(a))
+    return y + x, new_cache

@@ -1,0 +1,1 @@
+"""The math of Megalodon as pure jnp functions (no Flax)."""

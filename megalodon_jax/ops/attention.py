@@ -1,0 +1,159 @@
+"""Normalised chunk-wise attention (spec §4): shared-z q/k, interleaved RoPE, block-diagonal causal softmax.
+
+Attention never crosses a chunk of `chunk_size` tokens. Positions are chunk-local, so the rotation a token gets
+depends only on its offset inside its chunk. Logits are unscaled (the 1/√dz temperature sits in the q/k affine)
+and the softmax runs in float32. A sequence whose length is not a multiple of the chunk size simply ends with a
+partial chunk (the official code rejects such lengths).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from megalodon_jax.ops.norms import rms_norm
+
+HIGHEST = jax.lax.Precision.HIGHEST
+# DropKey removes a logit with a large finite penalty rather than -inf, so a row whose every key was dropped
+# stays finite (it falls back to a uniform average over its causal keys) instead of producing NaN.
+_DROPKEY_PENALTY = -1e30
+
+
+def normalized_qk(z: jax.Array, gamma: jax.Array, beta: jax.Array, num_heads: int, eps: float):
+  """Queries and keys from the shared projection z (spec §4.2 steps 4-5).
+
+  Args:
+    z: (B, L, Z) output of wz.
+    gamma, beta: (2, Z); row 0 for q, row 1 for k. Effective scale (1 + gamma) / √dz.
+    num_heads: H; z is RMS-normalised per head (no affine).
+    eps: RMSNorm epsilon.
+  Returns:
+    q, k: (B, L, H, dz) in z.dtype.
+  """
+  b, l, zdim = z.shape
+  dz = zdim // num_heads
+  zn = rms_norm(z.reshape(b, l, num_heads, dz), None, eps).reshape(b, l, zdim)
+  scale = (gamma + 1.0) / math.sqrt(dz)
+  q = zn * scale[0] + beta[0]
+  k = zn * scale[1] + beta[1]
+  return q.reshape(b, l, num_heads, dz).astype(z.dtype), k.reshape(b, l, num_heads, dz).astype(z.dtype)
+
+
+def rope(x: jax.Array, inv_freq: jax.Array, positions: jax.Array) -> jax.Array:
+  """Rotates interleaved feature pairs (2i, 2i+1) by positions × inv_freq_i, in float32.
+
+  Args:
+    x: (B, T, H, d) any float dtype.
+    inv_freq: (d/2,) float32 (the `rope.freqs` buffer).
+    positions: (T,) integer positions (chunk-local).
+  Returns:
+    (B, T, H, d) in x.dtype.
+  """
+  angle = positions.astype(jnp.float32)[:, None] * inv_freq.astype(jnp.float32)[None, :]  # (T, d/2)
+  cos = jnp.cos(angle)[None, :, None, :]
+  sin = jnp.sin(angle)[None, :, None, :]
+  xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  re, im = xf[..., 0], xf[..., 1]
+  out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def _softmax_attend(scores: jax.Array, allowed: jax.Array, v: jax.Array, einsum_pv: str, dropout_rate: float,
+                    dropout_rng: Optional[jax.Array], drop_key: bool) -> jax.Array:
+  """Masked float32 softmax over the last axis of `scores`, optional dropout, then P·v."""
+  scores = scores.astype(jnp.float32)
+  if dropout_rate > 0.0 and drop_key:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, scores.shape)
+    scores = jnp.where(keep, scores, _DROPKEY_PENALTY)
+  scores = jnp.where(allowed, scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if dropout_rate > 0.0 and not drop_key:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum(einsum_pv, probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int, *,
+                             dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
+                             drop_key: bool = False) -> jax.Array:
+  """Block-diagonal causal attention over chunks of `chunk_size` (the last one may be partial).
+
+  Args:
+    q, k: (B, L, H, dz) already rotated with chunk-local positions.
+    v: (B, L, H, dv).
+    chunk_size: C. A sequence with L ≤ C is one chunk.
+    dropout_rate, dropout_rng, drop_key: attention dropout; DropKey masks logits before the softmax,
+      otherwise probabilities are dropped and rescaled after it.
+  Returns:
+    (B, L, H, dv) in v.dtype.
+  """
+  b, l, h, dz = q.shape
+  dv = v.shape[-1]
+  c = min(chunk_size, l)
+  nc = -(-l // c)
+  pad = nc * c - l
+  if pad:
+    # Padded keys sit after every real query of the last chunk, so the causal mask already hides them.
+    q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+  qc = q.reshape(b, nc, c, h, dz)
+  kc = k.reshape(b, nc, c, h, dz)
+  vc = v.reshape(b, nc, c, h, dv)
+  scores = jnp.einsum("bnqhd,bnkhd->bnhqk", qc, kc, preferred_element_type=jnp.float32)
+  causal = jnp.tril(jnp.ones((c, c), dtype=bool))
+  out = _softmax_attend(scores, causal, vc, "bnhqk,bnkhd->bnqhd", dropout_rate, dropout_rng, drop_key)
+  return out.reshape(b, nc * c, h, dv)[:, :l].astype(v.dtype)
+
+
+def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+                         count: jax.Array, chunk_size: int, *, dropout_rate: float = 0.0,
+                         dropout_rng: Optional[jax.Array] = None, drop_key: bool = False):
+  """Chunked causal attention continuing a stream whose current chunk already holds `count` tokens.
+
+  New tokens may cross any number of chunk boundaries. The tokens of the current chunk (cached, then new) are
+  laid out in one frame that starts at the chunk's first position, so chunk membership and causality are
+  plain index comparisons and `count` may be a traced value under jit.
+
+  Args:
+    q, k: (B, L, H, dz) new queries/keys, rotated with positions (count + i) mod C.
+    v: (B, L, H, dv) new values.
+    cache_k: (B, C, H, dz), cache_v: (B, C, H, dv): slots [0, count) hold the current chunk's earlier tokens.
+    count: () int32, 0 ≤ count < C.
+    chunk_size: C.
+  Returns:
+    out: (B, L, H, dv) in v.dtype; new cache_k, cache_v (same shapes) and new count = (count + L) mod C.
+  """
+  b, l, h, _ = q.shape
+  c = chunk_size
+  count = jnp.asarray(count, jnp.int32)
+  # Frame length: room for the cached prefix and the new tokens, plus one chunk so the slice that becomes the
+  # next cache (starting at the last chunk boundary) never runs off the end.
+  frame = (-(-l // c) + 1) * c
+
+  def place(cache, new):
+    buf = jnp.zeros((b, frame) + cache.shape[2:], new.dtype)
+    buf = jax.lax.dynamic_update_slice_in_dim(buf, cache.astype(new.dtype), 0, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(buf, new, count, axis=1)
+
+  kf, vf = place(cache_k, k), place(cache_v, v)
+  if l <= c:
+    # Short input: only the L real query rows, against the whole frame; cost O(L·(C + L)).
+    qpos = count + jnp.arange(l)
+    kpos = jnp.arange(frame)
+    allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] // c == qpos[:, None] // c)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, kf, preferred_element_type=jnp.float32)
+    out = _softmax_attend(scores, allowed, vf, "bhqk,bkhd->bqhd", dropout_rate, dropout_rng, drop_key)
+    out = out.astype(v.dtype)
+  else:
+    # Long input: ordinary chunked attention over the frame (queries placed like keys), then cut out the rows.
+    qf = place(jnp.zeros_like(cache_k, dtype=q.dtype), q)
+    out = chunked_causal_attention(qf, kf, vf, c, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                                   drop_key=drop_key)
+    out = jax.lax.dynamic_slice_in_dim(out, count, l, axis=1)
+  end = count + l
+  start = (end // c) * c
+  new_k = jax.lax.dynamic_slice_in_dim(kf, start, c, axis=1).astype(cache_k.dtype)
+  new_v = jax.lax.dynamic_slice_in_dim(vf, start, c, axis=1).astype(cache_v.dtype)
+  return out, new_k, new_v, end % c

@@ -1,0 +1,10 @@
+"""Test settings: full float32 matmuls (parity tests need them) and a persistent compilation cache."""
+
+import os
+
+import jax
+
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("MEGALODON_JAX_CACHE", os.path.expanduser("~/.cache/megalodon-jax/xla")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

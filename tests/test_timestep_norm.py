@@ -92,10 +92,14 @@ def _prior_state(b, g):
   return np.asarray(st.count), np.asarray(st.mean), np.asarray(st.var)
 
 
+# Jitted once per shape: eager dispatch of the associative scan is slow on a small CPU.
+_tsn = jax.jit(timestep_norm, static_argnames=("num_groups", "eps"))
+
+
 def _run(x, weight, bias, state, g, mask=None):
   st = NormState(*(jnp.asarray(a) for a in state))
-  y, new = timestep_norm(jnp.asarray(x), jnp.asarray(weight), jnp.asarray(bias), st, num_groups=g, eps=EPS,
-                         mask=None if mask is None else jnp.asarray(mask))
+  y, new = _tsn(jnp.asarray(x), jnp.asarray(weight), jnp.asarray(bias), st, num_groups=g, eps=EPS,
+                mask=None if mask is None else jnp.asarray(mask))
   return np.asarray(y), new
 
 
@@ -206,7 +210,8 @@ def test_per_step_statistics_with_mask():
   x = rng.normal(size=(b, l, d)).astype(np.float32)
   mask = rng.uniform(size=(b, l)) < 0.3
   state = _random_state(rng, b, g)
-  mean, var, _ = cumulative_stats(jnp.asarray(x), NormState(*(jnp.asarray(a) for a in state)), g, jnp.asarray(mask))
+  stats = jax.jit(cumulative_stats, static_argnums=2)
+  mean, var, _ = stats(jnp.asarray(x), NormState(*(jnp.asarray(a) for a in state)), g, jnp.asarray(mask))
   _, rm, rs, _ = ref_timestep_norm(x, np.zeros(d), np.zeros(d), *state, g, mask=mask)
   np.testing.assert_allclose(np.asarray(mean), rm, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(var), rs, rtol=1e-5)
@@ -257,8 +262,8 @@ def test_split_sequence_equals_one_call(splits, use_mask):
   pieces = []
   for s, e in zip(bounds[:-1], bounds[1:]):
     piece_mask = None if mask is None else jnp.asarray(mask[:, s:e])
-    yp, st = timestep_norm(jnp.asarray(x[:, s:e]), jnp.asarray(weight), jnp.asarray(bias), st, num_groups=g, eps=EPS,
-                           mask=piece_mask)
+    yp, st = _tsn(jnp.asarray(x[:, s:e]), jnp.asarray(weight), jnp.asarray(bias), st, num_groups=g, eps=EPS,
+                  mask=piece_mask)
     pieces.append(np.asarray(yp))
   np.testing.assert_allclose(np.concatenate(pieces, 1), y_full, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(st.count), np.asarray(st_full.count))
@@ -381,7 +386,7 @@ def test_gradients_match_finite_differences(use_mask):
         cv.astype(np.float32) * st.var)
 
   f32 = [jnp.asarray(a, jnp.float32) for a in (x, weight, bias, mean, var)]
-  grads = jax.grad(jax_loss, argnums=(0, 1, 2, 3, 4))(*f32)
+  grads = jax.jit(jax.grad(jax_loss, argnums=(0, 1, 2, 3, 4)))(*f32)
   flat = _flatten([x, weight, bias, mean, var])
   h = 1e-6
   fd = np.empty_like(flat)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -118,10 +119,11 @@ def check_state_dict(tensors: Mapping[str, Any], config: MegalodonConfig) -> lis
   return entries
 
 
-def from_official_state_dict(tensors: Mapping[str, Any], config: MegalodonConfig) -> MegalodonLM:
+def from_official_state_dict(tensors: Mapping[str, Any], config: MegalodonConfig, *, seed: int = 0) -> MegalodonLM:
   """A MegalodonLM holding the official weights and buffers in `tensors` (official key -> numpy/torch array).
 
-  Floating tensors are stored in `config.param_dtype`. Raises StateDictError on any key mismatch.
+  Floating tensors are stored in `config.param_dtype`. Raises StateDictError on any key mismatch. `seed` seeds
+  the dropout RNG streams, which exist only when the config sets a dropout rate.
   """
   entries = check_state_dict(tensors, config)
   if config.share_emb:
@@ -140,7 +142,16 @@ def from_official_state_dict(tensors: Mapping[str, Any], config: MegalodonConfig
     if e.transpose:
       value = value.T
     var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
-  return nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, state)
+  # The model was built abstractly (no weight init); its dropout RNG streams need concrete keys too.
+  tags = sorted({s.key.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)})
+  if tags:
+    base = jax.random.key(seed)
+    nnx.reseed(model, **{tag: jax.random.fold_in(base, i) for i, tag in enumerate(tags)})
+  left = [p for p, v in nnx.to_flat_state(nnx.state(model)) if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+  if left:
+    raise RuntimeError(f"from_official_state_dict: no value for model variables {left}")  # a converter bug
+  return model
 
 
 def to_official_state_dict(model: MegalodonLM) -> dict[str, np.ndarray]:

@@ -68,6 +68,10 @@ def cumulative_stats(x: jax.Array, state: NormState, num_groups: int, mask: Opti
     mean, var: (B, L, G) float32 statistics including step t; and the NormState after the last step.
   """
   b, l, d = x.shape
+  if l == 0:
+    # An empty piece merges nothing (the prefix below would have no last step to read the state from).
+    empty = jnp.zeros((b, 0, num_groups), jnp.float32)
+    return empty, empty, NormState(state.count, state.mean.astype(jnp.float32), state.var.astype(jnp.float32))
   xf = x.astype(jnp.float32).reshape(b, l, num_groups, d // num_groups)
   step_mean = jnp.mean(xf, axis=-1)
   step_var = jnp.mean(jnp.square(xf - step_mean[..., None]), axis=-1)

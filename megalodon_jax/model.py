@@ -46,6 +46,9 @@ class MegalodonLM(nnx.Module):
   def __init__(self, config: MegalodonConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = c
+    # Separate streams, drawn the same way whatever the config, so that initial weights do not depend on
+    # which dropouts are enabled (dropout layers fork their stream at construction).
+    rngs = nnx.Rngs(params=rngs.params(), dropout=rngs.dropout())
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     emb_init = truncated_normal(1.0 / math.sqrt(c.model_dim))
     self.embed = Embed(c.vocab_size, c.model_dim, init=emb_init, dtype=dt, param_dtype=pdt, rngs=rngs)

@@ -129,13 +129,15 @@ class MegalodonLM(nnx.Module):
       if cache.final_norm.mean.shape[0] != input_ids.shape[0]:
         raise ValueError(f"cache was made for batch size {cache.final_norm.mean.shape[0]}; input_ids has batch "
                          f"size {input_ids.shape[0]}")
-    if not isinstance(input_ids, jax.core.Tracer):  # concrete ids (eager call): check the range up front
+    try:  # concrete ids (an eager call): check their range before any compute; traced ids cannot be checked
       ids = np.asarray(input_ids)
-      bad = (ids < 0) | (ids >= c.vocab_size)
-      if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"token id {int(ids[where])} at position {where} is outside [0, vocab_size="
-                         f"{c.vocab_size}); {int(bad.sum())} id(s) out of range")
+    except jax.errors.TracerArrayConversionError:
+      return
+    bad = (ids < 0) | (ids >= c.vocab_size)
+    if bad.any():
+      where = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(f"token id {int(ids[where])} at position {where} is outside [0, vocab_size="
+                       f"{c.vocab_size}); {int(bad.sum())} id(s) out of range")
 
 
 def _remat_block(policy: str):

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-# The package is not pip-installed; make the repository root importable when pytest runs from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megalodon_jax.ops import cema as cema_lib  # pylint: disable=wrong-import-position
-from megalodon_jax.ops.cema_chunked import cema_chunked, final_state_blocked  # pylint: disable=wrong-import-position
+from megalodon_jax.ops import cema as cema_lib
+from megalodon_jax.ops.cema_chunked import cema_chunked, final_state_blocked
 
 IMPLS = ("fft", "associative_scan", "sequential", "chunked", "auto")
 
@@ -72,7 +67,7 @@ def random_params(rng, dim, nstate, delta_shift=0.0):
   }
 
 
-def run_impl(name, params, x, h0=None, jit=bool(int(os.environ.get("JITT", "1")))):
+def run_impl(name, params, x, h0=None, jit=True):
   """Runs an implementation from raw float32 parameters (coefficients via `cema_coefficients`)."""
   f32 = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
 
@@ -246,11 +241,6 @@ def test_gradients_match_reference(name, grad_case):
   grads = jax.jit(jax.grad(loss))(f32)
   for key, expected in fd.items():
     assert_close(np.asarray(grads[key]), expected, rtol=2e-5, what=f"{name} d/d{key}")
-
-
-def test_x64_context_does_not_leak():
-  """The suite must leave JAX in its default 32-bit mode for the tests that follow."""
-  assert jnp.asarray(1.0).dtype == jnp.float32
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -141,8 +141,15 @@ def _implementations():
 
 def default_impl(length: int, backend: Optional[str] = None) -> str:
   """The implementation `impl="auto"` picks for a sequence of `length` on `backend` (default backend if None)."""
-  del backend
-  return "sequential" if length == 1 else "fft"
+  backend = backend or jax.default_backend()
+  if length == 1:
+    return "sequential"  # a decoding step: a few elementwise ops, no kernel or FFT to build
+  if backend == "cpu":
+    # Measured (benchmarks/RESULTS.md, D=256, N=16, B=1): "sequential" is fastest below ~128 steps; from there on
+    # "chunked" wins forward and forward+backward, 8-19× over "fft", whose q^j for all j costs D·N·L exp/sin/cos.
+    return "sequential" if length < 128 else "chunked"
+  # GPU/TPU: not measured yet (no accelerator was available); keep the official FFT training path.
+  return "fft"
 
 
 def cema(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[jax.Array] = None, *,

@@ -16,9 +16,24 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from megalodon_jax.ops.cema import HIGHEST, CEMACoeffs, _powers, cema_kernel
+from megalodon_jax.ops.cema import HIGHEST, CEMACoeffs
 
-DEFAULT_BLOCK_SIZE = 64
+DEFAULT_BLOCK_SIZE = 32  # fastest on CPU for L = 1K..16K (benchmarks/RESULTS.md); 16 and 64 are close
+
+
+def _power_table(base_re: jax.Array, base_im: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+  """b^j for j < count by repeated doubling, real and imaginary parts, each (D, N, count) float32.
+
+  Products instead of exp/cos/sin: transcendentals are the slowest ops on CPU, and the phase error of b^j grows
+  with log j here rather than with j as it does for exp(j log b).
+  """
+  tr = jnp.ones(base_re.shape + (1,), jnp.float32)
+  ti = jnp.zeros_like(tr)
+  br, bi = base_re[..., None], base_im[..., None]
+  while tr.shape[-1] < count:
+    tr, ti = jnp.concatenate([tr, tr * br - ti * bi], -1), jnp.concatenate([ti, tr * bi + ti * br], -1)
+    br, bi = br * br - bi * bi, 2 * br * bi
+  return tr[..., :count], ti[..., :count]
 
 
 def _toeplitz(kernel: jax.Array) -> jax.Array:
@@ -28,46 +43,31 @@ def _toeplitz(kernel: jax.Array) -> jax.Array:
   return jnp.where(lag >= 0, kernel[:, jnp.maximum(lag, 0)], 0.0)
 
 
-def _input_to_state(coeffs: CEMACoeffs, size: int) -> jax.Array:
-  """Maps a block of `size` inputs to its state contribution Σ_s p q^{size-1-s} u_s: (D, 2N, size) float32.
+def _input_to_state(coeffs: CEMACoeffs, pr: jax.Array, pi: jax.Array, size: int) -> jax.Array:
+  """Maps `size` ≥ 1 inputs to their state contribution Σ_s p q^{size-1-s} u_s: (D, 2N, size) float32.
 
-  Rows [:N] give the real part and [N:] the imaginary part, so one matmul produces both.
+  pr, pi: q^j for j = 0, 1, ... up to at least size - 1, (D, N, ≥size). Rows [:N] give the real part and [N:] the
+  imaginary part, so one matmul produces both.
   """
-  pr, pi = _powers(coeffs, jnp.arange(size - 1, -1, -1, dtype=jnp.float32))
+  pr, pi = pr[..., size - 1::-1], pi[..., size - 1::-1]  # q^{size-1-s}, s < size
   return jnp.concatenate([coeffs.p[..., None] * pr, coeffs.p[..., None] * pi], axis=1)
 
 
-def _state_to_output(coeffs: CEMACoeffs, size: int) -> jax.Array:
-  """Maps a carried-in state to outputs Re Σ_n γ̃ q^{t+1} H, t < size: (D, 2N, size) float32, applied to [Re H, Im H]."""
-  pr, pi = _powers(coeffs, jnp.arange(1, size + 1, dtype=jnp.float32))
+def _state_to_output(coeffs: CEMACoeffs, pr: jax.Array, pi: jax.Array) -> jax.Array:
+  """Maps a carried-in state [Re H | Im H] to outputs Re Σ_n γ̃ q^{t+1} H: (D, 2N, T) float32.
+
+  pr, pi: q^{t+1} for t < T, (D, N, T).
+  """
   g_re, g_im = coeffs.g_re[..., None], coeffs.g_im[..., None]
   # Re(w H) = Re(w) Re(H) - Im(w) Im(H) with w = γ̃ q^{t+1}.
   return jnp.concatenate([g_re * pr - g_im * pi, -(g_re * pi + g_im * pr)], axis=1)
 
 
-def _q_power(coeffs: CEMACoeffs, exponent: int) -> tuple[jax.Array, jax.Array]:
-  pr, pi = _powers(coeffs, jnp.array([float(exponent)], jnp.float32))
-  return pr[..., 0], pi[..., 0]
-
-
 def _advance(qr: jax.Array, qi: jax.Array, h: jax.Array, c: jax.Array) -> jax.Array:
-  """q h + c for stacked states h, c: (..., D, 2N) with [Re | Im] halves; q: (D, N)."""
+  """q h + c for stacked states h, c: (D, ..., 2N) with [Re | Im] halves; q: (D, ..., N) broadcastable."""
   n = qr.shape[-1]
   hr, hi = h[..., :n], h[..., n:]
   return jnp.concatenate([qr * hr - qi * hi, qr * hi + qi * hr], axis=-1) + c
-
-
-def _stack_state(h0: Optional[jax.Array], batch: int, dim: int, nstate: int) -> jax.Array:
-  """(B, D, N, 2) state → (B, D, 2N) [Re | Im]; zeros when None."""
-  if h0 is None:
-    return jnp.zeros((batch, dim, 2 * nstate), jnp.float32)
-  h0 = h0.astype(jnp.float32)
-  return jnp.concatenate([h0[..., 0], h0[..., 1]], axis=-1)
-
-
-def _unstack_state(h: jax.Array) -> jax.Array:
-  n = h.shape[-1] // 2
-  return jnp.stack([h[..., :n], h[..., n:]], axis=-1)
 
 
 def cema_chunked(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[jax.Array] = None,
@@ -75,7 +75,9 @@ def cema_chunked(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optiona
   """CEMA with (T×T Toeplitz) matmuls inside blocks and a `lax.scan` over block states (see `cema` for arguments).
 
   L need not be a multiple of the block size: the input is zero-padded at the end (which cannot change earlier
-  outputs), and the final state is taken from the real length of the last block, not the padded one.
+  outputs), and the final state is taken from the real length of the last block, not the padded one. Inputs and
+  outputs are laid out channel-first inside, (D, B, M, T), so the matmuls are batched over D without transposing
+  the big arrays; only the block states, (M, D, B, 2N), put M first for the scan.
 
   Args:
     x: (B, L, D) any float dtype.  coeffs: (D, N) float32 fields.  omega: (D, 1) or (D,).
@@ -88,36 +90,47 @@ def cema_chunked(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optiona
   nstate = coeffs.p.shape[-1]
   size = max(1, min(block_size, length))
   nblocks = -(-length // size)
-  u = x.astype(jnp.float32)
-  ub = jnp.pad(u, ((0, 0), (0, nblocks * size - length), (0, 0))).reshape(batch, nblocks, size, dim)
+  u = jnp.transpose(x.astype(jnp.float32), (2, 0, 1))  # (D, B, L)
+  ub = jnp.pad(u, ((0, 0), (0, 0), (0, nblocks * size - length))).reshape(dim, batch, nblocks, size)
 
-  y = jnp.einsum("dts,bmsd->bmtd", _toeplitz(cema_kernel(coeffs, size)), ub, precision=HIGHEST)
+  pr, pi = _power_table(coeffs.q_re, coeffs.q_im, size + 1)  # q^j, j = 0..T: (D, N, T + 1)
+  kernel = jnp.sum(coeffs.p[..., None] * (coeffs.g_re[..., None] * pr[..., :size] - coeffs.g_im[..., None]
+                                          * pi[..., :size]), axis=1)  # K_j, j < T: (D, T)
+  y = jnp.einsum("dts,dbms->dbmt", _toeplitz(kernel), ub, precision=HIGHEST)
 
   carry_in = h0 is not None or nblocks > 1
   if carry_in or return_state:
-    qr, qi = _q_power(coeffs, size)
-    start = _stack_state(h0, batch, dim, nstate)  # (B, D, 2N)
-    # Contributions of the full blocks 0..M-2; the last block may be partial and is handled below.
-    contrib = jnp.einsum("dns,bmsd->mbdn", _input_to_state(coeffs, size), ub[:, :-1], precision=HIGHEST)
+    qr, qi = pr[:, None, :, size], pi[:, None, :, size]  # q^T: (D, 1, N)
+    if h0 is None:
+      start = jnp.zeros((dim, batch, 2 * nstate), jnp.float32)
+    else:
+      h0 = jnp.transpose(h0.astype(jnp.float32), (1, 0, 2, 3))  # (D, B, N, 2)
+      start = jnp.concatenate([h0[..., 0], h0[..., 1]], axis=-1)  # (D, B, 2N)
+    contrib = jnp.einsum("dns,dbms->mdbn", _input_to_state(coeffs, pr, pi, size), ub, precision=HIGHEST)
 
     def body(h, c):
-      h_next = _advance(qr, qi, h, c)
-      return h_next, h_next
+      return _advance(qr, qi, h, c), h
 
-    last_start, starts = jax.lax.scan(body, start, contrib)  # (B, D, 2N), (M-1, B, D, 2N)
-    starts = jnp.concatenate([start[None], starts], axis=0)  # (M, B, D, 2N): the state entering each block
+    # starts[m]: the state entering block m, (M, D, B, 2N). The carry after the last block is the final state only
+    # when that block is full (zero padding still decays the state).
+    end, starts = jax.lax.scan(body, start, contrib)
   if carry_in:
-    y = y + jnp.einsum("dnt,mbdn->bmtd", _state_to_output(coeffs, size), starts, precision=HIGHEST)
+    y = y + jnp.einsum("dnt,mdbn->dbmt", _state_to_output(coeffs, pr[..., 1:], pi[..., 1:]), starts,
+                       precision=HIGHEST)
 
-  y = y.reshape(batch, nblocks * size, dim)[:, :length] + u * omega.reshape(-1).astype(jnp.float32)
+  y = y.reshape(dim, batch, nblocks * size)[..., :length]
+  y = jnp.transpose(y + u * omega.reshape(-1, 1, 1).astype(jnp.float32), (1, 2, 0))
 
   state = None
   if return_state:
     tail = length - (nblocks - 1) * size  # real length of the last block, 1..T
-    lr, li = _q_power(coeffs, tail)
-    tail_contrib = jnp.einsum("dns,bsd->bdn", _input_to_state(coeffs, tail), u[:, length - tail:],
-                              precision=HIGHEST)
-    state = _unstack_state(_advance(lr, li, last_start, tail_contrib))
+    if tail == size:
+      h = end  # (D, B, 2N)
+    else:
+      tail_contrib = jnp.einsum("dns,dbs->dbn", _input_to_state(coeffs, pr, pi, tail), u[..., length - tail:],
+                                precision=HIGHEST)
+      h = _advance(pr[:, None, :, tail], pi[:, None, :, tail], starts[-1], tail_contrib)
+    state = jnp.transpose(jnp.stack([h[..., :nstate], h[..., nstate:]], axis=-1), (1, 0, 2, 3))
   return y, state
 
 
@@ -125,9 +138,10 @@ def final_state_blocked(x: jax.Array, coeffs: CEMACoeffs, h0: Optional[jax.Array
                         block_size: int = DEFAULT_BLOCK_SIZE) -> jax.Array:
   """h_L = q^L h0 + Σ_j p q^{L-1-j} u_j without materialising q^j for all j < L: (B, D, N, 2) float32.
 
-  Same value as `cema.final_state_direct`, with O(D·N·(T + L/T)) coefficient memory instead of O(D·N·L).
-  Zero inputs contribute nothing to the sum, so the input is padded at the front to whole blocks; each block is
-  reduced to its state contribution by one matmul, and block m's contribution is then scaled by q^{T(M-1-m)}.
+  Same value as `cema.final_state_direct`, with O(D·N·(T + L/T)) coefficient memory instead of O(D·N·L) and no
+  transcendentals. Zero inputs contribute nothing to the sum, so the input is padded at the front to whole blocks;
+  each block is reduced to its state contribution by one matmul, and block m's contribution is then scaled by
+  (q^T)^{M-1-m}.
 
   Args:
     x: (B, L, D) any float dtype.  coeffs: (D, N) float32 fields.  h0: optional (B, D, N, 2) float32.
@@ -139,13 +153,18 @@ def final_state_blocked(x: jax.Array, coeffs: CEMACoeffs, h0: Optional[jax.Array
   nblocks = -(-length // size)
   u = x.astype(jnp.float32)
   ub = jnp.pad(u, ((0, 0), (nblocks * size - length, 0), (0, 0))).reshape(batch, nblocks, size, dim)
-  contrib = jnp.einsum("dns,bmsd->bmdn", _input_to_state(coeffs, size), ub, precision=HIGHEST)  # (B, M, D, 2N)
-  sr, si = _powers(coeffs, size * jnp.arange(nblocks - 1, -1, -1, dtype=jnp.float32))  # (D, N, M)
+  pr, pi = _power_table(coeffs.q_re, coeffs.q_im, size + 1)
+  contrib = jnp.einsum("dns,bmsd->bmdn", _input_to_state(coeffs, pr, pi, size), ub, precision=HIGHEST)
+  sr, si = _power_table(pr[..., size], pi[..., size], nblocks)  # (q^T)^k, k < M: (D, N, M)
+  sr, si = sr[..., ::-1], si[..., ::-1]
   cr, ci = contrib[..., :nstate], contrib[..., nstate:]
   hr = jnp.einsum("dnm,bmdn->bdn", sr, cr, precision=HIGHEST) - jnp.einsum("dnm,bmdn->bdn", si, ci, precision=HIGHEST)
   hi = jnp.einsum("dnm,bmdn->bdn", sr, ci, precision=HIGHEST) + jnp.einsum("dnm,bmdn->bdn", si, cr, precision=HIGHEST)
   if h0 is not None:
-    lr, li = _q_power(coeffs, length)
+    # q^L = (q^T)^(M-1) · q^(L - (M-1)T), both already tabulated.
+    tail = length - (nblocks - 1) * size
+    lr = sr[..., 0] * pr[..., tail] - si[..., 0] * pi[..., tail]
+    li = sr[..., 0] * pi[..., tail] + si[..., 0] * pr[..., tail]
     h0 = h0.astype(jnp.float32)
     hr = hr + lr * h0[..., 0] - li * h0[..., 1]
     hi = hi + lr * h0[..., 1] + li * h0[..., 0]

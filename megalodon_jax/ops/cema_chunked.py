@@ -16,24 +16,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from megalodon_jax.ops.cema import HIGHEST, CEMACoeffs
+from megalodon_jax.ops.cema import HIGHEST, CEMACoeffs, power_table
 
 DEFAULT_BLOCK_SIZE = 32  # fastest on CPU for L = 1K..16K (benchmarks/RESULTS.md); 16 and 64 are close
-
-
-def _power_table(base_re: jax.Array, base_im: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
-  """b^j for j < count by repeated doubling, real and imaginary parts, each (D, N, count) float32.
-
-  Products instead of exp/cos/sin: transcendentals are the slowest ops on CPU, and the phase error of b^j grows
-  with log j here rather than with j as it does for exp(j log b).
-  """
-  tr = jnp.ones(base_re.shape + (1,), jnp.float32)
-  ti = jnp.zeros_like(tr)
-  br, bi = base_re[..., None], base_im[..., None]
-  while tr.shape[-1] < count:
-    tr, ti = jnp.concatenate([tr, tr * br - ti * bi], -1), jnp.concatenate([ti, tr * bi + ti * br], -1)
-    br, bi = br * br - bi * bi, 2 * br * bi
-  return tr[..., :count], ti[..., :count]
 
 
 def _toeplitz(kernel: jax.Array) -> jax.Array:
@@ -93,7 +78,7 @@ def cema_chunked(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optiona
   u = jnp.transpose(x.astype(jnp.float32), (2, 0, 1))  # (D, B, L)
   ub = jnp.pad(u, ((0, 0), (0, 0), (0, nblocks * size - length))).reshape(dim, batch, nblocks, size)
 
-  pr, pi = _power_table(coeffs.q_re, coeffs.q_im, size + 1)  # q^j, j = 0..T: (D, N, T + 1)
+  pr, pi = power_table(coeffs.q_re, coeffs.q_im, size + 1)  # q^j, j = 0..T: (D, N, T + 1)
   kernel = jnp.sum(coeffs.p[..., None] * (coeffs.g_re[..., None] * pr[..., :size] - coeffs.g_im[..., None]
                                           * pi[..., :size]), axis=1)  # K_j, j < T: (D, T)
   y = jnp.einsum("dts,dbms->dbmt", _toeplitz(kernel), ub, precision=HIGHEST)
@@ -153,9 +138,9 @@ def final_state_blocked(x: jax.Array, coeffs: CEMACoeffs, h0: Optional[jax.Array
   nblocks = -(-length // size)
   u = x.astype(jnp.float32)
   ub = jnp.pad(u, ((0, 0), (nblocks * size - length, 0), (0, 0))).reshape(batch, nblocks, size, dim)
-  pr, pi = _power_table(coeffs.q_re, coeffs.q_im, size + 1)
+  pr, pi = power_table(coeffs.q_re, coeffs.q_im, size + 1)
   contrib = jnp.einsum("dns,bmsd->bmdn", _input_to_state(coeffs, pr, pi, size), ub, precision=HIGHEST)
-  sr, si = _power_table(pr[..., size], pi[..., size], nblocks)  # (q^T)^k, k < M: (D, N, M)
+  sr, si = power_table(pr[..., size], pi[..., size], nblocks)  # (q^T)^k, k < M: (D, N, M)
   sr, si = sr[..., ::-1], si[..., ::-1]
   cr, ci = contrib[..., :nstate], contrib[..., nstate:]
   hr = jnp.einsum("dnm,bmdn->bdn", sr, cr, precision=HIGHEST) - jnp.einsum("dnm,bmdn->bdn", si, ci, precision=HIGHEST)

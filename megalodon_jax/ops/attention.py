@@ -16,7 +16,6 @@ import jax.numpy as jnp
 
 from megalodon_jax.ops.norms import rms_norm
 
-HIGHEST = jax.lax.Precision.HIGHEST
 # DropKey removes a logit with a large finite penalty rather than -inf, so a row whose every key was dropped
 # stays finite (it falls back to a uniform average over its causal keys) instead of producing NaN.
 _DROPKEY_PENALTY = -1e30

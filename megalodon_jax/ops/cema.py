@@ -70,11 +70,10 @@ def power_table(base_re: jax.Array, base_im: jax.Array, count: int) -> tuple[jax
 
 
 class _BlockedPowers(NamedTuple):
-  """q^j for j = a·T + b (a < M, b < T) as (q^T)^a · q^b, so no (D, N, L) table is ever built.
+  """q^(j + shift) for j = a·T + b (a < M, b < T) as (q^T)^a · q^(b + shift), so no (D, N, L) table is built.
 
-  inner_re/im: q^b, (D, N, T + 1) (one extra power: q^T itself).  outer_re/im: (q^T)^a, (D, N, M).
+  inner_re/im: q^(b + shift), (D, N, T).  outer_re/im: (q^T)^a, (D, N, M).
   """
-  block: int
   inner_re: jax.Array
   inner_im: jax.Array
   outer_re: jax.Array
@@ -82,24 +81,23 @@ class _BlockedPowers(NamedTuple):
 
 
 def _blocked_powers(coeffs: CEMACoeffs, length: int, shift: int = 0) -> _BlockedPowers:
-  """Powers q^(j + shift) for j < length, factored in blocks of T ≈ √length."""
+  """Powers q^(j + shift) for j < length, factored in blocks of T ≈ √length (M·T ≥ length)."""
   block = max(1, math.isqrt(max(length - 1, 0)) + 1)
   nblocks = -(-length // block)
-  ir, ii = power_table(coeffs.q_re, coeffs.q_im, block + 1 + shift)
+  ir, ii = power_table(coeffs.q_re, coeffs.q_im, block + max(1, shift))  # up to q^T and q^(T - 1 + shift)
   orr, oi = power_table(ir[..., block], ii[..., block], nblocks)
-  return _BlockedPowers(block, ir[..., shift:], ii[..., shift:], orr, oi)
+  return _BlockedPowers(ir[..., shift:shift + block], ii[..., shift:shift + block], orr, oi)
 
 
-def _contract_blocked(wr: jax.Array, wi: jax.Array, pw: _BlockedPowers, length: int, spec: str) -> jax.Array:
-  """Re Σ_n w_n (q^T)^a_n q^b_n over j = a·T + b < L, for complex weights w (..., D, N); `spec` lays out the output.
+def _contract_blocked(wr: jax.Array, wi: jax.Array, pw: _BlockedPowers, spec: str) -> jax.Array:
+  """Re Σ_n w_n (q^T)^a_n q^(b+shift)_n for complex weights w (..., D, N); `spec` lays out the (a, b) axes.
 
-  Returns the einsum over n of Re(w (q^T)^a) with Re(q^b) minus Im(w (q^T)^a) with Im(q^b), reshaped so time
-  j = a·T + b is one axis cut to `length`.
+  The einsum over n of Re(w (q^T)^a) with Re(q^b) minus Im(w (q^T)^a) with Im(q^b); callers merge the a and b
+  axes into time j = a·T + b and cut it to their length.
   """
   ar = wr[..., None] * pw.outer_re - wi[..., None] * pw.outer_im  # (..., D, N, M)
   ai = wr[..., None] * pw.outer_im + wi[..., None] * pw.outer_re
-  br, bi = pw.inner_re[..., :pw.block], pw.inner_im[..., :pw.block]  # (D, N, T)
-  return (jnp.einsum(spec, ar, br, precision=HIGHEST) - jnp.einsum(spec, ai, bi, precision=HIGHEST))
+  return (jnp.einsum(spec, ar, pw.inner_re, precision=HIGHEST) - jnp.einsum(spec, ai, pw.inner_im, precision=HIGHEST))
 
 
 def _initial_state_contribution(coeffs: CEMACoeffs, h0: jax.Array, length: int) -> jax.Array:
@@ -108,7 +106,7 @@ def _initial_state_contribution(coeffs: CEMACoeffs, h0: jax.Array, length: int) 
   wr = coeffs.g_re * h0[..., 0] - coeffs.g_im * h0[..., 1]  # γ̃ h0: (B, D, N)
   wi = coeffs.g_re * h0[..., 1] + coeffs.g_im * h0[..., 0]
   pw = _blocked_powers(coeffs, length, shift=1)
-  b = _contract_blocked(wr, wi, pw, length, "bdnm,dnt->bmtd")  # (B, M, T, D)
+  b = _contract_blocked(wr, wi, pw, "bdnm,dnt->bmtd")  # (B, M, T, D)
   return b.reshape(b.shape[0], -1, b.shape[-1])[:, :length]
 
 
@@ -134,7 +132,7 @@ def final_state_direct(x: jax.Array, coeffs: CEMACoeffs, h0: Optional[jax.Array]
 def cema_kernel(coeffs: CEMACoeffs, length: int) -> jax.Array:
   """The convolution kernel K_j = Re Σ_n p γ̃ q^j, j < L: (D, L) float32."""
   pw = _blocked_powers(coeffs, length)
-  k = _contract_blocked(coeffs.p * coeffs.g_re, coeffs.p * coeffs.g_im, pw, length, "dnm,dnt->dmt")  # (D, M, T)
+  k = _contract_blocked(coeffs.p * coeffs.g_re, coeffs.p * coeffs.g_im, pw, "dnm,dnt->dmt")  # (D, M, T)
   return k.reshape(k.shape[0], -1)[:, :length]
 
 

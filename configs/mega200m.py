@@ -1,0 +1,18 @@
+"""The official `mega200M` shape (12 layers, D 1024, chunk 2048) with the paper's 7B optimizer recipe.
+
+Needs a prepared TFDS text dataset (--config.data.name, default pg19) and the Llama-2 SentencePiece model
+(--config.data.tokenizer_path). 8K-token sequences (4 chunks), 256 sequences = 2M tokens per step.
+"""
+
+from configs import _presets, default
+
+
+def get_config():
+  c = default.get_config()
+  _presets.set_preset(c, "mega200M")
+  _presets.paper_recipe(c)
+  c.model.remat = "none"
+  c.seq_len = 8192
+  c.batch_size = 256
+  c.total_steps = 50_000
+  return c

@@ -1,0 +1,18 @@
+"""Megalodon-7B as in the paper (§4.1): `mega7.3B` with 4096-token chunks and RoPE base 1e5, 32K context,
+4M tokens per step (128 x 32768), AdamW (0.9, 0.95) lr 3.5e-4 cosine with 2500 warmup, wd 0.1, clip 1.0.
+
+The paper trained 2T tokens (~477K steps) on 256 A100s with FSDP; here: pure FSDP over every device, full remat.
+Needs a prepared TFDS text dataset (--config.data.name) and the Llama-2 tokenizer (--config.data.tokenizer_path).
+"""
+
+from configs import _presets, default
+
+
+def get_config():
+  c = default.get_config()
+  _presets.set_preset(c, "megalodon_7b")
+  _presets.paper_recipe(c)
+  c.seq_len = 32768
+  c.batch_size = 128
+  c.total_steps = 477_000
+  return c

@@ -1,0 +1,1 @@
+"""Inference: sampling from a MegalodonLM with its constant-size streaming cache."""

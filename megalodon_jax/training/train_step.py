@@ -1,0 +1,142 @@
+"""The functional train and eval steps: next-token cross-entropy, gradient accumulation, one optimizer update.
+
+The model is split once into a static graph and plain state (`nnx.split`); the jitted steps take and return the
+state as pytrees, so `jax.jit` can place every leaf with explicit in/out shardings and donate the old state:
+
+  state = {"step": () int32, "params": nnx.State (trainable, float32 master copy),
+           "buffers": nnx.State (RoPE frequencies, TimestepNorm priors), "opt_state": optax state,
+           "rng": (2,) uint32 base key data}
+
+The model's dropout RNG variables (`nnx.RngState`, typed keys) are not part of the state: dropout randomness is a
+pure function of (rng, step), the step re-seeding the dropout stream with `fold_in(rng, step)`, so a resumed run
+draws exactly the masks of an uninterrupted one and nothing random needs saving beyond `rng`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+TrainState = dict[str, Any]
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy in float32.
+
+  Args:
+    logits: (B, L, V) float32.
+    targets: (B, L) int32 token ids in [0, V).
+  Returns:
+    (loss_sum () float32 in nats, token_count () float32).
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.sum(log_z - target_logit), jnp.asarray(targets.size, jnp.float32)
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+  """(graphdef, params, buffers, rng_vars): trainable params, other saved variables, dropout RNG variables."""
+  graphdef, rng_vars, params, buffers = nnx.split(model, nnx.RngState, nnx.Param, ...)
+  return graphdef, params, buffers, rng_vars
+
+
+def merge_model(graphdef: nnx.GraphDef, params: nnx.State, buffers: nnx.State, rng_vars: nnx.State) -> nnx.Module:
+  return nnx.merge(graphdef, rng_vars, params, buffers)
+
+
+def _loss_fn(params: nnx.State, graphdef: nnx.GraphDef, buffers: nnx.State, rng_vars: nnx.State, inputs: jax.Array,
+             targets: jax.Array, dropout_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean token loss of one micro-batch (B, L) and its summed loss (for exact accumulation)."""
+  # Fresh Variable objects at this trace level: reseeding mutates them, which NNX forbids for outer-trace ones.
+  model = merge_model(graphdef, params, buffers, jax.tree.map(lambda x: x, rng_vars))
+  if _has_dropout(model):
+    nnx.reseed(model, dropout=dropout_key)
+  logits = model(inputs)
+  loss_sum, count = cross_entropy(logits, targets)
+  return loss_sum / count, loss_sum
+
+
+def _has_dropout(model: nnx.Module) -> bool:
+  c = model.config
+  return max(c.dropout, c.hidden_dropout, c.attention_dropout) > 0
+
+
+def init_state(params: nnx.State, buffers: nnx.State, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """The train state at step 0. Call under `jax.jit` with out_shardings for a sharded init.
+
+  rng: (2,) uint32 key data (`jax.random.key_data`), saved with the state.
+  """
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "buffers": buffers, "opt_state": tx.init(params),
+          "rng": rng}
+
+
+def make_train_step(graphdef: nnx.GraphDef, rng_vars: nnx.State, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum_steps: int) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]:
+  """Builds `train_step(state, batch) -> (new_state, metrics)` (not yet jitted).
+
+  batch: {"inputs": (B, L) int32, "targets": (B, L) int32}, B divisible by `grad_accum_steps`; the micro-batches
+  are consecutive slices of B/grad_accum_steps rows, their gradients averaged (a token-weighted mean, as every
+  micro-batch has the same token count) and applied in one update.
+
+  A non-finite loss or gradient leaves params and optimizer state unchanged (the step counter still advances)
+  so the state the loop holds, and therefore any checkpoint, is always the last good one; the loop stops on
+  seeing the non-finite loss in the metrics.
+
+  metrics: loss (mean nats/token), grad_norm (global L2 norm before clipping), learning_rate (used by this
+  update), all () float32.
+  """
+  grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+    params, buffers, step = state["params"], state["buffers"], state["step"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    inputs, targets = batch["inputs"], batch["targets"]
+    if grad_accum_steps == 1:
+      (_, loss_sum), grads = grad_fn(params, graphdef, buffers, rng_vars, inputs, targets, key)
+      loss = loss_sum / targets.size
+    else:
+      b = inputs.shape[0] // grad_accum_steps
+      micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, b, *x.shape[1:]), (inputs, targets))
+
+      def accumulate(carry, xs):
+        g_acc, l_acc = carry
+        (i, t), k = xs
+        (_, l_sum), g = grad_fn(params, graphdef, buffers, rng_vars, i, t, k)
+        g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g)
+        return (g_acc, l_acc + l_sum), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      keys = jax.random.split(key, grad_accum_steps)
+      (g_sum, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), (micro, keys))
+      grads = jax.tree.map(lambda g, p: (g / grad_accum_steps).astype(p.dtype), g_sum, params)
+      loss = loss_sum / targets.size
+
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    new_state = {"step": step + 1, "params": keep(new_params, params), "buffers": buffers,
+                 "opt_state": keep(new_opt, state["opt_state"]), "rng": state["rng"]}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, rng_vars: nnx.State) -> Callable[[TrainState, dict[str, jax.Array]], dict]:
+  """Builds `eval_step(state, batch) -> {"loss_sum", "tokens"}` (() float32 each); dropout is off in eval."""
+
+  def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict:
+    model = merge_model(graphdef, state["params"], state["buffers"], rng_vars)
+    model.eval()
+    logits = model(batch["inputs"])
+    loss_sum, count = cross_entropy(logits, batch["targets"])
+    return {"loss_sum": loss_sum, "tokens": count}
+
+  return eval_step

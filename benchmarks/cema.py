@@ -17,7 +17,6 @@ import functools
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from benchmarks.common import machine_info, memory_bytes  # pylint: disable=wrong-import-position
 from megalodon_jax.ops import cema as cema_lib  # pylint: disable=wrong-import-position
 
 DEFAULT_IMPLS = "fft,associative_scan,sequential,chunked"
@@ -84,20 +84,6 @@ def build(spec: str, mode: str):
   return jax.value_and_grad(loss, argnums=(0, 1))
 
 
-def memory_bytes(compiled) -> dict:
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return {}
-  out = {k: int(getattr(stats, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                               "temp_size_in_bytes", "alias_size_in_bytes")}
-  peak = getattr(stats, "peak_memory_in_bytes", 0)
-  if peak:
-    out["peak_memory_in_bytes"] = int(peak)
-  out["total_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] + out["temp_size_in_bytes"]
-                        - out["alias_size_in_bytes"])
-  return out
-
-
 def run_case(spec: str, length: int, mode: str, args) -> dict:
   """Compiles, checks the memory budget, and times one (implementation, length, fwd|bwd) case."""
   params, x = make_inputs(args.batch, length, args.dim, args.ndim)
@@ -148,20 +134,6 @@ def run_isolated(spec: str, length: int, mode: str, args) -> dict:
     return {"impl": spec, "length": length, "mode": mode, "status": "error",
             "error": f"rc={proc.returncode}: {proc.stderr.strip()[-300:]}"}
   return json.loads(lines[-1])
-
-
-def machine_info() -> dict:
-  import jaxlib  # pylint: disable=import-outside-toplevel
-  dev = jax.devices()[0]
-  info = {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
-          "jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": platform.python_version(),
-          "cpu_count": os.cpu_count(), "machine": platform.machine()}
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-  except OSError:
-    pass
-  return info
 
 
 def _cell(case: dict | None, key: str = "median_ms") -> str:

@@ -1,0 +1,45 @@
+"""Training data: TFDS datasets prepared as array_record, read with `as_data_source`, packed and batched by grain.
+
+`config.data.dataset` picks the corpus:
+- `stdlib`: this Python's standard-library `.py` sources (built in, no download; `stdlib_corpus.py`),
+- `text_files`: local text files named by `data.path` (`text_files.py`),
+- `enwik8`: the byte-level benchmark from `data.manual_dir` (`enwik8.py`),
+- `tfds`: a TFDS dataset already prepared in array_record format under `data.data_dir` (`data.name`).
+
+Order of use (the trainer's): `check_data_config` (cheap, before anything else), `prepare` (idempotent; builds the
+dataset once per set of inputs), then `make_train_iterator` and `make_eval_batches` (`pipeline.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megalodon_jax.data import sources
+from megalodon_jax.data.errors import DataError
+from megalodon_jax.data.pipeline import TrainIterator, make_eval_batches, make_train_iterator
+from megalodon_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, make_tokenizer
+
+__all__ = [
+    "ByteTokenizer", "DataError", "SentencePieceTokenizer", "Tokenizer", "TrainIterator", "check_data_config",
+    "make_eval_batches", "make_tokenizer", "make_train_iterator", "prepare",
+]
+
+
+def check_data_config(data_cfg: Any) -> None:
+  """Raises DataError for a bad `config.data` (names, paths, splits, tokenizer file); prepares and reads nothing big.
+
+  Checks: `dataset` known; `path` non-empty with every entry matching a file (text_files); `manual_dir` set and its
+  enwik8 file of the right size when enwik8 is not prepared yet; `name` prepared under `data_dir` in array_record
+  with feature `text_key` (tfds); `tokenizer` known and `tokenizer_path` present; `train_split` / `eval_split`
+  existing; the training split non-empty; `validation_percent`, `max_documents`, `add_eos`, `worker_count` valid.
+  """
+  sources.check(data_cfg)
+
+
+def prepare(data_cfg: Any) -> None:
+  """Prepares `config.data`'s dataset under `data_dir` if it is not there yet (safe when processes share it).
+
+  Raises:
+    DataError: as `check_data_config`, or the enwik8 file could not be found or downloaded.
+  """
+  sources.prepare(data_cfg)

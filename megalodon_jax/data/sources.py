@@ -1,0 +1,266 @@
+"""From `config.data` to prepared TFDS array_record splits: validation, preparation and random-access sources.
+
+Every dataset ends up as a TFDS dataset in array_record format under `data.data_dir`, read with
+`as_data_source()` (random access, no TensorFlow). `stdlib`, `text_files` and `enwik8` are prepared by our builders;
+`tfds` names a dataset someone prepared there already.
+
+Concurrent preparation: processes (e.g. the hosts of one job) sharing `data_dir` take an exclusive `flock` on
+`<data_dir>/<builder>/<config>/.<version>.lock`; the first prepares, the others wait and then find it done. TFDS
+itself writes into an `incomplete.*` folder and renames it when complete, so an interrupted preparation never looks
+finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import read_only_builder
+
+from megalodon_jax.data import enwik8, text_files
+from megalodon_jax.data.errors import DataError
+from megalodon_jax.data.stdlib_corpus import stdlib_documents
+from megalodon_jax.data.tokenizers import check_tokenizer_config
+
+try:
+  import fcntl
+except ImportError:  # not on Windows: prepare without the lock
+  fcntl = None
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("stdlib", "text_files", "enwik8", "tfds")
+
+# Config fields and the defaults used when an object lacks one (configs/default.py has the same values).
+_DEFAULTS = dict(dataset="stdlib", path="", manual_dir="", name="", text_key="text", data_dir="", train_split="train",
+                 eval_split="validation", validation_percent=5, max_documents=0, tokenizer="bytes", tokenizer_path="",
+                 add_eos=True, worker_count=0)
+
+tfds.disable_progress_bar()
+
+
+def field(data_cfg: Any, key: str) -> Any:
+  """`data_cfg.<key>`, or its default when the object has no such attribute."""
+  return getattr(data_cfg, key, _DEFAULTS[key])
+
+
+def data_dir(data_cfg: Any) -> str:
+  """`data.data_dir` with `~` expanded; "" is TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)."""
+  return os.path.expanduser(field(data_cfg, "data_dir") or tfds.core.constants.DATA_DIR)
+
+
+def _check_number(key: str, value: Any, low: float, high: Optional[float], integer: bool) -> None:
+  types = (int,) if integer else (int, float)
+  if isinstance(value, bool) or not isinstance(value, types) or value < low or (high is not None and value > high):
+    kind = "an int" if integer else "a number"
+    bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+    raise DataError(f"data.{key}={value!r}: must be {kind} {bounds}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What a config resolves to: which builder (or prepared directory) and the split names it has."""
+  dataset: str
+  splits: tuple[str, ...]
+  documents: Optional[text_files.DocumentSet] = None  # stdlib / text_files
+  builder_dir: Optional[str] = None  # tfds
+  text_key: str = "text"
+
+
+def _plan(data_cfg: Any) -> _Plan:
+  """Checks everything that is cheap to check and resolves the config; prepares and reads nothing big."""
+  dataset = field(data_cfg, "dataset")
+  if dataset not in DATASETS:
+    raise DataError(f"data.dataset={dataset!r} is unknown; use one of {DATASETS}")
+  check_tokenizer_config(data_cfg)
+  workers = field(data_cfg, "worker_count")
+  if workers != 0:
+    raise DataError(f"data.worker_count={workers!r}: only 0 is supported (documents are tokenized and packed in the "
+                    f"main process, which keeps up with training on the datasets here)")
+  if not isinstance(field(data_cfg, "add_eos"), bool):
+    raise DataError(f"data.add_eos={field(data_cfg, 'add_eos')!r}: must be True or False")
+  for key in ("train_split", "eval_split"):
+    if not isinstance(field(data_cfg, key), str) or not field(data_cfg, key):
+      raise DataError(f"data.{key}={field(data_cfg, key)!r}: must be a split name such as 'train'")
+
+  if dataset in ("stdlib", "text_files"):
+    percent = field(data_cfg, "validation_percent")
+    _check_number("validation_percent", percent, 0, 100, integer=False)
+    max_docs = field(data_cfg, "max_documents")
+    _check_number("max_documents", max_docs, 0, None, integer=True)
+    if dataset == "stdlib":
+      docs = stdlib_documents(percent, max_docs)
+      if not docs.files:
+        raise DataError(f"data.dataset='stdlib': no .py files found under {docs.root}")
+    else:
+      docs = text_files.text_files_documents(field(data_cfg, "path"), percent, max_docs)
+    plan = _Plan(dataset, text_files.SPLITS, documents=docs)
+  elif dataset == "enwik8":
+    if field(data_cfg, "tokenizer") != "bytes":
+      raise DataError(f"data.tokenizer={field(data_cfg, 'tokenizer')!r}: enwik8 is stored as raw byte records, which "
+                      f"may cut characters; use data.tokenizer='bytes'")
+    plan = _Plan(dataset, enwik8.SPLITS)
+    if not _is_prepared(plan, data_cfg):
+      manual_dir = field(data_cfg, "manual_dir")
+      if not manual_dir:
+        raise DataError("data.manual_dir is empty; data.dataset='enwik8' needs the folder holding enwik8 or "
+                        f"enwik8.zip (downloaded there when online from {enwik8.URL})")
+      path = enwik8.find_file(manual_dir)
+      expected = enwik8.total_bytes()
+      if path is not None and (size := enwik8.file_size(path)) != expected:
+        raise DataError(f"data.manual_dir: {path} holds {size:,} bytes of enwik8, expected exactly {expected:,}; "
+                        f"the file is truncated or not enwik8 (re-download {enwik8.URL})")
+  else:
+    plan = _tfds_plan(data_cfg)
+
+  for key in ("train_split", "eval_split"):
+    if field(data_cfg, key) not in plan.splits:
+      raise DataError(f"data.{key}={field(data_cfg, key)!r}: data.dataset={dataset!r} has no such split; "
+                      f"it has {list(plan.splits)}")
+  train_split = field(data_cfg, "train_split")
+  if plan.documents is not None and not plan.documents.split(train_split):
+    raise DataError(_empty_split_message(data_cfg, plan, train_split, "data.train_split"))
+  return plan
+
+
+def _tfds_plan(data_cfg: Any) -> _Plan:
+  name, root = field(data_cfg, "name"), data_dir(data_cfg)
+  if not name:
+    raise DataError("data.name is empty; data.dataset='tfds' needs a prepared TFDS dataset name, e.g. 'pg19' or "
+                    "'lm1b/<config>'")
+  try:
+    builder = read_only_builder.builder_from_files(name, data_dir=root)
+  except Exception as e:  # pylint: disable=broad-except  # TFDS raises several types; all mean "not there"
+    here = os.path.join(root, name.split(":")[0].split("/")[0])
+    configs = sorted(d for d in os.listdir(here) if not d.startswith(".")) if os.path.isdir(here) else []
+    hint = f" {here} holds {configs}: name one as data.name='<dataset>/<config>'." if configs else ""
+    raise DataError(f"data.name={name!r}: no prepared TFDS dataset of that name under data.data_dir={root!r}.{hint} "
+                    f"This machine cannot download it: prepare it where a network exists with `tfds build "
+                    f"{name.split(':')[0]} --file_format=array_record --data_dir=DIR` and copy DIR's contents here. "
+                    f"({str(e).splitlines()[0]})") from e
+  fmt = builder.info.file_format
+  if fmt is None or getattr(fmt, "value", fmt) != "array_record":
+    raise DataError(f"data.name={name!r} in {builder.data_dir} is prepared as {getattr(fmt, 'value', fmt)}, but "
+                    f"reading without TensorFlow needs array_record: rebuild it with --file_format=array_record")
+  text_key = field(data_cfg, "text_key")
+  features = builder.info.features
+  if text_key not in features.keys():
+    raise DataError(f"data.text_key={text_key!r}: {name!r} has no such feature; it has {sorted(features.keys())}")
+  return _Plan("tfds", tuple(builder.info.splits.keys()), builder_dir=os.fspath(builder.data_dir), text_key=text_key)
+
+
+def _empty_split_message(data_cfg: Any, plan: _Plan, split: str, label: str) -> str:
+  n = len(plan.documents.files)
+  return (f"{label}={split!r} has no documents: data.validation_percent={field(data_cfg, 'validation_percent')} "
+          f"puts {'all' if split == 'train' else 'none'} of the {n} selected files in 'validation' (raise "
+          f"data.max_documents or add files{'' if split == 'train' else ', or raise data.validation_percent'})")
+
+
+def _builder(plan: _Plan, data_cfg: Any, raw_path: Optional[str] = None) -> tfds.core.DatasetBuilder:
+  if plan.documents is not None:
+    return text_files.make_builder(plan.documents, data_dir(data_cfg))
+  if plan.dataset == "enwik8":
+    return enwik8.MegalodonEnwik8(raw_path=raw_path, data_dir=data_dir(data_cfg), file_format="array_record")
+  return tfds.builder_from_directory(plan.builder_dir)
+
+
+def _is_prepared(plan: _Plan, data_cfg: Any) -> bool:
+  if plan.dataset == "tfds":
+    return True
+  return os.path.exists(os.path.join(_builder(plan, data_cfg).data_dir, "dataset_info.json"))
+
+
+@contextlib.contextmanager
+def _lock(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
+  """Exclusive lock for preparing `builder`, next to its version folders."""
+  folder = os.path.dirname(os.fspath(builder.data_dir))
+  os.makedirs(folder, exist_ok=True)
+  if fcntl is None:
+    yield
+    return
+  with open(os.path.join(folder, f".{builder.version}.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check(data_cfg: Any) -> None:
+  """Cheap checks of `data_cfg` (names, paths, tokenizer file, split names, non-empty train split)."""
+  _plan(data_cfg)
+
+
+def prepare(data_cfg: Any) -> None:
+  """Prepares the dataset under `data.data_dir` unless it is there already (then this returns in milliseconds)."""
+  plan = _plan(data_cfg)
+  if plan.dataset == "tfds":
+    return  # prepared elsewhere; `_plan` found it
+  builder = _builder(plan, data_cfg)
+  if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    return
+  with _lock(builder):
+    if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+      return  # another process prepared it while we waited
+    if plan.dataset == "enwik8":
+      manual_dir = field(data_cfg, "manual_dir")
+      path = enwik8.find_file(manual_dir) or enwik8.download(manual_dir)
+      builder = _builder(plan, data_cfg, raw_path=path)
+    log.info("preparing data.dataset=%r in %s", plan.dataset, builder.data_dir)
+    builder.download_and_prepare(file_format="array_record")
+
+
+class TextSource:
+  """Random access to one split's documents as UTF-8 bytes: `len(src)`, `src[i] -> bytes`."""
+
+  def __init__(self, source: Any, text_key: str, description: str):
+    self._source = source
+    self._key = text_key
+    self.description = description
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> bytes:
+    return as_bytes(self._source[index][self._key])
+
+  def __repr__(self) -> str:
+    return f"TextSource({self.description}, {len(self)} documents)"
+
+
+def as_bytes(value: Union[bytes, str, np.ndarray]) -> bytes:
+  """A text feature value (bytes from Text features, str, or a 0-d numpy array of either) as UTF-8 bytes."""
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  if isinstance(value, str):
+    return value.encode("utf-8")
+  if isinstance(value, bytes):
+    return value
+  raise DataError(f"data.text_key: expected a text feature (str or bytes), got {type(value).__name__}")
+
+
+def open_split(data_cfg: Any, split: str, key: str) -> TextSource:
+  """The documents of `split`, in stored order; `key` names the setting it came from in messages ("eval_split").
+
+  Raises:
+    DataError: the dataset is not prepared (call `prepare` first), or the split is missing or empty.
+  """
+  plan = _plan(data_cfg)
+  label = f"data.{key}" if key in ("train_split", "eval_split") else key
+  if split not in plan.splits:
+    raise DataError(f"{label}={split!r}: data.dataset={plan.dataset!r} has no such split; it has {list(plan.splits)}")
+  if plan.documents is not None and not plan.documents.split(split):
+    raise DataError(_empty_split_message(data_cfg, plan, split, label))
+  builder = _builder(plan, data_cfg)
+  if plan.dataset != "tfds" and not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    raise DataError(f"data.dataset={plan.dataset!r} is not prepared in data.data_dir={data_dir(data_cfg)!r}; call "
+                    f"megalodon_jax.data.prepare(config.data) first")
+  source = builder.as_data_source(split=split)
+  if len(source) == 0:
+    raise DataError(f"{label}={split!r} of {builder.data_dir} has no documents")
+  return TextSource(source, plan.text_key, f"{builder.name}/{builder.builder_config_name or ''}:{split}")

@@ -1,0 +1,116 @@
+"""Tokenizers: raw UTF-8 bytes (vocab 256) and SentencePiece models, behind one small interface."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Protocol, Sequence, Union
+
+import numpy as np
+
+from megalodon_jax.data.errors import DataError
+
+TOKENIZERS = ("bytes", "sentencepiece")
+
+Ids = Union[np.ndarray, Sequence[int]]
+
+
+class Tokenizer(Protocol):
+  """What the pipeline and the trainer use of a tokenizer."""
+
+  vocab_size: int
+  eos_id: Optional[int]
+
+  def encode(self, text: str) -> np.ndarray:
+    """Token ids of `text`: (n,) int32, no EOS appended."""
+
+  def encode_bytes(self, data: bytes) -> np.ndarray:
+    """Token ids of UTF-8 `data` (invalid sequences are replaced by U+FFFD first where the model needs text)."""
+
+  def decode(self, ids: Ids) -> str:
+    """Text of `ids` (any int sequence or array)."""
+
+
+class ByteTokenizer:
+  """One token per UTF-8 byte: vocab 256, no EOS (documents are simply concatenated)."""
+
+  vocab_size = 256
+  eos_id: Optional[int] = None
+
+  def encode(self, text: str) -> np.ndarray:
+    return self.encode_bytes(text.encode("utf-8"))
+
+  def encode_bytes(self, data: bytes) -> np.ndarray:
+    # Stored documents are already UTF-8; reading their bytes directly skips a decode/encode round trip.
+    return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+
+  def decode(self, ids: Ids) -> str:
+    arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+      raise ValueError(f"byte ids must lie in [0, 255], got range [{arr.min()}, {arr.max()}]")
+    # Model samples can cut a multi-byte character or produce invalid sequences: show them as U+FFFD.
+    return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+  def __repr__(self) -> str:
+    return "ByteTokenizer()"
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece `.model` file (e.g. Llama-2's tokenizer.model); EOS is the model's `</s>` when it has one."""
+
+  def __init__(self, path: str):
+    import sentencepiece as spm  # pylint: disable=import-outside-toplevel  # only runs that use it pay the import
+
+    self.path = path
+    self._sp = spm.SentencePieceProcessor(model_file=path)
+    self.vocab_size: int = int(self._sp.vocab_size())
+    eos = int(self._sp.eos_id())
+    self.eos_id: Optional[int] = eos if eos >= 0 else None
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+  def encode_bytes(self, data: bytes) -> np.ndarray:
+    return self.encode(data.decode("utf-8", errors="replace"))
+
+  def decode(self, ids: Ids) -> str:
+    return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+  def __getstate__(self) -> dict[str, Any]:
+    # The processor is a C++ object; rebuild it from the file (grain worker processes pickle the pipeline).
+    return {"path": self.path}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(state["path"])
+
+  def __repr__(self) -> str:
+    return f"SentencePieceTokenizer({self.path!r})"
+
+
+def check_tokenizer_config(data_cfg: Any) -> None:
+  """Raises DataError for an unknown `data.tokenizer` or a missing `data.tokenizer_path`; loads nothing."""
+  name = getattr(data_cfg, "tokenizer", "bytes")
+  if name not in TOKENIZERS:
+    raise DataError(f"data.tokenizer={name!r} is unknown; use one of {TOKENIZERS}")
+  if name == "sentencepiece":
+    path = os.path.expanduser(getattr(data_cfg, "tokenizer_path", "") or "")
+    if not path:
+      raise DataError("data.tokenizer_path is empty; data.tokenizer='sentencepiece' needs the .model file, e.g. "
+                      "--config.data.tokenizer_path=/path/to/tokenizer.model")
+    if not os.path.isfile(path):
+      raise DataError(f"data.tokenizer_path={path!r} does not exist (or is not a file)")
+
+
+def make_tokenizer(data_cfg: Any) -> Union[ByteTokenizer, SentencePieceTokenizer]:
+  """The tokenizer that `data_cfg.tokenizer` (and `tokenizer_path`) name.
+
+  Raises:
+    DataError: unknown tokenizer, missing model file, or a file SentencePiece cannot load.
+  """
+  check_tokenizer_config(data_cfg)
+  if data_cfg.tokenizer == "bytes":
+    return ByteTokenizer()
+  path = os.path.expanduser(data_cfg.tokenizer_path)
+  try:
+    return SentencePieceTokenizer(path)
+  except (OSError, RuntimeError) as e:
+    raise DataError(f"data.tokenizer_path={path!r} is not a SentencePiece model: {e}") from e

@@ -1,0 +1,270 @@
+"""Device mesh and shardings from the config: parameters and optimizer state (FSDP / tensor), batches (data).
+
+The mesh has three named axes, MESH_AXES = ("data", "fsdp", "tensor"), sized by `mesh.data`, `mesh.fsdp`,
+`mesh.tensor` (one may be -1: all remaining devices). Every `nnx.Param` carries `logical_axes` metadata, one
+logical name (or None) per dimension; `logical_axis_rules` maps each name to a mesh axis, a tuple of mesh axes or
+None. From those:
+- a dimension whose size is not divisible by its mesh-axis size (the product for a tuple) stays replicated;
+- a mesh axis shards at most one dimension of an array (a later dimension that would reuse one stays replicated);
+- names absent from the rules, and variables without `logical_axes` (Buffers, RNG state), are replicated;
+- mesh axes of size 1 are kept in the specs: a spec depends only on the rules and on divisibility, not on how
+  many devices the run has (sharding over a size-1 axis is replication anyway).
+Batches (B, L) are split over data x fsdp; the optimizer state follows the params it mirrors.
+
+Use the mesh with `with jax.set_mesh(mesh):` (`jax.sharding.use_mesh` was removed in jax 0.7.1, and the bare
+`with mesh:` is deprecated after 0.10). Every sharding built here is a concrete NamedSharding, so jit
+in/out_shardings work with or without that context.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = tuple[tuple[str, Any], ...]
+
+
+class ShardingError(ValueError):
+  """The mesh, the logical axis rules or the batch do not fit; the message names the config key and the fix."""
+
+
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
+  """Mesh sizes (data, fsdp, tensor) from `mesh_cfg.data/.fsdp/.tensor`, a -1 filled with the remaining devices.
+
+  Args:
+    mesh_cfg: Anything with int attributes `data`, `fsdp`, `tensor` (the config's `mesh` ConfigDict).
+    num_devices: Devices the mesh must use, all of them.
+  Returns:
+    (data, fsdp, tensor), positive ints whose product is `num_devices`.
+  Raises:
+    ShardingError: a size is not an int >= 1 or -1, more than one is -1, or the sizes do not multiply to
+      `num_devices`; the message names the `mesh.*` key(s).
+  """
+  sizes = []
+  for axis in MESH_AXES:
+    size = getattr(mesh_cfg, axis)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
+      raise ShardingError(f"mesh.{axis} must be an int >= 1, or -1 for all remaining devices; got {size!r}")
+    sizes.append(int(size))
+  auto = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  if len(auto) > 1:
+    raise ShardingError(f"only one of mesh.data/mesh.fsdp/mesh.tensor may be -1; got -1 for "
+                        f"{', '.join('mesh.' + a for a in auto)}")
+  fixed = math.prod(s for s in sizes if s != -1)
+  shown = " x ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+  if auto:
+    if num_devices % fixed:
+      raise ShardingError(f"mesh.{auto[0]}=-1 needs the other sizes to divide the {num_devices} devices, but "
+                          f"{shown} fixes {fixed}; choose sizes whose product divides {num_devices}")
+    sizes[MESH_AXES.index(auto[0])] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ShardingError(f"the mesh {shown} has {fixed} devices but {num_devices} are available; make the product "
+                        f"equal {num_devices}, e.g. set one of mesh.data/mesh.fsdp/mesh.tensor to -1")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Any, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: all of `jax.devices()`), every axis AxisType.Auto.
+
+  Auto (not jax.make_mesh's default, Explicit) because the model is written without sharding annotations: XLA
+  propagates the param and batch shardings through it.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _mesh_target(target: Any) -> Any:
+  """None, a mesh-axis name or a non-empty tuple of distinct names; lists (from ConfigDict) become tuples."""
+  if target is None or isinstance(target, str):
+    names = () if target is None else (target,)
+  elif isinstance(target, (list, tuple)) and target and all(isinstance(t, str) for t in target):
+    names = tuple(target)
+  else:
+    raise ShardingError(f"logical_axis_rules: a target must be None, a mesh axis name or a tuple of them; got "
+                        f"{target!r}")
+  bad = [n for n in names if n not in MESH_AXES]
+  if bad or len(set(names)) != len(names):
+    raise ShardingError(f"logical_axis_rules: target {target!r} must name distinct mesh axes from {MESH_AXES}")
+  return target if target is None or isinstance(target, str) else names
+
+
+def check_rules(rules: Any) -> Rules:
+  """Validates and normalises `logical_axis_rules`: ((logical name, None | mesh axis | tuple of mesh axes), ...).
+
+  Raises:
+    ShardingError: not a sequence of pairs, a name listed twice, or a target that is not a mesh axis.
+  """
+  if isinstance(rules, (str, bytes)) or not isinstance(rules, (list, tuple)):
+    raise ShardingError(f"logical_axis_rules must be a sequence of (logical name, mesh axis) pairs; got {rules!r}")
+  out, seen = [], set()
+  for rule in rules:
+    if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
+      raise ShardingError(f"logical_axis_rules: each rule must be a (logical name, mesh axis) pair; got {rule!r}")
+    if rule[0] in seen:
+      raise ShardingError(f"logical_axis_rules: logical name {rule[0]!r} is listed twice; keep one rule for it")
+    seen.add(rule[0])
+    out.append((rule[0], _mesh_target(rule[1])))
+  return tuple(out)
+
+
+def spec_for(logical_axes: Optional[Sequence[Optional[str]]], shape: Sequence[int], rules: Any,
+             mesh: Mesh) -> P:
+  """The PartitionSpec of an array of `shape` whose dimensions carry `logical_axes`.
+
+  Args:
+    logical_axes: One logical name (or None) per dimension; None for the whole array (Buffers) replicates it.
+    shape: The array's shape, same length as `logical_axes`.
+    rules: Logical axis rules (see `check_rules`).
+    mesh: The mesh giving each mesh axis's size.
+  Returns:
+    A PartitionSpec with one entry per dimension (None = replicated there), or P() if `logical_axes` is None.
+  """
+  if logical_axes is None:
+    return P()
+  if len(logical_axes) != len(shape):
+    raise ShardingError(f"logical_axes {tuple(logical_axes)} do not match the array's shape {tuple(shape)}")
+  table = dict(check_rules(rules))
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(logical_axes, shape):
+    target = table.get(name) if name is not None else None
+    names = () if target is None else (target,) if isinstance(target, str) else target
+    # All-or-nothing per dimension: partly sharding it over the unused axes of a tuple would be a surprise.
+    if not names or used.intersection(names) or size % math.prod(mesh.shape[n] for n in names):
+      spec.append(None)
+      continue
+    used.update(names)
+    spec.append(target)
+  return P(*spec)
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: Any, rules: Any, mesh: Mesh) -> Any:
+  """One NamedSharding per array of `state`, from each Variable's `logical_axes` metadata.
+
+  Args:
+    state: An `nnx.State` (concrete arrays or ShapeDtypeStructs, e.g. from `nnx.eval_shape` + `nnx.split`), or any
+      pytree of Variables / arrays. Leaves outside a Variable with `logical_axes` are replicated.
+  Returns:
+    The same structure with each Variable's value replaced by its NamedSharding (Variables and their metadata kept,
+    so it matches `state` leaf for leaf in `jax.tree.map` and as jit in/out_shardings).
+  """
+  rules = check_rules(rules)
+
+  def one(x: Any) -> Any:
+    if _is_variable(x):
+      value = x.get_raw_value()
+      return x.replace(NamedSharding(mesh, spec_for(x.get_metadata().get("logical_axes"), np.shape(value), rules,
+                                                    mesh)))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def opt_state_shardings(tx: Any, params_abstract: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for `tx.init(params)`: arrays that mirror a param get its sharding, the rest is replicated.
+
+  A leaf mirrors a param when the param's key path is a suffix of its own path and the shapes agree (Adam mu / nu,
+  MultiSteps acc_grads, masked states); counts, scalars and anything reshaped (factored moments) are replicated.
+  Path matching, rather than `optax.tree_map_params`, because that one calls the `decay_mask` function on
+  placeholders.
+
+  Args:
+    tx: An optax GradientTransformation (or anything with `.init`).
+    params_abstract: The params the state is built for (arrays or ShapeDtypeStructs), e.g. the nnx.Param State.
+    param_shardings: `state_shardings(params_abstract, ...)`: same structure, NamedSharding values.
+  Returns:
+    A pytree of NamedSharding with the structure of `jax.eval_shape(tx.init, params_abstract)`.
+  """
+  opt_abstract = jax.eval_shape(tx.init, params_abstract)
+  by_path = {}
+  param_leaves = jax.tree_util.tree_flatten_with_path(params_abstract)[0]
+  shard_leaves = jax.tree_util.tree_leaves(param_shardings)
+  if len(param_leaves) != len(shard_leaves):
+    raise ShardingError(f"param_shardings has {len(shard_leaves)} leaves for {len(param_leaves)} params; build it "
+                        f"with state_shardings(params_abstract, ...)")
+  for (path, leaf), sh in zip(param_leaves, shard_leaves):
+    by_path[tuple(path)] = (tuple(np.shape(leaf)), sh)
+  lengths = sorted({len(p) for p in by_path}, reverse=True)
+  repl = replicated(mesh)
+
+  def one(path: tuple, leaf: Any) -> NamedSharding:
+    for n in lengths:  # longest match first, in case one param's path is a suffix of another's
+      hit = by_path.get(tuple(path[len(path) - n:])) if n <= len(path) else None
+      if hit is not None and hit[0] == tuple(np.shape(leaf)):
+        return hit[1]
+    return repl
+
+  return jax.tree_util.tree_map_with_path(one, opt_abstract)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a (B, L) batch: B split over data x fsdp, L whole on each device."""
+  return NamedSharding(mesh, P(("data", "fsdp"), None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A full copy on every device of the mesh (scalars, step counters, metrics)."""
+  return NamedSharding(mesh, P())
+
+
+def check_batch(batch_size: int, grad_accum_steps: int, mesh: Mesh) -> None:
+  """Checks that each micro-batch (batch_size / grad_accum_steps sequences) splits evenly over data x fsdp.
+
+  Raises:
+    ShardingError: naming batch_size, grad_accum_steps and the mesh sizes, with the numbers.
+  """
+  if batch_size % grad_accum_steps:
+    raise ShardingError(f"batch_size={batch_size} must be divisible by grad_accum_steps={grad_accum_steps}")
+  micro = batch_size // grad_accum_steps
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if micro % shards:
+    raise ShardingError(f"batch_size / grad_accum_steps = {batch_size} / {grad_accum_steps} = {micro} sequences "
+                        f"per micro-batch must be divisible by mesh.data x mesh.fsdp = {mesh.shape['data']} x "
+                        f"{mesh.shape['fsdp']} = {shards}; change batch_size, grad_accum_steps or the mesh")
+
+
+def _value(x: Any) -> Any:
+  return x.get_raw_value() if _is_variable(x) else x
+
+
+def describe(state: Any, shardings: Any) -> str:
+  """A text table, one row per array: path, shape, logical axes, PartitionSpec (for logs and shardings.txt)."""
+  rows = [("path", "shape", "logical axes", "spec")]
+  leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)[0]
+  specs = jax.tree_util.tree_leaves(shardings, is_leaf=_is_variable)
+  for (path, leaf), sh in zip(leaves, specs):
+    axes = leaf.get_metadata().get("logical_axes") if _is_variable(leaf) else None
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+    sh = _value(sh)
+    rows.append((name, str(tuple(np.shape(_value(leaf)))), str(axes), str(getattr(sh, "spec", sh))))
+  widths = [max(len(r[i]) for r in rows) for i in range(3)]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows) + "\n"
+
+
+def sharded_init(make_model: Callable[[], nnx.Module], rules: Any, mesh: Mesh) -> nnx.Module:
+  """Builds `make_model()` with every variable created directly on its sharding (no full copy on one device).
+
+  The model is traced once abstractly (`nnx.eval_shape`) for its shapes and `logical_axes`, then built inside
+  `jax.jit` with those shardings as out_shardings, so each device only ever materialises its own shards.
+  `make_model` must be deterministic (seeded Rngs inside), as it runs twice.
+  """
+  abstract = nnx.eval_shape(make_model)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, rules, mesh)
+
+  def init() -> nnx.State:
+    return nnx.split(make_model())[1]
+
+  return nnx.merge(graphdef, jax.jit(init, out_shardings=shardings)())

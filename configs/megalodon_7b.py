@@ -1,7 +1,9 @@
 """Megalodon-7B as in the paper (§4.1): `mega7.3B` with 4096-token chunks and RoPE base 1e5, 32K context,
 4M tokens per step (128 x 32768), AdamW (0.9, 0.95) lr 3.5e-4 cosine with 2500 warmup, wd 0.1, clip 1.0.
 
-The paper trained 2T tokens (~477K steps) on 256 A100s with FSDP; here: pure FSDP over every device, full remat.
+The paper trained 2T tokens (~477K steps) on 256 A100s with FSDP and 2-way chunk (context) parallelism; here: pure
+FSDP over every device with full remat, so the 128 sequences of a step fit at most 128 data x fsdp devices. On 256
+devices add tensor parallelism: --config.mesh.tensor=2 (fsdp -1 then fills 128).
 Needs a prepared TFDS text dataset (--config.data.name) and the Llama-2 tokenizer (--config.data.tokenizer_path).
 """
 

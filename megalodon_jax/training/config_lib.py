@@ -1,0 +1,134 @@
+"""The training config: validation before anything compiles, and the MegalodonConfig it describes.
+
+A config is an `ml_collections.ConfigDict` from `configs/*.py` (fields documented in configs/default.py).
+`validate` checks everything that can be checked cheaply (types and ranges, sequence length vs chunk size,
+schedule lengths, batch vs mesh vs device count, data paths, checkpoint paths) and raises a `ConfigError` whose
+message names the offending key as it is spelled on the command line (`--config.<key>=...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from megalodon_jax.config import ConfigError as ModelConfigError
+from megalodon_jax.config import MegalodonConfig
+
+PROGRESS_BAR = ("auto", "on", "off")
+
+
+class ConfigError(ValueError):
+  """A training config value is invalid; the message names the key (`--config.<key>`)."""
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+  raise ConfigError(f"--config.{key}={value!r}: {why}")
+
+
+def _int(cfg: Any, key: str, minimum: int) -> None:
+  value = _get(cfg, key)
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    _fail(key, value, f"must be an integer >= {minimum}")
+
+
+def _get(cfg: Any, key: str) -> Any:
+  for part in key.split("."):
+    cfg = cfg[part]
+  return cfg
+
+
+def model_config(cfg: Any, tokenizer_vocab_size: int) -> MegalodonConfig:
+  """The MegalodonConfig of `cfg.model`; vocab_size -1 takes the tokenizer's size.
+
+  Raises:
+    ConfigError: an invalid model field (named as `model.<field>`) or a vocab smaller than the tokenizer's.
+  """
+  fields = {f.name for f in dataclasses.fields(MegalodonConfig)}
+  kwargs = {k: v for k, v in cfg.model.to_dict().items()}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ConfigError(f"--config.model has unknown field(s) {unknown}; known: {sorted(fields)}")
+  if kwargs.get("vocab_size", -1) == -1:
+    kwargs["vocab_size"] = tokenizer_vocab_size
+  elif kwargs["vocab_size"] < tokenizer_vocab_size:
+    _fail("model.vocab_size", kwargs["vocab_size"], f"is smaller than the tokenizer's vocabulary "
+          f"({tokenizer_vocab_size}); use -1 to take the tokenizer's size")
+  if kwargs.get("rope_base") is not None:
+    kwargs["rope_base"] = float(kwargs["rope_base"])
+  if isinstance(kwargs.get("norm_eps"), int):
+    kwargs["norm_eps"] = float(kwargs["norm_eps"])
+  try:
+    return MegalodonConfig(**kwargs)
+  except ModelConfigError as e:
+    # "MegalodonConfig.z_dim=..." -> "--config.model.z_dim=..." so the message matches what the user typed.
+    raise ConfigError(str(e).replace("MegalodonConfig.", "--config.model.")) from None
+
+
+def validate(cfg: Any, num_devices: int) -> None:
+  """Checks the whole training config without building anything expensive.
+
+  Args:
+    cfg: the ConfigDict.
+    num_devices: jax.device_count() (all processes).
+  Raises:
+    ConfigError: the first problem found, naming its key.
+  """
+  from megalodon_jax.training import optimizer as opt_lib  # local: keeps this module import-light
+  from megalodon_jax.training import sharding
+
+  for key, minimum in (("seq_len", 1), ("batch_size", 1), ("grad_accum_steps", 1), ("total_steps", 1),
+                       ("checkpoint_every", 1), ("checkpoint_keep", 1), ("log_every", 1), ("eval_every", 0),
+                       ("eval_batches", 1), ("num_samples", 0), ("sample_len", 1), ("seed", 0),
+                       ("optimizer.warmup_steps", 0)):
+    _int(cfg, key, minimum)
+  if cfg.eval_every and cfg.eval_every % cfg.log_every:
+    _fail("eval_every", cfg.eval_every, f"must be a multiple of log_every={cfg.log_every} (evaluations are logged "
+          "with the step's training metrics), or 0 to disable evaluation")
+  for key in ("tensorboard", "async_checkpointing", "stop_on_nan", "data.add_eos"):
+    if not isinstance(_get(cfg, key), bool):
+      _fail(key, _get(cfg, key), "must be True or False")
+  if cfg.progress_bar not in PROGRESS_BAR:
+    _fail("progress_bar", cfg.progress_bar, f"must be one of {PROGRESS_BAR}")
+  if not isinstance(cfg.sample_temperature, (int, float)) or cfg.sample_temperature < 0:
+    _fail("sample_temperature", cfg.sample_temperature, "must be a number >= 0 (0 = greedy)")
+
+  chunk = cfg.model.chunk_size
+  if isinstance(chunk, int) and chunk > 0 and cfg.seq_len > chunk and cfg.seq_len % chunk:
+    _fail("seq_len", cfg.seq_len, f"must be <= model.chunk_size ({chunk}) or a multiple of it; the nearest valid "
+          f"lengths are {cfg.seq_len // chunk * chunk} and {(cfg.seq_len // chunk + 1) * chunk}")
+
+  o = cfg.optimizer
+  try:
+    opt_lib.make_optimizer(o.lr, cfg.total_steps, o.warmup_steps, scheduler=o.scheduler, init_ratio=o.init_ratio,
+                           end_ratio=o.end_ratio, cycles=o.cycles, b1=o.b1, b2=o.b2, eps=o.eps,
+                           weight_decay=o.weight_decay, clip=o.clip or None, decay_mask=o.decay_mask)
+  except ValueError as e:
+    # optimizer messages start with the argument name; map it to the config key.
+    msg = str(e)
+    names = {"peak_lr": "optimizer.lr", "total_steps": "total_steps", "warmup_steps": "optimizer.warmup_steps"}
+    arg = msg.split(" ", 1)[0]
+    key = names.get(arg, f"optimizer.{arg}")
+    raise ConfigError(f"--config.{key}: {msg}") from None
+
+  try:
+    shape = sharding.mesh_shape(cfg.mesh, num_devices)
+    sharding.check_rules(cfg.logical_axis_rules)
+  except sharding.ShardingError as e:
+    raise ConfigError(str(e)) from None
+  micro = cfg.batch_size // cfg.grad_accum_steps
+  if cfg.batch_size % cfg.grad_accum_steps:
+    _fail("batch_size", cfg.batch_size, f"must be divisible by grad_accum_steps={cfg.grad_accum_steps}")
+  shards = shape[0] * shape[1]
+  if micro % shards:
+    _fail("batch_size", cfg.batch_size, f"the micro-batch batch_size / grad_accum_steps = {micro} must be divisible "
+          f"by mesh.data x mesh.fsdp = {shape[0]} x {shape[1]} = {shards} (the devices the batch is split over)")
+
+  if cfg.init_from and not os.path.exists(os.path.expanduser(cfg.init_from)):
+    _fail("init_from", cfg.init_from, "does not exist")
+
+  from megalodon_jax import data  # local: the data package pulls in tensorflow_datasets
+  try:
+    data.check_data_config(cfg.data)
+  except data.DataError as e:
+    raise ConfigError(str(e)) from None

@@ -1,0 +1,279 @@
+"""The training loop: `train_and_evaluate(config, workdir)`, used by train.py.
+
+Order of work: validate the config, the data and the checkpoint directory (cheap, fails fast), build the mesh,
+prepare the data, restore or initialise the sharded state, compile the step once, then loop. Each step is
+dispatched before the previous step's metrics are read, so the host never waits on the device except at
+log, eval and save points. The state the loop holds is always a good one (see train_step), so a save never
+writes a state poisoned by a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from megalodon_jax import data as data_lib
+from megalodon_jax import flops as flops_lib
+from megalodon_jax.inference.sampling import generate
+from megalodon_jax.model import MegalodonLM
+from megalodon_jax.training import checkpointing, config_lib, sharding
+from megalodon_jax.training import optimizer as opt_lib
+from megalodon_jax.training import train_step as ts
+from megalodon_jax.training.metrics import MetricsLogger, loss_metrics, throughput
+from megalodon_jax.training.progress import ProgressBar
+
+log = logging.getLogger("megalodon_jax")
+
+
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or infinite; the message names the step."""
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+class _Run:
+  """Everything one training run builds once: model split, optimizer, shardings, compiled functions."""
+
+  def __init__(self, cfg: Any, workdir: str, devices: Optional[list] = None):
+    self.cfg, self.workdir = cfg, workdir
+    self.is_main = jax.process_index() == 0
+    self.devices = list(devices) if devices is not None else jax.devices()
+    config_lib.validate(cfg, len(self.devices))
+    self.tokenizer = data_lib.make_tokenizer(cfg.data)
+    self.model_cfg = config_lib.model_config(cfg, self.tokenizer.vocab_size)
+    self.ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.exists(self.ckpt_dir):
+      checkpointing.check_directory(self.ckpt_dir)
+    self.mesh = sharding.make_mesh(cfg.mesh, self.devices)
+    self.rules = sharding.check_rules(cfg.logical_axis_rules)
+    o = cfg.optimizer
+    opt_kwargs = dict(scheduler=o.scheduler, init_ratio=o.init_ratio, end_ratio=o.end_ratio, cycles=o.cycles)
+    self.schedule = opt_lib.lr_schedule(o.lr, cfg.total_steps, o.warmup_steps, **opt_kwargs)
+    self.tx = opt_lib.make_optimizer(o.lr, cfg.total_steps, o.warmup_steps, **opt_kwargs, b1=o.b1, b2=o.b2,
+                                     eps=o.eps, weight_decay=o.weight_decay, clip=o.clip or None,
+                                     decay_mask=o.decay_mask)
+
+  def build(self) -> None:
+    """Abstract model and state with target shardings, and the jitted init / train / eval functions."""
+    cfg, mesh = self.cfg, self.mesh
+    model_cfg, seed = self.model_cfg, cfg.seed
+    abstract_model = nnx.eval_shape(lambda: MegalodonLM(model_cfg, rngs=nnx.Rngs(seed)))
+    self.graphdef, abs_params, abs_buffers, abs_rngs = ts.split_model(abstract_model)
+    repl = sharding.replicated(mesh)
+    self.param_shardings = sharding.state_shardings(abs_params, self.rules, mesh)
+    self.state_shardings = {
+        "step": repl, "params": self.param_shardings,
+        "buffers": sharding.state_shardings(abs_buffers, self.rules, mesh),
+        "opt_state": sharding.opt_state_shardings(self.tx, abs_params, self.param_shardings, mesh), "rng": repl}
+    self.abstract_state = _with_shardings(
+        jax.eval_shape(lambda p, b: ts.init_state(p, b, self.tx, jnp.zeros((2,), jnp.uint32)), abs_params,
+                       abs_buffers), self.state_shardings)
+    # Dropout RNG variables are rebuilt from the seed at every step; only their structure matters here.
+    self.rng_vars = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if a.dtype == jnp.uint32
+                                 else jax.random.key(0), abs_rngs)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    batch_sh = {"inputs": self.batch_sharding, "targets": self.batch_sharding}
+    self.train_step = jax.jit(ts.make_train_step(self.graphdef, self.rng_vars, self.tx, self.schedule,
+                                                 cfg.grad_accum_steps),
+                              in_shardings=(self.state_shardings, batch_sh), out_shardings=(self.state_shardings, repl),
+                              donate_argnums=0)
+    self.eval_step = jax.jit(ts.make_eval_step(self.graphdef, self.rng_vars), in_shardings=(self.state_shardings,
+                                                                                             batch_sh),
+                             out_shardings=repl)
+
+  def fresh_state(self) -> ts.TrainState:
+    """Step-0 state, each array created directly with its sharding (no full copy on one device first)."""
+    model_cfg, seed, tx = self.model_cfg, self.cfg.seed, self.tx
+
+    def init():
+      _, params, buffers, _ = ts.split_model(MegalodonLM(model_cfg, rngs=nnx.Rngs(seed)))
+      return ts.init_state(params, buffers, tx, jax.random.key_data(jax.random.key(seed + 1)))
+
+    return jax.jit(init, out_shardings=self.state_shardings)()
+
+  def from_params(self, params: Any) -> ts.TrainState:
+    """Step-0 state around given params (init_from): fresh buffers, optimizer state and rng."""
+    state = self.fresh_state()
+    tx = self.tx
+    state["params"] = params
+    state["opt_state"] = jax.jit(tx.init, out_shardings=self.state_shardings["opt_state"])(params)
+    return state
+
+  def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v, np.int32))
+            for k, v in batch.items()}
+
+
+def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None) -> dict[str, float]:
+  """Trains (or resumes) the run described by `cfg` in `workdir`; returns the last logged metrics.
+
+  devices: the devices of the mesh (default: all of `jax.devices()`); tests use subsets.
+
+  Raises:
+    config_lib.ConfigError, data_lib.DataError, checkpointing.CheckpointError: bad input, before any compile.
+    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+  """
+  run = _Run(cfg, workdir, devices)
+  if run.is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+  log.info("model: %s parameters; mesh %s", f"{run.model_cfg.num_params():,}", dict(run.mesh.shape))
+  data_lib.prepare(cfg.data)
+  pidx, pcount = jax.process_index(), jax.process_count()
+  train_iter = data_lib.make_train_iterator(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                                            process_index=pidx, process_count=pcount)
+  eval_batches = data_lib.make_eval_batches(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                                            num_batches=cfg.eval_batches, process_index=pidx,
+                                            process_count=pcount) if cfg.eval_every > 0 else []
+
+  with jax.set_mesh(run.mesh):
+    run.build()
+    ckpt = checkpointing.Checkpointer(run.ckpt_dir, save_every=cfg.checkpoint_every, keep=cfg.checkpoint_keep,
+                                      async_save=cfg.async_checkpointing)
+    start = ckpt.latest_step()
+    if start is not None:
+      state, data_state, _ = ckpt.restore(start, run.abstract_state)
+      train_iter.set_state(data_state)
+      log.info("resumed from %s at step %d", run.ckpt_dir, start)
+    elif cfg.init_from:
+      params = checkpointing.load_params(os.path.expanduser(cfg.init_from), run.abstract_state["params"])
+      state, start = run.from_params(params), 0
+      log.info("initialised params from %s", cfg.init_from)
+    else:
+      state, start = run.fresh_state(), 0
+    if run.is_main:
+      with open(os.path.join(workdir, "shardings.txt"), "w") as f:
+        f.write(sharding.describe(state["params"], run.param_shardings))
+    return _loop(run, cfg, workdir, ckpt, state, start, train_iter, eval_batches)
+
+
+def _loop(run: _Run, cfg: Any, workdir: str, ckpt: checkpointing.Checkpointer, state: ts.TrainState, start: int,
+          train_iter: Any, eval_batches: list) -> dict[str, float]:
+  byte_level = run.tokenizer.vocab_size == 256 and run.tokenizer.eos_id is None
+  bar = ProgressBar(cfg.total_steps, initial_step=start,
+                    enabled=None if cfg.progress_bar == "auto" else cfg.progress_bar == "on") if run.is_main else None
+  logger = MetricsLogger(workdir, enabled=run.is_main, tensorboard=cfg.tensorboard, progress=bar)
+  logger.truncate_after(start)
+  flops_per_step = flops_lib.train_step_flops(run.model_cfg, cfg.batch_size, cfg.seq_len, causal_attention=True)
+  peak = flops_lib.peak_flops(run.devices[0].device_kind)
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  preempt = checkpointing.PreemptionFlag()
+
+  t0 = time.perf_counter()
+  first_batch = run.global_batch(next(train_iter))
+  compiled = run.train_step.lower(state, first_batch).compile()
+  _log_compile(compiled, time.perf_counter() - t0)
+  last: dict[str, float] = {}
+  if start == 0 and eval_batches:  # the untrained model's eval loss: the baseline the run improves on
+    last = _evaluate(run, state, eval_batches, byte_level)
+    logger.log(0, last)
+
+  pending: Optional[tuple[int, Any]] = None  # (step, device metrics) not yet read back
+  interval_start, interval_steps = time.perf_counter(), 0
+
+  def check(pending_metrics: tuple[int, Any]) -> dict[str, float]:
+    step_done, m = pending_metrics
+    host = {k: float(v) for k, v in jax.device_get(m).items()}
+    if not math.isfinite(host["loss"]) and cfg.stop_on_nan:
+      raise NonFiniteLossError(f"non-finite loss {host['loss']} at step {step_done} (grad_norm {host['grad_norm']}); "
+                               f"params were not updated by it and the last checkpoint is kept. Lower "
+                               f"--config.optimizer.lr or check the data.")
+    return host
+
+  try:
+    for step in range(start + 1, cfg.total_steps + 1):
+      batch = first_batch if step == start + 1 else run.global_batch(next(train_iter))
+      state, metrics = compiled(state, batch)
+      if pending is not None:  # read the previous step's metrics while this one runs
+        previous = check(pending)
+        if bar is not None:
+          bar.update(pending[0], loss=previous["loss"])
+      pending = (step, metrics)
+      interval_steps += 1
+      at_end = step == cfg.total_steps
+      preempted = preempt.check(step)
+
+      if step % cfg.log_every == 0 or at_end:
+        host = check(pending)
+        pending = None
+        step_time = (time.perf_counter() - interval_start) / interval_steps
+        last = {**loss_metrics(host["loss"], byte_level=byte_level), "learning_rate": host["learning_rate"],
+                "grad_norm": host["grad_norm"], "step_time": step_time,
+                **throughput(step_time_s=step_time, tokens_per_step=tokens_per_step, num_devices=len(run.devices),
+                             flops_per_step=flops_per_step, peak_flops_per_device=peak)}
+        # eval_every is a multiple of log_every (config_lib), so eval steps are log steps: one record per step.
+        if eval_batches and (step % cfg.eval_every == 0 or at_end):
+          last.update(_evaluate(run, state, eval_batches, byte_level))
+          _samples(run, cfg, state, eval_batches, logger, step)
+        logger.log(step, last)
+        if bar is not None:
+          bar.update(step, loss=host["loss"])
+        interval_start, interval_steps = time.perf_counter(), 0
+
+      if at_end or preempted or ckpt.should_save(step):
+        if pending is not None:  # never save a state before its loss is known to be finite
+          check(pending)
+          pending = None
+        ckpt.save(step, state, train_iter.get_state(), _meta(run, step), force=at_end or preempted)
+      if preempted:
+        log.warning("SIGTERM received: saved the checkpoint of step %d; exiting", step)
+        break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    preempt.close()
+    logger.close()
+    if bar is not None:
+      bar.close()
+  return last
+
+
+def _evaluate(run: _Run, state: ts.TrainState, batches: list, byte_level: bool) -> dict[str, float]:
+  """Token-weighted mean loss over the fixed eval batches: eval_loss and eval_bpb or eval_ppl."""
+  totals = [run.eval_step(state, run.global_batch(b)) for b in batches]
+  loss_sum = sum(float(t["loss_sum"]) for t in totals)
+  tokens = sum(float(t["tokens"]) for t in totals)
+  return loss_metrics(loss_sum / tokens, byte_level=byte_level, prefix="eval_")
+
+
+def _samples(run: _Run, cfg: Any, state: ts.TrainState, batches: list, logger: MetricsLogger, step: int) -> None:
+  if not cfg.num_samples or not batches:
+    return
+  if cfg.sample_prompt:
+    prompt = np.tile(run.tokenizer.encode(cfg.sample_prompt)[None], (cfg.num_samples, 1))
+  else:
+    rows = batches[0]["inputs"][:cfg.num_samples]
+    prompt = np.asarray(rows[:, :min(32, rows.shape[1])])
+  key = jax.random.fold_in(jax.random.key(cfg.seed + 2), step)
+  out = np.asarray(generate(run.graphdef, (state["params"], state["buffers"], run.rng_vars), jnp.asarray(prompt), key,
+                            num_tokens=cfg.sample_len, temperature=cfg.sample_temperature))
+  for i in range(out.shape[0]):
+    text = run.tokenizer.decode(prompt[i]) + " ▶ " + run.tokenizer.decode(out[i])
+    logger.log_text(step, f"sample_{i}", text)
+
+
+def _meta(run: _Run, step: int) -> dict[str, Any]:
+  return {"step": step, "config": json.loads(run.cfg.to_json_best_effort()), "jax_version": jax.__version__,
+          "mesh": {k: int(v) for k, v in run.mesh.shape.items()}, "model": run.model_cfg.official_kwargs()}
+
+
+def _log_compile(compiled: Any, seconds: float) -> None:
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    gib = 1024 ** 3
+    log.info("train step compiled in %.1f s; per device: arguments %.2f GiB, outputs %.2f GiB, temporaries %.2f GiB",
+             seconds, mem.argument_size_in_bytes / gib, mem.output_size_in_bytes / gib, mem.temp_size_in_bytes / gib)
+  else:
+    log.info("train step compiled in %.1f s", seconds)

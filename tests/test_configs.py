@@ -1,0 +1,59 @@
+"""Every shipped config loads, describes the model it claims, and is validated before anything runs."""
+
+import importlib
+
+import pytest
+
+from megalodon_jax.config import preset
+from megalodon_jax.training import config_lib
+
+CONFIGS = ["default", "tiny", "enwik8", "mega200m", "mega1_3b", "megalodon_7b"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_and_builds_a_model_config(name):
+  cfg = importlib.import_module(f"configs.{name}").get_config()
+  vocab = 32000 if cfg.data.tokenizer == "sentencepiece" else 256
+  model = config_lib.model_config(cfg, vocab)
+  assert model.vocab_size == vocab
+  assert cfg.seq_len <= model.chunk_size or cfg.seq_len % model.chunk_size == 0
+
+
+@pytest.mark.parametrize("name, preset_name", [("mega200m", "mega200M"), ("mega1_3b", "mega1.3B"),
+                                               ("megalodon_7b", "megalodon_7b")])
+def test_large_configs_have_the_official_shapes_and_the_paper_recipe(name, preset_name):
+  cfg = importlib.import_module(f"configs.{name}").get_config()
+  model = config_lib.model_config(cfg, 32000)
+  assert model.num_params() == preset(preset_name).num_params()
+  assert model.official_kwargs() == preset(preset_name).official_kwargs()
+  o = cfg.optimizer
+  assert (o.lr, o.warmup_steps, o.scheduler, o.b1, o.b2, o.weight_decay, o.clip) == \
+      (3.5e-4, 2500, "cosine", 0.9, 0.95, 0.1, 1.0)
+  if name == "megalodon_7b":  # paper §4.1: 32K context, chunk 4096, RoPE base 1e5, 4M tokens per step
+    assert (cfg.seq_len, model.chunk_size, model.rope_base) == (32768, 4096, 1e5)
+    assert cfg.seq_len * cfg.batch_size == 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize("name", ["mega200m", "mega1_3b", "megalodon_7b"])
+def test_large_configs_ask_for_their_tokenizer_and_dataset(name):
+  cfg = importlib.import_module(f"configs.{name}").get_config()
+  with pytest.raises(config_lib.ConfigError, match=r"data\.(tokenizer_path|name)"):
+    config_lib.validate(cfg, 128)
+
+
+def test_enwik8_without_the_file_or_network_names_manual_dir(tmp_path):
+  cfg = importlib.import_module("configs.enwik8").get_config()
+  cfg.data.manual_dir = str(tmp_path / "missing")
+  with pytest.raises(config_lib.ConfigError, match=r"manual_dir"):
+    config_lib.validate(cfg, 8)
+
+
+def test_model_errors_name_the_config_key():
+  cfg = importlib.import_module("configs.tiny").get_config()
+  cfg.model.norm_num_groups = 7
+  with pytest.raises(config_lib.ConfigError, match=r"--config\.model\.norm_num_groups"):
+    config_lib.model_config(cfg, 256)
+  cfg = importlib.import_module("configs.tiny").get_config()
+  cfg.model.vocab_size = 100
+  with pytest.raises(config_lib.ConfigError, match=r"--config\.model\.vocab_size"):
+    config_lib.model_config(cfg, 256)

@@ -1,0 +1,250 @@
+"""End-to-end training runs on CPU: the tiny quickstart, exact resume after SIGTERM and SIGKILL, meshes of 8
+simulated devices against one device, restoring onto another mesh, init_from, the NaN stop, and fail-fast errors.
+
+In-process runs call `trainer.train_and_evaluate` with a device subset (conftest gives 8 CPU devices);
+`train.py` itself runs as a subprocess where the test is about the command line or about killing the process.
+"""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from megalodon_jax.training import checkpointing, config_lib, trainer
+from megalodon_jax.training.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def small_config(data_dir: str, **overrides):
+  """configs/tiny.py made smaller still: fast steps, every step logged, no eval unless asked."""
+  cfg = importlib.import_module("configs.tiny").get_config()
+  cfg.data.data_dir = data_dir
+  cfg.data.max_documents = 60
+  cfg.model.num_layers = 1
+  cfg.model.chunk_size = 32
+  cfg.seq_len = 64
+  cfg.batch_size = 8
+  cfg.total_steps = 8
+  cfg.optimizer.warmup_steps = 2
+  cfg.log_every = 1
+  cfg.eval_every = 0
+  cfg.num_samples = 0
+  cfg.checkpoint_every = 4
+  cfg.tensorboard = False
+  cfg.progress_bar = "off"
+  cfg.async_checkpointing = False
+  for key, value in overrides.items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+def losses(workdir: str) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r}
+
+
+def _cli(workdir: str, *overrides: str, config: str = "configs/tiny.py") -> list[str]:
+  return [sys.executable, os.path.join(REPO, "train.py"), f"--config={os.path.join(REPO, config)}",
+          f"--workdir={workdir}", *overrides]
+
+
+def _env():
+  env = dict(os.environ)
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def test_tiny_config_trains_and_writes_checkpoints_and_metrics(tmp_path, data_dir):
+  """The README quickstart command: validation loss must fall well below the untrained model's."""
+  workdir = str(tmp_path / "run")
+  proc = subprocess.run(_cli(workdir, f"--config.data.data_dir={data_dir}"), cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+  cfg = importlib.import_module("configs.tiny").get_config()
+  assert set(evals) == {0, 100, 200} and cfg.total_steps == 200
+  assert evals[200] < 0.6 * evals[0], evals  # from ~ln(256) = 5.5 nats to well under 3.3
+  last = records[-1]
+  for key in ("step", "loss", "bpb", "learning_rate", "grad_norm", "tokens_per_sec", "mfu", "eval_loss", "eval_bpb"):
+    assert key in last, key
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=100, keep=3).latest_step() == 200
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  samples = [json.loads(line) for line in open(os.path.join(workdir, "samples.jsonl"))]
+  assert {s["step"] for s in samples} == {100, 200}
+
+
+def _wait_for(predicate, proc, timeout=300.0):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if predicate():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"train.py exited early (rc {proc.returncode}): {proc.stderr.read()[-2000:]}")
+    time.sleep(0.05)
+  raise AssertionError("timed out")
+
+
+RESUME_OVERRIDES = ("--config.model.num_layers=1", "--config.model.chunk_size=32", "--config.seq_len=64",
+                    "--config.data.max_documents=60", "--config.total_steps=40", "--config.log_every=1",
+                    "--config.eval_every=0", "--config.num_samples=0", "--config.checkpoint_every=5",
+                    "--config.tensorboard=False", "--config.optimizer.warmup_steps=5", "--config.model.dropout=0.1")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data_dir):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  proc = subprocess.run(_cli(workdir, f"--config.data.data_dir={data_dir}", *RESUME_OVERRIDES), cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return losses(workdir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_resume_after_kill_is_bitwise_exact(tmp_path, data_dir, straight_run, sig):
+  workdir = str(tmp_path / "run")
+  cmd = _cli(workdir, f"--config.data.data_dir={data_dir}", *RESUME_OVERRIDES)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  # SIGKILL: after the step-10 checkpoint exists, between saves; SIGTERM: anywhere after step 8.
+  need_ckpt = "10" if sig == signal.SIGKILL else None
+  _wait_for(lambda: os.path.exists(metrics) and len(losses(workdir)) >= 12 and
+            (need_ckpt is None or os.path.isdir(os.path.join(ckpt_dir, need_ckpt))), proc)
+  proc.send_signal(sig)
+  rc = proc.wait(timeout=120)
+  stopped_at = max(losses(workdir))
+  assert stopped_at < 40, "the run finished before the signal: the test proved nothing"
+  if sig == signal.SIGTERM:
+    assert rc == 0, proc.stderr.read()[-2000:]
+    saved = checkpointing.Checkpointer(ckpt_dir, save_every=5, keep=3).latest_step()
+    assert saved == stopped_at  # the preemption save is of the last completed step
+  else:
+    assert rc == -signal.SIGKILL
+  proc2 = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+  assert proc2.returncode == 0, proc2.stderr[-3000:]
+  assert "resumed" in proc2.stderr
+  resumed = losses(workdir)
+  assert sorted(resumed) == list(range(1, 41))  # each step exactly once after truncating the killed run's tail
+  assert resumed == straight_run  # bitwise: same floats, step by step
+
+
+def _run(cfg, workdir, devices):
+  trainer.train_and_evaluate(cfg, str(workdir), devices=devices)
+  return losses(str(workdir))
+
+
+@pytest.fixture(scope="module")
+def one_device_losses(tmp_path_factory, data_dir):
+  cfg = small_config(data_dir, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
+  return _run(cfg, tmp_path_factory.mktemp("one"), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2)], ids=str)
+def test_meshes_of_8_devices_match_one_device(tmp_path, data_dir, one_device_losses, mesh):
+  cfg = small_config(data_dir, **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
+  got = _run(cfg, tmp_path, jax.devices())
+  assert sorted(got) == sorted(one_device_losses) == list(range(1, 9))
+  for step, loss in one_device_losses.items():
+    assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)
+
+
+def test_restore_onto_a_different_mesh_continues_the_run(tmp_path, data_dir):
+  """4 steps on (8, 1, 1), then resume to 8 steps on (2, 2, 2), against the same two phases on one device.
+
+  (Both phases' configs differ in total_steps, which changes the LR schedule, so the reference must be two-phase.)
+  """
+  def two_phases(workdir, mesh_a, mesh_b, devices):
+    _run(small_config(data_dir, total_steps=4, **dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), mesh_a))),
+         workdir, devices)
+    return _run(small_config(data_dir, **dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), mesh_b))), workdir,
+                devices)
+
+  want = two_phases(tmp_path / "one", (1, 1, 1), (1, 1, 1), jax.devices()[:1])
+  got = two_phases(tmp_path / "eight", (8, 1, 1), (2, 2, 2), jax.devices())
+  assert sorted(got) == sorted(want) == list(range(1, 9))
+  for step, loss in want.items():
+    assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)
+
+
+def test_init_from_starts_from_the_saved_params(tmp_path, data_dir):
+  source = small_config(data_dir, eval_every=4, eval_batches=2)
+  _run(source, tmp_path / "a", jax.devices()[:1])
+  final_eval = [r for r in read_metrics(str(tmp_path / "a" / "metrics.jsonl")) if "eval_loss" in r][-1]
+  target = small_config(data_dir, eval_every=4, eval_batches=2, total_steps=4,
+                        init_from=str(tmp_path / "a" / "checkpoints"))
+  _run(target, tmp_path / "b", jax.devices()[:1])
+  first_eval = [r for r in read_metrics(str(tmp_path / "b" / "metrics.jsonl")) if "eval_loss" in r][0]
+  assert first_eval["step"] == 0
+  assert first_eval["eval_loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-6)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+  cfg = small_config(data_dir, checkpoint_every=1, total_steps=6, **{"optimizer.lr": 1e30,
+                                                                     "optimizer.warmup_steps": 0})
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step (\d+)") as err:
+    _run(cfg, tmp_path, jax.devices()[:1])
+  bad_step = int(err.value.args[0].split("at step ")[1].split()[0])
+  ok = losses(str(tmp_path))
+  assert all(np.isfinite(v) for s, v in ok.items() if s < bad_step)
+  latest = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), save_every=1, keep=3).latest_step()
+  assert latest == bad_step - 1
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"seq_len": 100}, "seq_len"),
+    ({"batch_size": 6}, "batch_size"),
+    ({"mesh.data": 3}, "mesh"),
+    ({"grad_accum_steps": 3}, "batch_size"),
+    ({"eval_every": 7, "log_every": 2}, "eval_every"),
+    ({"optimizer.warmup_steps": 50}, "warmup_steps"),
+    ({"model.z_dim": 30}, "model.z_dim"),
+    ({"data.dataset": "text_files", "data.path": "/nonexistent/*.txt"}, "data.path"),
+    ({"init_from": "/nonexistent/ckpt"}, "init_from"),
+])
+def test_bad_configs_fail_fast_naming_the_key(tmp_path, data_dir, overrides, key):
+  cfg = small_config(data_dir, **overrides)
+  t0 = time.perf_counter()
+  with pytest.raises((config_lib.ConfigError, ValueError), match=key.replace(".", r"\.")):
+    trainer.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices())
+  assert time.perf_counter() - t0 < 10  # nothing compiled
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_corrupted_checkpoint_directory_fails_fast(tmp_path, data_dir):
+  cfg = small_config(data_dir, total_steps=4)
+  _run(cfg, tmp_path, jax.devices()[:1])
+  step_dir = tmp_path / "checkpoints" / "4"
+  victims = [os.path.join(d, f) for d, _, files in os.walk(step_dir) for f in files if "metadata" in f]
+  assert victims
+  with open(victims[0], "w") as f:
+    f.write("{ truncated")
+  cfg.total_steps = 8
+  with pytest.raises(checkpointing.CheckpointError, match="checkpoints"):
+    trainer.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
+
+
+def test_cli_reports_bad_flags_and_configs_clearly(tmp_path):
+  proc = subprocess.run(_cli(str(tmp_path), "--config.seq_len=100"), cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 2
+  assert "--config.seq_len=100" in proc.stderr and "chunk_size" in proc.stderr
+  proc = subprocess.run(_cli(str(tmp_path), "--config.no_such_key=1"), cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode != 0 and "no_such_key" in proc.stderr

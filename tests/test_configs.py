@@ -41,11 +41,16 @@ def test_large_configs_ask_for_their_tokenizer_and_dataset(name):
     config_lib.validate(cfg, 128)
 
 
-def test_enwik8_without_the_file_or_network_names_manual_dir(tmp_path):
+def test_enwik8_without_the_file_or_network_names_manual_dir(tmp_path, monkeypatch):
+  from megalodon_jax import data
+  from megalodon_jax.data import enwik8
   cfg = importlib.import_module("configs.enwik8").get_config()
   cfg.data.manual_dir = str(tmp_path / "missing")
-  with pytest.raises(config_lib.ConfigError, match=r"manual_dir"):
-    config_lib.validate(cfg, 8)
+  cfg.data.data_dir = str(tmp_path / "tfds")
+  config_lib.validate(cfg, 8)  # a missing file is not a config error: prepare() may still download it
+  monkeypatch.setattr(enwik8, "_url", "http://127.0.0.1:9/enwik8.zip")  # no network: refused at once
+  with pytest.raises(data.DataError, match=r"data\.manual_dir=.*enwik8\.zip"):
+    data.prepare(cfg.data)
 
 
 def test_model_errors_name_the_config_key():

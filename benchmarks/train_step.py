@@ -1,6 +1,6 @@
 """Tokens/s, memory and MFU of the jitted train step vs sequence length at a fixed number of tokens per batch.
 
-  python benchmarks/train_step.py                          # small model, 2K..32K tokens per sequence (CPU-sized)
+  python benchmarks/train_step.py                          # small model, 2K..64K tokens per sequence, 64K tokens per step
   python benchmarks/train_step.py --model 1b --seq-lens 4096,32768 --tokens 65536 --dtype bfloat16   # GPU
 
 Megalodon's cost per token should be flat in sequence length (chunked attention + linear CEMA), so tokens/s should
@@ -120,8 +120,8 @@ def format_table(results: list[dict]) -> str:
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--seq-lens", default="2048,4096,8192,16384,32768")
-  p.add_argument("--tokens", type=int, default=32768, help="tokens per step (batch = tokens // seq_len)")
+  p.add_argument("--seq-lens", default="2048,4096,8192,16384,32768,65536")
+  p.add_argument("--tokens", type=int, default=65536, help="tokens per step (batch = tokens // seq_len)")
   p.add_argument("--model", choices=["small", "1b"], default="small")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--cema-impl", default="auto")

@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.cema_impl = "auto"  # auto | fft | associative_scan | sequential | chunked
   m.attention_impl = "auto"  # auto | xla
   m.remat = "auto"  # auto (from layerwise_ckpt) | none | full | dots_saveable: jax.checkpoint policy per block
+  m.scan_layers = False  # one lax.scan over the blocks: compile time flat in depth (same params, same results)
 
   # ---------------- data (megalodon_jax/data) ----------------
   d = c.data = ml_collections.ConfigDict()

@@ -20,8 +20,8 @@ OFFICIAL_FIELDS = (
 
 INIT_MODES = ("he", "bert", "gaussian", "xavier", "none")
 EFFICIENT_ATTN = (None, "swift", "fused")
-CEMA_IMPLS = ("auto", "fft", "associative_scan", "sequential", "chunked")
-ATTENTION_IMPLS = ("auto", "xla")
+CEMA_IMPLS = ("auto", "fft", "associative_scan", "sequential", "chunked", "pallas")
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("auto", "none", "full", "dots_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_ROPE_BASE = 10000.0
@@ -71,9 +71,10 @@ class MegalodonConfig:
   # ---- execution settings (ours) ----
   dtype: str = "float32"  # activations / matmuls; CEMA, norms, softmax and logits always run in float32
   param_dtype: str = "float32"  # parameter storage
-  cema_impl: str = "auto"  # auto | fft | associative_scan | sequential | chunked (all compute the same)
-  attention_impl: str = "auto"  # auto | xla
+  cema_impl: str = "auto"  # auto | fft | associative_scan | sequential | chunked | pallas (all compute the same)
+  attention_impl: str = "auto"  # auto | xla | pallas
   remat: str = "auto"  # auto (from layerwise_ckpt) | none | full | dots_saveable
+  scan_layers: bool = False  # full forward as one lax.scan over stacked blocks: compile time flat in depth
 
   def __post_init__(self):
     _validate(self)
@@ -190,7 +191,7 @@ def _validate(c: MegalodonConfig) -> None:
                         ("attention_impl", ATTENTION_IMPLS), ("remat", REMAT_POLICIES)):
     if getattr(c, name) not in allowed:
       _fail(name, getattr(c, name), f"must be one of {allowed}")
-  for name in ("norm_affine", "swiglu", "rescale_nffn", "scale_emb", "share_emb", "layerwise_ckpt"):
+  for name in ("norm_affine", "swiglu", "rescale_nffn", "scale_emb", "share_emb", "layerwise_ckpt", "scan_layers"):
     if not isinstance(getattr(c, name), bool):
       _fail(name, getattr(c, name), "must be a bool")
 

@@ -93,9 +93,12 @@ class MegalodonLM(nnx.Module):
 
     new_layers = []
     if cache is None:
-      run = _remat_block(c.remat_policy)
-      for block in self.layers:
-        x, _ = run(block, x, inv_freq)
+      if c.scan_layers and c.num_layers > 1:
+        x = _scan_blocks(list(self.layers), x, inv_freq, c.remat_policy)
+      else:
+        run = _remat_block(c.remat_policy)
+        for block in self.layers:
+          x, _ = run(block, x, inv_freq)
       norm_state = None
     else:
       for block, layer_cache in zip(self.layers, cache.layers):
@@ -147,3 +150,33 @@ def _remat_block(policy: str):
   if policy == "none":
     return run
   return nnx.remat(run, policy=_REMAT_POLICIES[policy])
+
+
+def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str) -> jax.Array:
+  """All blocks as one `lax.scan`, so the block is traced and compiled once whatever the depth.
+
+  Parameters stay stored per block (checkpoints, conversion and sharding rules are the same with or without
+  scanning) and are stacked along a new leading axis for the call; this costs one transient copy of the block
+  parameters and returns their gradients through the stack. The only state a call updates, the dropout RNG
+  counters, is written back to each block.
+
+  x: (B, L, D) activations -> (B, L, D).
+  """
+  graphdef, _ = nnx.split(blocks[0])
+  states = [nnx.state(b) for b in blocks]
+  for i, b in enumerate(blocks[1:], 1):
+    if nnx.graphdef(b) != graphdef:
+      raise ValueError(f"scan_layers: block {i} differs in structure from block 0 and cannot be stacked")
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+  def body(h, state):
+    block = nnx.merge(graphdef, state)
+    h, _ = block(h, inv_freq)
+    return h, nnx.state(block, nnx.RngState)
+
+  if policy != "none":
+    body = jax.checkpoint(body, policy=_REMAT_POLICIES[policy])
+  x, new_states = jax.lax.scan(body, x, stacked)
+  for i, b in enumerate(blocks):
+    nnx.update(b, jax.tree.map(lambda leaf: leaf[i], new_states))
+  return x

@@ -58,6 +58,20 @@ def test_grad_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)
 
 
+@pytest.mark.parametrize("overrides", [dict(remat="full"), dict(scan_layers=True, remat="full", dropout=0.1)])
+def test_remat_and_scan_layers_train_like_the_plain_step(overrides):
+  batch = _batch()
+  _, _, s1, step1 = _setup(1, dropout=overrides.get("dropout", 0.0))
+  _, _, s2, step2 = _setup(1, **overrides)
+  for _ in range(3):
+    s1, m1 = step1(s1, batch)
+    s2, m2 = step2(s2, batch)
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=5e-5)
+
+
 def test_loss_is_the_mean_token_cross_entropy_of_the_model():
   graphdef, rng_vars, state, step = _setup(1)
   batch = _batch(3)

@@ -52,8 +52,10 @@ def merge_model(graphdef: nnx.GraphDef, params: nnx.State, buffers: nnx.State, r
 def _loss_fn(params: nnx.State, graphdef: nnx.GraphDef, buffers: nnx.State, rng_vars: nnx.State, inputs: jax.Array,
              targets: jax.Array, dropout_key: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Mean token loss of one micro-batch (B, L) and its summed loss (for exact accumulation)."""
-  # Fresh Variable objects at this trace level: reseeding mutates them, which NNX forbids for outer-trace ones.
-  model = merge_model(graphdef, params, buffers, jax.tree.map(lambda x: x, rng_vars))
+  # Fresh Variable objects at this trace level: reseeding and NNX transforms inside the model (nnx.remat writes
+  # its state back) mutate them, which NNX forbids for Variables of an outer trace.
+  fresh = lambda tree: jax.tree.map(lambda x: x, tree)  # noqa: E731
+  model = merge_model(graphdef, fresh(params), fresh(buffers), fresh(rng_vars))
   if _has_dropout(model):
     nnx.reseed(model, dropout=dropout_key)
   logits = model(inputs)

@@ -1,0 +1,109 @@
+"""`python -m megalodon_jax.convert`: JAX checkpoints ⇄ PyTorch files.
+
+  to-pytorch --checkpoint CKPT --out DIR [--format official|hf|safetensors] [--dtype float32|bfloat16]
+             [--model-parallel N] [--step S] [--overwrite]
+  from-pytorch --torch PATH [--config params.json] --out DIR [--overwrite]
+
+CKPT is a train.py workdir, its checkpoints/ folder, a step folder, or a from-pytorch output folder. Output
+folders are written next to DIR under a temporary name and renamed into place at the end, so a failure never
+leaves a partial DIR behind. Bad input ends with one `error: ...` paragraph on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import jax
+
+from megalodon_jax.config import ConfigError
+from megalodon_jax.convert import checkpoint_io, hf, torch_files
+from megalodon_jax.convert.checkpoint_io import ConvertError
+from megalodon_jax.convert.official import StateDictError, from_official_state_dict, to_official_state_dict
+from megalodon_jax.training.checkpointing import CheckpointError
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m megalodon_jax.convert",
+                                   description="Convert Megalodon checkpoints between JAX (Orbax) and PyTorch.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  to = sub.add_parser("to-pytorch", help="Orbax checkpoint -> official consolidated.pth / megalodon-hf / safetensors",
+                      description="Export a train.py or from-pytorch checkpoint to PyTorch files (runs on CPU).")
+  to.add_argument("--checkpoint", required=True,
+                  help="train.py workdir, its checkpoints/ folder, a step folder, or a from-pytorch output folder")
+  to.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+  to.add_argument("--format", choices=("official", "hf", "safetensors"), default="official",
+                  help="official: consolidated.pth + params.json; hf: megalodon-hf model.safetensors + config.json; "
+                       "safetensors: model.safetensors with official keys + params.json (default: official)")
+  to.add_argument("--dtype", choices=tuple(torch_files.DTYPES), default="float32",
+                  help="dtype of the floating tensors (int64 buffers and rope.freqs are kept; default: float32)")
+  to.add_argument("--model-parallel", type=int, default=1, metavar="N",
+                  help="official format only: write N tensor-parallel shards consolidated.{rank:02d}.pth")
+  to.add_argument("--step", type=int, default=None, help="step to export (default: the latest finished one)")
+  to.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (atomically)")
+  frm = sub.add_parser("from-pytorch", help="official/megalodon-hf PyTorch weights -> params-only Orbax checkpoint",
+                       description="Import PyTorch weights as a params-only Orbax checkpoint that train.py's "
+                                   "--config.init_from and the inference tools load.")
+  frm.add_argument("--torch", required=True,
+                   help="consolidated.pth, a folder of consolidated.NN.pth shards, a folder holding consolidated.pth "
+                        "or model.safetensors, or a .safetensors file")
+  frm.add_argument("--config", default=None,
+                   help="params.json (official ModelConf fields) or megalodon-hf config.json; default: beside --torch")
+  frm.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+  frm.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (atomically)")
+  return parser
+
+
+def _cpu() -> jax.Device:
+  return jax.devices("cpu")[0]
+
+
+def to_pytorch(args: argparse.Namespace) -> None:
+  if args.model_parallel < 1:
+    raise ConvertError(f"--model-parallel must be >= 1, got {args.model_parallel}")
+  if args.model_parallel > 1 and args.format != "official":
+    raise ConvertError(f"--model-parallel applies to --format official only (got --format {args.format})")
+  checkpoint_io.check_output(args.out, overwrite=args.overwrite)  # fail before the (slow) restore
+  model, config, step = checkpoint_io.load_checkpoint(args.checkpoint, step=args.step, device=_cpu())
+  tensors = to_official_state_dict(model)
+  if args.format == "hf":
+    problems = hf.hf_export_problems(tensors, config)
+    if problems:
+      raise StateDictError("cannot export to the megalodon-hf layout: " + "; ".join(problems) +
+                           ". Use --format official or safetensors")
+    print(hf.TIMESTEP_NORM_WARNING, file=sys.stderr)
+  tensors = torch_files.cast(tensors, args.dtype)
+  with checkpoint_io.atomic_output(args.out, overwrite=args.overwrite) as tmp:
+    if args.format == "official":
+      files = torch_files.write_official(tmp, tensors, config, args.model_parallel)
+    elif args.format == "safetensors":
+      files = torch_files.write_safetensors(tmp, tensors, config)
+    else:
+      files = torch_files.write_hf(tmp, tensors, config, args.dtype)
+  print(f"wrote {os.path.abspath(args.out)}: {', '.join(files)} ({args.format}, {args.dtype}, step {step}, "
+        f"{config.num_params():,} parameters)")
+
+
+def from_pytorch(args: argparse.Namespace) -> None:
+  checkpoint_io.check_output(args.out, overwrite=args.overwrite)
+  tensors, config = torch_files.read_official(args.torch, args.config)
+  with jax.default_device(_cpu()):
+    model = from_official_state_dict(tensors, config)
+  checkpoint_io.save_params_checkpoint(args.out, model, source=os.path.abspath(args.torch), overwrite=args.overwrite)
+  print(f"wrote {os.path.abspath(args.out)}: params-only Orbax checkpoint + {checkpoint_io.CONFIG_FILE} "
+        f"({config.num_params():,} parameters); train with --config.init_from={os.path.abspath(args.out)}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the command line; returns the exit status (0 ok, 2 bad input or arguments)."""
+  args = build_parser().parse_args(argv)
+  try:
+    (to_pytorch if args.command == "to-pytorch" else from_pytorch)(args)
+  except (ConvertError, StateDictError, CheckpointError, ConfigError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  return 0

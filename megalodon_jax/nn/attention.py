@@ -38,6 +38,9 @@ class MovingAverageGatedAttention(nnx.Module):
 
   def __init__(self, config: MegalodonConfig, *, rngs: nnx.Rngs):
     c = config
+    if c.attention_impl == "pallas" and c.attention_dropout > 0 and c.efficient_attn is None:
+      raise ValueError("attention_impl='pallas' implements DropKey attention dropout only: set efficient_attn to "
+                       "'swift' or 'fused', or use attention_impl='xla' for plain softmax dropout")
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     D, Z, E = c.model_dim, c.z_dim, c.value_dim
 
@@ -59,6 +62,7 @@ class MovingAverageGatedAttention(nnx.Module):
     self.attention_dropout = c.attention_dropout
     self.attention_rngs = rngs["dropout"].fork() if c.attention_dropout > 0 else nnx.data(None)
     self.drop_key = c.efficient_attn is not None
+    self.attention_impl = c.attention_impl  # resolved per call: "auto" depends on the platform it is traced for
     self.deterministic = False
     self.num_heads = c.num_heads
     self.chunk_size = c.chunk_size
@@ -88,7 +92,8 @@ class MovingAverageGatedAttention(nnx.Module):
     r = jax.nn.silu(self.wr(mx))
 
     rate = 0.0 if self.deterministic else self.attention_dropout
-    drop = dict(dropout_rate=rate, dropout_rng=self.attention_rngs() if rate > 0 else None, drop_key=self.drop_key)
+    drop = dict(dropout_rate=rate, dropout_rng=self.attention_rngs() if rate > 0 else None, drop_key=self.drop_key,
+                impl=attn_ops.resolve_attention_impl(self.attention_impl))
     offset = 0 if cache is None else count
     positions = (offset + jnp.arange(l)) % self.chunk_size
     q, k = attn_ops.rope(q, inv_freq, positions), attn_ops.rope(k, inv_freq, positions)

@@ -20,6 +20,35 @@ from megalodon_jax.ops.norms import rms_norm
 # stays finite (it falls back to a uniform average over its causal keys) instead of producing NaN.
 _DROPKEY_PENALTY = -1e30
 
+# `attention_impl` "auto" resolves to "xla" on every platform for now: the Pallas kernels (pallas_kernels/
+# chunked_attention) are verified in interpret mode and by lowering only, and have not been timed on TPU or GPU
+# (issue 6). Switch a platform's entry to "pallas" once benchmarks/kernels.py shows the kernel ahead of XLA there.
+AUTO_ATTENTION_IMPL = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "xla"}
+# Mesh axes (training/sharding.py) that split the batch and the heads; the kernel runs under shard_map over them.
+_BATCH_AXES, _HEAD_AXES = ("data", "fsdp"), ("tensor",)
+
+
+def resolve_attention_impl(impl: str, platform: Optional[str] = None) -> str:
+  """"xla" or "pallas" for a config's `attention_impl` ("auto" | "xla" | "pallas") on `platform` (default: the
+  default JAX backend)."""
+  if impl not in ("auto", "xla", "pallas"):
+    raise ValueError(f"attention_impl={impl!r}: expected 'auto', 'xla' or 'pallas'")
+  if impl != "auto":
+    return impl
+  return AUTO_ATTENTION_IMPL.get(platform or jax.default_backend(), "xla")
+
+
+def _pallas_options(dropout_rate: float, dropout_rng, drop_key: bool) -> dict:
+  """Keyword arguments for the Pallas kernels: DropKey only, shard_map over the ambient mesh's batch/head axes."""
+  if dropout_rate > 0.0 and not drop_key:
+    raise ValueError("attention_impl='pallas' implements DropKey attention dropout only (efficient_attn='swift' or "
+                     "'fused'); with efficient_attn=None and attention_dropout > 0 use attention_impl='xla'")
+  mesh = jax.sharding.get_abstract_mesh()
+  names = () if mesh.empty else mesh.axis_names
+  return dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng if dropout_rate > 0.0 else None,
+              batch_axes=tuple(a for a in _BATCH_AXES if a in names),
+              head_axes=tuple(a for a in _HEAD_AXES if a in names))
+
 
 def normalized_qk(z: jax.Array, gamma: jax.Array, beta: jax.Array, num_heads: int, eps: float):
   """Queries and keys from the shared projection z (spec §4.2 steps 4-5).
@@ -77,7 +106,7 @@ def _softmax_attend(scores: jax.Array, allowed: jax.Array, v: jax.Array, einsum_
 
 def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int, *,
                              dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
-                             drop_key: bool = False) -> jax.Array:
+                             drop_key: bool = False, impl: str = "xla") -> jax.Array:
   """Block-diagonal causal attention over chunks of `chunk_size` (the last one may be partial).
 
   Args:
@@ -86,9 +115,15 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_siz
     chunk_size: C. A sequence with L ≤ C is one chunk.
     dropout_rate, dropout_rng, drop_key: attention dropout; DropKey masks logits before the softmax,
       otherwise probabilities are dropped and rescaled after it.
+    impl: "xla" (this function) or "pallas" (the kernel; interpret mode on CPU). The kernel draws its DropKey
+      mask from a counter-based hash (pallas_kernels/chunked_attention/dropkey.py): same distribution as the
+      `jax.random.bernoulli` mask here, different draws.
   Returns:
     (B, L, H, dv) in v.dtype.
   """
+  if impl == "pallas":
+    from pallas_kernels.chunked_attention import chunked_attention  # pylint: disable=import-outside-toplevel
+    return chunked_attention(q, k, v, chunk_size, **_pallas_options(dropout_rate, dropout_rng, drop_key))
   b, l, h, dz = q.shape
   dv = v.shape[-1]
   c = min(chunk_size, l)
@@ -108,7 +143,7 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_siz
 
 def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
                          count: jax.Array, chunk_size: int, *, dropout_rate: float = 0.0,
-                         dropout_rng: Optional[jax.Array] = None, drop_key: bool = False):
+                         dropout_rng: Optional[jax.Array] = None, drop_key: bool = False, impl: str = "xla"):
   """Chunked causal attention continuing a stream whose current chunk already holds `count` tokens.
 
   New tokens may cross any number of chunk boundaries. The tokens of the current chunk (cached, then new) are
@@ -121,6 +156,7 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
     cache_k: (B, C, H, dz), cache_v: (B, C, H, dv): slots [0, count) hold the current chunk's earlier tokens.
     count: () int32, 0 ≤ count < C.
     chunk_size: C.
+    impl: "xla" or "pallas" (the kernel's decode call for L ≤ C, its prefill call on the frame otherwise).
   Returns:
     out: (B, L, H, dv) in v.dtype; new cache_k, cache_v (same shapes) and new count = (count + L) mod C.
   """
@@ -137,7 +173,10 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
     return jax.lax.dynamic_update_slice_in_dim(buf, new, count, axis=1)
 
   kf, vf = place(cache_k, k), place(cache_v, v)
-  if l <= c:
+  if l <= c and impl == "pallas":
+    from pallas_kernels.chunked_attention import chunked_attention_decode  # pylint: disable=import-outside-toplevel
+    out = chunked_attention_decode(q, kf, vf, count, c, **_pallas_options(dropout_rate, dropout_rng, drop_key))
+  elif l <= c:
     # Short input: only the L real query rows, against the whole frame; cost O(L·(C + L)).
     qpos = count + jnp.arange(l)
     kpos = jnp.arange(frame)
@@ -149,7 +188,7 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
     # Long input: ordinary chunked attention over the frame (queries placed like keys), then cut out the rows.
     qf = place(jnp.zeros_like(cache_k, dtype=q.dtype), q)
     out = chunked_causal_attention(qf, kf, vf, c, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                                   drop_key=drop_key)
+                                   drop_key=drop_key, impl=impl)
     out = jax.lax.dynamic_slice_in_dim(out, count, l, axis=1)
   end = count + l
   start = (end // c) * c

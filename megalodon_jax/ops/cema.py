@@ -9,6 +9,7 @@ All implementations take and return the same things and agree to float32 roundin
   "associative_scan"  parallel prefix over (decay, input) pairs  (ops/cema_scan.py)
   "sequential"        `lax.scan`, one step at a time; the decoding path  (ops/cema_scan.py)
   "chunked"           matmuls within blocks, a scan across blocks  (ops/cema_chunked.py)
+  "pallas"            the Pallas scan kernel for TPU/GPU (pallas_kernels/cema), interpreted on CPU
 The state is carried as real/imaginary float32 planes, (B, D, N, 2), the layout of the official
 chunk-parallel packing (`view_as_real`).
 """
@@ -167,6 +168,14 @@ def cema_fft(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[ja
   return y, state
 
 
+def cema_pallas(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[jax.Array] = None,
+                return_state: bool = False):
+  """CEMA with the Pallas scan kernel (pallas_kernels/cema; interpreted on CPU). See `cema` for arguments."""
+  from pallas_kernels.cema import cema_scan  # pylint: disable=import-outside-toplevel
+  y, state = cema_scan(x, coeffs.p, coeffs.q_re, coeffs.q_im, coeffs.g_re, coeffs.g_im, omega.reshape(-1), h0)
+  return y, (state if return_state else None)
+
+
 def _implementations():
   from megalodon_jax.ops import cema_scan, cema_chunked  # pylint: disable=import-outside-toplevel
   return {
@@ -174,6 +183,7 @@ def _implementations():
       "associative_scan": cema_scan.cema_associative_scan,
       "sequential": cema_scan.cema_sequential,
       "chunked": cema_chunked.cema_chunked,
+      "pallas": cema_pallas,
   }
 
 
@@ -186,7 +196,9 @@ def default_impl(length: int, backend: Optional[str] = None) -> str:
     # Measured (benchmarks/RESULTS.md, D=256, N=16, B=1): "sequential" is fastest below ~128 steps; from there on
     # "chunked" wins forward and forward+backward (1.2-2x over "fft" with blocked powers, 8-19x before them).
     return "sequential" if length < 128 else "chunked"
-  # GPU/TPU: not measured yet (no accelerator was available); keep the official FFT training path.
+  # GPU/TPU: not measured yet (no accelerator was available); keep the official FFT training path. The Pallas
+  # kernel ("pallas") is selectable explicitly but never picked here: it has no hardware measurement yet (issue 6
+  # keeps it only where benchmarks/kernels_cema.py shows it beating the best XLA path on that backend).
   return "fft"
 
 

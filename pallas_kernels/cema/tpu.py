@@ -1,0 +1,172 @@
+"""CEMA scan kernels for TPU (Mosaic): grid (batch, channel tiles, sequence tiles), the state carried in VMEM.
+
+The sequence axis is the innermost grid axis and "arbitrary" (run in order on one core), so a VMEM scratch holds the
+state from one sequence tile to the next; batch and channel tiles are "parallel" (split across TensorCores where a
+chip has several). Each grid step streams a (seq_tile, channel_tile) block of the input through VMEM and runs the
+recurrence over it `group` rows at a time (one (8, 128) float32 tile, or (16, 128) for 16-bit inputs).
+
+Blocks need not divide the array: the last sequence tile runs a static number of steps (the real length of that
+tile) and touches only those rows; a partial last channel tile computes garbage in the lanes past D, which no other
+lane reads (every operation is elementwise across channels) and which Pallas drops on write-back.
+
+UNVERIFIED ON HARDWARE: written to Mosaic's rules (last two block dims multiples of (8, 128) or the full array dim,
+aligned group loads, sublane reductions, no concatenation) and lowered to Mosaic MLIR on CPU, but run only in interpret
+mode; Mosaic's own compilation (layouts, VMEM limits) has not seen it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.cema import recurrence as rec
+
+_SEMANTICS = ("parallel", "parallel", "arbitrary")
+
+
+def _run_tile(j, ntiles: int, seq_tile: int, seq_len: int, first_is_last: bool, run) -> None:
+  """Calls run(nsteps) with the static number of valid steps of sequence tile `j` (only the last one is partial).
+
+  first_is_last: the grid visits time tiles in reverse, so grid step 0 holds the partial tile.
+  """
+  tail = seq_len - (ntiles - 1) * seq_tile
+  if tail == seq_tile:
+    run(seq_tile)
+    return
+  partial = j == (0 if first_is_last else ntiles - 1)
+  pl.when(partial)(lambda: run(tail))
+  pl.when(jnp.logical_not(partial))(lambda: run(seq_tile))
+
+
+def _forward_kernel(x_ref, coef_ref, omega_ref, h0_ref, y_ref, hlast_ref, state_ref, *, seq_len: int,
+                    seq_tile: int, ntiles: int, group: int):
+  """x_ref, y_ref: (seq_tile, Dt).  coef_ref: (5, N, Dt).  omega_ref: (1, Dt).  h0_ref, hlast_ref, state_ref:
+  (2, N, Dt) float32 [re, im]."""
+  j = pl.program_id(2)
+
+  @pl.when(j == 0)
+  def _init():
+    state_ref[...] = h0_ref[...]
+
+  coefs = rec.load_coefs(coef_ref, omega_ref)
+
+  def group_fn(start, count, state):
+    u = x_ref[pl.ds(start, count), :].astype(jnp.float32)
+    rows = []
+    for k in range(count):
+      state, y = rec.forward_step(coefs, state, u[k:k + 1])
+      rows.append(y)
+    y_ref[pl.ds(start, count), :] = rec.stack_rows(rows).astype(y_ref.dtype)
+    return state
+
+  def run(nsteps):
+    hr, hi = rec.sweep(nsteps, group, group_fn, (state_ref[0], state_ref[1]), reverse=False)
+    state_ref[0] = hr
+    state_ref[1] = hi
+
+  _run_tile(j, ntiles, seq_tile, seq_len, False, run)
+
+  @pl.when(j == ntiles - 1)
+  def _finish():
+    hlast_ref[...] = state_ref[...]
+
+
+def _backward_kernel(x_ref, dy_ref, coef_ref, omega_ref, s0_ref, dx_ref, out_ref, carry_ref, *, seq_len: int,
+                     seq_tile: int, ntiles: int, group: int):
+  """Reverse time. x_ref, dy_ref, dx_ref: (seq_tile, Dt).  s0_ref: (2, N, Dt) conj(∂L/∂h_last).  out_ref,
+  carry_ref: (11, N, Dt) float32, the `recurrence.BwdCarry` planes."""
+  j = pl.program_id(2)
+
+  @pl.when(j == 0)
+  def _init():
+    carry_ref[...] = jnp.zeros(carry_ref.shape, jnp.float32)
+    carry_ref[0] = s0_ref[0]
+    carry_ref[1] = s0_ref[1]
+
+  coefs = rec.load_coefs(coef_ref, omega_ref)
+
+  def group_fn(start, count, carry):
+    u = x_ref[pl.ds(start, count), :].astype(jnp.float32)
+    dy = dy_ref[pl.ds(start, count), :].astype(jnp.float32)
+    rows = [None] * count
+    for k in reversed(range(count)):
+      carry, rows[k] = rec.backward_step(coefs, carry, u[k:k + 1], dy[k:k + 1])
+    dx_ref[pl.ds(start, count), :] = rec.stack_rows(rows).astype(dx_ref.dtype)
+    return carry
+
+  def run(nsteps):
+    carry = rec.BwdCarry(*(carry_ref[k] for k in range(rec.NUM_BWD_PLANES)))
+    carry = rec.sweep(nsteps, group, group_fn, carry, reverse=True)
+    for k, plane in enumerate(carry):
+      carry_ref[k] = plane
+
+  _run_tile(j, ntiles, seq_tile, seq_len, True, run)
+
+  @pl.when(j == ntiles - 1)
+  def _finish():
+    out_ref[...] = carry_ref[...]
+
+
+def _tiles(length: int, dim: int, seq_tile: int, channel_tile: int) -> tuple[int, int]:
+  """Block sizes: the full dim where it fits in one tile (always a legal block), else the configured tile."""
+  return min(seq_tile, length), (dim if dim <= channel_tile else channel_tile)
+
+
+def forward(x: jax.Array, coef: jax.Array, omega: jax.Array, h0: jax.Array, *, seq_tile: int, channel_tile: int,
+            group: int, interpret) -> tuple[jax.Array, jax.Array]:
+  """x: (B, L, D) any float.  coef: (5, N, D) f32.  omega: (1, D) f32.  h0: (B, 2, N, D) f32.
+  Returns y (B, L, D) float32 and the last state (B, 2, N, D) float32."""
+  batch, length, dim = x.shape
+  nstate = coef.shape[1]
+  lt, dt = _tiles(length, dim, seq_tile, channel_tile)
+  ntiles = pl.cdiv(length, lt)
+  seq_block = pl.BlockSpec((None, lt, dt), lambda b, i, j: (b, j, i))
+  state_block = pl.BlockSpec((None, 2, nstate, dt), lambda b, i, j: (b, 0, 0, i))
+  kernel = functools.partial(_forward_kernel, seq_len=length, seq_tile=lt, ntiles=ntiles, group=group)
+  return pl.pallas_call(
+      kernel,
+      grid=(batch, pl.cdiv(dim, dt), ntiles),
+      in_specs=[seq_block,
+                pl.BlockSpec((rec.NUM_COEF_PLANES, nstate, dt), lambda b, i, j: (0, 0, i)),
+                pl.BlockSpec((1, dt), lambda b, i, j: (0, i)),
+                state_block],
+      out_specs=[seq_block, state_block],
+      out_shape=[jax.ShapeDtypeStruct((batch, length, dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, 2, nstate, dim), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((2, nstate, dt), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
+      interpret=interpret,
+      name="cema_scan_fwd",
+  )(x, coef, omega, h0)
+
+
+def backward(x: jax.Array, dy: jax.Array, coef: jax.Array, omega: jax.Array, s0: jax.Array, *, seq_tile: int,
+             channel_tile: int, group: int, interpret) -> tuple[jax.Array, jax.Array]:
+  """x: (B, L, D) any float.  dy: (B, L, D) f32.  s0: (B, 2, N, D) f32.
+  Returns dx (B, L, D) in x.dtype and the carries (B, 11, N, D) float32 (`recurrence.BwdCarry` planes)."""
+  batch, length, dim = x.shape
+  nstate = coef.shape[1]
+  lt, dt = _tiles(length, dim, seq_tile, channel_tile)
+  ntiles = pl.cdiv(length, lt)
+  # Grid step j visits time tile ntiles - 1 - j: the recurrence runs from the end of the sequence.
+  seq_block = pl.BlockSpec((None, lt, dt), lambda b, i, j: (b, ntiles - 1 - j, i))
+  kernel = functools.partial(_backward_kernel, seq_len=length, seq_tile=lt, ntiles=ntiles, group=group)
+  return pl.pallas_call(
+      kernel,
+      grid=(batch, pl.cdiv(dim, dt), ntiles),
+      in_specs=[seq_block, seq_block,
+                pl.BlockSpec((rec.NUM_COEF_PLANES, nstate, dt), lambda b, i, j: (0, 0, i)),
+                pl.BlockSpec((1, dt), lambda b, i, j: (0, i)),
+                pl.BlockSpec((None, 2, nstate, dt), lambda b, i, j: (b, 0, 0, i))],
+      out_specs=[seq_block, pl.BlockSpec((None, rec.NUM_BWD_PLANES, nstate, dt), lambda b, i, j: (b, 0, 0, i))],
+      out_shape=[jax.ShapeDtypeStruct((batch, length, dim), x.dtype),
+                 jax.ShapeDtypeStruct((batch, rec.NUM_BWD_PLANES, nstate, dim), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((rec.NUM_BWD_PLANES, nstate, dt), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
+      interpret=interpret,
+      name="cema_scan_bwd",
+  )(x, dy, coef, omega, s0)

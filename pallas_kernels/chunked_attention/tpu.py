@@ -1,0 +1,266 @@
+"""Mosaic TPU kernels for block-diagonal (chunked) causal attention: forward, dq, and dk/dv.
+
+Arrays are in kernel layout (layout.py): q, k (B, rows, H·dz), v and o (B, rows, H·G·bv), a program handling value
+head hg = h·G + g reads q/k head h. The key (or, for dk/dv, query) sequence is the last, "arbitrary" grid axis,
+so each program visits only the tiles of its own chunk up to the diagonal: the index maps clamp the tile index at
+the last useful tile, which repeats the previous block index and so issues no DMA, and `pl.when` skips the
+compute; of the visited tiles only those crossing the diagonal apply the causal mask. Accumulators live in VMEM
+scratch; row statistics are stored lane-replicated ((rows, 128) f32): a (rows, 1) array takes the same HBM space
+once tiled, and a (rows,) vector would put the rows along lanes.
+
+Not yet compiled or timed on a TPU. Verified on CPU (tests): in the generic interpreter, in the Mosaic TPU
+interpreter (`pltpu.InterpretParams`: simulated DMAs and VMEM, NaN-filled fresh memory), and by lowering to Mosaic.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.chunked_attention import tile
+from pallas_kernels.chunked_attention.blocks import TPU_LANES
+from pallas_kernels.chunked_attention.layout import Geometry
+
+_SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
+
+
+def _col(ref) -> jax.Array:
+  """(rows, 1) column from a lane-replicated (rows, 128) ref."""
+  return jnp.max(ref[...], axis=1, keepdims=True)
+
+
+def _lanes(x: jax.Array) -> jax.Array:
+  return jnp.broadcast_to(x, (x.shape[0], TPU_LANES))
+
+
+def _when_visited(visited, masked, step) -> None:
+  """Runs step(causal=True) on visited tiles that cross the diagonal and step(causal=False) on the others, so
+  only diagonal tiles pay for the mask."""
+  pl.when(visited & masked)(lambda: step(True))
+  pl.when(visited & jnp.logical_not(masked))(lambda: step(False))
+
+
+def _compiler_params():
+  return pltpu.CompilerParams(dimension_semantics=_SEMANTICS)
+
+
+# ---------------------------------------------------------------------------------------------------- forward
+
+def _fwd_kernel(sc_ref, q_ref, k_ref, v_ref, o_ref, *rest, geo: Geometry, nkv: int, save_stats: bool):
+  """One (batch, value head, query tile) program, visited once per key tile t.
+
+  Refs: sc (5,) int32 SMEM; q (bq, dz); k (bk, dz); v (bk, bv); o (bq, bv); [m_out, l_out (bq, 128) f32];
+  scratch m, l (bq, 128) f32 and acc (bq, bv) f32.
+  """
+  if save_stats:
+    m_out, l_out, m_sc, l_sc, acc_sc = rest
+  else:
+    m_sc, l_sc, acc_sc = rest
+  bq, bk = geo.block_q, geo.block_k
+  b, hg, i, t = (pl.program_id(a) for a in range(4))
+  offset, seeds, b_off, h_off = tile.scalars_unpack(sc_ref, geo.dynamic_offset)
+  q0, q_chunk0, lo, hi = tile.q_tile_range(i, offset, geo, bq, bk)
+  j = lo + t
+
+  @pl.when(t == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  def step(causal: bool):
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    precision = tile.precision_for(q.dtype)
+    coords = tile.make_coords(q0, j * bk, q_chunk0, geo, b, hg, b_off, h_off)
+    s, _ = tile.masked_scores(tile.matmul_nt(q, k, precision), coords, seeds, geo.drop_threshold, causal)
+    m, l, acc = tile.online_softmax_step(_col(m_sc), _col(l_sc), acc_sc[...], s, v, precision)
+    m_sc[...], l_sc[...], acc_sc[...] = _lanes(m), _lanes(l), acc
+
+  _when_visited(j <= hi, tile.needs_causal_mask(q0, q_chunk0, j * bk, geo.chunk, bq, bk), step)
+
+  @pl.when(t == nkv - 1)
+  def _finish():
+    l = _col(l_sc)
+    o_ref[...] = (acc_sc[...] * (1.0 / l)).astype(o_ref.dtype)
+    if save_stats:
+      m_out[...] = m_sc[...]
+      l_out[...] = l_sc[...]
+
+
+def forward(scalars, q, k, v, *, geo: Geometry, save_stats: bool, interpret=False):
+  """Forward kernel.
+
+  Args:
+    scalars: (5,) int32 [query offset, seed0, seed1, batch offset, head offset].
+    q: (B, q_rows, H·dz); k: (B, k_rows, H·dz); v: (B, k_rows, H·G·bv); one dtype.
+    geo: the call's Geometry.
+    save_stats: also return the row max m and row sum l, (B, H·G, q_rows, 128) float32 lane-replicated.
+  Returns:
+    o (B, q_rows, H·G·bv) in q.dtype [, m, l].
+  """
+  bsz = q.shape[0]
+  bq, bk, G = geo.block_q, geo.block_k, geo.groups
+  nkv = tile.num_kv_steps(geo, bq, bk)
+
+  def kv_tile(i, t, sc):
+    offset = sc[0] if geo.dynamic_offset else jnp.int32(0)
+    _, _, lo, hi = tile.q_tile_range(i, offset, geo, bq, bk)
+    return jnp.minimum(lo + t, hi)
+
+  in_specs = [
+      pl.BlockSpec((None, bq, geo.dz), lambda b, hg, i, t, sc: (b, i, lax.div(hg, G))),
+      pl.BlockSpec((None, bk, geo.dz), lambda b, hg, i, t, sc: (b, kv_tile(i, t, sc), lax.div(hg, G))),
+      pl.BlockSpec((None, bk, geo.bv), lambda b, hg, i, t, sc: (b, kv_tile(i, t, sc), hg)),
+  ]
+  out_shape = [jax.ShapeDtypeStruct((bsz, geo.q_rows, geo.value_heads * geo.bv), q.dtype)]
+  out_specs = [pl.BlockSpec((None, bq, geo.bv), lambda b, hg, i, t, sc: (b, i, hg))]
+  if save_stats:
+    stat = jax.ShapeDtypeStruct((bsz, geo.value_heads, geo.q_rows, TPU_LANES), jnp.float32)
+    stat_spec = pl.BlockSpec((None, None, bq, TPU_LANES), lambda b, hg, i, t, sc: (b, hg, i, 0))
+    out_shape += [stat, stat]
+    out_specs += [stat_spec, stat_spec]
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(bsz, geo.value_heads, geo.q_rows // bq, nkv), in_specs=in_specs,
+      out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM((bq, TPU_LANES), jnp.float32), pltpu.VMEM((bq, TPU_LANES), jnp.float32),
+                      pltpu.VMEM((bq, geo.bv), jnp.float32)])
+  kernel = functools.partial(_fwd_kernel, geo=geo, nkv=nkv, save_stats=save_stats)
+  out = pl.pallas_call(kernel, out_shape=out_shape, grid_spec=grid_spec, compiler_params=_compiler_params(),
+                       interpret=interpret, name="chunked_attention_fwd")(scalars, q, k, v)
+  return tuple(out) if save_stats else out[0]
+
+
+# ---------------------------------------------------------------------------------------------------- backward
+
+def _dq_kernel(sc_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dq_ref, dq_sc, *, geo: Geometry,
+               nkv: int):
+  """dq of one (batch, value head, query tile); refs as in `_fwd_kernel`, plus do (bq, bv), delta (bq, 128)."""
+  bq, bk = geo.block_q_bwd, geo.block_k_bwd
+  b, hg, i, t = (pl.program_id(a) for a in range(4))
+  _, seeds, b_off, h_off = tile.scalars_unpack(sc_ref, False)
+  q0, q_chunk0, lo, hi = tile.q_tile_range(i, jnp.int32(0), geo, bq, bk)
+  j = lo + t
+
+  @pl.when(t == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+  def step(causal: bool):
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    precision = tile.precision_for(q.dtype)
+    coords = tile.make_coords(q0, j * bk, q_chunk0, geo, b, hg, b_off, h_off)
+    s, keep = tile.masked_scores(tile.matmul_nt(q, k, precision), coords, seeds, geo.drop_threshold, causal)
+    _, ds = tile.grad_tiles(s, keep, do_ref[...], v, _col(m_ref), _col(l_ref), _col(d_ref), precision)
+    dq_sc[...] += tile.matmul_nn(ds.astype(k.dtype), k, precision)
+
+  _when_visited(j <= hi, tile.needs_causal_mask(q0, q_chunk0, j * bk, geo.chunk, bq, bk), step)
+
+  @pl.when(t == nkv - 1)
+  def _finish():
+    dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(sc_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dk_ref, dv_ref, dk_sc, dv_sc, *,
+                geo: Geometry, nqv: int):
+  """dk and dv of one (batch, value head, key tile), visited once per query tile t of the key tile's chunk."""
+  bq, bk = geo.block_q_bwd, geo.block_k_bwd
+  b, hg, j, t = (pl.program_id(a) for a in range(4))
+  _, seeds, b_off, h_off = tile.scalars_unpack(sc_ref, False)
+  k0, chunk0, lo, hi = tile.k_tile_range(j, geo, bq, bk)
+  i = lo + t
+
+  @pl.when(t == 0)
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+  def step(causal: bool):
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    precision = tile.precision_for(q.dtype)
+    coords = tile.make_coords(i * bq, k0, chunk0, geo, b, hg, b_off, h_off)
+    s, keep = tile.masked_scores(tile.matmul_nt(q, k, precision), coords, seeds, geo.drop_threshold, causal)
+    p, ds = tile.grad_tiles(s, keep, do, v, _col(m_ref), _col(l_ref), _col(d_ref), precision)
+    dv_sc[...] += tile.matmul_tn(p.astype(do.dtype), do, precision)
+    dk_sc[...] += tile.matmul_tn(ds.astype(q.dtype), q, precision)
+
+  _when_visited(i <= hi, tile.needs_causal_mask(i * bq, chunk0, k0, geo.chunk, bq, bk), step)
+
+  @pl.when(t == nqv - 1)
+  def _finish():
+    dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def backward(scalars, q, k, v, do, m, l, delta, *, geo: Geometry, interpret=False):
+  """Backward kernels (prefill geometry: queries and keys on the same rows).
+
+  Args:
+    scalars, q, k, v: as for `forward`; do: (B, rows, H·G·bv) output cotangent.
+    m, l: forward row statistics; delta: rowsum(do · o); each (B, H·G, rows, 128) float32 lane-replicated.
+  Returns:
+    dq, dk: (B, rows, H·G·dz), one partial per value group (the caller sums the G groups of a head), float32
+      when G > 1, else q.dtype;
+    dv: (B, rows, H·G·bv) in v.dtype.
+  """
+  if geo.dynamic_offset:
+    raise NotImplementedError("the TPU backward kernels cover prefill geometry only")
+  bsz, rows = q.shape[:2]
+  bq, bk, G = geo.block_q_bwd, geo.block_k_bwd, geo.groups
+  HG = geo.value_heads
+  nkv, nqv = geo.chunk // bk, geo.chunk // bq
+  scratch_q = [pltpu.VMEM((bq, geo.dz), jnp.float32)]
+  grad_dtype = jnp.float32 if G > 1 else q.dtype  # partials that are summed later stay in float32
+
+  def kv_tile(i, t):
+    _, _, lo, hi = tile.q_tile_range(i, jnp.int32(0), geo, bq, bk)
+    return jnp.minimum(lo + t, hi)
+
+  def q_tile(j, t):
+    _, _, lo, hi = tile.k_tile_range(j, geo, bq, bk)
+    return jnp.minimum(lo + t, hi)
+
+  def qside(width, by_head):  # spec of a query-row tensor when the grid's third axis walks queries (dq)
+    return pl.BlockSpec((None, bq, width), lambda b, hg, i, t, sc: (b, i, lax.div(hg, G) if by_head else hg))
+
+  def kside(width, by_head):
+    return pl.BlockSpec((None, bk, width), lambda b, hg, i, t, sc: (b, kv_tile(i, t), lax.div(hg, G) if by_head
+                                                                     else hg))
+
+  stat_q = pl.BlockSpec((None, None, bq, TPU_LANES), lambda b, hg, i, t, sc: (b, hg, i, 0))
+  dq_call = pl.pallas_call(
+      functools.partial(_dq_kernel, geo=geo, nkv=nkv),
+      out_shape=jax.ShapeDtypeStruct((bsz, rows, HG * geo.dz), grad_dtype),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(bsz, HG, rows // bq, nkv),
+          in_specs=[qside(geo.dz, True), kside(geo.dz, True), kside(geo.bv, False), qside(geo.bv, False),
+                    stat_q, stat_q, stat_q],
+          out_specs=pl.BlockSpec((None, bq, geo.dz), lambda b, hg, i, t, sc: (b, i, hg)), scratch_shapes=scratch_q),
+      compiler_params=_compiler_params(), interpret=interpret, name="chunked_attention_dq")
+  dq = dq_call(scalars, q, k, v, do, m, l, delta)
+
+  def q_of_k(width, by_head):  # query-row tensor when the grid's third axis walks key tiles (dk/dv)
+    return pl.BlockSpec((None, bq, width), lambda b, hg, j, t, sc: (b, q_tile(j, t), lax.div(hg, G) if by_head
+                                                                    else hg))
+
+  def k_of_k(width, by_head):
+    return pl.BlockSpec((None, bk, width), lambda b, hg, j, t, sc: (b, j, lax.div(hg, G) if by_head else hg))
+
+  stat_k = pl.BlockSpec((None, None, bq, TPU_LANES), lambda b, hg, j, t, sc: (b, hg, q_tile(j, t), 0))
+  dkv_call = pl.pallas_call(
+      functools.partial(_dkv_kernel, geo=geo, nqv=nqv),
+      out_shape=[jax.ShapeDtypeStruct((bsz, rows, HG * geo.dz), grad_dtype),
+                 jax.ShapeDtypeStruct((bsz, rows, HG * geo.bv), v.dtype)],
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(bsz, HG, rows // bk, nqv),
+          in_specs=[q_of_k(geo.dz, True), k_of_k(geo.dz, True), k_of_k(geo.bv, False), q_of_k(geo.bv, False),
+                    stat_k, stat_k, stat_k],
+          out_specs=[k_of_k(geo.dz, False), k_of_k(geo.bv, False)],
+          scratch_shapes=[pltpu.VMEM((bk, geo.dz), jnp.float32), pltpu.VMEM((bk, geo.bv), jnp.float32)]),
+      compiler_params=_compiler_params(), interpret=interpret, name="chunked_attention_dkv")
+  dk, dv = dkv_call(scalars, q, k, v, do, m, l, delta)
+  return dq, dk, dv

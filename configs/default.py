@@ -39,8 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Execution settings (ours; never change the math beyond float rounding):
   m.dtype = "bfloat16"  # activation / matmul dtype; CEMA, norms, softmax and the loss stay float32
   m.param_dtype = "float32"  # master parameters and optimizer state
-  m.cema_impl = "auto"  # auto | fft | associative_scan | sequential | chunked
-  m.attention_impl = "auto"  # auto | xla
+  m.cema_impl = "auto"  # auto | fft | associative_scan | sequential | chunked | pallas
+  m.attention_impl = "auto"  # auto (= xla until the kernels are measured on hardware) | xla | pallas
   m.remat = "auto"  # auto (from layerwise_ckpt) | none | full | dots_saveable: jax.checkpoint policy per block
   m.scan_layers = False  # one lax.scan over the blocks: compile time flat in depth (same params, same results)
 

@@ -191,6 +191,9 @@ def _validate(c: MegalodonConfig) -> None:
                         ("attention_impl", ATTENTION_IMPLS), ("remat", REMAT_POLICIES)):
     if getattr(c, name) not in allowed:
       _fail(name, getattr(c, name), f"must be one of {allowed}")
+  if c.attention_impl == "pallas" and c.attention_dropout > 0 and c.efficient_attn is None:
+    _fail("attention_impl", c.attention_impl, "implements DropKey attention dropout only: with attention_dropout > 0 "
+          "set efficient_attn to 'swift' or 'fused', or use attention_impl='xla' for plain softmax dropout")
   for name in ("norm_affine", "swiglu", "rescale_nffn", "scale_emb", "share_emb", "layerwise_ckpt", "scan_layers"):
     if not isinstance(getattr(c, name), bool):
       _fail(name, getattr(c, name), "must be a bool")

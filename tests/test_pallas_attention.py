@@ -375,12 +375,11 @@ def test_auto_resolves_to_xla_until_measured_and_pallas_rejects_softmax_dropout(
   assert attn_ops.resolve_attention_impl("auto", "cpu") == "xla"
   assert attn_ops.resolve_attention_impl("auto", "tpu") == "xla"
   assert attn_ops.resolve_attention_impl("pallas", "cpu") == "pallas"
-  cfg = MegalodonConfig(num_layers=1, model_dim=16, z_dim=8, value_dim=16, ffn_hidden_dim=16, chunk_size=8,
-                        vocab_size=10, norm_num_groups=4, cema_ndim=2, attention_dropout=0.1,
-                        attention_impl="pallas")
-  from megalodon_jax.nn.attention import MovingAverageGatedAttention  # pylint: disable=import-outside-toplevel
-  with pytest.raises(ValueError, match="DropKey attention dropout only"):
-    MovingAverageGatedAttention(cfg, rngs=nnx.Rngs(0))
+  kwargs = dict(num_layers=1, model_dim=16, z_dim=8, value_dim=16, ffn_hidden_dim=16, chunk_size=8, vocab_size=10,
+                norm_num_groups=4, cema_ndim=2, attention_dropout=0.1)
+  with pytest.raises(ValueError, match="DropKey attention dropout only"):  # at config time, before any compile
+    MegalodonConfig(**kwargs, attention_impl="pallas")
+  MegalodonConfig(**kwargs, attention_impl="pallas", efficient_attn="swift")
 
 
 # ------------------------------------------------------------------------------------------- the model

@@ -38,9 +38,6 @@ class MovingAverageGatedAttention(nnx.Module):
 
   def __init__(self, config: MegalodonConfig, *, rngs: nnx.Rngs):
     c = config
-    if c.attention_impl == "pallas" and c.attention_dropout > 0 and c.efficient_attn is None:
-      raise ValueError("attention_impl='pallas' implements DropKey attention dropout only: set efficient_attn to "
-                       "'swift' or 'fused', or use attention_impl='xla' for plain softmax dropout")
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     D, Z, E = c.model_dim, c.z_dim, c.value_dim
 

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megalodon_jax.ops.timestep_norm import NormState, cumulative_stats, initial_state, timestep_norm
+from megalodon_jax.ops.timestep_norm import (COUNT_BASE, NormState, cumulative_stats, initial_state, split_count,
+                                             timestep_norm, total_count)
 
 EPS = 1e-5
 
@@ -76,6 +77,12 @@ def ref_cumulative_stats_closed_form(x, count, mean, var, num_groups):
   return cm + shift, csq - np.square(cm)
 
 
+def _norm_state(count, mean, var):
+  """A NormState from a (B,) count below 2^31 (high word 0; the op normalises a low word >= 2^30 itself)."""
+  count = jnp.asarray(count, jnp.int32)
+  return NormState(count, jnp.asarray(mean), jnp.asarray(var), jnp.zeros_like(count))
+
+
 def _random_params(rng, d):
   return (rng.normal(size=d).astype(np.float32) * 0.5, rng.normal(size=d).astype(np.float32) * 0.5)
 
@@ -97,7 +104,7 @@ _tsn = jax.jit(timestep_norm, static_argnames=("num_groups", "eps"))
 
 
 def _run(x, weight, bias, state, g, mask=None):
-  st = NormState(*(jnp.asarray(a) for a in state))
+  st = _norm_state(*state)
   y, new = _tsn(jnp.asarray(x), jnp.asarray(weight), jnp.asarray(bias), st, num_groups=g, eps=EPS,
                 mask=None if mask is None else jnp.asarray(mask))
   return np.asarray(y), new
@@ -139,8 +146,8 @@ def _check(x, weight, bias, state, g, mask=None, y_tol=2e-5, stat_rtol=1e-5):
   y, new = _run(x, weight, bias, state, g, mask)
   ry, _, _, (rn, rm, rs) = ref_timestep_norm(x, weight, bias, *state, g, mask=mask)
   np.testing.assert_allclose(y, ry, rtol=y_tol, atol=y_tol)
-  np.testing.assert_array_equal(np.asarray(new.count), rn.astype(np.int64))
-  assert new.count.dtype == jnp.int32
+  np.testing.assert_array_equal(total_count(new), rn.astype(np.int64))
+  assert new.count.dtype == jnp.int32 and new.count_hi.dtype == jnp.int32
   np.testing.assert_allclose(np.asarray(new.mean), rm, rtol=stat_rtol, atol=stat_rtol * np.abs(rm).max())
   np.testing.assert_allclose(np.asarray(new.var), rs, rtol=stat_rtol)
 
@@ -173,7 +180,7 @@ def test_initial_state_with_prior():
   pl = rng.normal(size=g).astype(np.float32)
   st = initial_state(3, 4, jnp.asarray(pm), jnp.asarray(pl))
   assert st.count.shape == (3,) and st.mean.shape == (3, g) and st.var.shape == (3, g)
-  np.testing.assert_array_equal(np.asarray(st.count), 4)
+  np.testing.assert_array_equal(total_count(st), 4)
   np.testing.assert_allclose(np.asarray(st.mean), np.broadcast_to(pm, (3, g)))
   np.testing.assert_allclose(np.asarray(st.var), np.broadcast_to(np.exp(pl.astype(np.float64)), (3, g)), rtol=1e-6)
   x = rng.normal(size=(3, 5, d)).astype(np.float32)
@@ -197,10 +204,10 @@ def test_forward_with_mask(from_prior):
   y, new = _run(x, weight, bias, state, g, mask)
   assert np.all(y[mask] == 0.0)
   assert np.isfinite(y).all()
-  np.testing.assert_array_equal(np.asarray(new.count)[2], state[0][2])
+  np.testing.assert_array_equal(total_count(new)[2], state[0][2])
   np.testing.assert_array_equal(np.asarray(new.mean)[2], state[1][2])
   np.testing.assert_array_equal(np.asarray(new.var)[2], state[2][2])
-  np.testing.assert_array_equal(np.asarray(new.count), state[0] + (~mask).sum(1))
+  np.testing.assert_array_equal(total_count(new), state[0] + (~mask).sum(1))
 
 
 def test_per_step_statistics_with_mask():
@@ -211,7 +218,7 @@ def test_per_step_statistics_with_mask():
   mask = rng.uniform(size=(b, l)) < 0.3
   state = _random_state(rng, b, g)
   stats = jax.jit(cumulative_stats, static_argnums=2)
-  mean, var, _ = stats(jnp.asarray(x), NormState(*(jnp.asarray(a) for a in state)), g, jnp.asarray(mask))
+  mean, var, _ = stats(jnp.asarray(x), _norm_state(*state), g, jnp.asarray(mask))
   _, rm, rs, _ = ref_timestep_norm(x, np.zeros(d), np.zeros(d), *state, g, mask=mask)
   np.testing.assert_allclose(np.asarray(mean), rm, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(var), rs, rtol=1e-5)
@@ -257,7 +264,7 @@ def test_split_sequence_equals_one_call(splits, use_mask):
   y_full, st_full = _run(x, weight, bias, state, g, mask)
   bounds = np.cumsum((0,) + splits)
   bounds = [int(v) for v in bounds if v < l] + [l]
-  st = NormState(*(jnp.asarray(a) for a in state))
+  st = _norm_state(*state)
   pieces = []
   for s, e in zip(bounds[:-1], bounds[1:]):
     piece_mask = None if mask is None else jnp.asarray(mask[:, s:e])
@@ -265,9 +272,54 @@ def test_split_sequence_equals_one_call(splits, use_mask):
                   mask=piece_mask)
     pieces.append(np.asarray(yp))
   np.testing.assert_allclose(np.concatenate(pieces, 1), y_full, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(st.count), np.asarray(st_full.count))
+  np.testing.assert_array_equal(total_count(st), total_count(st_full))
   np.testing.assert_allclose(np.asarray(st.mean), np.asarray(st_full.mean), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(st.var), np.asarray(st_full.var), rtol=1e-5)
+
+
+@pytest.mark.parametrize("start", [2**31 - 3, 10**10 - 2, 2**30 - 1])
+def test_count_stays_exact_past_int32(start):
+  """The step count is exact beyond 2^31 (where one int32 would wrap) and at 1e10; statistics stay finite."""
+  rng = np.random.default_rng(start % 1000)
+  b, l, d, g = 2, 7, 8, 2
+  x = rng.normal(size=(b, l, d)).astype(np.float32)
+  weight, bias = _random_params(rng, d)
+  mask = np.zeros((b, l), bool)
+  mask[1, 2:4] = True
+  lo, hi = split_count(start, b)
+  _, mean, var = _random_state(rng, b, g)
+  st = NormState(lo, jnp.asarray(mean), jnp.asarray(var), hi)
+  np.testing.assert_array_equal(total_count(st), start)
+  y, new = _tsn(jnp.asarray(x), jnp.asarray(weight), jnp.asarray(bias), st, num_groups=g, eps=EPS,
+                mask=jnp.asarray(mask))
+  np.testing.assert_array_equal(total_count(new), [start + l, start + l - 2])
+  assert np.all(np.asarray(new.count) >= 0) and np.all(np.asarray(new.count) < COUNT_BASE)
+  ry, _, _, (_, rm, rs) = ref_timestep_norm(x, weight, bias, np.full(b, float(start)), mean, var, g, mask=mask)
+  np.testing.assert_allclose(np.asarray(y), ry, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(new.mean), rm, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(new.var), rs, rtol=1e-5)
+
+
+def test_count_words_and_float_weights():
+  """split_count / total_count round-trip; a hand-built low word >= 2^30 is normalised; the float32 view is right."""
+  from megalodon_jax.ops.timestep_norm import _count_as_float  # pylint: disable=import-outside-toplevel
+  counts = [0, 5, 2**30, 2**31 - 1, 3 * 2**30 + 5, 10**10, 2**61 - 1]
+  as_float = jax.jit(_count_as_float)
+  for c in counts:
+    lo, hi = split_count(c, 1)
+    st = NormState(lo, jnp.zeros((1, 1)), jnp.ones((1, 1)), hi)
+    assert int(total_count(st)[0]) == c
+    np.testing.assert_allclose(float(as_float(st)[0]), float(c), rtol=1e-7)
+  with pytest.raises(ValueError, match="outside"):
+    split_count(-1, 1)
+  with pytest.raises(ValueError, match="outside"):
+    split_count(2**61, 1)
+  # An int32 array count (the module's prior buffer) and a plain int32 low word above 2^30 carry into the high word.
+  lo, hi = split_count(jnp.asarray(2**31 - 1, jnp.int32), 2)
+  assert list(total_count(NormState(lo, None, None, hi))) == [2**31 - 1] * 2
+  st = _norm_state(np.array([2**31 - 10, 2**30]), np.zeros((2, 1), np.float32), np.ones((2, 1), np.float32))
+  _, new = _tsn(jnp.ones((2, 20, 2), jnp.float32), jnp.zeros(2), jnp.zeros(2), st, num_groups=1, eps=EPS)
+  np.testing.assert_array_equal(total_count(new), [2**31 + 10, 2**30 + 20])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,7 +337,7 @@ def _long_stream_errors(offset, pieces, seed):
   x = (offset + drift + rng.normal(size=(b, LONG, d)) * np.array([1.0, 2.0, 0.5, 1.5])).astype(np.float32)
   state = _prior_state(b, g)
   ref_m, ref_v = ref_cumulative_stats_closed_form(x, *state, g)
-  st = NormState(*(jnp.asarray(a) for a in state))
+  st = _norm_state(*state)
   means, variances = [], []
   stats = jax.jit(lambda xp, s: cumulative_stats(xp, s, g))
   bounds = np.linspace(0, LONG, pieces + 1).astype(int)
@@ -296,7 +348,7 @@ def _long_stream_errors(offset, pieces, seed):
   mean = np.concatenate(means, 1)
   var = np.concatenate(variances, 1)
   # Also the public op on the tail piece, from the carried state, to check the returned NormState.
-  assert int(st.count[0]) == LONG
+  assert int(total_count(st)[0]) == LONG
   sampled = np.unique(np.concatenate([np.geomspace(1, LONG, 200).astype(int) - 1,
                                       rng.integers(0, LONG, 800), [LONG - 1]]))
   # Mean error measured relative to |M| + σ (the mean of a zero-offset stream sits near 0, where a plain
@@ -376,7 +428,7 @@ def test_gradients_match_finite_differences(use_mask):
     return np.sum(cy * y) + np.sum(cm * fm) + np.sum(cv * fv)
 
   def jax_loss(xx, ww, bb, mm, vv):
-    y, st = timestep_norm(xx, ww, bb, NormState(jnp.asarray(count), mm, vv), num_groups=g, eps=EPS,
+    y, st = timestep_norm(xx, ww, bb, _norm_state(count, mm, vv), num_groups=g, eps=EPS,
                           mask=None if mask is None else jnp.asarray(mask))
     return jnp.sum(cy.astype(np.float32) * y) + jnp.sum(cm.astype(np.float32) * st.mean) + jnp.sum(
         cv.astype(np.float32) * st.var)

@@ -85,7 +85,9 @@ class TimestepNorm(nnx.Module):
   """Group TimestepNorm with cumulative statistics (ops/timestep_norm.py), affine (1 + weight), bias.
 
   The prior buffers (count, mean, log-variance) give the state a fresh stream starts from; the official model
-  keeps them at (0, 0, 0), which ignores the prior entirely.
+  keeps them at (0, 0, 0), which ignores the prior entirely. `prior_count` is an int32 scalar (the official int64
+  buffer, always 0, converted); the running count in the state is two int32 words (ops.timestep_norm.NormState)
+  and does not wrap over long streams.
   """
 
   def __init__(self, features: int, num_groups: int, *, eps: float, param_dtype: jnp.dtype):

@@ -5,6 +5,9 @@ far: the carried state (count n0 rows of mean M0, variance S0) plus all m*t scal
 including step t. The official kernel merges one step at a time; the merge of (n, M, S) summaries is associative,
 so we run it as a parallel prefix (`jax.lax.associative_scan`) in float32. Chan's pairwise form never subtracts
 large sums, which keeps it stable over streams of millions of steps where a plain cumsum of x and x^2 drifts.
+
+The step count is exact integer state kept in two int32 words (see NormState), so it neither wraps (as one int32
+would after 2^31 ≈ 2.1e9 steps) nor needs `jax_enable_x64`; it becomes float32 only to form the merge weights.
 """
 
 from __future__ import annotations
@@ -13,30 +16,72 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+# The step count is count_hi * COUNT_BASE + count. With the low word kept below 2^30, adding a piece of up to
+# MAX_PIECE steps cannot overflow int32, and the high word wraps only after (2^31 - 1) * 2^30 ≈ 2.3e18 steps.
+COUNT_BITS = 30
+COUNT_BASE = 1 << COUNT_BITS
+MAX_PIECE = COUNT_BASE
 
 
 class NormState(NamedTuple):
   """Running statistics per (batch row, group).
 
-  count: (B,) int32 number of steps merged so far.
+  count: (B,) int32 low word of the number of steps merged so far, in [0, 2^30).
   mean: (B, G) float32 running mean.
   var: (B, G) float32 running population variance.
+  count_hi: (B,) int32 high word: the count is `count_hi * 2^30 + count`, exact up to about 2.3e18 steps (no int32
+    wrap-around, no 64-bit types); `total_count` reads it.
   """
   count: jax.Array
   mean: jax.Array
   var: jax.Array
+  count_hi: jax.Array
+
+
+def split_count(count, batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """A non-negative step count (a Python or NumPy int, or an int32 array) as (low, high) (B,) int32 words."""
+  if isinstance(count, (int, np.integer)):
+    if not 0 <= int(count) < (1 << 31) * COUNT_BASE:
+      raise ValueError(f"TimestepNorm count {int(count)} is outside [0, 2^61)")
+    lo, hi = int(count) % COUNT_BASE, int(count) // COUNT_BASE
+    return jnp.full((batch_size,), lo, jnp.int32), jnp.full((batch_size,), hi, jnp.int32)
+  count = jnp.broadcast_to(jnp.asarray(count).astype(jnp.int32), (batch_size,))  # an int32 buffer: < 2^31
+  return count & (COUNT_BASE - 1), count >> COUNT_BITS
+
+
+def total_count(state: NormState) -> np.ndarray:
+  """The exact step count of each row: (B,) NumPy int64 (host side; for reports and tests)."""
+  return np.asarray(state.count_hi, np.int64) * COUNT_BASE + np.asarray(state.count, np.int64)
+
+
+def _count_as_float(state: NormState) -> jax.Array:
+  """(B,) float32 count: relative rounding 2^-24, which only perturbs the merge weights at that level."""
+  return state.count_hi.astype(jnp.float32) * float(COUNT_BASE) + state.count.astype(jnp.float32)
+
+
+def _add_count(state: NormState, steps: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(low, high) words after adding `steps` (B,) int32 in [0, MAX_PIECE], normalised to a low word < 2^30.
+
+  A low word of up to 2^31 - 1 (e.g. a state built by hand from a plain int32 count) is accepted: its bits above
+  the 30th move to the high word before the addition, so the sum stays below 2^31.
+  """
+  lo = (state.count & (COUNT_BASE - 1)) + steps
+  return lo & (COUNT_BASE - 1), state.count_hi + (state.count >> COUNT_BITS) + (lo >> COUNT_BITS)
 
 
 def initial_state(batch_size: int, prior_count, prior_mean, prior_logv) -> NormState:
   """The state the official module starts from: (prior_count, prior_mean, exp(prior_logv)) for every row.
 
-  prior_count: () int; prior_mean, prior_logv: (G,) float.
+  prior_count: () int (Python/NumPy, or an int32 array such as the module's buffer); prior_mean, prior_logv: (G,).
   """
   g = prior_mean.shape[-1]
-  count = jnp.full((batch_size,), prior_count, dtype=jnp.int32)
+  lo, hi = split_count(prior_count, batch_size)
   mean = jnp.broadcast_to(prior_mean.astype(jnp.float32), (batch_size, g))
   var = jnp.broadcast_to(jnp.exp(prior_logv.astype(jnp.float32)), (batch_size, g))
-  return NormState(count, mean, var)
+  return NormState(lo, mean, var, hi)
 
 
 def _chan_merge(a, b):
@@ -68,10 +113,13 @@ def cumulative_stats(x: jax.Array, state: NormState, num_groups: int, mask: Opti
     mean, var: (B, L, G) float32 statistics including step t; and the NormState after the last step.
   """
   b, l, d = x.shape
+  if l > MAX_PIECE:
+    raise ValueError(f"a TimestepNorm piece of {l} steps is longer than {MAX_PIECE}; split the sequence")
   if l == 0:
     # An empty piece merges nothing (the prefix below would have no last step to read the state from).
     empty = jnp.zeros((b, 0, num_groups), jnp.float32)
-    return empty, empty, NormState(state.count, state.mean.astype(jnp.float32), state.var.astype(jnp.float32))
+    return empty, empty, NormState(state.count, state.mean.astype(jnp.float32), state.var.astype(jnp.float32),
+                                   state.count_hi)
   xf = x.astype(jnp.float32).reshape(b, l, num_groups, d // num_groups)
   step_mean = jnp.mean(xf, axis=-1)
   step_var = jnp.mean(jnp.square(xf - step_mean[..., None]), axis=-1)
@@ -80,11 +128,12 @@ def cumulative_stats(x: jax.Array, state: NormState, num_groups: int, mask: Opti
     step_n = jnp.where(mask[..., None], 0.0, step_n)
   step_n = jnp.broadcast_to(step_n, step_mean.shape)
   prefix = jax.lax.associative_scan(_chan_merge, (step_n, step_mean, step_var), axis=1)
-  n0 = jnp.broadcast_to(state.count.astype(jnp.float32)[:, None, None], step_mean.shape)
+  n0 = jnp.broadcast_to(_count_as_float(state)[:, None, None], step_mean.shape)
   init = (n0, state.mean[:, None, :].astype(jnp.float32), state.var[:, None, :].astype(jnp.float32))
   _, mean, var = _chan_merge(init, prefix)
-  valid = l if mask is None else jnp.sum(~mask, axis=1, dtype=jnp.int32)
-  new_state = NormState(state.count + valid, mean[:, -1], var[:, -1])
+  valid = jnp.full((b,), l, jnp.int32) if mask is None else jnp.sum(~mask, axis=1, dtype=jnp.int32)
+  lo, hi = _add_count(state, valid)
+  new_state = NormState(lo, mean[:, -1], var[:, -1], hi)
   return mean, var, new_state
 
 

@@ -1,0 +1,60 @@
+"""Shared pieces of the inference command lines: one-line argument errors, checkpoint flags, error handling."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn
+
+from megalodon_jax.config import ConfigError
+from megalodon_jax.convert.checkpoint_io import ConvertError
+from megalodon_jax.convert.official import StateDictError
+from megalodon_jax.data.errors import DataError
+from megalodon_jax.inference.errors import InferenceError
+from megalodon_jax.inference.loading import Loaded, load_model
+from megalodon_jax.training.checkpointing import CheckpointError
+
+EXIT_BAD_INPUT = 2
+BAD_INPUT_ERRORS = (InferenceError, ConvertError, StateDictError, CheckpointError, ConfigError, DataError, OSError)
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse with a one-line `error: ...` (no usage block) and exit status 2 on bad arguments."""
+
+  def error(self, message: str) -> NoReturn:
+    print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+  g = parser.add_argument_group("checkpoint")
+  g.add_argument("--checkpoint", required=True,
+                 help="train.py workdir, its checkpoints/ folder, a step folder, a from-pytorch folder, or an official "
+                      "PyTorch consolidated.pth / .safetensors (or a folder holding one)")
+  g.add_argument("--step", type=int, default=None, help="step of a train.py workdir (default: the latest)")
+  g.add_argument("--config", default=None, help="PyTorch checkpoints: params.json / config.json (default: beside it)")
+  g.add_argument("--tokenizer", choices=("bytes", "sentencepiece"), default=None,
+                 help="overrides the tokenizer recorded in a train.py checkpoint (needed for other checkpoints unless "
+                      "the vocabulary has 256 tokens)")
+  g.add_argument("--tokenizer_path", default=None, help="the SentencePiece .model file")
+  g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="activation dtype (default: the checkpoint's); CEMA, norms and logits stay float32")
+  g.add_argument("--cema_impl", default=None, help="CEMA implementation override (default: the checkpoint's, auto)")
+
+
+def load_from_args(args: argparse.Namespace) -> Loaded:
+  execution = {k: getattr(args, k) for k in ("dtype", "cema_impl") if getattr(args, k) is not None}
+  loaded = load_model(args.checkpoint, step=args.step, config_path=args.config, tokenizer=args.tokenizer,
+                      tokenizer_path=args.tokenizer_path, **execution)
+  for note in loaded.notes:
+    print(f"note: {note}", file=sys.stderr)
+  return loaded
+
+
+def run_main(body: Callable[[], int]) -> int:
+  """Runs `body`; bad input (the known error types) becomes one `error: ...` line on stderr and status 2."""
+  try:
+    return body()
+  except BAD_INPUT_ERRORS as e:
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+    return EXIT_BAD_INPUT

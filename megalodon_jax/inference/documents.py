@@ -1,0 +1,89 @@
+"""Documents to evaluate: any text files (one document per file), or a split of a training data config."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import types
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from megalodon_jax.data import prepare
+from megalodon_jax.data import sources
+from megalodon_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer
+from megalodon_jax.inference.errors import InferenceError
+
+
+def text_file_paths(spec: str) -> list[str]:
+  """Files named by comma-separated paths, folders (every file below, sorted) or globs; checked to exist."""
+  out: list[str] = []
+  for part in (p.strip() for p in spec.split(",")):
+    if not part:
+      continue
+    path = os.path.expanduser(part)
+    if os.path.isdir(path):
+      found = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files)
+    elif os.path.isfile(path):
+      found = [path]
+    else:
+      found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    if not found:
+      raise InferenceError(f"--text_files: {part!r} matches no file")
+    out.extend(found)
+  if not out:
+    raise InferenceError("--text_files is empty: name files, folders or globs, comma separated")
+  return out
+
+
+def text_file_documents(paths: Sequence[str], tokenizer: Tokenizer) -> Iterator[np.ndarray]:
+  """Token ids of each file's bytes (UTF-8 text), read one at a time."""
+  for path in paths:
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      raise InferenceError(f"--text_files: cannot read {path} ({type(e).__name__}: {e})") from None
+    yield np.asarray(tokenizer.encode_bytes(data))
+
+
+# The data settings `sources.field` knows (its defaults table is the package's one list of them).
+_DATA_FIELDS = frozenset(sources._DEFAULTS)  # pylint: disable=protected-access
+
+
+def _parse_value(text: str):
+  try:
+    return json.loads(text)
+  except ValueError:
+    return text
+
+
+def data_config(stored: Optional[dict], overrides: Sequence[str], tokenizer: Tokenizer) -> types.SimpleNamespace:
+  """The data settings to read a split with: the checkpoint's training `data` config, then `key=value` overrides.
+
+  The tokenizer fields always name the tokenizer in use (the documents are read as bytes and encoded by it).
+  """
+  cfg = dict(stored or {})
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise InferenceError(f"--data {item!r}: expected KEY=VALUE, e.g. --data dataset=text_files")
+    if key not in _DATA_FIELDS:
+      raise InferenceError(f"--data {key}: unknown data setting; known: {sorted(_DATA_FIELDS)}")
+    cfg[key] = _parse_value(value)
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    cfg.update(tokenizer="sentencepiece", tokenizer_path=tokenizer.path)
+  else:
+    cfg.update(tokenizer="bytes", tokenizer_path="")
+  return types.SimpleNamespace(**cfg)
+
+
+def split_documents(cfg: types.SimpleNamespace, split: str, tokenizer: Tokenizer,
+                    max_documents: Optional[int] = None) -> Iterator[np.ndarray]:
+  """Token ids of the documents of `split`, in stored order (the dataset is prepared first if needed)."""
+  prepare(cfg)
+  source = sources.open_split(cfg, split, "--split")
+  n = len(source) if max_documents is None else min(len(source), max_documents)
+  for i in range(n):
+    yield np.asarray(tokenizer.encode_bytes(source[i]))

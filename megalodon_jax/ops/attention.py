@@ -163,6 +163,8 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
   b, l, h, _ = q.shape
   c = chunk_size
   count = jnp.asarray(count, jnp.int32)
+  if l == 1 and impl != "pallas":
+    return _decode_step(q, k, v, cache_k, cache_v, count, c, dropout_rate, dropout_rng, drop_key)
   # Frame length: room for the cached prefix and the new tokens, plus one chunk so the slice that becomes the
   # next cache (starting at the last chunk boundary) never runs off the end.
   frame = (-(-l // c) + 1) * c
@@ -195,3 +197,21 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
   new_k = jax.lax.dynamic_slice_in_dim(kf, start, c, axis=1).astype(cache_k.dtype)
   new_v = jax.lax.dynamic_slice_in_dim(vf, start, c, axis=1).astype(cache_v.dtype)
   return out, new_k, new_v, end % c
+
+
+def _decode_step(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+                 count: jax.Array, chunk_size: int, dropout_rate: float, dropout_rng: Optional[jax.Array],
+                 drop_key: bool):
+  """`attention_with_cache` for one new token (L = 1), the decoding step.
+
+  One token never crosses a chunk boundary (count < C), so its key and value are written into the cache in place
+  and the query attends over the C cache slots; this avoids building and zero-filling the (B, 2C) frame of the
+  general path on every generated token.
+  """
+  new_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), count, axis=1)
+  new_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), count, axis=1)
+  allowed = (jnp.arange(chunk_size) <= count)[None, :]  # (1, C): the chunk's tokens so far, this one included
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, new_k.astype(q.dtype), preferred_element_type=jnp.float32)
+  out = _softmax_attend(scores, allowed, new_v.astype(v.dtype), "bhqk,bkhd->bqhd", dropout_rate, dropout_rng,
+                        drop_key)
+  return out.astype(v.dtype), new_k, new_v, (count + 1) % chunk_size

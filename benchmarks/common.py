@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
 
 import jax
 
@@ -34,3 +36,38 @@ def machine_info() -> dict:
   except OSError:
     pass
   return info
+
+
+def compile_and_time(fn, inputs: tuple, result: dict, *, max_bytes: int, max_seconds: float, repeats: int):
+  """Compiles `fn` ahead of time, checks its buffers against `max_bytes`, then times it; fills `result`.
+
+  Sets `compile_s`, `memory`, then either status "error" (did not compile), "skip" (over `max_bytes`), or
+  `times_s`, `median_ms` and status "ok" / "slow" ("slow": only the warm-up run, which took over `max_seconds`).
+
+  Returns:
+    The compiled function when it ran, else None.
+  """
+  t0 = time.perf_counter()
+  try:
+    compiled = jax.jit(fn).lower(*inputs).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    # e.g. a kernel that does not lower on this backend, or cuDNN refusing a shape: record it, keep sweeping.
+    result.update(status="error", error=f"{type(e).__name__}: {str(e)[:300]}")
+    return None
+  result["compile_s"] = time.perf_counter() - t0
+  result["memory"] = memory_bytes(compiled)
+  if result["memory"].get("total_bytes", 0) > max_bytes:
+    result.update(status="skip", reason=f"needs {result['memory']['total_bytes'] / 2**20:.0f} MiB")
+    return None
+  t0 = time.perf_counter()
+  jax.block_until_ready(compiled(*inputs))
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(0 if first > max_seconds else repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*inputs))
+    times.append(time.perf_counter() - t0)
+  result["times_s"] = times or [first]
+  result["median_ms"] = 1e3 * statistics.median(result["times_s"])
+  result["status"] = "ok" if times else "slow"
+  return compiled

@@ -26,9 +26,7 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import sys
-import time
 
 # The package may not be pip-installed (e.g. a bare GPU machine): import it from this checkout.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +37,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from benchmarks.common import machine_info, memory_bytes  # pylint: disable=wrong-import-position
+from benchmarks.common import compile_and_time, machine_info  # pylint: disable=wrong-import-position
 from megalodon_jax.flops import peak_flops  # pylint: disable=wrong-import-position
 from megalodon_jax.ops.attention import chunked_causal_attention  # pylint: disable=wrong-import-position
 from pallas_kernels.chunked_attention import BlockSizes, chunked_attention  # pylint: disable=wrong-import-position
@@ -138,29 +136,10 @@ def run_case(impl: str, chunk: int, head_dim: int, mode: str, opts) -> dict:
     result.update(status="n/a", reason="cuDNN attention needs a GPU")
     return result
   inputs = _inputs(opts, head_dim, mode)
-  t0 = time.perf_counter()
-  try:
-    compiled = jax.jit(_build(impl, chunk, mode, _block_sizes(opts.blocks))).lower(*inputs).compile()
-  except Exception as e:  # pylint: disable=broad-except
-    # e.g. a kernel that does not lower on this backend, or cuDNN refusing a shape: record it, keep sweeping.
-    result.update(status="error", error=f"{type(e).__name__}: {str(e)[:300]}")
+  compiled = compile_and_time(_build(impl, chunk, mode, _block_sizes(opts.blocks)), inputs, result,
+                              max_bytes=opts.max_bytes, max_seconds=opts.max_seconds, repeats=opts.repeats)
+  if compiled is None:
     return result
-  result["compile_s"] = time.perf_counter() - t0
-  result["memory"] = memory_bytes(compiled)
-  if result["memory"].get("total_bytes", 0) > opts.max_bytes:
-    result.update(status="skip", reason=f"needs {result['memory']['total_bytes'] / 2**20:.0f} MiB")
-    return result
-  t0 = time.perf_counter()
-  jax.block_until_ready(compiled(*inputs))
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(0 if first > opts.max_seconds else opts.repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*inputs))
-    times.append(time.perf_counter() - t0)
-  result["times_s"] = times or [first]
-  result["median_ms"] = 1e3 * statistics.median(result["times_s"])
-  result["status"] = "ok" if times else "slow"
   flops = attention_flops(opts.batch, opts.seq_len, opts.heads, chunk, head_dim, head_dim) * (1 if mode == "fwd"
                                                                                                else 3)
   result["tflops"] = flops / (result["median_ms"] * 1e-3) / 1e12

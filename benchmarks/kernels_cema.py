@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 # The package may not be pip-installed (e.g. a bare GPU machine): import it from this checkout.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +30,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 from benchmarks.cema import make_inputs  # pylint: disable=wrong-import-position
-from benchmarks.common import machine_info, memory_bytes  # pylint: disable=wrong-import-position
+from benchmarks.common import compile_and_time, machine_info  # pylint: disable=wrong-import-position
 from megalodon_jax.ops import cema as cema_lib  # pylint: disable=wrong-import-position
 
 KERNEL = "pallas"
@@ -85,30 +83,10 @@ def run_case(impl: str, length: int, dim: int, mode: str, opts) -> dict:
   x = x.astype(jnp.bfloat16)
   inputs = (params, x) if mode == "fwd" else (params, x, jnp.full(x.shape, 1.0 / x.size, jnp.float32))
   result = {"impl": impl, "length": length, "dim": dim, "mode": mode}
-  t0 = time.perf_counter()
-  try:
-    compiled = jax.jit(_build(impl, mode)).lower(*inputs).compile()
-  except Exception as e:  # pylint: disable=broad-except
-    # e.g. a kernel that does not lower on this backend: record it and keep the sweep going.
-    result.update(status="error", error=f"{type(e).__name__}: {str(e)[:300]}")
+  compiled = compile_and_time(_build(impl, mode), inputs, result, max_bytes=opts.max_bytes,
+                              max_seconds=opts.max_seconds, repeats=opts.repeats)
+  if compiled is None:
     return result
-  result["compile_s"] = time.perf_counter() - t0
-  result["memory"] = memory_bytes(compiled)
-  if result["memory"].get("total_bytes", 0) > opts.max_bytes:
-    result.update(status="skip", reason=f"needs {result['memory']['total_bytes'] / 2**20:.0f} MiB")
-    return result
-  t0 = time.perf_counter()
-  jax.block_until_ready(compiled(*inputs))
-  first = time.perf_counter() - t0
-  runs = 0 if first > opts.max_seconds else opts.repeats
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*inputs))
-    times.append(time.perf_counter() - t0)
-  result["times_s"] = times or [first]
-  result["median_ms"] = 1e3 * statistics.median(result["times_s"])
-  result["status"] = "ok" if times else "slow"
   if impl == KERNEL and mode == "fwd":
     # The kernel has never run on hardware before: a fast wrong answer must not pass as a result.
     y, y_ref = compiled(*inputs), jax.jit(_build("chunked", "fwd"))(*inputs)

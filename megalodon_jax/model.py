@@ -162,12 +162,12 @@ def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str) -
 
   x: (B, L, D) activations -> (B, L, D).
   """
-  graphdef, _ = nnx.split(blocks[0])
-  states = [nnx.state(b) for b in blocks]
-  for i, b in enumerate(blocks[1:], 1):
-    if nnx.graphdef(b) != graphdef:
+  splits = [nnx.split(b) for b in blocks]
+  graphdef = splits[0][0]
+  for i, (block_graphdef, _) in enumerate(splits[1:], 1):
+    if block_graphdef != graphdef:
       raise ValueError(f"scan_layers: block {i} differs in structure from block 0 and cannot be stacked")
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in splits))
 
   def body(h, state):
     block = nnx.merge(graphdef, state)

@@ -29,8 +29,7 @@ def _loss_and_grads(model, ids):
   graphdef, params, buffers, rng_vars = ts.split_model(model)
 
   def loss(p):
-    fresh = lambda tree: jax.tree.map(lambda x: x, tree)  # noqa: E731  (Variables of this trace, see train_step)
-    m = ts.merge_model(graphdef, fresh(p), fresh(buffers), fresh(rng_vars))
+    m = ts.merge_model(graphdef, p, buffers, rng_vars)
     total, count = ts.cross_entropy(m(ids[:, :-1]), ids[:, 1:])
     return total / count
 

@@ -44,32 +44,27 @@ def test_cross_entropy_matches_float64_numpy():
   assert float(count) == 15
 
 
-def test_grad_accumulation_equals_one_big_batch():
+def _assert_same_training(reference, other, steps=3):
+  """Runs two (state, jitted step) setups on one batch: the same losses, grad norms and final params."""
   batch = _batch()
-  _, _, s1, step1 = _setup(1)
-  _, _, s2, step2 = _setup(2)
-  for _ in range(3):
-    s1, m1 = step1(s1, batch)
-    s2, m2 = step2(s2, batch)
-    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
-    np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-4)
-  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
-    # Adam normalises each coordinate, so near-zero gradients turn float rounding into update noise of ~1e-3 x lr.
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)
-
-
-@pytest.mark.parametrize("overrides", [dict(remat="full"), dict(scan_layers=True, remat="full", dropout=0.1)])
-def test_remat_and_scan_layers_train_like_the_plain_step(overrides):
-  batch = _batch()
-  _, _, s1, step1 = _setup(1, dropout=overrides.get("dropout", 0.0))
-  _, _, s2, step2 = _setup(1, **overrides)
-  for _ in range(3):
+  (s1, step1), (s2, step2) = reference, other
+  for _ in range(steps):
     s1, m1 = step1(s1, batch)
     s2, m2 = step2(s2, batch)
     np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
   for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
+    # Adam normalises each coordinate, so near-zero gradients turn float rounding into update noise of ~1e-3 x lr.
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=5e-5)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  _assert_same_training(_setup(1)[2:], _setup(2)[2:])
+
+
+@pytest.mark.parametrize("overrides", [dict(remat="full"), dict(scan_layers=True, remat="full", dropout=0.1)])
+def test_remat_and_scan_layers_train_like_the_plain_step(overrides):
+  _assert_same_training(_setup(1, dropout=overrides.get("dropout", 0.0))[2:], _setup(1, **overrides)[2:])
 
 
 def test_loss_is_the_mean_token_cross_entropy_of_the_model():

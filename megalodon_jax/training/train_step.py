@@ -46,16 +46,19 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, 
 
 
 def merge_model(graphdef: nnx.GraphDef, params: nnx.State, buffers: nnx.State, rng_vars: nnx.State) -> nnx.Module:
-  return nnx.merge(graphdef, rng_vars, params, buffers)
+  """The module from `split_model`'s parts, built from fresh Variable objects (the arrays are shared, not copied).
+
+  Fresh Variables belong to the trace the module is merged in: reseeding and NNX transforms inside the model
+  (nnx.remat writes its state back) mutate them, which NNX forbids for Variables created in an outer trace.
+  """
+  fresh = lambda tree: jax.tree.map(lambda x: x, tree)  # noqa: E731
+  return nnx.merge(graphdef, fresh(rng_vars), fresh(params), fresh(buffers))
 
 
 def _loss_fn(params: nnx.State, graphdef: nnx.GraphDef, buffers: nnx.State, rng_vars: nnx.State, inputs: jax.Array,
              targets: jax.Array, dropout_key: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Mean token loss of one micro-batch (B, L) and its summed loss (for exact accumulation)."""
-  # Fresh Variable objects at this trace level: reseeding and NNX transforms inside the model (nnx.remat writes
-  # its state back) mutate them, which NNX forbids for Variables of an outer trace.
-  fresh = lambda tree: jax.tree.map(lambda x: x, tree)  # noqa: E731
-  model = merge_model(graphdef, fresh(params), fresh(buffers), fresh(rng_vars))
+  model = merge_model(graphdef, params, buffers, rng_vars)
   if _has_dropout(model):
     nnx.reseed(model, dropout=dropout_key)
   logits = model(inputs)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from megalodon_jax.ops.norms import rms_norm
+from pallas_kernels.platform import current_platform
 
 # DropKey removes a logit with a large finite penalty rather than -inf, so a row whose every key was dropped
 # stays finite (it falls back to a uniform average over its causal keys) instead of producing NaN.
@@ -30,12 +31,12 @@ _BATCH_AXES, _HEAD_AXES = ("data", "fsdp"), ("tensor",)
 
 def resolve_attention_impl(impl: str, platform: Optional[str] = None) -> str:
   """"xla" or "pallas" for a config's `attention_impl` ("auto" | "xla" | "pallas") on `platform` (default: the
-  default JAX backend)."""
+  platform being compiled for: the default backend, or an ahead-of-time target)."""
   if impl not in ("auto", "xla", "pallas"):
     raise ValueError(f"attention_impl={impl!r}: expected 'auto', 'xla' or 'pallas'")
   if impl != "auto":
     return impl
-  return AUTO_ATTENTION_IMPL.get(platform or jax.default_backend(), "xla")
+  return AUTO_ATTENTION_IMPL.get(platform or current_platform(), "xla")
 
 
 def _pallas_options(dropout_rate: float, dropout_rng, drop_key: bool) -> dict:

@@ -22,6 +22,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.platform import current_platform
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -189,7 +191,7 @@ def _implementations():
 
 def default_impl(length: int, backend: Optional[str] = None) -> str:
   """The implementation `impl="auto"` picks for a sequence of `length` on `backend` (default backend if None)."""
-  backend = backend or jax.default_backend()
+  backend = backend or current_platform()
   if length == 1:
     return "sequential"  # a decoding step: a few elementwise ops, no kernel or FFT to build
   if backend == "cpu":

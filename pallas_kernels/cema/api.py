@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.cema import gpu, tpu
 from pallas_kernels.cema import recurrence as rec
+from pallas_kernels.platform import current_platform
 
 BACKENDS = ("tpu", "gpu")
 
@@ -137,13 +138,13 @@ def _check_inputs(x, planes, omega, h0) -> None:
 
 
 def _resolve(backend: Optional[str], interpret) -> tuple[str, Any]:
-  platform = jax.default_backend()
+  platform = current_platform()
   if backend is None:
-    backend = "gpu" if platform in ("gpu", "cuda", "rocm") else "tpu"  # CPU: interpret the TPU kernel
+    backend = "gpu" if platform == "gpu" else "tpu"  # CPU: interpret the TPU kernel
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
   if interpret is None:
-    interpret = not (platform == backend or (backend == "gpu" and platform in ("cuda", "rocm")))
+    interpret = platform != backend
   return backend, interpret
 
 
@@ -160,7 +161,7 @@ def cema_scan(x: jax.Array, p: jax.Array, q_re: jax.Array, q_im: jax.Array, g_re
     omega: (D,) or (D, 1) skip weight.
     h0: optional (B, D, N, 2) float32 initial state (real, imag); None means zeros.
     block_sizes: tiling; defaults to `BlockSizes()`.
-    backend: "tpu" (Mosaic) or "gpu" (Triton) kernel; None picks by `jax.default_backend()` (the TPU kernel on CPU).
+    backend: "tpu" (Mosaic) or "gpu" (Triton) kernel; None picks by `platform.current_platform()` (the TPU kernel on CPU).
     interpret: passed to `pallas_call`: True, False or `pltpu.InterpretParams()`; None interprets exactly when the
       default backend is not the kernel's (e.g. on CPU).
   Returns:

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.chunked_attention import dropkey, gpu, layout, reference, tpu
 from pallas_kernels.chunked_attention.blocks import BACKENDS, TPU_LANES, BlockSizes
+from pallas_kernels.platform import current_platform
 
 _KERNELS = {"tpu": tpu, "gpu": gpu}
 # On CPU both kernel families run in the interpreter. They compile equally fast there, and the GPU one (loops
@@ -31,9 +32,9 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def resolve_backend(backend: Optional[str] = None, interpret: Any = None) -> tuple[str, Any]:
-  """(kernel family, interpret argument) for this process's default JAX platform."""
-  platform = jax.default_backend()
-  native = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform)
+  """(kernel family, interpret argument) for the platform being compiled for (`platform.current_platform()`)."""
+  platform = current_platform()
+  native = {"tpu": "tpu", "gpu": "gpu"}.get(platform)
   if backend is None:
     backend = native or CPU_INTERPRET_BACKEND
   if backend not in BACKENDS:

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import AxisType, PartitionSpec as P
 
 import fixtures
 from megalodon_jax import MegalodonConfig
@@ -252,6 +253,57 @@ def test_lowering_rejects_illegal_blocks():
     jax.jit(functools.partial(cema_gpu.forward, channel_tile=48, group=8, num_warps=2, interpret=False)).trace(
         _abstract((1, 64, 96)), _abstract((5, 16, 96)), _abstract((1, 96)), _abstract((1, 2, 16, 96))
     ).lower(lowering_platforms=("cuda",))
+
+
+def test_sharded_scan_equals_unsharded_with_gradients():
+  """shard_map over batch and channel axes of the 8-device CPU mesh (interpret mode): values, final state and the
+  gradients w.r.t. x, the coefficients (summed over batch shards by shard_map's transpose), omega and h0 are those
+  of the unsharded call. An indivisible batch stays replicated; an axis the mesh lacks is an error."""
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  rng = np.random.default_rng(41)
+  batch, length, dim, nstate = 4, 24, 256, 4
+  planes = _random_planes(rng, dim, nstate)
+  x = jnp.asarray(rng.normal(size=(batch, length, dim)), jnp.float32)
+  h0 = jnp.asarray(rng.normal(size=(batch, dim, nstate, 2)), jnp.float32)
+  cot_y = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  cot_h = jnp.asarray(rng.normal(size=h0.shape), jnp.float32)
+  fn = functools.partial(cema_scan, block_sizes=SMALL)
+  want, want_grads = _values_and_grads(fn, x, planes, h0, cot_y, cot_h)
+  sharded = functools.partial(fn, mesh=mesh, batch_axes=("data", "fsdp"), channel_axes="tensor")
+  with jax.set_mesh(mesh):
+    got, grads = _values_and_grads(sharded, x, planes, h0, cot_y, cot_h)
+    y_odd = jax.jit(lambda x_: sharded(x_, *planes)[0])(x[:3])  # 3 rows over 4 batch shards: batch replicated
+  for g, w in zip(jax.tree.leaves((got, grads)), jax.tree.leaves((want, want_grads))):
+    assert _rel_err(g, w) <= 1e-6
+  assert _rel_err(y_odd, fn(x[:3], *planes)[0]) <= 1e-6
+  with pytest.raises(ValueError, match="not axes of the mesh"):
+    cema_scan(x, *planes, mesh=mesh, batch_axes="batch")
+
+
+def test_model_cema_pallas_shards_over_data_axes_only(monkeypatch):
+  """cema(impl="pallas") under a ("data", "sequence") mesh passes the batch axis, never "sequence" (the scan runs
+  along the sequence), and matches the unsharded result."""
+  import pallas_kernels.cema as cema_pkg  # pylint: disable=import-outside-toplevel
+  seen = []
+  real = cema_pkg.cema_scan
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs.get("batch_axes"))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(cema_pkg, "cema_scan", spy)
+  rng = np.random.default_rng(42)
+  batch, length, dim, nstate = 4, 16, 16, 4
+  params = {k: jnp.asarray(v, jnp.float32) for k, v in _raw_params(rng, dim, nstate).items()}
+  coeffs = cema_lib.cema_coefficients(params["alpha"], params["delta"], params["theta"], params["gamma"])
+  x = jnp.asarray(rng.normal(size=(batch, length, dim)), jnp.float32)
+  run = jax.jit(lambda x_: cema_lib.cema(x_, coeffs, params["omega"], impl="pallas")[0])
+  want = run(x)
+  mesh = jax.make_mesh((4, 2), ("data", "sequence"), axis_types=(AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    got = run(jax.device_put(x, jax.NamedSharding(mesh, P("data"))))
+  assert seen == [(), ("data",)]
+  assert _rel_err(got, want) <= 1e-6
 
 
 def test_bad_inputs_are_rejected_with_clear_errors():

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Optional
+import math
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.cema import gpu, tpu
 from pallas_kernels.cema import recurrence as rec
@@ -34,12 +36,16 @@ class BlockSizes:
   gpu_num_warps: GPU warps per program.
   group: time steps unrolled per loop iteration: 8, 16 or 32 (TPU raises it to 16 for 16-bit inputs, whose
     (16, 128) tiles pack two rows per sublane).
+  vmem_limit_bytes: TPU only. None: each kernel checks its estimated VMEM use against the generation's ceiling
+    (`pallas_kernels.chunked_attention.vmem`) and raises the scoped limit only when it needs more than the default;
+    an int: the scoped VMEM limit to compile with, and to check the estimate against.
   """
   seq_tile: int = 1024
   channel_tile: int = 128
   gpu_channel_tile: int = 32
   gpu_num_warps: int = 2
   group: int = 8
+  vmem_limit_bytes: Optional[int] = None
 
   def __post_init__(self):
     if self.group not in (8, 16, 32):
@@ -52,6 +58,9 @@ class BlockSizes:
       raise ValueError(f"gpu_channel_tile must be a power of two, got {self.gpu_channel_tile}")
     if self.gpu_num_warps <= 0 or self.gpu_num_warps & (self.gpu_num_warps - 1):
       raise ValueError(f"gpu_num_warps must be a power of two, got {self.gpu_num_warps}")
+    if self.vmem_limit_bytes is not None and (not isinstance(self.vmem_limit_bytes, int) or
+                                              self.vmem_limit_bytes <= 0):
+      raise ValueError(f"vmem_limit_bytes must be None or a positive int, got {self.vmem_limit_bytes!r}")
 
 
 class _Plan(NamedTuple):
@@ -62,6 +71,7 @@ class _Plan(NamedTuple):
   channel_tile: int
   group: int
   num_warps: int
+  vmem_limit_bytes: Optional[int]
 
 
 def _next_pow2(n: int) -> int:
@@ -71,7 +81,7 @@ def _next_pow2(n: int) -> int:
 def _kernel_forward(plan: _Plan, x, coef, omega, h0):
   if plan.backend == "tpu":
     return tpu.forward(x, coef, omega, h0, seq_tile=plan.seq_tile, channel_tile=plan.channel_tile,
-                       group=plan.group, interpret=plan.interpret)
+                       group=plan.group, vmem_limit=plan.vmem_limit_bytes, interpret=plan.interpret)
   return gpu.forward(x, coef, omega, h0, channel_tile=plan.channel_tile, group=plan.group,
                      num_warps=plan.num_warps, interpret=plan.interpret)
 
@@ -79,7 +89,7 @@ def _kernel_forward(plan: _Plan, x, coef, omega, h0):
 def _kernel_backward(plan: _Plan, x, dy, coef, omega, s0):
   if plan.backend == "tpu":
     return tpu.backward(x, dy, coef, omega, s0, seq_tile=plan.seq_tile, channel_tile=plan.channel_tile,
-                        group=plan.group, interpret=plan.interpret)
+                        group=plan.group, vmem_limit=plan.vmem_limit_bytes, interpret=plan.interpret)
   return gpu.backward(x, dy, coef, omega, s0, channel_tile=plan.channel_tile, group=plan.group,
                       num_warps=plan.num_warps, interpret=plan.interpret)
 
@@ -148,9 +158,65 @@ def _resolve(backend: Optional[str], interpret) -> tuple[str, Any]:
   return backend, interpret
 
 
+def _axes(names) -> tuple[str, ...]:
+  if names is None:
+    return ()
+  return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _shard_plan(mesh, batch: int, dim: int, batch_axes, channel_axes):
+  """(mesh or None, batch axes, channel axes) actually used, as the attention API's `_shard_plan`: axes absent from
+  the mesh are an error; a dimension the axes do not divide stays replicated (correct, only slower)."""
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+  batch_axes, channel_axes = _axes(batch_axes), _axes(channel_axes)
+  if mesh is None or mesh.empty or not (batch_axes or channel_axes):
+    return None, (), ()
+  missing = [a for a in batch_axes + channel_axes if a not in mesh.axis_names]
+  if missing:
+    raise ValueError(f"sharding axes {missing} are not axes of the mesh {tuple(mesh.axis_names)}")
+  if set(batch_axes) & set(channel_axes):
+    raise ValueError(f"batch_axes {batch_axes} and channel_axes {channel_axes} must not share a mesh axis")
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # pylint: disable=unnecessary-lambda-assignment
+  batch_axes = batch_axes if batch % size(batch_axes) == 0 else ()
+  channel_axes = channel_axes if dim % size(channel_axes) == 0 else ()
+  if size(batch_axes) * size(channel_axes) == 1:
+    return None, (), ()
+  return mesh, batch_axes, channel_axes
+
+
+def _scan_local(x, planes, omega, h0, *, bs: BlockSizes, backend: str, interpret):
+  """The kernel call on whole (or one shard's) arrays: layouts in, kernel, layouts out."""
+  batch, _, dim = x.shape
+  nstate = planes[0].shape[1]
+  coef = jnp.swapaxes(jnp.stack([a.astype(jnp.float32) for a in planes]), 1, 2)  # (5, N, D)
+  om = omega.reshape(1, dim).astype(jnp.float32)
+  if h0 is None:
+    state = jnp.zeros((batch, 2, nstate, dim), jnp.float32)
+  else:
+    state = jnp.transpose(h0.astype(jnp.float32), (0, 3, 2, 1))  # (B, 2, N, D)
+
+  if backend == "tpu":
+    group = max(bs.group, 16) if x.dtype.itemsize < 4 else bs.group
+    plan = _Plan("tpu", interpret, bs.seq_tile, bs.channel_tile, group, 0, bs.vmem_limit_bytes)
+    y, last = _scan(plan, x, coef, om, state)
+  else:
+    # Triton: channels padded to whole tiles, N to a power of two; zero coefficients keep the padding at zero.
+    tile = min(bs.gpu_channel_tile, _next_pow2(dim))
+    pad_d, pad_n = -dim % tile, _next_pow2(nstate) - nstate
+    xp = jnp.pad(x, ((0, 0), (0, 0), (0, pad_d))) if pad_d else x
+    plan = _Plan("gpu", interpret, 0, tile, bs.group, bs.gpu_num_warps, None)
+    y, last = _scan(plan, xp, jnp.pad(coef, ((0, 0), (0, pad_n), (0, pad_d))), jnp.pad(om, ((0, 0), (0, pad_d))),
+                    jnp.pad(state, ((0, 0), (0, 0), (0, pad_n), (0, pad_d))))
+    y, last = y[..., :dim], last[:, :, :nstate, :dim]
+  return y, jnp.transpose(last, (0, 3, 2, 1))
+
+
 def cema_scan(x: jax.Array, p: jax.Array, q_re: jax.Array, q_im: jax.Array, g_re: jax.Array, g_im: jax.Array,
               omega: jax.Array, h0: Optional[jax.Array] = None, *, block_sizes: Optional[BlockSizes] = None,
-              backend: Optional[str] = None, interpret: Any = None) -> tuple[jax.Array, jax.Array]:
+              backend: Optional[str] = None, interpret: Any = None, mesh=None,
+              batch_axes: Optional[Sequence[str] | str] = None,
+              channel_axes: Optional[Sequence[str] | str] = None) -> tuple[jax.Array, jax.Array]:
   """CEMA over a sequence with a Pallas kernel; differentiable in every array argument.
 
   h_t = q h_{t-1} + p u_t,  y_t = Re Σ_n g_n h_{t,n} + ω u_t  per channel (see `reference.cema_scan_reference`).
@@ -164,6 +230,10 @@ def cema_scan(x: jax.Array, p: jax.Array, q_re: jax.Array, q_im: jax.Array, g_re
     backend: "tpu" (Mosaic) or "gpu" (Triton) kernel; None picks by `platform.current_platform()` (the TPU kernel on CPU).
     interpret: passed to `pallas_call`: True, False or `pltpu.InterpretParams()`; None interprets exactly when the
       default backend is not the kernel's (e.g. on CPU).
+    mesh, batch_axes, channel_axes: run under `jax.shard_map` over these mesh axes (default mesh: the abstract mesh
+      in context), batch rows and channels split, the sequence whole on every shard (the recurrence runs along it).
+      Mosaic kernels cannot be partitioned by XLA, so a sharded caller must name its axes here. Without axes the
+      kernel sees the whole arrays.
   Returns:
     y: (B, L, D) float32 and the state after the last step, (B, D, N, 2) float32.
   """
@@ -172,25 +242,18 @@ def cema_scan(x: jax.Array, p: jax.Array, q_re: jax.Array, q_im: jax.Array, g_re
   bs = block_sizes or BlockSizes()
   backend, interpret = _resolve(backend, interpret)
   batch, _, dim = x.shape
-  nstate = p.shape[1]
-  coef = jnp.swapaxes(jnp.stack([a.astype(jnp.float32) for a in planes]), 1, 2)  # (5, N, D)
-  om = omega.reshape(1, dim).astype(jnp.float32)
+  omega = omega.reshape(dim)
+  local = functools.partial(_scan_local, bs=bs, backend=backend, interpret=interpret)
+  mesh, batch_axes, channel_axes = _shard_plan(mesh, batch, dim, batch_axes, channel_axes)
+  if mesh is None:
+    return local(x, planes, omega, h0)
+  bax, cax = batch_axes or None, channel_axes or None
+  seq, plane, state = P(bax, None, cax), P(cax, None), P(bax, cax, None, None)
+  # Coefficients replicated over the batch axes: shard_map's transpose sums their per-shard cotangents over those
+  # axes. check_vma=False: pallas_call carries no varying-manual-axes typing for its outputs.
   if h0 is None:
-    state = jnp.zeros((batch, 2, nstate, dim), jnp.float32)
-  else:
-    state = jnp.transpose(h0.astype(jnp.float32), (0, 3, 2, 1))  # (B, 2, N, D)
-
-  if backend == "tpu":
-    group = max(bs.group, 16) if x.dtype.itemsize < 4 else bs.group
-    plan = _Plan("tpu", interpret, bs.seq_tile, bs.channel_tile, group, 0)
-    y, last = _scan(plan, x, coef, om, state)
-  else:
-    # Triton: channels padded to whole tiles, N to a power of two; zero coefficients keep the padding at zero.
-    tile = min(bs.gpu_channel_tile, _next_pow2(dim))
-    pad_d, pad_n = -dim % tile, _next_pow2(nstate) - nstate
-    xp = jnp.pad(x, ((0, 0), (0, 0), (0, pad_d))) if pad_d else x
-    plan = _Plan("gpu", interpret, 0, tile, bs.group, bs.gpu_num_warps)
-    y, last = _scan(plan, xp, jnp.pad(coef, ((0, 0), (0, pad_n), (0, pad_d))), jnp.pad(om, ((0, 0), (0, pad_d))),
-                    jnp.pad(state, ((0, 0), (0, 0), (0, pad_n), (0, pad_d))))
-    y, last = y[..., :dim], last[:, :, :nstate, :dim]
-  return y, jnp.transpose(last, (0, 3, 2, 1))
+    body = lambda x_, planes_, omega_: local(x_, planes_, omega_, None)  # pylint: disable=unnecessary-lambda-assignment
+    return jax.shard_map(body, mesh=mesh, in_specs=(seq, (plane,) * 5, P(cax)), out_specs=(seq, state),
+                         check_vma=False)(x, planes, omega)
+  return jax.shard_map(local, mesh=mesh, in_specs=(seq, (plane,) * 5, P(cax), state), out_specs=(seq, state),
+                       check_vma=False)(x, planes, omega, h0)

@@ -9,9 +9,10 @@ Blocks need not divide the array: the last sequence tile runs a static number of
 tile) and touches only those rows; a partial last channel tile computes garbage in the lanes past D, which no other
 lane reads (every operation is elementwise across channels) and which Pallas drops on write-back.
 
-UNVERIFIED ON HARDWARE: written to Mosaic's rules (last two block dims multiples of (8, 128) or the full array dim,
-aligned group loads, sublane reductions, no concatenation) and lowered to Mosaic MLIR on CPU, but run only in interpret
-mode; Mosaic's own compilation (layouts, VMEM limits) has not seen it.
+Not yet run on hardware. Compiled by the real TPU compiler (XLA:TPU + Mosaic, deviceless, on CPU) for v4, v5e, v5p and
+v6e at D = 1024-4096, N = 16, L up to 32K (benchmarks/pallas_tpu_compile.py); tested in interpret mode. Before
+building a kernel, its VMEM use is estimated from the tiles and checked against the generation's limit (vmem.py),
+so oversized tiles are a ValueError naming the BlockSizes field, not a Mosaic out-of-memory error.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.cema import recurrence as rec
+from pallas_kernels.chunked_attention import vmem
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
 
@@ -116,12 +118,43 @@ def _tiles(length: int, dim: int, seq_tile: int, channel_tile: int) -> tuple[int
   return min(seq_tile, length), (dim if dim <= channel_tile else channel_tile)
 
 
+def _vmem_estimate(tiles, *, length: int, dim: int, nstate: int, x_dtype, backward: bool) -> int:
+  """Bytes of VMEM one kernel needs: double-buffered blocks, the carried scratch, and the coefficient and carry
+  planes the loop keeps live (they spill to VMEM when they outgrow the vector registers)."""
+  lt, dt = _tiles(length, dim, tiles["seq_tile"], tiles["channel_tile"])
+  f32 = jnp.float32
+  plane = vmem.tile_bytes((nstate, dt), f32)
+  seq_in = vmem.tile_bytes((lt, dt), x_dtype)
+  seq_f32 = vmem.tile_bytes((lt, dt), f32)
+  coefs = rec.NUM_COEF_PLANES * plane + vmem.tile_bytes((1, dt), f32)
+  if backward:  # x, dy in; dx out; coef, omega, s0 in; carries out; carry scratch
+    blocks = 2 * seq_in + seq_f32 + coefs + 2 * plane + rec.NUM_BWD_PLANES * plane
+    return 2 * blocks + rec.NUM_BWD_PLANES * plane + (rec.NUM_COEF_PLANES + 2 * rec.NUM_BWD_PLANES) * plane
+  blocks = seq_in + seq_f32 + coefs + 4 * plane  # x in, y out, coef, omega, h0 in, h_last out
+  return 2 * blocks + 2 * plane + (rec.NUM_COEF_PLANES + 4) * plane
+
+
+def _params(kernel: str, x, *, length: int, dim: int, nstate: int, seq_tile: int, channel_tile: int,
+            vmem_limit, interpret, backward: bool):
+  """CompilerParams of a native kernel after the VMEM check (interpret mode has no VMEM to run out of)."""
+  limit = None
+  if not interpret:
+    estimate = functools.partial(_vmem_estimate, length=length, dim=dim, nstate=nstate, x_dtype=x.dtype,
+                                 backward=backward)
+    limit = vmem.vmem_limit_bytes(kernel, estimate, {"seq_tile": seq_tile, "channel_tile": channel_tile},
+                                  vmem.device_kind(x), vmem_limit)
+  return pltpu.CompilerParams(dimension_semantics=_SEMANTICS, vmem_limit_bytes=limit)
+
+
 def forward(x: jax.Array, coef: jax.Array, omega: jax.Array, h0: jax.Array, *, seq_tile: int, channel_tile: int,
-            group: int, interpret) -> tuple[jax.Array, jax.Array]:
+            group: int, interpret, vmem_limit=None) -> tuple[jax.Array, jax.Array]:
   """x: (B, L, D) any float.  coef: (5, N, D) f32.  omega: (1, D) f32.  h0: (B, 2, N, D) f32.
+  vmem_limit: BlockSizes.vmem_limit_bytes.
   Returns y (B, L, D) float32 and the last state (B, 2, N, D) float32."""
   batch, length, dim = x.shape
   nstate = coef.shape[1]
+  params = _params("cema_scan_fwd", x, length=length, dim=dim, nstate=nstate, seq_tile=seq_tile,
+                   channel_tile=channel_tile, vmem_limit=vmem_limit, interpret=interpret, backward=False)
   lt, dt = _tiles(length, dim, seq_tile, channel_tile)
   ntiles = pl.cdiv(length, lt)
   seq_block = pl.BlockSpec((None, lt, dt), lambda b, i, j: (b, j, i))
@@ -138,18 +171,20 @@ def forward(x: jax.Array, coef: jax.Array, omega: jax.Array, h0: jax.Array, *, s
       out_shape=[jax.ShapeDtypeStruct((batch, length, dim), jnp.float32),
                  jax.ShapeDtypeStruct((batch, 2, nstate, dim), jnp.float32)],
       scratch_shapes=[pltpu.VMEM((2, nstate, dt), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
+      compiler_params=params,
       interpret=interpret,
       name="cema_scan_fwd",
   )(x, coef, omega, h0)
 
 
 def backward(x: jax.Array, dy: jax.Array, coef: jax.Array, omega: jax.Array, s0: jax.Array, *, seq_tile: int,
-             channel_tile: int, group: int, interpret) -> tuple[jax.Array, jax.Array]:
-  """x: (B, L, D) any float.  dy: (B, L, D) f32.  s0: (B, 2, N, D) f32.
+             channel_tile: int, group: int, interpret, vmem_limit=None) -> tuple[jax.Array, jax.Array]:
+  """x: (B, L, D) any float.  dy: (B, L, D) f32.  s0: (B, 2, N, D) f32.  vmem_limit: BlockSizes.vmem_limit_bytes.
   Returns dx (B, L, D) in x.dtype and the carries (B, 11, N, D) float32 (`recurrence.BwdCarry` planes)."""
   batch, length, dim = x.shape
   nstate = coef.shape[1]
+  params = _params("cema_scan_bwd", x, length=length, dim=dim, nstate=nstate, seq_tile=seq_tile,
+                   channel_tile=channel_tile, vmem_limit=vmem_limit, interpret=interpret, backward=True)
   lt, dt = _tiles(length, dim, seq_tile, channel_tile)
   ntiles = pl.cdiv(length, lt)
   # Grid step j visits time tile ntiles - 1 - j: the recurrence runs from the end of the sequence.
@@ -166,7 +201,7 @@ def backward(x: jax.Array, dy: jax.Array, coef: jax.Array, omega: jax.Array, s0:
       out_shape=[jax.ShapeDtypeStruct((batch, length, dim), x.dtype),
                  jax.ShapeDtypeStruct((batch, rec.NUM_BWD_PLANES, nstate, dim), jnp.float32)],
       scratch_shapes=[pltpu.VMEM((rec.NUM_BWD_PLANES, nstate, dt), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
+      compiler_params=params,
       interpret=interpret,
       name="cema_scan_bwd",
   )(x, dy, coef, omega, s0)

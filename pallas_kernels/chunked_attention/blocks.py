@@ -33,6 +33,9 @@ class BlockSizes:
       128.
     num_warps, num_stages: Triton launch parameters (GPU only); num_warps None picks 4 for head dims ≤ 64 and 8
       above.
+    vmem_limit_bytes: TPU only. None: each kernel checks its estimated VMEM use against the generation's ceiling
+      (vmem.py) and raises the scoped limit only when it needs more than the default; an int: the scoped VMEM limit
+      to compile every kernel with, and to check the estimate against.
   """
   block_q: int = 128
   block_k: int = 128
@@ -41,6 +44,7 @@ class BlockSizes:
   block_v: int = 512
   num_warps: Optional[int] = None
   num_stages: int = 2
+  vmem_limit_bytes: Optional[int] = None
 
   def __post_init__(self):
     for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "block_v"):
@@ -51,6 +55,9 @@ class BlockSizes:
       raise ValueError(f"BlockSizes.num_warps={self.num_warps!r}: must be None or a power of two")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"BlockSizes.num_stages={self.num_stages!r}: must be an int >= 1")
+    if self.vmem_limit_bytes is not None and (not isinstance(self.vmem_limit_bytes, int) or
+                                              self.vmem_limit_bytes <= 0):
+      raise ValueError(f"BlockSizes.vmem_limit_bytes={self.vmem_limit_bytes!r}: must be None or a positive int")
 
   @classmethod
   def get_default(cls, backend: str) -> "BlockSizes":

@@ -15,6 +15,7 @@ gets nothing from them.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,7 @@ class Geometry:
     drop_threshold: DropKey threshold (0: no dropout).
     dynamic_offset: queries start at a traced frame position (decode); else at 0 and rows == key rows.
     num_warps, num_stages: Triton launch parameters.
+    vmem_limit_bytes: BlockSizes.vmem_limit_bytes (TPU).
   """
   backend: str
   chunk: int
@@ -73,6 +75,7 @@ class Geometry:
   dynamic_offset: bool
   num_warps: int
   num_stages: int
+  vmem_limit_bytes: Optional[int] = None
 
   @property
   def value_heads(self) -> int:
@@ -127,7 +130,7 @@ def prefill_geometry(length: int, heads: int, heads_total: int, chunk_size: int,
                  groups=heads_plan.groups, bv=heads_plan.bv, dz=heads_plan.dz_pad, q_rows=nc * ck, k_rows=nc * ck,
                  block_q=bq, block_k=bk, block_q_bwd=bqb, block_k_bwd=bkb, drop_threshold=drop_threshold,
                  dynamic_offset=False, num_warps=blocks.warps(max(heads_plan.dz_pad, heads_plan.bv)),
-                 num_stages=blocks.num_stages)
+                 num_stages=blocks.num_stages, vmem_limit_bytes=blocks.vmem_limit_bytes)
   return plan, geo
 
 
@@ -145,7 +148,8 @@ def decode_geometry(q_len: int, frame_len: int, heads: int, heads_total: int, ch
                   groups=heads_plan.groups, bv=heads_plan.bv, dz=heads_plan.dz_pad, q_rows=_round_up(q_len, bq),
                   k_rows=frame_len, block_q=bq, block_k=bk, block_q_bwd=bq, block_k_bwd=bk,
                   drop_threshold=drop_threshold, dynamic_offset=True,
-                  num_warps=blocks.warps(max(heads_plan.dz_pad, heads_plan.bv)), num_stages=blocks.num_stages)
+                  num_warps=blocks.warps(max(heads_plan.dz_pad, heads_plan.bv)), num_stages=blocks.num_stages,
+                  vmem_limit_bytes=blocks.vmem_limit_bytes)
 
 
 def _pad_last(x: jax.Array, width: int) -> jax.Array:

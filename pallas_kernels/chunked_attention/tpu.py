@@ -8,8 +8,11 @@ compute; of the visited tiles only those crossing the diagonal apply the causal 
 scratch; row statistics are stored lane-replicated ((rows, 128) f32): a (rows, 1) array takes the same HBM space
 once tiled, and a (rows,) vector would put the rows along lanes.
 
-Not yet compiled or timed on a TPU. Verified on CPU (tests): in the generic interpreter, in the Mosaic TPU
-interpreter (`pltpu.InterpretParams`: simulated DMAs and VMEM, NaN-filled fresh memory), and by lowering to Mosaic.
+Not yet run or timed on a TPU. Compiled by the real TPU compiler (XLA:TPU + Mosaic, deviceless, on CPU) for v4,
+v5e, v5p and v6e at the shipped configs' head shapes (benchmarks/pallas_tpu_compile.py). Verified on CPU (tests): in
+the generic interpreter and in the Mosaic TPU interpreter (`pltpu.InterpretParams`: simulated DMAs and VMEM,
+NaN-filled fresh memory). Each kernel estimates its VMEM use from the tiles before it is built (`_vmem_need`) and
+raises a ValueError naming the BlockSizes field when the tiles cannot fit the generation's VMEM (vmem.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.chunked_attention import tile
+from pallas_kernels.chunked_attention import tile, vmem
 from pallas_kernels.chunked_attention.blocks import TPU_LANES
 from pallas_kernels.chunked_attention.layout import Geometry
 
@@ -45,8 +48,49 @@ def _when_visited(visited, masked, step) -> None:
   pl.when(visited & jnp.logical_not(masked))(lambda: step(False))
 
 
-def _compiler_params():
-  return pltpu.CompilerParams(dimension_semantics=_SEMANTICS)
+def _vmem_need(kernel: str, tiles, *, dz: int, dtype, grad_dtype) -> int:
+  """Bytes of VMEM `kernel` ("fwd", "fwd_stats", "dq", "dkv") needs with tiles {"block_q…": bq, "block_k…": bk,
+  "block_v": bv}: double-buffered blocks + scratch (the two terms Mosaic reports as its scoped allocation), plus
+  in-kernel temporaries.
+
+  The temporaries term, 8 (bq, bk) float32 tiles (scores, probabilities, their gradients, position iotas, masks)
+  and two float32 (rows, bv) matmul results (doubled for float32 inputs, whose HIGHEST-precision matmuls keep split
+  copies of their operands), is fitted to be an upper bound of what XLA:TPU reported on v5e at the default tiles
+  (dz = 256, bv = 1024: forward ≤ 6 / ≤ 8 MiB, dq ≤ 6 / 12.1-14 MiB, dk/dv 6.6-8 / 14.8-15 MiB for bf16 / f32;
+  jax 0.10.2, libtpu 0.0.42.1), so the estimate errs on the large side by a few MiB.
+  """
+  suffix = "" if kernel.startswith("fwd") else "_bwd"
+  bq, bk, bv = tiles["block_q" + suffix], tiles["block_k" + suffix], tiles["block_v"]
+  f32 = jnp.float32
+  stat = vmem.tile_bytes((bq, TPU_LANES), f32)
+  q, k = vmem.tile_bytes((bq, dz), dtype), vmem.tile_bytes((bk, dz), dtype)
+  v, o = vmem.tile_bytes((bk, bv), dtype), vmem.tile_bytes((bq, bv), dtype)  # o: the output, or do in backward
+  if kernel in ("fwd", "fwd_stats"):
+    blocks = q + k + v + o + (2 * stat if kernel == "fwd_stats" else 0)
+    scratch = 2 * stat + vmem.tile_bytes((bq, bv), f32)
+  elif kernel == "dq":
+    blocks = q + k + v + o + 3 * stat + vmem.tile_bytes((bq, dz), grad_dtype)
+    scratch = vmem.tile_bytes((bq, dz), f32)
+  else:
+    blocks = q + k + v + o + 3 * stat + vmem.tile_bytes((bk, dz), grad_dtype) + v  # … dk and dv out
+    scratch = vmem.tile_bytes((bk, dz), f32) + vmem.tile_bytes((bk, bv), f32)
+  split = 2 if jnp.dtype(dtype) == jnp.float32 else 1
+  temps = 8 * bq * bk * 4 + 2 * split * max(bq, bk) * bv * 4
+  return 2 * blocks + scratch + temps
+
+
+def _compiler_params(kernel: str, geo: Geometry, x, *, backward: bool, grad_dtype=None, interpret=False):
+  """CompilerParams of one kernel; natively compiled kernels first pass the VMEM check (vmem.py)."""
+  limit = None
+  if not interpret:
+    if backward:
+      tiles = {"block_q_bwd": geo.block_q_bwd, "block_k_bwd": geo.block_k_bwd, "block_v": geo.bv}
+    else:
+      tiles = {"block_q": geo.block_q, "block_k": geo.block_k, "block_v": geo.bv}
+    need = functools.partial(_vmem_need, kernel, dz=geo.dz, dtype=x.dtype, grad_dtype=grad_dtype or x.dtype)
+    limit = vmem.vmem_limit_bytes(f"chunked_attention_{kernel}", need, tiles, vmem.device_kind(x),
+                                  geo.vmem_limit_bytes)
+  return pltpu.CompilerParams(dimension_semantics=_SEMANTICS, vmem_limit_bytes=limit)
 
 
 # ---------------------------------------------------------------------------------------------------- forward
@@ -130,7 +174,8 @@ def forward(scalars, q, k, v, *, geo: Geometry, save_stats: bool, interpret=Fals
       scratch_shapes=[pltpu.VMEM((bq, TPU_LANES), jnp.float32), pltpu.VMEM((bq, TPU_LANES), jnp.float32),
                       pltpu.VMEM((bq, geo.bv), jnp.float32)])
   kernel = functools.partial(_fwd_kernel, geo=geo, nkv=nkv, save_stats=save_stats)
-  out = pl.pallas_call(kernel, out_shape=out_shape, grid_spec=grid_spec, compiler_params=_compiler_params(),
+  params = _compiler_params("fwd_stats" if save_stats else "fwd", geo, q, backward=False, interpret=interpret)
+  out = pl.pallas_call(kernel, out_shape=out_shape, grid_spec=grid_spec, compiler_params=params,
                        interpret=interpret, name="chunked_attention_fwd")(scalars, q, k, v)
   return tuple(out) if save_stats else out[0]
 
@@ -240,7 +285,8 @@ def backward(scalars, q, k, v, do, m, l, delta, *, geo: Geometry, interpret=Fals
           in_specs=[qside(geo.dz, True), kside(geo.dz, True), kside(geo.bv, False), qside(geo.bv, False),
                     stat_q, stat_q, stat_q],
           out_specs=pl.BlockSpec((None, bq, geo.dz), lambda b, hg, i, t, sc: (b, i, hg)), scratch_shapes=scratch_q),
-      compiler_params=_compiler_params(), interpret=interpret, name="chunked_attention_dq")
+      compiler_params=_compiler_params("dq", geo, q, backward=True, grad_dtype=grad_dtype, interpret=interpret),
+      interpret=interpret, name="chunked_attention_dq")
   dq = dq_call(scalars, q, k, v, do, m, l, delta)
 
   def q_of_k(width, by_head):  # query-row tensor when the grid's third axis walks key tiles (dk/dv)
@@ -261,6 +307,7 @@ def backward(scalars, q, k, v, do, m, l, delta, *, geo: Geometry, interpret=Fals
                     stat_k, stat_k, stat_k],
           out_specs=[k_of_k(geo.dz, False), k_of_k(geo.bv, False)],
           scratch_shapes=[pltpu.VMEM((bk, geo.dz), jnp.float32), pltpu.VMEM((bk, geo.bv), jnp.float32)]),
-      compiler_params=_compiler_params(), interpret=interpret, name="chunked_attention_dkv")
+      compiler_params=_compiler_params("dkv", geo, q, backward=True, grad_dtype=grad_dtype, interpret=interpret),
+      interpret=interpret, name="chunked_attention_dkv")
   dk, dv = dkv_call(scalars, q, k, v, do, m, l, delta)
   return dq, dk, dv

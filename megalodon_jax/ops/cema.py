@@ -172,9 +172,17 @@ def cema_fft(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[ja
 
 def cema_pallas(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[jax.Array] = None,
                 return_state: bool = False):
-  """CEMA with the Pallas scan kernel (pallas_kernels/cema; interpreted on CPU). See `cema` for arguments."""
+  """CEMA with the Pallas scan kernel (pallas_kernels/cema; interpreted on CPU). See `cema` for arguments.
+
+  Under a mesh the kernel runs in `shard_map` over the ambient mesh's batch axes ("data", "fsdp"), as the Pallas
+  attention does: XLA cannot partition a Mosaic kernel. The sequence axis is never split (the scan runs along it).
+  """
   from pallas_kernels.cema import cema_scan  # pylint: disable=import-outside-toplevel
-  y, state = cema_scan(x, coeffs.p, coeffs.q_re, coeffs.q_im, coeffs.g_re, coeffs.g_im, omega.reshape(-1), h0)
+  mesh = jax.sharding.get_abstract_mesh()
+  names = () if mesh.empty else mesh.axis_names
+  batch_axes = tuple(a for a in ("data", "fsdp") if a in names)
+  y, state = cema_scan(x, coeffs.p, coeffs.q_re, coeffs.q_im, coeffs.g_re, coeffs.g_im, omega.reshape(-1), h0,
+                       batch_axes=batch_axes)
   return y, (state if return_state else None)
 
 

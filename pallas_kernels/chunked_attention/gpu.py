@@ -6,12 +6,14 @@ that share its chunk, up to the diagonal, so the grid is (tiles, B, H·G) and no
 each loop is split so that only the tiles crossing the diagonal pay for the causal mask.
 Row statistics are (rows,) float32 vectors of a (B, H·G, rows) array.
 
-Not yet compiled or timed on a GPU. Verified on CPU (tests): in interpret mode, and by lowering to Triton IR (which
-checks the power-of-two shapes and the supported ops, not register pressure or the Triton compiler itself).
+Not yet timed on a GPU. Verified on CPU (tests) in interpret mode, and compiled for real for H100 (sm_90a) and A100
+(sm_80) from a CPU host at the shipped head shapes (dz 256, dv 2048), fwd / dq / dk,dv / decode, bfloat16 and float32:
+Triton, PTX, ptxas (benchmarks/pallas_gpu_compile.py, whose table lists shared memory, registers and spills).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -24,6 +26,30 @@ from pallas_kernels.chunked_attention import tile
 from pallas_kernels.chunked_attention.layout import Geometry
 
 SCALARS = 8  # the int32 scalar vector is padded to a power of two for Triton
+MIN_TILE = 16  # tl.dot's smallest operand dimension
+# Bytes of one q/k row plus one v row of a program, (dz + bv) · itemsize, up to which the caller's tiles compile as
+# they are: bfloat16 at dz = bv = 256 (the shipped head shape) fits the A100's 163 KiB of shared memory with the
+# default tiles, and ptxas reports no spills.
+WIDE_ROW_BYTES = 1024
+
+
+def _native_geometry(geo: Geometry, dtype, interpret) -> Geometry:
+  """The geometry a compiled (not interpreted) kernel uses: the caller's, except for rows wider than WIDE_ROW_BYTES.
+
+  float32 inputs take twice the shared memory of bfloat16 and, at Precision.HIGHEST, go through FMA dots whose
+  operands sit in registers. With the GPU default tiles at dz = bv = 256 the forward kernel asked for 208 KiB of
+  shared memory (the A100 has 163 KiB: compile error) and spilled ~120 KB per thread on an H100; the dk/dv kernel
+  spilled ~64 KB (ptxas -v, jax 0.10.2). Halving every sequence tile (not below 16) and one pipeline stage: forward
+  96 KiB and no spill, dq 64 KiB, dk/dv 33 KiB with ~5 KB of spill, on both GPUs. Halving keeps every constraint of
+  layout.py (chunk and row counts stay multiples of each tile; a decode query tile stays within the chunk). The
+  interpreter has neither limit, so interpret mode runs the caller's tiles.
+  """
+  if interpret or (geo.dz + geo.bv) * jnp.dtype(dtype).itemsize <= WIDE_ROW_BYTES:
+    return geo
+  half = lambda n: max(MIN_TILE, n // 2)
+  return dataclasses.replace(geo, block_q=half(geo.block_q), block_k=half(geo.block_k),
+                             block_q_bwd=half(geo.block_q_bwd), block_k_bwd=half(geo.block_k_bwd),
+                             num_warps=max(geo.num_warps, 8), num_stages=1)
 
 
 def _params(geo: Geometry):
@@ -71,6 +97,7 @@ def _fwd_kernel(sc_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs, geo: Geometry):
 
 def forward(scalars, q, k, v, *, geo: Geometry, save_stats: bool, interpret=False):
   """Forward kernel; arguments and results as tpu.forward, except m and l are (B, H·G, q_rows) float32."""
+  geo = _native_geometry(geo, q.dtype, interpret)
   bsz = q.shape[0]
   bq, G = geo.block_q, geo.groups
   sc = jnp.zeros((SCALARS,), jnp.int32).at[:scalars.shape[0]].set(scalars)
@@ -149,6 +176,7 @@ def backward(scalars, q, k, v, do, m, l, delta, *, geo: Geometry, interpret=Fals
   """Backward kernels; as tpu.backward, except m, l, delta are (B, H·G, rows) float32."""
   if geo.dynamic_offset:
     raise NotImplementedError("the GPU backward kernels cover prefill geometry only")
+  geo = _native_geometry(geo, q.dtype, interpret)
   bsz, rows = q.shape[:2]
   bq, bk, G = geo.block_q_bwd, geo.block_k_bwd, geo.groups
   HG = geo.value_heads

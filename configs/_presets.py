@@ -27,10 +27,12 @@ def paper_recipe(c: ml_collections.ConfigDict) -> None:
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"  # activations of 32K-token sequences do not fit otherwise
+  c.model.scan_layers = True  # one compiled block for all layers: compile time flat in depth
   c.data.dataset = "tfds"
   c.data.name = "pg19"  # any prepared TFDS text dataset; override with --config.data.name
   c.data.tokenizer = "sentencepiece"
   c.data.tokenizer_path = ""  # required: the Llama-2 tokenizer.model (--config.data.tokenizer_path=...)
+  c.model.vocab_size = 32000  # the Llama-2 tokenizer's; fixed so that shapes (and the planner) need no file
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # pure FSDP over all devices (ZeRO-3)
   c.checkpoint_every = 1000
   c.log_every = 10

@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_size = 8  # global batch in sequences per optimizer step (split over data x fsdp devices)
   c.grad_accum_steps = 1  # micro-batches per step; batch_size must be divisible by it
   c.total_steps = 1000  # optimizer steps of the run (and the length of the LR schedule)
+  # Positions whose logits exist at once in the loss (the largest divisor of seq_len not above it); 0 = all. Keeps
+  # the (batch, seq_len, vocab) float32 logits and their gradient from ever being whole in memory.
+  c.loss_piece = 2048
 
   # ---------------- optimizer (official AdamW + LambdaLR, megalodon_jax/training/optimizer.py) ----------------
   o = c.optimizer = ml_collections.ConfigDict()

@@ -15,6 +15,7 @@ from megalodon_jax.nn.attention import LayerCache
 from megalodon_jax.nn.block import MegalodonBlock
 from megalodon_jax.nn.init import truncated_normal
 from megalodon_jax.nn.layers import Buffer, Embed, Linear, TimestepNorm
+from megalodon_jax.ops.partitioning import constrain
 from megalodon_jax.ops.timestep_norm import NormState
 
 _REMAT_POLICIES = {
@@ -82,41 +83,54 @@ class MegalodonLM(nnx.Module):
     Returns:
       logits (B, L, V_out) float32; with a cache, `(logits, new_cache)`.
     """
+    if cache is None:
+      return self.head(self.features(input_ids))
     self._check_inputs(input_ids, cache)
     c = self.config
-    l = input_ids.shape[1]
+    x, inv_freq = self._embed(input_ids)
+    new_layers = []
+    for block, layer_cache in zip(self.layers, cache.layers):
+      x, layer_cache = block(x, inv_freq, layer_cache, cache.count)
+      new_layers.append(layer_cache)
+    x, norm_state = self.final_norm(x, cache.final_norm)
+    logits = self.head(x)
+    return logits, Cache(tuple(new_layers), norm_state, (cache.count + input_ids.shape[1]) % c.chunk_size)
+
+  def features(self, input_ids: jax.Array) -> jax.Array:
+    """The final-norm output of a stand-alone sequence, the LM head's input: (B, L) ids -> (B, L, D) float32.
+
+    `head(features(ids))` are the logits; training applies the head to a few positions at a time so that the
+    (B, L, V) logits never exist whole (training/loss.py).
+    """
+    self._check_inputs(input_ids, None)
+    c = self.config
+    x, inv_freq = self._embed(input_ids)
+    if c.scan_layers and c.num_layers > 1:
+      x = _scan_blocks(list(self.layers), x, inv_freq, c.remat_policy)
+    else:
+      run = _remat_block(c.remat_policy)
+      for block in self.layers:
+        x, _ = run(block, x, inv_freq)
+    x, _ = self.final_norm(x, None)
+    return constrain(x, ("batch", "length", "embed"))
+
+  def _embed(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(B, L) ids -> ((B, L, D) embeddings in the compute dtype, (dz/2,) float32 RoPE frequencies)."""
+    c = self.config
     x = self.embed(input_ids)
     if c.scale_emb:
       x = x * jnp.asarray(math.sqrt(c.model_dim), x.dtype)
-    x = self.emb_dropout(x)
-    inv_freq = self.rope_freqs[...]
+    x = constrain(self.emb_dropout(x), ("batch", "length", "embed"))
+    return x, self.rope_freqs[...]
 
-    new_layers = []
-    if cache is None:
-      if c.scan_layers and c.num_layers > 1:
-        x = _scan_blocks(list(self.layers), x, inv_freq, c.remat_policy)
-      else:
-        run = _remat_block(c.remat_policy)
-        for block in self.layers:
-          x, _ = run(block, x, inv_freq)
-      norm_state = None
-    else:
-      for block, layer_cache in zip(self.layers, cache.layers):
-        x, layer_cache = block(x, inv_freq, layer_cache, cache.count)
-        new_layers.append(layer_cache)
-      norm_state = cache.final_norm
-    x, norm_state = self.final_norm(x, norm_state)
-    logits = self._head(x)
-    if cache is None:
-      return logits
-    return logits, Cache(tuple(new_layers), norm_state, (cache.count + l) % c.chunk_size)
-
-  def _head(self, x: jax.Array) -> jax.Array:
-    """(B, L, D) -> (B, L, V_out) float32; accumulation in float32 whatever the compute dtype."""
+  def head(self, x: jax.Array) -> jax.Array:
+    """(B, L, D) -> (B, L, V_out) float32 logits; accumulation in float32 whatever the compute dtype."""
     if self.output is None:
-      return self.embed.attend(x)
-    kernel = self.output.kernel[...].astype(x.dtype)
-    return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+      logits = self.embed.attend(x)
+    else:
+      kernel = self.output.kernel[...].astype(x.dtype)
+      logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"))
 
   def _check_inputs(self, input_ids: jax.Array, cache: Optional[Cache]) -> None:
     c = self.config

@@ -12,7 +12,11 @@ from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.nn.cema import ComplexEMA
 from megalodon_jax.nn.layers import Linear, RMSNorm, TimestepNorm
 from megalodon_jax.ops import attention as attn_ops
+from megalodon_jax.ops.partitioning import constrain
 from megalodon_jax.ops.timestep_norm import NormState
+
+BTD = ("batch", "length", "embed")
+BTHD = ("batch", "length", "heads", None)
 
 
 class LayerCache(NamedTuple):
@@ -81,12 +85,14 @@ class MovingAverageGatedAttention(nnx.Module):
     b, l, _ = x.shape
     h = self.num_heads
     xn, norm_state = self.timenorm(x, None if cache is None else cache.norm)
-    c, cema_state = self.cema(xn, None if cache is None else cache.cema, return_state=cache is not None)
-    mx = self.hidden_dropout(self.rmsnorm(c).astype(self.dtype))
+    c, cema_state = self.cema(constrain(xn, BTD), None if cache is None else cache.cema,
+                              return_state=cache is not None)
+    mx = constrain(self.hidden_dropout(self.rmsnorm(constrain(c, BTD)).astype(self.dtype)), BTD)
 
     q, k = attn_ops.normalized_qk(self.wz(mx), self.gamma[...], self.beta[...], h, self.norm_eps)
-    v = jax.nn.silu(self.wv(xn)).reshape(b, l, h, -1)
-    r = jax.nn.silu(self.wr(mx))
+    q, k = constrain(q, BTHD), constrain(k, BTHD)
+    v = constrain(jax.nn.silu(self.wv(xn)).reshape(b, l, h, -1), BTHD)
+    r = constrain(jax.nn.silu(self.wr(mx)), ("batch", "length", "value"))
 
     rate = 0.0 if self.deterministic else self.attention_dropout
     drop = dict(dropout_rate=rate, dropout_rng=self.attention_rngs() if rate > 0 else None, drop_key=self.drop_key,
@@ -100,6 +106,7 @@ class MovingAverageGatedAttention(nnx.Module):
     else:
       out, ck, cv, _ = attn_ops.attention_with_cache(q, k, v, cache.k, cache.v, count, self.chunk_size, **drop)
       new_cache = LayerCache(ck, cv, norm_state, cema_state)
+    out = constrain(out, BTHD)
     a = self.hidden_dropout(out.reshape(b, l, -1) * r)
     y = self.dropout(self.wh1(mx) + self.wh2(a))
     return y + x, new_cache

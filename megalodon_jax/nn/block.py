@@ -10,6 +10,9 @@ from flax import nnx
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.nn.attention import LayerCache, MovingAverageGatedAttention
 from megalodon_jax.nn.ffn import NormalizedFeedForward
+from megalodon_jax.ops.partitioning import constrain
+
+BTD = ("batch", "length", "embed")
 
 
 class MegalodonBlock(nnx.Module):
@@ -22,5 +25,6 @@ class MegalodonBlock(nnx.Module):
   def __call__(self, x: jax.Array, inv_freq: jax.Array, cache: Optional[LayerCache] = None,
                count: Optional[jax.Array] = None):
     """x: (B, L, D) -> ((B, L, D), updated LayerCache or None). The FFN's residual is the block input x."""
+    x = constrain(x, BTD)
     y, cache = self.mega(x, inv_freq, cache, count)
-    return self.nffn(y, x), cache
+    return constrain(self.nffn(constrain(y, BTD), x), BTD), cache

@@ -8,6 +8,7 @@ from flax import nnx
 
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.nn.layers import LayerNorm, Linear
+from megalodon_jax.ops.partitioning import constrain
 
 
 class NormalizedFeedForward(nnx.Module):
@@ -33,9 +34,10 @@ class NormalizedFeedForward(nnx.Module):
   def __call__(self, y: jax.Array, residual: jax.Array) -> jax.Array:
     """y: (B, L, D) attention output; residual: (B, L, D) the block input. Returns (B, L, D)."""
     u = self.norm(y)
-    hidden = jax.nn.silu(self.fc1(u))
+    btf = ("batch", "length", "mlp")
+    hidden = jax.nn.silu(constrain(self.fc1(u), btf))
     if self.fc3 is not None:
-      hidden = hidden * self.fc3(u)
+      hidden = hidden * constrain(self.fc3(u), btf)
     out = self.dropout(self.fc2(self.hidden_dropout(hidden)))
     if self.alpha is not None:
       out = out * self.alpha[...].astype(out.dtype)

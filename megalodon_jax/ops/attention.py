@@ -107,7 +107,8 @@ def _softmax_attend(scores: jax.Array, allowed: jax.Array, v: jax.Array, einsum_
 
 def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int, *,
                              dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
-                             drop_key: bool = False, impl: str = "xla") -> jax.Array:
+                             drop_key: bool = False, impl: str = "xla",
+                             chunk_loop: Optional[bool] = None) -> jax.Array:
   """Block-diagonal causal attention over chunks of `chunk_size` (the last one may be partial).
 
   Args:
@@ -119,6 +120,11 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_siz
     impl: "xla" (this function) or "pallas" (the kernel; interpret mode on CPU). The kernel draws its DropKey
       mask from a counter-based hash (pallas_kernels/chunked_attention/dropkey.py): same distribution as the
       `jax.random.bernoulli` mask here, different draws.
+    chunk_loop: XLA path only. True: one chunk at a time in a `lax.scan` whose body is rematerialised, so one
+      chunk's (B, H, C, C) scores are live at a time, forward and backward; False: all chunks in one batched
+      einsum, which holds (B, L/C, H, C, C) float32 scores (and their gradient) at once. None: the loop on TPU and
+      GPU (at 32K tokens and C = 4096 the batched scores of one 4-head sequence are 2 GiB per layer), batched on
+      CPU, where it is faster. Both give the same values; with dropout they draw different masks.
   Returns:
     (B, L, H, dv) in v.dtype.
   """
@@ -136,10 +142,37 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_siz
   qc = q.reshape(b, nc, c, h, dz)
   kc = k.reshape(b, nc, c, h, dz)
   vc = v.reshape(b, nc, c, h, dv)
-  scores = jnp.einsum("bnqhd,bnkhd->bnhqk", qc, kc, preferred_element_type=jnp.float32)
   causal = jnp.tril(jnp.ones((c, c), dtype=bool))
-  out = _softmax_attend(scores, causal, vc, "bnhqk,bnkhd->bnqhd", dropout_rate, dropout_rng, drop_key)
+  if chunk_loop is None:
+    chunk_loop = current_platform() != "cpu"
+  if chunk_loop and nc > 1:
+    out = _chunk_loop(qc, kc, vc, causal, dropout_rate, dropout_rng, drop_key)
+  else:
+    scores = jnp.einsum("bnqhd,bnkhd->bnhqk", qc, kc, preferred_element_type=jnp.float32)
+    out = _softmax_attend(scores, causal, vc, "bnhqk,bnkhd->bnqhd", dropout_rate, dropout_rng, drop_key)
   return out.reshape(b, nc * c, h, dv)[:, :l].astype(v.dtype)
+
+
+def _chunk_loop(qc: jax.Array, kc: jax.Array, vc: jax.Array, causal: jax.Array, dropout_rate: float,
+                dropout_rng: Optional[jax.Array], drop_key: bool) -> jax.Array:
+  """Attention of each chunk in turn: qc, kc (B, M, C, H, dz), vc (B, M, C, H, dv) -> (B, M, C, H, dv) float32.
+
+  The body is rematerialised (`jax.checkpoint`), so the backward pass saves only each chunk's q, k, v (which
+  exist anyway) and recomputes its scores, instead of stacking every chunk's scores and probabilities.
+  """
+
+  @jax.checkpoint
+  def one(q, k, v, index):
+    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    return _softmax_attend(scores, causal, v, "bhqk,bkhd->bqhd", dropout_rate, rng, drop_key)
+
+  def body(_, xs):
+    return None, one(*xs)
+
+  moved = [jnp.moveaxis(t, 1, 0) for t in (qc, kc, vc)]
+  _, out = jax.lax.scan(body, None, (*moved, jnp.arange(qc.shape[1])))
+  return jnp.moveaxis(out, 0, 1)
 
 
 def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,

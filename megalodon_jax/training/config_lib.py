@@ -65,12 +65,13 @@ def model_config(cfg: Any, tokenizer_vocab_size: int) -> MegalodonConfig:
     raise ConfigError(str(e).replace("MegalodonConfig.", "--config.model.")) from None
 
 
-def validate(cfg: Any, num_devices: int) -> None:
+def validate(cfg: Any, num_devices: int, *, check_inputs: bool = True) -> None:
   """Checks the whole training config without building anything expensive.
 
   Args:
     cfg: the ConfigDict.
     num_devices: jax.device_count() (all processes).
+    check_inputs: also check that the data and `init_from` exist (False when the run is only compiled).
   Raises:
     ConfigError: the first problem found, naming its key.
   """
@@ -80,7 +81,7 @@ def validate(cfg: Any, num_devices: int) -> None:
   for key, minimum in (("seq_len", 1), ("batch_size", 1), ("grad_accum_steps", 1), ("total_steps", 1),
                        ("checkpoint_every", 1), ("checkpoint_keep", 1), ("log_every", 1), ("eval_every", 0),
                        ("eval_batches", 1), ("num_samples", 0), ("sample_len", 1), ("seed", 0),
-                       ("optimizer.warmup_steps", 0)):
+                       ("optimizer.warmup_steps", 0), ("loss_piece", 0)):
     _int(cfg, key, minimum)
   if cfg.eval_every and cfg.eval_every % cfg.log_every:
     _fail("eval_every", cfg.eval_every, f"must be a multiple of log_every={cfg.log_every} (evaluations are logged "
@@ -124,6 +125,8 @@ def validate(cfg: Any, num_devices: int) -> None:
     _fail("batch_size", cfg.batch_size, f"the micro-batch batch_size / grad_accum_steps = {micro} must be divisible "
           f"by mesh.data x mesh.fsdp = {shape[0]} x {shape[1]} = {shards} (the devices the batch is split over)")
 
+  if not check_inputs:
+    return
   if cfg.init_from and not os.path.exists(os.path.expanduser(cfg.init_from)):
     _fail("init_from", cfg.init_from, "does not exist")
 

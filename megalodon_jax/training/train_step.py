@@ -21,22 +21,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from megalodon_jax.training.loss import chunked_lm_loss, cross_entropy  # noqa: F401  (re-exported)
+
 TrainState = dict[str, Any]
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Summed next-token cross-entropy in float32.
-
-  Args:
-    logits: (B, L, V) float32.
-    targets: (B, L) int32 token ids in [0, V).
-  Returns:
-    (loss_sum () float32 in nats, token_count () float32).
-  """
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return jnp.sum(log_z - target_logit), jnp.asarray(targets.size, jnp.float32)
+# Positions whose logits exist at once in the loss: (B_local, 2048, V) float32 is 500 MiB at V = 32000, B = 2.
+DEFAULT_LOSS_PIECE = 2048
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
@@ -56,13 +45,12 @@ def merge_model(graphdef: nnx.GraphDef, params: nnx.State, buffers: nnx.State, r
 
 
 def _loss_fn(params: nnx.State, graphdef: nnx.GraphDef, buffers: nnx.State, rng_vars: nnx.State, inputs: jax.Array,
-             targets: jax.Array, dropout_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+             targets: jax.Array, dropout_key: jax.Array, loss_piece: int) -> tuple[jax.Array, jax.Array]:
   """Mean token loss of one micro-batch (B, L) and its summed loss (for exact accumulation)."""
   model = merge_model(graphdef, params, buffers, rng_vars)
   if _has_dropout(model):
     nnx.reseed(model, dropout=dropout_key)
-  logits = model(inputs)
-  loss_sum, count = cross_entropy(logits, targets)
+  loss_sum, count = chunked_lm_loss(model.head, model.features(inputs), targets, loss_piece)
   return loss_sum / count, loss_sum
 
 
@@ -81,7 +69,9 @@ def init_state(params: nnx.State, buffers: nnx.State, tx: optax.GradientTransfor
 
 
 def make_train_step(graphdef: nnx.GraphDef, rng_vars: nnx.State, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]:
+                    schedule: optax.Schedule, grad_accum_steps: int,
+                    loss_piece: int = DEFAULT_LOSS_PIECE) -> Callable[[TrainState, dict[str, jax.Array]],
+                                                                      tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (new_state, metrics)` (not yet jitted).
 
   batch: {"inputs": (B, L) int32, "targets": (B, L) int32}, B divisible by `grad_accum_steps`; the micro-batches
@@ -91,6 +81,8 @@ def make_train_step(graphdef: nnx.GraphDef, rng_vars: nnx.State, tx: optax.Gradi
   A non-finite loss or gradient leaves params and optimizer state unchanged (the step counter still advances)
   so the state the loop holds, and therefore any checkpoint, is always the last good one; the loop stops on
   seeing the non-finite loss in the metrics.
+
+  loss_piece: positions whose logits are formed at once (training/loss.py); 0 = the whole sequence.
 
   metrics: loss (mean nats/token), grad_norm (global L2 norm before clipping), learning_rate (used by this
   update), all () float32.
@@ -102,7 +94,7 @@ def make_train_step(graphdef: nnx.GraphDef, rng_vars: nnx.State, tx: optax.Gradi
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     inputs, targets = batch["inputs"], batch["targets"]
     if grad_accum_steps == 1:
-      (_, loss_sum), grads = grad_fn(params, graphdef, buffers, rng_vars, inputs, targets, key)
+      (_, loss_sum), grads = grad_fn(params, graphdef, buffers, rng_vars, inputs, targets, key, loss_piece)
       loss = loss_sum / targets.size
     else:
       b = inputs.shape[0] // grad_accum_steps
@@ -111,7 +103,7 @@ def make_train_step(graphdef: nnx.GraphDef, rng_vars: nnx.State, tx: optax.Gradi
       def accumulate(carry, xs):
         g_acc, l_acc = carry
         (i, t), k = xs
-        (_, l_sum), g = grad_fn(params, graphdef, buffers, rng_vars, i, t, k)
+        (_, l_sum), g = grad_fn(params, graphdef, buffers, rng_vars, i, t, k, loss_piece)
         g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g)
         return (g_acc, l_acc + l_sum), None
 
@@ -134,14 +126,14 @@ def make_train_step(graphdef: nnx.GraphDef, rng_vars: nnx.State, tx: optax.Gradi
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rng_vars: nnx.State) -> Callable[[TrainState, dict[str, jax.Array]], dict]:
+def make_eval_step(graphdef: nnx.GraphDef, rng_vars: nnx.State,
+                   loss_piece: int = DEFAULT_LOSS_PIECE) -> Callable[[TrainState, dict[str, jax.Array]], dict]:
   """Builds `eval_step(state, batch) -> {"loss_sum", "tokens"}` (() float32 each); dropout is off in eval."""
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict:
     model = merge_model(graphdef, state["params"], state["buffers"], rng_vars)
     model.eval()
-    logits = model(batch["inputs"])
-    loss_sum, count = cross_entropy(logits, batch["targets"])
+    loss_sum, count = chunked_lm_loss(model.head, model.features(batch["inputs"]), batch["targets"], loss_piece)
     return {"loss_sum": loss_sum, "tokens": count}
 
   return eval_step

@@ -45,15 +45,18 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 class _Run:
   """Everything one training run builds once: model split, optimizer, shardings, compiled functions."""
 
-  def __init__(self, cfg: Any, workdir: str, devices: Optional[list] = None):
+  def __init__(self, cfg: Any, workdir: Optional[str], devices: Optional[list] = None, *,
+               vocab_size: Optional[int] = None):
+    """workdir None and a `vocab_size`: a run that is only compiled (the planner), with no data, tokenizer or
+    checkpoint directory touched; `vocab_size` stands in for the tokenizer's."""
     self.cfg, self.workdir = cfg, workdir
     self.is_main = jax.process_index() == 0
     self.devices = list(devices) if devices is not None else jax.devices()
-    config_lib.validate(cfg, len(self.devices))
-    self.tokenizer = data_lib.make_tokenizer(cfg.data)
-    self.model_cfg = config_lib.model_config(cfg, self.tokenizer.vocab_size)
-    self.ckpt_dir = os.path.join(workdir, "checkpoints")
-    if os.path.exists(self.ckpt_dir):
+    config_lib.validate(cfg, len(self.devices), check_inputs=workdir is not None)
+    self.tokenizer = data_lib.make_tokenizer(cfg.data) if vocab_size is None else None
+    self.model_cfg = config_lib.model_config(cfg, vocab_size or self.tokenizer.vocab_size)
+    self.ckpt_dir = os.path.join(workdir, "checkpoints") if workdir is not None else None
+    if self.ckpt_dir is not None and os.path.exists(self.ckpt_dir):
       checkpointing.check_directory(self.ckpt_dir)
     self.mesh = sharding.make_mesh(cfg.mesh, self.devices)
     self.rules = sharding.check_rules(cfg.logical_axis_rules)
@@ -85,12 +88,11 @@ class _Run:
     self.batch_sharding = sharding.batch_sharding(mesh)
     batch_sh = {"inputs": self.batch_sharding, "targets": self.batch_sharding}
     self.train_step = jax.jit(ts.make_train_step(self.graphdef, self.rng_vars, self.tx, self.schedule,
-                                                 cfg.grad_accum_steps),
+                                                 cfg.grad_accum_steps, cfg.loss_piece),
                               in_shardings=(self.state_shardings, batch_sh), out_shardings=(self.state_shardings, repl),
                               donate_argnums=0)
-    self.eval_step = jax.jit(ts.make_eval_step(self.graphdef, self.rng_vars), in_shardings=(self.state_shardings,
-                                                                                             batch_sh),
-                             out_shardings=repl)
+    self.eval_step = jax.jit(ts.make_eval_step(self.graphdef, self.rng_vars, cfg.loss_piece),
+                             in_shardings=(self.state_shardings, batch_sh), out_shardings=repl)
 
   def fresh_state(self) -> ts.TrainState:
     """Step-0 state, each array created directly with its sharding (no full copy on one device first)."""

@@ -1,0 +1,6 @@
+"""Ahead-of-time compilation for TPU slices and GPU hosts from a machine without them: `python -m megalodon_jax.aot`.
+
+`topology` resolves target names to abstract devices, `programs` builds the train / prefill / decode programs as
+the trainer and the generator do, `planner` compiles them and reads the compiler's memory report, `buffers`
+explains it from XLA's buffer assignment, `cli` is the command line.
+"""

@@ -1,0 +1,159 @@
+"""`python -m megalodon_jax.aot --config configs/<name>.py --topology <target> [--config.<key>=<value> ...]`
+
+Compiles, on this machine and without any accelerator, the train step exactly as train.py would run it and the
+generator's prefill and one-token decode steps, for a TPU slice or a GPU host, and prints what one chip needs.
+Exit status: 0 when every program fits (peak <= 90% of the chip's memory), 1 when one does not fit or fails to
+compile (the largest temporaries and what to change are printed), 2 for bad input (unknown topology, bad config).
+No data set or tokenizer file is read: shapes come from the config (model.vocab_size, or 256 for the byte
+tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from megalodon_jax.aot import topology as topo_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "Target: a TPU slice (v5p-128, v5e-8, v6e-16, v4-32, v5p:4x4x4) "
+                                "or a GPU host (h100-8, a100-8).")
+_PROGRAMS = flags.DEFINE_list("programs", ["train_step", "prefill", "decode"], "Programs to compile.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object per program on stdout (the table goes to stderr).")
+_INFER_BATCH = flags.DEFINE_integer("infer_batch", None, "Sequences generated at once (default: one per chip along "
+                                    "mesh.data x mesh.fsdp).")
+_PREFILL_TOKENS = flags.DEFINE_integer("prefill_tokens", None, "Tokens per prefill call (default: the generator's "
+                                       "piece, about 4096).")
+_DUMP_DIR = flags.DEFINE_string("dump_dir", None, "Keep XLA's dumps (HLO, buffer assignment) in this folder.")
+_TOP = flags.DEFINE_integer("top", 8, "Largest temporaries to list for a program that does not fit.")
+flags.mark_flags_as_required(["config", "topology"])
+
+
+def _fail(message: str) -> int:
+  print(f"error: {message}", file=sys.stderr)
+  return 2
+
+
+def vocab_size_for(cfg) -> int:
+  """The vocabulary the model is built with: model.vocab_size, or the byte tokenizer's 256, or the SentencePiece
+  model's size when its file is readable. Raises ValueError naming the flag to set otherwise."""
+  if cfg.model.vocab_size != -1:
+    return int(cfg.model.vocab_size)
+  if cfg.data.tokenizer == "bytes":
+    return 256
+  path = cfg.data.tokenizer_path
+  if path and os.path.exists(os.path.expanduser(path)):
+    from megalodon_jax import data  # pylint: disable=import-outside-toplevel
+    return data.make_tokenizer(cfg.data).vocab_size
+  raise ValueError("the vocabulary size is unknown: set --config.model.vocab_size=<size> (32000 for the Llama-2 "
+                   "tokenizer) or --config.data.tokenizer_path to a readable SentencePiece model")
+
+
+def _settings(cfg, model_cfg, seq_len: int) -> dict:
+  from megalodon_jax.ops.attention import resolve_attention_impl  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.ops.cema import default_impl  # pylint: disable=import-outside-toplevel
+  return {
+      "remat": model_cfg.remat_policy, "scan_layers": model_cfg.scan_layers, "dtype": model_cfg.dtype,
+      "attention_impl": resolve_attention_impl(model_cfg.attention_impl),
+      "cema_impl": model_cfg.cema_impl if model_cfg.cema_impl != "auto" else default_impl(seq_len),
+      "grad_accum_steps": cfg.grad_accum_steps, "loss_piece": cfg.loss_piece, "mesh_data": cfg.mesh.data,
+  }
+
+
+def _table(reports) -> str:
+  head = ("program", "topology", "mesh", "seq_len", "seqs/chip", "peak GiB", "HBM GiB", "fits", "compile s",
+          "XLA TFLOP", "analytic TFLOP")
+  rows = [head]
+  for r in reports:
+    mesh = "x".join(f"{k}{v}" for k, v in r.mesh.items() if v > 1) or "1"
+    rows.append((r.program, r.topology, mesh, str(r.shape.get("seq_len")), f"{r.shape.get('seqs_per_chip', 0):g}",
+                 f"{r.peak_gib:.2f}" if r.compiled else f">{r.peak_gib:.2f}" if r.peak_gib else "-",
+                 f"{r.hbm_gib:.2f}", "yes" if r.fits else "NO", f"{r.compile_seconds:.1f}",
+                 f"{r.xla_flops / 1e12:.3g}" if r.xla_flops else "-", f"{r.analytic_flops / 1e12:.3g}"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def _details(r) -> str:
+  from megalodon_jax.aot.buffers import short_op  # pylint: disable=import-outside-toplevel
+  lines = [f"\n{r.program} on {r.topology}: " + ("compiled, needs more than 90% of the chip's memory" if r.compiled
+                                                 else "did not compile")]
+  if r.error:
+    lines.append("  compiler: " + r.error.replace("\n", "\n            "))
+  if r.compiled:
+    lines.append(f"  per chip: arguments {r.argument_gib:.2f} GiB, outputs {r.output_gib:.2f} GiB (aliased "
+                 f"{r.alias_gib:.2f}), temporaries {r.temp_gib:.2f} GiB; peak {r.peak_gib:.2f} of {r.hbm_gib:.2f} GiB")
+  if r.largest:
+    lines.append("  largest temporaries (per chip):")
+    for t in r.largest:
+      lines.append(f"    {t['gib']:8.3f} GiB  {t['shape']:<28} {short_op(t['source'] or t['instruction'])}")
+  if r.suggestions:
+    lines.append("  try:")
+    lines.extend(f"    - {s}" for s in r.suggestions)
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    return _fail(f"unexpected arguments: {argv[1:]}")
+  problem = topo_lib.is_known(_TOPOLOGY.value)
+  if problem:
+    return _fail(problem)
+  unknown = sorted(set(_PROGRAMS.value) - {"train_step", "prefill", "decode"})
+  if unknown:
+    return _fail(f"--programs: unknown {unknown}; choose from train_step, prefill, decode")
+  if _TOPOLOGY.value.lower().startswith(("h100", "a100")):
+    from megalodon_jax.aot import gpu  # pylint: disable=import-outside-toplevel
+    gpu.prepare_environment()  # before jax starts its backends
+  cfg = _CONFIG.value
+  try:
+    vocab = vocab_size_for(cfg)
+  except ValueError as e:
+    return _fail(str(e))
+
+  import jax  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.aot import planner, programs  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.training import config_lib  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.training.sharding import ShardingError  # pylint: disable=import-outside-toplevel
+  from pallas_kernels.platform import target_platform  # pylint: disable=import-outside-toplevel
+  try:
+    target = topo_lib.resolve(_TOPOLOGY.value)
+  except topo_lib.TopologyError as e:
+    return _fail(str(e))
+  try:
+    run = programs.build_run(cfg, list(target.devices), vocab)
+  except (config_lib.ConfigError, ShardingError) as e:
+    return _fail(str(e))
+
+  with jax.set_mesh(run.mesh), target_platform(target.platform):
+    run.build()
+    todo = []
+    if "train_step" in _PROGRAMS.value:
+      todo.append(programs.train_program(run))
+    if {"prefill", "decode"} & set(_PROGRAMS.value):
+      todo += [p for p in programs.inference_programs(run, _INFER_BATCH.value, _PREFILL_TOKENS.value)
+               if p.name in _PROGRAMS.value]
+  reports = []
+  for program in todo:
+    with target_platform(target.platform):
+      settings = _settings(cfg, run.model_cfg, program.shape["seq_len"])
+    dump = os.path.join(_DUMP_DIR.value, program.name) if _DUMP_DIR.value else None
+    report = planner.compile_program(program, target, run.mesh, settings, dump_dir=dump, top=_TOP.value)
+    reports.append(report)
+    if _JSON.value:
+      print(json.dumps(report.as_json()), flush=True)
+  table = _table(reports)
+  out = sys.stderr if _JSON.value else sys.stdout
+  print(table, file=out)
+  for r in reports:
+    if not r.fits:
+      print(_details(r), file=out)
+  return 0 if all(r.fits for r in reports) else 1
+
+
+def run() -> None:
+  app.run(main)

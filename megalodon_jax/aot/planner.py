@@ -1,0 +1,164 @@
+"""Compile a program for a target and report what one chip needs: the memory the compiler assigns, FLOPs, and
+what to change when it does not fit. This reads the compiler's report; nothing runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tempfile
+import time
+from typing import Any, Optional
+
+import jax
+
+from megalodon_jax.aot import buffers
+from megalodon_jax.aot.programs import Program
+from megalodon_jax.aot.topology import GIB, Target
+from pallas_kernels.platform import target_platform
+
+# A program fits when its peak is at most this share of the chip's memory: the runtime, the compiled code and
+# fragmentation need the rest.
+FIT_FRACTION = 0.9
+_LOWERING = {"tpu": "tpu", "gpu": "cuda"}
+_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\)")
+
+
+@dataclasses.dataclass
+class Report:
+  """One compiled program on one target; byte figures are per chip (per jax device), in GiB."""
+  program: str
+  topology: str
+  chips: int
+  mesh: dict
+  compiled: bool
+  compile_seconds: float
+  argument_gib: float
+  output_gib: float
+  alias_gib: float
+  temp_gib: float
+  peak_gib: float
+  hbm_gib: float
+  fits: bool
+  xla_flops: Optional[float]
+  analytic_flops: float
+  shape: dict
+  settings: dict
+  buffer_temp_gib: Optional[float] = None
+  largest: list = dataclasses.field(default_factory=list)
+  suggestions: list = dataclasses.field(default_factory=list)
+  error: str = ""
+
+  def as_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _oom_temp_gib(message: str) -> Optional[float]:
+  """The temporaries figure from an XLA out-of-memory message ("... HLO temporaries (887.55G) ...")."""
+  m = _OOM.search(message)
+  if not m:
+    return None
+  scale = {"K": 1 / 1024 ** 2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}[m.group(2)]
+  return float(m.group(1)) * scale
+
+
+def compile_program(program: Program, target: Target, mesh, settings: dict, *, dump_dir: Optional[str] = None,
+                    top: int = 8) -> Report:
+  """Traces, lowers and compiles `program` for `target` under `mesh`; never raises for a compile failure.
+
+  settings: the execution settings that shaped the program (remat, implementations, mesh sizes), kept in the
+  report and used for the suggestions.
+  """
+  hbm = target.hbm_bytes / GIB
+  base = dict(program=program.name, topology=target.name, chips=target.chips,
+              mesh={k: int(v) for k, v in mesh.shape.items()}, hbm_gib=hbm, analytic_flops=program.analytic_flops,
+              shape=program.shape, settings=settings)
+  with tempfile.TemporaryDirectory(prefix="megalodon_aot_") as tmp:
+    dump = dump_dir or tmp
+    start = time.perf_counter()
+    try:
+      with jax.set_mesh(mesh), target_platform(target.platform):
+        lowered = program.fn.trace(*program.args).lower(lowering_platforms=(_LOWERING[target.platform],))
+        compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
+    except Exception as e:  # pylint: disable=broad-except
+      seconds = time.perf_counter() - start
+      message = str(e)
+      temp = _oom_temp_gib(message)
+      report = Report(**base, compiled=False, compile_seconds=seconds, argument_gib=0.0, output_gib=0.0,
+                      alias_gib=0.0, temp_gib=temp or 0.0, peak_gib=temp or 0.0, fits=False, xla_flops=None,
+                      error=_first_lines(message))
+      _add_buffers(report, dump, program.name, top)
+      report.suggestions = suggest(report)
+      return report
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    arg, out = mem.argument_size_in_bytes / GIB, mem.output_size_in_bytes / GIB
+    alias, temp = mem.alias_size_in_bytes / GIB, mem.temp_size_in_bytes / GIB
+    peak = arg + out - alias + temp
+    report = Report(**base, compiled=True, compile_seconds=seconds, argument_gib=arg, output_gib=out,
+                    alias_gib=alias, temp_gib=temp, peak_gib=peak, fits=peak <= FIT_FRACTION * hbm,
+                    xla_flops=float(cost.get("flops", 0.0)) if cost else None)
+    _add_buffers(report, dump, program.name, top)
+    if not report.fits:
+      report.suggestions = suggest(report)
+    return report
+
+
+def _first_lines(message: str, count: int = 3) -> str:
+  lines = [l for l in message.splitlines() if l.strip()]
+  return "\n".join(lines[:count])
+
+
+def _add_buffers(report: Report, dump: str, name: str, top: int) -> None:
+  parsed = buffers.read_dump(dump, f"jit_{name}", top) or buffers.read_dump(dump, name, top)
+  if parsed is None:
+    return
+  report.buffer_temp_gib = parsed.temp_bytes / GIB
+  report.largest = [{"shape": t.shape, "gib": t.bytes / GIB, "instruction": t.instruction, "source": t.op_name}
+                    for t in parsed.largest]
+
+
+def _global_batch_tensors(report: Report) -> list[str]:
+  """Temporaries whose leading dimension is the global batch although each chip holds fewer sequences."""
+  batch, per_chip = report.shape.get("batch", 0), report.shape.get("seqs_per_chip", 0)
+  if not batch or per_chip >= batch:
+    return []
+  return [t["shape"] for t in report.largest if re.search(rf"\[{batch},", t["shape"]) and t["gib"] > 0.001]
+
+
+def suggest(report: Report) -> list[str]:
+  """What to change, most likely to help first, from the report's shape, settings and largest temporaries."""
+  s, out = report.settings, []
+  per_chip = report.shape.get("seqs_per_chip", 1)
+  if report.error and report.temp_gib == 0.0:
+    return [f"the compile failed for a reason other than memory; see the error above"]
+  whole = _global_batch_tensors(report)
+  if whole:
+    out.append(f"tensors of the whole global batch sit on every chip ({', '.join(whole[:3])}): an activation is not "
+               f"sharded over the batch; report this as a bug with the table above")
+  if report.program == "train_step":
+    if s.get("remat") != "full":
+      out.append("recompute each block in the backward pass: --config.model.remat=full")
+    if not s.get("scan_layers"):
+      out.append("scan the blocks (their activations are saved once per layer either way, but one program for all "
+                 "layers keeps the compiler's schedule simple): --config.model.scan_layers=True")
+    if per_chip > 1:
+      accum = s.get("grad_accum_steps", 1)
+      out.append(f"fewer sequences per chip at once ({per_chip:g} now): --config.grad_accum_steps={accum * 2} "
+                 f"(same tokens per step), or more chips")
+    if s.get("attention_impl") != "pallas":
+      out.append("the Pallas attention kernel keeps one tile of scores at a time: --config.model.attention_impl=pallas")
+    if s.get("cema_impl") not in ("chunked", "pallas"):
+      out.append("a CEMA that never holds (length x model_dim x cema_ndim) or FFT buffers: "
+                 "--config.model.cema_impl=chunked (or pallas)")
+  if report.argument_gib > 0.5 * report.hbm_gib:
+    out.append(f"parameters and optimizer state take {report.argument_gib:.1f} GiB per chip: shard them over more "
+               f"chips (--config.mesh.fsdp=-1, mesh.data=1) or add tensor parallelism (--config.mesh.tensor=2)")
+  if s.get("mesh_data", 1) > 1:
+    out.append("parameters are replicated over mesh.data; move those chips to fsdp: --config.mesh.data=1 "
+               "--config.mesh.fsdp=-1")
+  out.append("a shorter --config.seq_len per chip; the sequence mesh axis (one sequence split over chips) is not "
+             "available yet")
+  return out

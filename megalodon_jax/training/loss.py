@@ -1,0 +1,71 @@
+"""Next-token cross-entropy computed a piece of the sequence at a time, so the (B, L, V) logits never exist whole.
+
+At 32K tokens and a 32K vocabulary the float32 logits of one sequence are 4 GiB, and the backward pass holds
+their gradient too. `chunked_lm_loss` splits the length into pieces, applies the LM head and the loss to one
+piece at a time inside a `lax.scan`, and rematerialises each piece's logits in the backward pass: only one
+piece's logits (and their gradient) are live at any time. The result equals the loss over the full logits up to
+float32 summation order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy in float32.
+
+  Args:
+    logits: (B, L, V) float32.
+    targets: (B, L) int32 token ids in [0, V).
+  Returns:
+    (loss_sum () float32 in nats, token_count () float32).
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.sum(log_z - target_logit), jnp.asarray(targets.size, jnp.float32)
+
+
+def piece_length(seq_len: int, max_piece: int) -> int:
+  """The largest divisor of `seq_len` that is <= `max_piece` (`seq_len` itself when max_piece <= 0 or larger)."""
+  if max_piece <= 0 or max_piece >= seq_len:
+    return seq_len
+  for size in range(max_piece, 0, -1):
+    if seq_len % size == 0:
+      return size
+  return seq_len
+
+
+def chunked_lm_loss(head: Callable[[jax.Array], jax.Array], features: jax.Array, targets: jax.Array,
+                    max_piece: int) -> tuple[jax.Array, jax.Array]:
+  """Summed cross-entropy of `head(features)` against `targets`, `max_piece` positions at a time.
+
+  Args:
+    head: (B, T, D) -> (B, T, V) float32 logits (the model's LM head; may close over its parameters).
+    features: (B, L, D) the head's input.
+    targets: (B, L) int32.
+    max_piece: positions per piece (the largest divisor of L not above it is used); <= 0: the whole length at once.
+  Returns:
+    (loss_sum () float32 in nats, token_count () float32).
+  """
+  b, length = targets.shape
+  size = piece_length(length, max_piece)
+  if size == length:
+    return cross_entropy(head(features), targets)
+  pieces = length // size
+  xs = jnp.moveaxis(features.reshape(b, pieces, size, features.shape[-1]), 1, 0)  # (P, B, T, D)
+  ts = jnp.moveaxis(targets.reshape(b, pieces, size), 1, 0)  # (P, B, T)
+
+  @jax.checkpoint  # recompute the piece's logits in the backward pass instead of saving them
+  def piece_loss(x, t):
+    return cross_entropy(head(x), t)[0]
+
+  def body(total, xt):
+    return total + piece_loss(*xt), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (xs, ts))
+  return total, jnp.asarray(targets.size, jnp.float32)

@@ -1,0 +1,143 @@
+"""The deviceless planner (`python -m megalodon_jax.aot`): real XLA:TPU compiles of the train / generation programs on
+abstract TPU devices, checked against the compiler's own reports (memory_analysis, the buffer assignment)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from megalodon_jax.aot import topology
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env() -> dict:
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env["PYTHONPATH"] = REPO
+  return env
+
+
+def test_libtpu_installed_and_plain_jax_stays_on_cpu():
+  """libtpu comes with requirements.txt; without JAX_PLATFORMS a CPU machine still gets CPU devices, quickly."""
+  assert importlib.util.find_spec("libtpu") is not None, "libtpu is not installed (requirements.txt pins it)"
+  code = "import time; t = time.time(); import jax; d = jax.devices(); print(d[0].platform, len(d), time.time() - t)"
+  out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120,
+                       check=True)
+  platform, count, seconds = out.stdout.split()
+  assert platform == "cpu" and int(count) >= 1
+  assert float(seconds) < 30.0, f"import jax + jax.devices() took {seconds} s with libtpu installed"
+
+
+@pytest.mark.parametrize("name,grid,chips", [
+    ("v5p-128", "v5p:4x4x4", 64), ("v5p-8", "v5p:2x2x1", 4), ("v5p-32", "v5p:2x2x4", 16),
+    ("v5e-8", "v5e:2x4", 8), ("v5litepod-16", "v5e:4x4", 16), ("v5e-1", "v5e:1x1", 1),
+    ("v6e-16", "v6e:4x4", 16), ("v4-32", "v4:2x2x4", 16), ("v5p:2x4x4", "v5p:2x4x4", 32),
+])
+def test_topology_names(name, grid, chips):
+  gen, topo = topology.parse_tpu(name)
+  assert topo == grid
+  sizes = [int(s) for s in topo.split(":")[1].split("x")]
+  assert sizes[0] * sizes[1] * (sizes[2] if len(sizes) == 3 else 1) == chips
+  assert gen.name == grid.split(":")[0]
+
+
+@pytest.mark.parametrize("bad", ["v9z-3", "v5p-7", "v5e:2x2x2", "tpu", "v5p-3"])
+def test_bad_topology_names_list_the_known_ones(bad):
+  with pytest.raises(topology.TopologyError):
+    topology.parse_tpu(bad)
+  assert topology.is_known(bad) is not None
+
+
+def test_resolve_gives_abstract_tpu_devices():
+  target = topology.resolve("v5e-4")
+  assert target.platform == "tpu" and target.chips == 4 and len(target.devices) == 4
+  assert "v5" in target.device_kind.lower() and target.hbm_bytes == 16 * topology.GIB
+
+
+def _tiny_cfg(**overrides):
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  cfg = tiny.get_config()
+  cfg.model.vocab_size = 32000  # a realistic head, so a misplaced batch of logits is large enough to see
+  for key, value in overrides.items():
+    node = cfg
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return cfg
+
+
+def _compile_train(cfg, target, dump_dir):
+  import jax  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.aot import planner, programs  # pylint: disable=import-outside-toplevel
+  from pallas_kernels.platform import target_platform  # pylint: disable=import-outside-toplevel
+  run = programs.build_run(cfg, list(target.devices), cfg.model.vocab_size)
+  with jax.set_mesh(run.mesh), target_platform(target.platform):
+    run.build()
+    program = programs.train_program(run)
+  return planner.compile_program(program, target, run.mesh, {"remat": run.model_cfg.remat_policy},
+                                 dump_dir=dump_dir), run
+
+
+def test_tiny_train_step_on_v5e_4_keeps_activations_sharded(tmp_path):
+  """The tiny config's step on 4 chips: compiles, fits, the buffer-assignment reading agrees with
+  memory_analysis, and no buffer carries the global batch of 8 where the per-chip 2 sequences belong."""
+  target = topology.resolve("v5e-4")
+  report, run = _compile_train(_tiny_cfg(), target, str(tmp_path))
+  assert report.compiled and report.fits, report.error
+  assert report.shape["seqs_per_chip"] == 2
+  assert report.temp_gib > 0 and report.buffer_temp_gib is not None
+  assert abs(report.buffer_temp_gib - report.temp_gib) <= 0.1 * report.temp_gib, (report.buffer_temp_gib,
+                                                                                   report.temp_gib)
+  (assignment,) = [f for f in os.listdir(tmp_path) if "jit_train_step" in f and
+                   f.endswith("after_optimizations-buffer-assignment.txt")]
+  text = open(os.path.join(tmp_path, assignment)).read()
+  seq = run.cfg.seq_len
+  whole_batch = sorted(set(re.findall(rf"\w+\[8,{seq}(?:,\d+)*\]", text)))
+  per_chip = sorted(set(re.findall(rf"\w+\[2,{seq}(?:,\d+)*\]", text)))
+  assert not whole_batch, f"global-batch activations on every chip: {whole_batch}"
+  assert per_chip, "expected per-chip activations (2 sequences) in the buffer assignment"
+
+
+def test_100m_shape_train_step_compiles_for_v5e_4():
+  """A ~100M-parameter model (the shipped recipe's settings: bf16, remat full, scanned blocks) on 4 v5e chips."""
+  cfg = _tiny_cfg(**{"model.num_layers": 8, "model.model_dim": 768, "model.z_dim": 192, "model.value_dim": 1536,
+                     "model.num_heads": 1, "model.ffn_hidden_dim": 2048, "model.cema_ndim": 16,
+                     "model.chunk_size": 1024, "model.norm_num_groups": 32, "model.dtype": "bfloat16",
+                     "model.remat": "full", "model.scan_layers": True, "seq_len": 2048, "batch_size": 8})
+  target = topology.resolve("v5e-4")
+  report, run = _compile_train(cfg, target, None)
+  assert 90e6 < run.model_cfg.num_params() < 130e6
+  assert report.compiled and report.fits, report.error
+  # Parameters, gradients' optimizer state (Adam mu, nu) in float32, split over 4 chips: about 12 bytes/param/4.
+  expected_args = run.model_cfg.num_params() * 12 / 4 / topology.GIB
+  assert 0.8 * expected_args < report.argument_gib < 1.5 * expected_args + 0.05
+
+
+def _cli(*args, timeout=600):
+  cmd = [sys.executable, "-m", "megalodon_jax.aot", *args]
+  return subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_cli_bad_topology_exits_2_with_known_names():
+  out = _cli("--config", "configs/tiny.py", "--topology", "v9z-3")
+  assert out.returncode == 2, out.stderr
+  assert "v5p-128" in out.stderr and "h100-8" in out.stderr
+
+
+def test_cli_config_that_does_not_fit_exits_1_with_suggestions():
+  """4096 sequences on 4 v5e chips with whole-sequence logits: over 16 GiB per chip."""
+  out = _cli("--config", "configs/tiny.py", "--topology", "v5e-4", "--programs", "train_step", "--json",
+             "--config.model.vocab_size=32000", "--config.batch_size=4096", "--config.loss_piece=0")
+  assert out.returncode == 1, out.stderr[-2000:]
+  import json  # pylint: disable=import-outside-toplevel
+  (report,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  assert report["program"] == "train_step" and not report["fits"]
+  assert report["peak_gib"] > report["hbm_gib"] * 0.9
+  assert report["suggestions"] and "grad_accum_steps" in " ".join(report["suggestions"])
+  assert "try:" in out.stderr

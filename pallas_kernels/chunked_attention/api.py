@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.chunked_attention import dropkey, gpu, layout, reference, tpu
-from pallas_kernels.chunked_attention.blocks import BACKENDS, TPU_LANES, BlockSizes
+from pallas_kernels.chunked_attention.blocks import BACKENDS, BlockSizes
 from pallas_kernels.platform import current_platform
 
 _KERNELS = {"tpu": tpu, "gpu": gpu}
@@ -85,10 +85,11 @@ def _attend_bwd(geo, interpret, res, do):
   scalars, q, k, v, o, m, l = res
   bsz, rows = o.shape[:2]
   hg, h, g = geo.value_heads, geo.heads, geo.groups
-  delta = jnp.sum(do.astype(jnp.float32).reshape(bsz, rows, hg, -1) * o.astype(jnp.float32).reshape(
-      bsz, rows, hg, -1), axis=-1).transpose(0, 2, 1)  # (B, H·G, rows)
   if geo.backend == "tpu":
-    delta = jnp.broadcast_to(delta[..., None], (*delta.shape, TPU_LANES))
+    delta = tpu.delta(do, o, geo=geo, interpret=interpret)  # (B, H·G, rows, 128)
+  else:
+    delta = jnp.sum(do.astype(jnp.float32).reshape(bsz, rows, hg, -1) * o.astype(jnp.float32).reshape(
+        bsz, rows, hg, -1), axis=-1).transpose(0, 2, 1)  # (B, H·G, rows)
   dq, dk, dv = _KERNELS[geo.backend].backward(scalars, q, k, v, do.astype(v.dtype), m, l, delta, geo=geo,
                                               interpret=interpret)
   if g > 1:  # value groups of a head each contributed a partial dq / dk

@@ -46,7 +46,10 @@ def matmul_tn(a: jax.Array, b: jax.Array, precision) -> jax.Array:
 
 def precision_for(dtype) -> Optional[lax.Precision]:
   # float32 inputs must not silently drop to bf16 passes (TPU) or TF32 (GPU): parity needs full f32 products.
-  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+  # 16-bit inputs get an explicit DEFAULT, not None: None defers to `jax_default_matmul_precision`, and with that
+  # set to "highest" Mosaic is asked for an fp32 contraction of bf16 operands and rejects the kernel ("Bad lhs
+  # type", libtpu 0.0.42.1).
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -241,6 +241,43 @@ def _dkv_kernel(sc_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dk_ref
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
+def _delta_kernel(do_ref, o_ref, d_ref):
+  """delta = rowsum(do · o) of one (batch, value head, query tile): do, o (bq, bv); d (bq, 128) f32 lane-replicated."""
+  prod = do_ref[...].astype(jnp.float32) * o_ref[...].astype(jnp.float32)
+  d_ref[...] = _lanes(jnp.sum(prod, axis=1, keepdims=True))
+
+
+def delta(do, o, *, geo: Geometry, interpret=False):
+  """rowsum(do · o) per value head, the backward pass's softmax correction (FlashAttention-2's preprocessing).
+
+  A kernel rather than XLA: in XLA the per-head sum needs o reshaped from (rows, H·G·bv) to (rows, H·G, bv), which
+  on TPU is a relayout that XLA performs on a float32 copy (2 · 4 bytes per element of o in HBM temporaries, 512 MiB
+  per chip at the 7B head shape, L = 8192); here each (bq, bv) tile is read once.
+  Args:
+    do, o: (B, rows, H·G·bv), one dtype each.
+  Returns:
+    (B, H·G, rows, 128) float32, lane-replicated.
+  """
+  bsz, rows = o.shape[:2]
+  bq = geo.block_q_bwd
+  tile_spec = pl.BlockSpec((None, bq, geo.bv), lambda b, hg, i: (b, i, hg))
+  limit = None
+  if not interpret:
+    def need(tiles):
+      bq_, bv_ = tiles["block_q_bwd"], tiles["block_v"]
+      blocks = (vmem.tile_bytes((bq_, bv_), do.dtype) + vmem.tile_bytes((bq_, bv_), o.dtype) +
+                vmem.tile_bytes((bq_, TPU_LANES), jnp.float32))
+      return 2 * blocks + 2 * bq_ * bv_ * 4  # the float32 product and one converted operand
+    limit = vmem.vmem_limit_bytes("chunked_attention_delta", need, {"block_q_bwd": bq, "block_v": geo.bv},
+                                  vmem.device_kind(o), geo.vmem_limit_bytes)
+  return pl.pallas_call(
+      _delta_kernel, grid=(bsz, geo.value_heads, rows // bq), in_specs=[tile_spec, tile_spec],
+      out_specs=pl.BlockSpec((None, None, bq, TPU_LANES), lambda b, hg, i: (b, hg, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((bsz, geo.value_heads, rows, TPU_LANES), jnp.float32),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3, vmem_limit_bytes=limit),
+      interpret=interpret, name="chunked_attention_delta")(do, o)
+
+
 def backward(scalars, q, k, v, do, m, l, delta, *, geo: Geometry, interpret=False):
   """Backward kernels (prefill geometry: queries and keys on the same rows).
 

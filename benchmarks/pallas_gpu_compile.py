@@ -127,7 +127,8 @@ def ptxas_path():
   return None
 
 
-_THUNK = re.compile(r"kCustomKernel .*?\] (\S+) grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+shared_memory: (\d+) bytes")
+_THUNK = re.compile(r"kCustomKernel .*?\] (\S+) grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+"
+                    r"shared_memory: (\d+) bytes")
 
 
 def kernel_report(dump_dir: str, ptxas) -> list[dict]:

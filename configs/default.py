@@ -93,7 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = -1  # data parallelism with parameters and optimizer state sharded (ZeRO-3)
   c.mesh.tensor = 1  # tensor parallelism over vocab / value / qk / mlp widths
   # Logical parameter axis -> mesh axis (or None = replicated). A dimension not divisible by its mesh axis size
-  # stays replicated. Names: vocab, embed, embed_out, value, qk, mlp, cema_ndim.
+  # stays replicated. Names: vocab, embed, embed_out, value, qk, mlp, cema_ndim, cema (CEMA's model-width axis) and norm
+  # (norm scales and biases). Activations have their own fixed layout (megalodon_jax/ops/partitioning.py).
   c.logical_axis_rules = (
       ("vocab", "tensor"),
       ("embed", "fsdp"),
@@ -102,6 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
       ("qk", "tensor"),
       ("mlp", "tensor"),
       ("cema_ndim", None),
+      ("cema", None),  # small; sharding them over fsdp makes XLA gather all chips' partial gradients at once
+      ("norm", None),
   )
 
   # ---------------- checkpoints (Orbax, workdir/checkpoints) ----------------

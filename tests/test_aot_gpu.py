@@ -179,3 +179,20 @@ def test_prepare_environment_after_jax_started_is_an_error():
   last = proc.stdout.strip().splitlines()[-1]
   # On a machine with a working GPU driver the plugin registers anyway, and that is fine too.
   assert last.startswith("too late: jax already initialised") or last == "registered"
+
+
+@needs_cuda
+def test_planner_cli_compiles_the_train_step_for_h100_8():
+  """`python -m megalodon_jax.aot --topology h100-8`: the tiny config's train step and decode step compile for 8
+  abstract H100s, each GPU holding its own sequence (fsdp 8), and fit."""
+  cmd = [sys.executable, "-m", "megalodon_jax.aot", "--config", "configs/tiny.py", "--topology", "h100-8",
+         "--programs", "train_step,decode", "--json"]
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env["PYTHONPATH"] = REPO_ROOT
+  proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert [r["program"] for r in reports] == ["train_step", "decode"]
+  for r in reports:
+    assert r["compiled"] and r["fits"] and r["chips"] == 8 and r["mesh"]["fsdp"] == 8
+    assert 70 < r["hbm_gib"] < 80 and r["peak_gib"] > 0

@@ -25,20 +25,23 @@ class ComplexEMA(nnx.Module):
   """Per-channel complex EMA with skip weight omega (the official `MultiHeadComplexEMA`).
 
   Parameters (official shapes): alpha, delta (D, N, 1); theta (D, 1, 1); gamma (D, N, 2) (re, im); omega (D, 1).
+  Their model-width axis is the logical "cema", not "embed": they are small, and sharding them like the weight
+  matrices makes XLA gather every chip's partial gradient of the (batch-sharded) recurrence at once, which the
+  compiled TPU program of the 7B showed as a (chips, L, D) float32 buffer. The default rules replicate "cema".
   """
 
   def __init__(self, dim: int, ndim: int, *, impl: str, param_dtype: jnp.dtype, rngs: nnx.Rngs):
     ka, kd, kt, kg, ko = jax.random.split(rngs.params(), 5)
     self.alpha = nnx.Param((0.2 * jax.random.normal(ka, (dim, ndim, 1))).astype(param_dtype),
-                           logical_axes=("embed", "cema_ndim", None))
+                           logical_axes=("cema", "cema_ndim", None))
     self.delta = nnx.Param((0.2 * jax.random.normal(kd, (dim, ndim, 1))).astype(param_dtype),
-                           logical_axes=("embed", "cema_ndim", None))
-    self.theta = nnx.Param(theta_init(kt, dim).astype(param_dtype), logical_axes=("embed", None, None))
+                           logical_axes=("cema", "cema_ndim", None))
+    self.theta = nnx.Param(theta_init(kt, dim).astype(param_dtype), logical_axes=("cema", None, None))
     gamma_re = jax.random.normal(kg, (dim, ndim, 1))
     self.gamma = nnx.Param(jnp.concatenate([gamma_re, jnp.zeros_like(gamma_re)], axis=-1).astype(param_dtype),
-                           logical_axes=("embed", "cema_ndim", None))
+                           logical_axes=("cema", "cema_ndim", None))
     # TruncatedNormal(0, 0.25) on [-1, 1], i.e. ±4 standard deviations.
-    self.omega = nnx.Param(truncated_normal(0.25, 4.0)(ko, (dim, 1), param_dtype), logical_axes=("embed", None))
+    self.omega = nnx.Param(truncated_normal(0.25, 4.0)(ko, (dim, 1), param_dtype), logical_axes=("cema", None))
     self.impl = impl
 
   def coefficients(self) -> cema_ops.CEMACoeffs:

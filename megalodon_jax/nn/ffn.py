@@ -26,7 +26,7 @@ class NormalizedFeedForward(nnx.Module):
     self.fc2 = linear(c.ffn_hidden_dim, c.model_dim, ("mlp", "embed"))
     self.fc3 = linear(c.model_dim, c.ffn_hidden_dim, ("embed", "mlp")) if c.swiglu else None
     # Learned layer scale, initialised to 0.1 * 0.5^layer_id (official `rescale_nffn`).
-    self.alpha = (nnx.Param(jnp.full((c.model_dim,), 0.1 * 0.5 ** layer_id, pdt), logical_axes=("embed",))
+    self.alpha = (nnx.Param(jnp.full((c.model_dim,), 0.1 * 0.5 ** layer_id, pdt), logical_axes=("norm",))
                   if c.rescale_nffn else None)
     self.hidden_dropout = nnx.Dropout(c.hidden_dropout, rngs=rngs if c.hidden_dropout > 0 else None)
     self.dropout = nnx.Dropout(c.dropout, rngs=rngs if c.dropout > 0 else None)

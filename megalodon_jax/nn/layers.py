@@ -58,7 +58,7 @@ class RMSNorm(nnx.Module):
   """RMSNorm over the last axis with scale (1 + weight); weight is zero-initialised, absent if not affine."""
 
   def __init__(self, features: int, *, eps: float, affine: bool, param_dtype: jnp.dtype):
-    self.weight = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("embed",)) if affine else None
+    self.weight = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("norm",)) if affine else None
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -70,8 +70,8 @@ class LayerNorm(nnx.Module):
   """LayerNorm over the last axis with scale (1 + weight) and shift bias; zero-initialised, absent if not affine."""
 
   def __init__(self, features: int, *, eps: float, affine: bool, param_dtype: jnp.dtype):
-    self.weight = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("embed",)) if affine else None
-    self.bias = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("embed",)) if affine else None
+    self.weight = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("norm",)) if affine else None
+    self.bias = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("norm",)) if affine else None
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -91,8 +91,8 @@ class TimestepNorm(nnx.Module):
   """
 
   def __init__(self, features: int, num_groups: int, *, eps: float, param_dtype: jnp.dtype):
-    self.weight = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("embed",))
-    self.bias = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("embed",))
+    self.weight = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("norm",))
+    self.bias = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("norm",))
     self.prior_count = Buffer(jnp.zeros((), jnp.int32))
     self.prior_mean = Buffer(jnp.zeros((num_groups,), jnp.float32))
     self.prior_logv = Buffer(jnp.zeros((num_groups,), jnp.float32))

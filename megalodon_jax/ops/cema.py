@@ -206,10 +206,11 @@ def default_impl(length: int, backend: Optional[str] = None) -> str:
     # Measured (benchmarks/RESULTS.md, D=256, N=16, B=1): "sequential" is fastest below ~128 steps; from there on
     # "chunked" wins forward and forward+backward (1.2-2x over "fft" with blocked powers, 8-19x before them).
     return "sequential" if length < 128 else "chunked"
-  # GPU/TPU: not measured yet (no accelerator was available); keep the official FFT training path. The Pallas
-  # kernel ("pallas") is selectable explicitly but never picked here: it has no hardware measurement yet (issue 6
-  # keeps it only where benchmarks/kernels_cema.py shows it beating the best XLA path on that backend).
-  return "fft"
+  # TPU / GPU: chosen for memory, by the deviceless planner (benchmarks/RESULTS.md, "Fitting the hardware"). The
+  # 7B step at 32K tokens, 2 sequences per v5p chip: with "fft" XLA:TPU runs out of memory (114.5 GiB of
+  # temporaries; its FFT keeps several float32 (batch, model_dim, 2·length) buffers per layer), with "chunked" it
+  # compiles to a 60.9 GiB peak. Speed on hardware is still to be measured; the Pallas kernel is selectable.
+  return "chunked"
 
 
 def cema(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[jax.Array] = None, *,

@@ -25,7 +25,7 @@ ROWS = [
     ("7b-32k", "configs/megalodon_7b.py", "v5p-128", "train_step,prefill,decode", []),
     ("7b-4k", "configs/megalodon_7b.py", "v5p-128", "train_step", ["--config.seq_len=4096",
                                                                    "--config.batch_size=1024"]),
-    ("1.3b-16k", "configs/mega1_3b.py", "v5p-128", "train_step,prefill,decode", []),
+    ("1.3b-16k", "configs/mega1_3b.py", "v5p-128", "train_step", []),
     ("200m-8k", "configs/mega200m.py", "v5p-64", "train_step,prefill,decode", []),
     ("7b-128k-1seq", "configs/megalodon_7b.py", "v5p-128", "train_step", ["--config.seq_len=131072",
                                                                           "--config.batch_size=64"]),

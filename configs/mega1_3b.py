@@ -2,6 +2,9 @@
 
 Needs a prepared TFDS text dataset (--config.data.name, default pg19) and the Llama-2 SentencePiece model
 (--config.data.tokenizer_path). 16K-token sequences (8 chunks), 256 sequences = 4M tokens per step.
+
+Target: a v5p-128 slice (64 chips, fsdp 64, 4 sequences per chip); `python -m megalodon_jax.aot --config
+configs/mega1_3b.py --topology v5p-128` shows the per-chip memory (benchmarks/RESULTS.md, "Fitting the hardware").
 """
 
 from configs import _presets, default

@@ -2,6 +2,9 @@
 
 Needs a prepared TFDS text dataset (--config.data.name, default pg19) and the Llama-2 SentencePiece model
 (--config.data.tokenizer_path). 8K-token sequences (4 chunks), 256 sequences = 2M tokens per step.
+
+Target: a v5p-64 slice (32 chips, fsdp 32, 8 sequences per chip); `python -m megalodon_jax.aot --config
+configs/mega200m.py --topology v5p-64` shows the per-chip memory (benchmarks/RESULTS.md, "Fitting the hardware").
 """
 
 from configs import _presets, default

@@ -5,6 +5,12 @@ The paper trained 2T tokens (~477K steps) on 256 A100s with FSDP and 2-way chunk
 FSDP over every device with full remat, so the 128 sequences of a step fit at most 128 data x fsdp devices. On 256
 devices add tensor parallelism: --config.mesh.tensor=2 (fsdp -1 then fills 128).
 Needs a prepared TFDS text dataset (--config.data.name) and the Llama-2 tokenizer (--config.data.tokenizer_path).
+
+Target: a v5p-128 slice (64 chips, fsdp 64, 2 sequences of 32K per chip). Its train step compiles for it with the
+`auto` settings (XLA attention one chunk at a time, chunked CEMA) to a per-chip peak well inside the 95.74 GiB of a
+v5p chip (benchmarks/RESULTS.md, "Fitting the hardware"; check any variant with
+`python -m megalodon_jax.aot --config configs/megalodon_7b.py --topology v5p-128`). The same recipe at 4K context
+(--config.seq_len=4096 --config.batch_size=1024, 16 sequences per chip) fits too.
 """
 
 from configs import _presets, default

@@ -177,7 +177,7 @@ StackFrames
 1 {file_location_id=1 parent_frame_id=1}
 
 ENTRY %main {
-  %fusion.1 = bf16[2,16,32]{2,1,0} fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/jvp()/mul" stack_frame_id=1}
+  %fusion.1 = bf16[2,16,32]{2,1,0} fusion(%p), metadata={op_name="jit(train_step)/jvp()/mul" stack_frame_id=1}
 }
 """
 

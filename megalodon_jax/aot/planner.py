@@ -133,7 +133,7 @@ def suggest(report: Report) -> list[str]:
   s, out = report.settings, []
   per_chip = report.shape.get("seqs_per_chip", 1)
   if report.error and report.temp_gib == 0.0:
-    return [f"the compile failed for a reason other than memory; see the error above"]
+    return ["the compile failed for a reason other than memory; see the error above"]
   whole = _global_batch_tensors(report)
   if whole:
     out.append(f"tensors of the whole global batch sit on every chip ({', '.join(whole[:3])}): an activation is not "

@@ -207,9 +207,10 @@ def default_impl(length: int, backend: Optional[str] = None) -> str:
     # "chunked" wins forward and forward+backward (1.2-2x over "fft" with blocked powers, 8-19x before them).
     return "sequential" if length < 128 else "chunked"
   # TPU / GPU: chosen for memory, by the deviceless planner (benchmarks/RESULTS.md, "Fitting the hardware"). The
-  # 7B step at 32K tokens, 2 sequences per v5p chip: with "fft" XLA:TPU runs out of memory (114.5 GiB of
-  # temporaries; its FFT keeps several float32 (batch, model_dim, 2·length) buffers per layer), with "chunked" it
-  # compiles to a 60.9 GiB peak. Speed on hardware is still to be measured; the Pallas kernel is selectable.
+  # 7B step at 32K tokens, 2 sequences per v5p chip: with "fft" XLA:TPU runs out of memory (115.3 GiB of
+  # temporaries: the gradient of the FFT kernel is summed over the batch through a (chips, L/2, D) float32 buffer,
+  # 32 GiB, and its FFTs keep float32 (batch, D, 2L) buffers), with "chunked" it compiles to a 60.9 GiB peak and
+  # with "pallas" to 53.6 GiB. Speed on hardware is still to be measured.
   return "chunked"
 
 

@@ -227,7 +227,8 @@ def cema_scan(x: jax.Array, p: jax.Array, q_re: jax.Array, q_im: jax.Array, g_re
     omega: (D,) or (D, 1) skip weight.
     h0: optional (B, D, N, 2) float32 initial state (real, imag); None means zeros.
     block_sizes: tiling; defaults to `BlockSizes()`.
-    backend: "tpu" (Mosaic) or "gpu" (Triton) kernel; None picks by `platform.current_platform()` (the TPU kernel on CPU).
+    backend: "tpu" (Mosaic) or "gpu" (Triton) kernel; None picks by `platform.current_platform()` (the TPU kernel
+      on CPU).
     interpret: passed to `pallas_call`: True, False or `pltpu.InterpretParams()`; None interprets exactly when the
       default backend is not the kernel's (e.g. on CPU).
     mesh, batch_axes, channel_axes: run under `jax.shard_map` over these mesh axes (default mesh: the abstract mesh

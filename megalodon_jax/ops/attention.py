@@ -26,7 +26,7 @@ _DROPKEY_PENALTY = -1e30
 # (issue 6). Switch a platform's entry to "pallas" once benchmarks/kernels.py shows the kernel ahead of XLA there.
 AUTO_ATTENTION_IMPL = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "xla"}
 # Mesh axes (training/sharding.py) that split the batch and the heads; the kernel runs under shard_map over them.
-_BATCH_AXES, _HEAD_AXES = ("data", "fsdp"), ("tensor",)
+_BATCH_AXES, _HEAD_AXES, _LENGTH_AXES = ("data", "fsdp"), ("tensor",), ("sequence",)
 
 
 def resolve_attention_impl(impl: str, platform: Optional[str] = None) -> str:
@@ -47,8 +47,8 @@ def _pallas_options(dropout_rate: float, dropout_rng, drop_key: bool) -> dict:
   mesh = jax.sharding.get_abstract_mesh()
   names = () if mesh.empty else mesh.axis_names
   return dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng if dropout_rate > 0.0 else None,
-              batch_axes=tuple(a for a in _BATCH_AXES if a in names),
-              head_axes=tuple(a for a in _HEAD_AXES if a in names))
+              batch_axes=tuple(a for a in _BATCH_AXES if a in names and a not in mesh.manual_axes),
+              head_axes=tuple(a for a in _HEAD_AXES if a in names and a not in mesh.manual_axes))
 
 
 def normalized_qk(z: jax.Array, gamma: jax.Array, beta: jax.Array, num_heads: int, eps: float):
@@ -130,7 +130,9 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_siz
   """
   if impl == "pallas":
     from pallas_kernels.chunked_attention import chunked_attention  # pylint: disable=import-outside-toplevel
-    return chunked_attention(q, k, v, chunk_size, **_pallas_options(dropout_rate, dropout_rng, drop_key))
+    # Chunk parallelism: the kernel also splits the length over `sequence` when every shard holds whole chunks.
+    return chunked_attention(q, k, v, chunk_size, length_axes=_LENGTH_AXES,
+                             **_pallas_options(dropout_rate, dropout_rng, drop_key))
   b, l, h, dz = q.shape
   dv = v.shape[-1]
   c = min(chunk_size, l)

@@ -162,3 +162,33 @@ def test_model_with_pallas_attention_matches_one_device():
   want = _loss_and_grads(parts, inputs, targets)
   got = _loss_and_grads(parts, inputs, targets, _mesh((1, 2, 2, 2)))
   _assert_same(got, want)
+
+
+# ---------------------------------------------------------------------------------------------- inference
+
+def test_long_prompt_prefill_split_over_sequence_gives_the_one_device_cache():
+  """One sequence of 96 tokens prefilled on (sequence=8): the final CEMA / norm states, the last chunk's keys and
+  values and the logits equal the single-device prefill; a decoding step after it too."""
+  cfg = MegalodonConfig(**{**SMALL, "cema_impl": "chunked"})
+  model = MegalodonLM(cfg, rngs=nnx.Rngs(0))
+  model.eval()
+  graphdef, state = nnx.split(model)
+  ids, _ = _ids(b=1, l=96)
+  nxt = jnp.asarray([[7]], jnp.int32)
+
+  def prefill_then_step(state, ids, nxt):
+    m = nnx.merge(graphdef, state)
+    logits, cache = m(ids, cache=m.init_cache(ids.shape[0]))
+    step_logits, _ = m(nxt, cache=cache)
+    return logits, cache, step_logits
+
+  want = jax.jit(prefill_then_step)(state, ids, nxt)
+  mesh = _mesh((1, 8, 1, 1))
+  with jax.set_mesh(mesh):
+    ids_sharded = jax.device_put(ids, NamedSharding(mesh, P(None, "sequence")))
+    got = jax.jit(prefill_then_step)(state, ids_sharded, nxt)
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_leaves(want)):
+    if jnp.issubdtype(w.dtype, jnp.integer):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=jax.tree_util.keystr(path))
+    else:
+      assert _rel(g, w) <= RTOL, jax.tree_util.keystr(path)

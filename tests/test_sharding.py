@@ -361,3 +361,17 @@ def test_sharded_forward_matches_unsharded(sharded_model, mesh222):
   assert got.dtype == jnp.float32 and got.shape == (8, 16, TINY["vocab_size"])
   assert got.sharding.spec == P(("data", "fsdp"), None, None)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_shared_across_processes_detects_a_sequence_axis_spanning_hosts():
+  """Multi-host layout (checked on fake devices; the multi-process path itself runs in-process only here)."""
+  dev = lambda p: types.SimpleNamespace(process_index=p)  # noqa: E731
+  names = sh.MESH_AXES  # (data, sequence, fsdp, tensor)
+  # 2 hosts x 4 chips. data=2 over hosts, sequence=4 within a host: each host holds whole rows.
+  within = np.array([[dev(h) for _ in range(4)] for h in range(2)], dtype=object).reshape(2, 4, 1, 1)
+  assert not sh.rows_shared_across_processes(within, names)
+  # sequence=2 across the hosts, fsdp=4 within: the same rows live on both hosts.
+  across = np.array([[dev(h) for _ in range(4)] for h in range(2)], dtype=object).reshape(1, 2, 4, 1)
+  assert sh.rows_shared_across_processes(across, names)
+  mesh = _mesh(1, 1, 1, 8)  # one process: never shared
+  assert not sh.rows_shared_across_processes(mesh.devices, mesh.axis_names)

@@ -224,6 +224,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, SEQUENCE_AXIS if SEQUENCE_AXIS in mesh.axis_names else None))
 
 
+def rows_shared_across_processes(devices: np.ndarray, axis_names: Sequence[str]) -> bool:
+  """Whether some batch rows live on devices of more than one process (e.g. a `sequence` axis spanning hosts).
+
+  Each process's data iterator reads whole rows (batch_size / process_count of them); that only fits the batch
+  sharding when every group of devices holding the same rows (same data and fsdp coordinates) sits in one process.
+  Args:
+    devices: the mesh's device array (`mesh.devices`), one dimension per axis; anything with `process_index`.
+    axis_names: its axis names.
+  """
+  devices = np.asarray(devices)
+  row_axes = [i for i, a in enumerate(axis_names) if a in BATCH_AXES]
+  other = [i for i in range(devices.ndim) if i not in row_axes]
+  groups = np.transpose(devices, row_axes + other).reshape(
+      math.prod(devices.shape[i] for i in row_axes), -1)
+  return any(len({d.process_index for d in group}) > 1 for group in groups)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """A full copy on every device of the mesh (scalars, step counters, metrics)."""
   return NamedSharding(mesh, P())

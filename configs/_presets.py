@@ -33,7 +33,7 @@ def paper_recipe(c: ml_collections.ConfigDict) -> None:
   c.data.tokenizer = "sentencepiece"
   c.data.tokenizer_path = ""  # required: the Llama-2 tokenizer.model (--config.data.tokenizer_path=...)
   c.model.vocab_size = 32000  # the Llama-2 tokenizer's; fixed so that shapes (and the planner) need no file
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # pure FSDP over all devices (ZeRO-3)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.sequence = 1, -1, 1, 1  # pure FSDP over all devices (ZeRO-3)
   c.checkpoint_every = 1000
   c.log_every = 10
   c.eval_every = 1000

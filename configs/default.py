@@ -87,10 +87,13 @@ def get_config() -> ml_collections.ConfigDict:
   o.clip = 1.0  # global gradient-norm clip; 0 disables
 
   # ---------------- mesh and sharding ----------------
-  # Device mesh axes (data, fsdp, tensor); one size may be -1 (= all remaining devices).
+  # Device mesh axes (data, sequence, fsdp, tensor); one size may be -1 (= all remaining devices).
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # pure data parallelism (replicated params)
   c.mesh.fsdp = -1  # data parallelism with parameters and optimizer state sharded (ZeRO-3)
+  # Chunk parallelism: the length split over this many devices, each a contiguous slice of whole chunks (seq_len a
+  # multiple of sequence x chunk_size); context grows with the chips. Parameters are replicated over it.
+  c.mesh.sequence = 1
   c.mesh.tensor = 1  # tensor parallelism over vocab / value / qk / mlp widths
   # Logical parameter axis -> mesh axis (or None = replicated). A dimension not divisible by its mesh axis size
   # stays replicated. Names: vocab, embed, embed_out, value, qk, mlp, cema_ndim, cema (CEMA's model-width axis) and norm

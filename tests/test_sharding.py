@@ -22,12 +22,14 @@ TINY = dict(num_layers=2, model_dim=32, z_dim=16, value_dim=32, ffn_hidden_dim=6
             norm_num_groups=4, cema_ndim=4, dtype="float32", param_dtype="float32")
 
 
-def _mesh_cfg(data, fsdp, tensor):
-  return types.SimpleNamespace(data=data, fsdp=fsdp, tensor=tensor)
+def _mesh_cfg(data, fsdp, tensor, sequence=None):
+  if sequence is None:  # a config without mesh.sequence (older configs): the axis is 1
+    return types.SimpleNamespace(data=data, fsdp=fsdp, tensor=tensor)
+  return types.SimpleNamespace(data=data, fsdp=fsdp, tensor=tensor, sequence=sequence)
 
 
-def _mesh(data, fsdp, tensor):
-  return sh.make_mesh(_mesh_cfg(data, fsdp, tensor))
+def _mesh(data, fsdp, tensor, sequence=None):
+  return sh.make_mesh(_mesh_cfg(data, fsdp, tensor, sequence))
 
 
 def _make_model():
@@ -50,29 +52,31 @@ def sharded_model(mesh222):
 
 # ---------------- mesh ----------------
 
+# sizes: (data, fsdp, tensor[, sequence]); expected: MESH_AXES order (data, sequence, fsdp, tensor).
 @pytest.mark.parametrize("sizes, expected", [
-    ((8, 1, 1), (8, 1, 1)), ((2, 4, 1), (2, 4, 1)), ((2, 2, 2), (2, 2, 2)), ((1, -1, 1), (1, 8, 1)),
-    ((-1, 2, 2), (2, 2, 2)), ((1, 1, -1), (1, 1, 8)),
+    ((8, 1, 1), (8, 1, 1, 1)), ((2, 4, 1), (2, 1, 4, 1)), ((2, 2, 2), (2, 1, 2, 2)), ((1, -1, 1), (1, 1, 8, 1)),
+    ((-1, 2, 2), (2, 1, 2, 2)), ((1, 1, -1), (1, 1, 1, 8)), ((2, 1, 1, 4), (2, 4, 1, 1)),
+    ((1, 1, 1, -1), (1, 8, 1, 1)), ((1, 2, 2, 2), (1, 2, 2, 2)),
 ])
 def test_mesh_shape_and_make_mesh(sizes, expected):
   assert sh.mesh_shape(_mesh_cfg(*sizes), 8) == expected
   mesh = _mesh(*sizes)
-  assert mesh.axis_names == sh.MESH_AXES
+  assert mesh.axis_names == sh.MESH_AXES == ("data", "sequence", "fsdp", "tensor")
   assert tuple(mesh.shape[a] for a in sh.MESH_AXES) == expected
-  assert mesh.axis_types == (AxisType.Auto,) * 3
+  assert mesh.axis_types == (AxisType.Auto,) * 4
   assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
 
 
 def test_make_mesh_on_a_subset_of_devices():
   devices = jax.devices()[:4]
   mesh = sh.make_mesh(_mesh_cfg(-1, 2, 1), devices)
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 1}
+  assert dict(mesh.shape) == {"data": 2, "sequence": 1, "fsdp": 2, "tensor": 1}
   assert {d.id for d in mesh.devices.flat} == {d.id for d in devices}
 
 
 def test_make_mesh_from_the_config_dict():
   cfg = get_config()  # data=1, fsdp=-1, tensor=1: all devices on fsdp
-  assert dict(sh.make_mesh(cfg.mesh).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert dict(sh.make_mesh(cfg.mesh).shape) == {"data": 1, "sequence": 1, "fsdp": 8, "tensor": 1}
 
 
 @pytest.mark.parametrize("sizes, needles", [
@@ -85,6 +89,9 @@ def test_make_mesh_from_the_config_dict():
     ((2, 2, 1), ["4", "8", "-1"]),
     ((2, 2, 4), ["16", "8"]),
     ((3, -1, 1), ["mesh.fsdp=-1", "3", "8"]),
+    ((1, 1, 1, 0), ["mesh.sequence", "0"]),
+    ((1, -1, 1, -1), ["mesh.sequence", "mesh.fsdp", "-1"]),
+    ((1, 1, 1, 3), ["3", "8", "mesh.sequence"]),
 ])
 def test_mesh_shape_errors_name_the_key(sizes, needles):
   with pytest.raises(sh.ShardingError) as e:
@@ -303,7 +310,7 @@ def test_opt_state_shardings_rejects_mismatched_param_shardings(sharded_model, m
 # ---------------- batches ----------------
 
 def test_batch_and_replicated_shardings(mesh222):
-  assert sh.batch_sharding(mesh222).spec == P(("data", "fsdp"), None)
+  assert sh.batch_sharding(mesh222).spec == P(("data", "fsdp"), "sequence")
   assert sh.replicated(mesh222).spec == P()
   batch = jax.device_put(jnp.zeros((8, 16), jnp.int32), sh.batch_sharding(mesh222))
   assert {s.data.shape for s in batch.addressable_shards} == {(2, 16)}  # 8 rows over data x fsdp = 4
@@ -317,8 +324,23 @@ def test_check_batch(mesh222):
   assert "batch_size=8" in str(e.value) and "grad_accum_steps=3" in str(e.value)
   with pytest.raises(sh.ShardingError) as e:
     sh.check_batch(8, 4, mesh222)  # micro-batch 2 < 4 shards
-  for needle in ("batch_size", "grad_accum_steps", "mesh.data", "mesh.fsdp", "= 2 ", "= 4"):
+  for needle in ("batch_size", "grad_accum_steps", "mesh.data", "mesh.fsdp", "mesh.sequence=1", "= 2 ", "= 4",
+                 "nearest valid batch_size values are 16"):
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("seq_len, chunk, sequence, needles", [
+    (48, 4, 8, ["mesh.sequence=8", "seq_len=48", "chunk_size=4", "32 and 64", "mesh.sequence values are 6 and 12"]),
+    (40, 16, 2, ["mesh.sequence=2", "32 and 64", "not a whole number of chunks"]),
+    (64, 16, 8, ["mesh.sequence=8", "128", "mesh.sequence values are 4"]),
+])
+def test_check_sequence_names_mesh_sequence_and_nearest_values(seq_len, chunk, sequence, needles):
+  sh.check_sequence(seq_len, chunk, {"sequence": 1})  # no sequence axis: nothing to check
+  sh.check_sequence(sequence * chunk * 3, chunk, {"sequence": sequence})  # 3 whole chunks per shard
+  with pytest.raises(sh.ShardingError) as e:
+    sh.check_sequence(seq_len, chunk, {"sequence": sequence})
+  for needle in needles:
+    assert needle in str(e.value), str(e.value)
 
 
 # ---------------- a sharded forward pass ----------------
@@ -341,3 +363,17 @@ def test_sharded_forward_matches_unsharded(sharded_model, mesh222):
   assert got.dtype == jnp.float32 and got.shape == (8, 16, TINY["vocab_size"])
   assert got.sharding.spec == P(("data", "fsdp"), None, None)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_shared_across_processes_detects_a_sequence_axis_spanning_hosts():
+  """Multi-host layout (checked on fake devices; the multi-process path itself runs in-process only here)."""
+  dev = lambda p: types.SimpleNamespace(process_index=p)  # noqa: E731
+  names = sh.MESH_AXES  # (data, sequence, fsdp, tensor)
+  # 2 hosts x 4 chips. data=2 over hosts, sequence=4 within a host: each host holds whole rows.
+  within = np.array([[dev(h) for _ in range(4)] for h in range(2)], dtype=object).reshape(2, 4, 1, 1)
+  assert not sh.rows_shared_across_processes(within, names)
+  # sequence=2 across the hosts, fsdp=4 within: the same rows live on both hosts.
+  across = np.array([[dev(h) for _ in range(4)] for h in range(2)], dtype=object).reshape(1, 2, 4, 1)
+  assert sh.rows_shared_across_processes(across, names)
+  mesh = _mesh(1, 1, 1, 8)  # one process: never shared
+  assert not sh.rows_shared_across_processes(mesh.devices, mesh.axis_names)

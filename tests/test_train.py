@@ -207,10 +207,63 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   assert latest == bad_step - 1
 
 
+SEQ = {"model.chunk_size": 16, "seq_len": 128, "total_steps": 5}  # 8 chunks: 2 per slice on mesh.sequence=4
+
+
+def _mesh_keys(data, sequence, fsdp, tensor):
+  return {"mesh.data": data, "mesh.sequence": sequence, "mesh.fsdp": fsdp, "mesh.tensor": tensor}
+
+
+@pytest.fixture(scope="module")
+def one_device_sequence_losses(tmp_path_factory, data_dir):
+  cfg = small_config(data_dir, **SEQ, **_mesh_keys(1, 1, 1, 1))
+  return _run(cfg, tmp_path_factory.mktemp("one_seq"), jax.devices()[:1])
+
+
+def test_sequence_axis_follows_the_one_device_trajectory(tmp_path, data_dir, one_device_sequence_losses):
+  """Five steps on (data=2, sequence=4) against one device: the loss trajectory to 1e-5 relative."""
+  got = _run(small_config(data_dir, **SEQ, **_mesh_keys(2, 4, 1, 1)), tmp_path, jax.devices())
+  assert sorted(got) == sorted(one_device_sequence_losses) == list(range(1, 6))
+  for step, loss in one_device_sequence_losses.items():
+    assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)
+  header = open(tmp_path / "shardings.txt").readline()
+  assert "'sequence': 4" in header and "'sequence'" in header.split("batches")[1]
+
+
+def test_global_batch_when_rows_span_processes(data_dir):
+  """The multi-host path for a `sequence` axis spanning hosts (every process reads the whole batch and places its
+  slices), exercised in-process: it must build the same global arrays as the per-process-rows path."""
+  run = trainer._Run(small_config(data_dir, **SEQ, **_mesh_keys(2, 4, 1, 1)), None, jax.devices(), vocab_size=256)
+  assert not run.shared_rows and run.data_split() == (0, 1)
+  batch = {"inputs": np.arange(8 * 128).reshape(8, 128) % 256, "targets": np.arange(8 * 128).reshape(8, 128) % 7}
+  local = run.global_batch(batch)
+  run.shared_rows = True
+  shared = run.global_batch(batch)
+  for k in batch:
+    assert shared[k].sharding == local[k].sharding == run.batch_sharding
+    np.testing.assert_array_equal(np.asarray(shared[k]), np.asarray(local[k]))
+    assert {s.data.shape for s in shared[k].addressable_shards} == {(4, 32)}
+
+
+def test_a_sequence_parallel_checkpoint_resumes_on_another_mesh(tmp_path, data_dir):
+  """3 steps on (sequence=4, fsdp=2), resumed to 5 on (data=2, sequence=2, tensor=2), against one device."""
+  def two_phases(workdir, mesh_a, mesh_b, devices):
+    _run(small_config(data_dir, **{**SEQ, "total_steps": 3}, **_mesh_keys(*mesh_a)), workdir, devices)
+    return _run(small_config(data_dir, **SEQ, **_mesh_keys(*mesh_b)), workdir, devices)
+
+  want = two_phases(tmp_path / "one", (1, 1, 1, 1), (1, 1, 1, 1), jax.devices()[:1])
+  got = two_phases(tmp_path / "eight", (1, 4, 2, 1), (2, 2, 1, 2), jax.devices())
+  assert sorted(got) == sorted(want) == list(range(1, 6))
+  for step, loss in want.items():
+    assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)
+
+
 @pytest.mark.parametrize("overrides, key", [
     ({"seq_len": 100}, "seq_len"),
     ({"batch_size": 6}, "batch_size"),
     ({"mesh.data": 3}, "mesh"),
+    ({"mesh.sequence": 4, "mesh.fsdp": 2, "seq_len": 96}, "mesh.sequence"),  # 96 is not 4 slices of whole chunks
+    ({"mesh.sequence": 2, "mesh.fsdp": -1, "batch_size": 6}, "mesh.sequence"),  # 6 rows over fsdp = 4
     ({"grad_accum_steps": 3}, "batch_size"),
     ({"eval_every": 7, "log_every": 2}, "eval_every"),
     ({"optimizer.warmup_steps": 50}, "warmup_steps"),

@@ -159,6 +159,7 @@ def suggest(report: Report) -> list[str]:
   if s.get("mesh_data", 1) > 1:
     out.append("parameters are replicated over mesh.data; move those chips to fsdp: --config.mesh.data=1 "
                "--config.mesh.fsdp=-1")
-  out.append("a shorter --config.seq_len per chip; the sequence mesh axis (one sequence split over chips) is not "
-             "available yet")
+  if report.program == "train_step":
+    out.append("split each sequence over chips with the sequence mesh axis (--config.mesh.sequence=2, 4, ...; "
+               "seq_len must be a multiple of mesh.sequence x model.chunk_size)")
   return out

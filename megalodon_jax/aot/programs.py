@@ -52,9 +52,10 @@ def train_program(run: _Run) -> Program:
   """The train step of `run` (after `run.build()`), on a (batch_size, seq_len) int32 batch."""
   cfg = run.cfg
   batch = _sds((cfg.batch_size, cfg.seq_len), jnp.int32, run.batch_sharding)
-  shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+  shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"] * run.mesh.shape.get("sequence", 1)
   chips = len(run.devices)
   flops = flops_lib.train_step_flops(run.model_cfg, cfg.batch_size, cfg.seq_len, causal_attention=True) / chips
+  # With a sequence axis a chip holds a slice of a sequence: seqs_per_chip is then a fraction.
   return Program("train_step", run.train_step, (run.abstract_state, {"inputs": batch, "targets": batch}), flops,
                  {"batch": cfg.batch_size, "seq_len": cfg.seq_len, "seqs_per_chip": cfg.batch_size / shards,
                   "grad_accum_steps": cfg.grad_accum_steps})

@@ -11,6 +11,7 @@ from flax import nnx
 
 from megalodon_jax.nn.init import truncated_normal
 from megalodon_jax.ops import cema as cema_ops
+from megalodon_jax.ops import sequence_parallel as sp
 
 
 def theta_init(key: jax.Array, dim: int) -> jax.Array:
@@ -48,5 +49,10 @@ class ComplexEMA(nnx.Module):
     return cema_ops.cema_coefficients(self.alpha[...], self.delta[...], self.theta[...], self.gamma[...])
 
   def __call__(self, x: jax.Array, h0: Optional[jax.Array] = None, return_state: bool = False):
-    """x: (B, L, D) -> (y (B, L, D) float32, final state (B, D, N, 2) float32 or None)."""
-    return cema_ops.cema(x, self.coefficients(), self.omega[...], h0, impl=self.impl, return_state=return_state)
+    """x: (B, L, D) -> (y (B, L, D) float32, final state (B, D, N, 2) float32 or None).
+
+    Under a mesh whose `sequence` axis splits L, each slice runs `impl` locally and the state is carried across the
+    slices (ops/sequence_parallel.py); the result is the same.
+    """
+    fn = sp.cema if sp.sequence_mesh(x.shape[1]) is not None else cema_ops.cema
+    return fn(x, self.coefficients(), self.omega[...], h0, impl=self.impl, return_state=return_state)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from megalodon_jax.nn.init import Initializer, linear_kernel_init
 from megalodon_jax.ops import norms
+from megalodon_jax.ops import sequence_parallel as sp
 from megalodon_jax.ops import timestep_norm as tsn
 
 
@@ -103,8 +104,13 @@ class TimestepNorm(nnx.Module):
     return tsn.initial_state(batch_size, self.prior_count[...], self.prior_mean[...], self.prior_logv[...])
 
   def __call__(self, x: jax.Array, state: Optional[tsn.NormState] = None, mask: Optional[jax.Array] = None):
-    """x: (B, L, D) -> (y (B, L, D) in x.dtype, NormState after the last step)."""
+    """x: (B, L, D) -> (y (B, L, D) in x.dtype, NormState after the last step).
+
+    Under a mesh whose `sequence` axis splits L, the statistics are carried across the slices
+    (ops/sequence_parallel.py); the result is the same.
+    """
     if state is None:
       state = self.initial_state(x.shape[0])
-    return tsn.timestep_norm(x, self.weight[...], self.bias[...], state, num_groups=self.num_groups, eps=self.eps,
+    fn = sp.timestep_norm if sp.sequence_mesh(x.shape[1]) is not None else tsn.timestep_norm
+    return fn(x, self.weight[...], self.bias[...], state, num_groups=self.num_groups, eps=self.eps,
                              mask=mask)

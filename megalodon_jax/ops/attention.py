@@ -14,6 +14,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
 from megalodon_jax.ops.norms import rms_norm
 from pallas_kernels.platform import current_platform
 
@@ -26,7 +28,7 @@ _DROPKEY_PENALTY = -1e30
 # (issue 6). Switch a platform's entry to "pallas" once benchmarks/kernels.py shows the kernel ahead of XLA there.
 AUTO_ATTENTION_IMPL = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "xla"}
 # Mesh axes (training/sharding.py) that split the batch and the heads; the kernel runs under shard_map over them.
-_BATCH_AXES, _HEAD_AXES = ("data", "fsdp"), ("tensor",)
+_BATCH_AXES, _HEAD_AXES, _LENGTH_AXES = ("data", "fsdp"), ("tensor",), ("sequence",)
 
 
 def resolve_attention_impl(impl: str, platform: Optional[str] = None) -> str:
@@ -47,8 +49,8 @@ def _pallas_options(dropout_rate: float, dropout_rng, drop_key: bool) -> dict:
   mesh = jax.sharding.get_abstract_mesh()
   names = () if mesh.empty else mesh.axis_names
   return dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng if dropout_rate > 0.0 else None,
-              batch_axes=tuple(a for a in _BATCH_AXES if a in names),
-              head_axes=tuple(a for a in _HEAD_AXES if a in names))
+              batch_axes=tuple(a for a in _BATCH_AXES if a in names and a not in mesh.manual_axes),
+              head_axes=tuple(a for a in _HEAD_AXES if a in names and a not in mesh.manual_axes))
 
 
 def normalized_qk(z: jax.Array, gamma: jax.Array, beta: jax.Array, num_heads: int, eps: float):
@@ -130,7 +132,13 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_siz
   """
   if impl == "pallas":
     from pallas_kernels.chunked_attention import chunked_attention  # pylint: disable=import-outside-toplevel
-    return chunked_attention(q, k, v, chunk_size, **_pallas_options(dropout_rate, dropout_rng, drop_key))
+    # Chunk parallelism: the kernel also splits the length over `sequence` when every shard holds whole chunks.
+    return chunked_attention(q, k, v, chunk_size, length_axes=_LENGTH_AXES,
+                             **_pallas_options(dropout_rate, dropout_rng, drop_key))
+  split = _sequence_split(q.shape, chunk_size)
+  if split is not None:
+    return _xla_over_slices(q, k, v, chunk_size, split, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                            drop_key=drop_key, chunk_loop=chunk_loop)
   b, l, h, dz = q.shape
   dv = v.shape[-1]
   c = min(chunk_size, l)
@@ -151,6 +159,46 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_siz
     scores = jnp.einsum("bnqhd,bnkhd->bnhqk", qc, kc, preferred_element_type=jnp.float32)
     out = _softmax_attend(scores, causal, vc, "bnhqk,bnkhd->bnqhd", dropout_rate, dropout_rng, drop_key)
   return out.reshape(b, nc * c, h, dv)[:, :l].astype(v.dtype)
+
+
+def _sequence_split(shape, chunk_size: int):
+  """(mesh, batch axes, head axes) when the ambient mesh's `sequence` axis splits L into whole chunks, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "sequence" not in mesh.axis_names or "sequence" in mesh.manual_axes:
+    return None
+  shards = mesh.shape["sequence"]
+  if shards == 1 or shape[1] % (shards * chunk_size):
+    return None
+
+  def fit(axes, size):
+    axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes)
+    while axes and size % math.prod(mesh.shape[a] for a in axes):
+      axes = axes[:-1]
+    return axes
+
+  return mesh, fit(_BATCH_AXES, shape[0]), fit(_HEAD_AXES, shape[2])
+
+
+def _xla_over_slices(q, k, v, chunk_size, split, *, dropout_rate, dropout_rng, drop_key, chunk_loop):
+  """The XLA attention on each length slice under `shard_map`: chunks never cross a slice, so nothing moves.
+
+  Without it XLA would gather the whole length for the chunk loop's scan. Dropout masks fold in the shard's
+  position on the mesh (same distribution as an unsplit call, different draws).
+  """
+  mesh, bax, hax = split
+  spec = P(bax or None, "sequence", hax or None, None)
+  manual = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+
+  def body(q, k, v, *rng):
+    key = None
+    if rng:
+      key = jax.random.fold_in(rng[0], jax.lax.axis_index(manual)) if manual else rng[0]
+    return chunked_causal_attention(q, k, v, chunk_size, dropout_rate=dropout_rate, dropout_rng=key,
+                                    drop_key=drop_key, chunk_loop=chunk_loop)
+
+  rngs = (dropout_rng,) if dropout_rate > 0.0 else ()
+  return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec) + (P(),) * len(rngs), out_specs=spec,
+                       check_vma=False)(q, k, v, *rngs)
 
 
 def _chunk_loop(qc: jax.Array, kc: jax.Array, vc: jax.Array, causal: jax.Array, dropout_rate: float,

@@ -103,7 +103,7 @@ def _contract_blocked(wr: jax.Array, wi: jax.Array, pw: _BlockedPowers, spec: st
   return (jnp.einsum(spec, ar, pw.inner_re, precision=HIGHEST) - jnp.einsum(spec, ai, pw.inner_im, precision=HIGHEST))
 
 
-def _initial_state_contribution(coeffs: CEMACoeffs, h0: jax.Array, length: int) -> jax.Array:
+def initial_state_contribution(coeffs: CEMACoeffs, h0: jax.Array, length: int) -> jax.Array:
   """b_t = Re Σ_n γ̃ q^{t+1} h0 for t < L: (B, L, D) float32. h0: (B, D, N, 2)."""
   h0 = h0.astype(jnp.float32)
   wr = coeffs.g_re * h0[..., 0] - coeffs.g_im * h0[..., 1]  # γ̃ h0: (B, D, N)
@@ -161,7 +161,7 @@ def cema_fft(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[ja
   u = x.astype(jnp.float32)
   y = fft_causal_conv(u, cema_kernel(coeffs, length))
   if h0 is not None:
-    y = y + _initial_state_contribution(coeffs, h0, length)
+    y = y + initial_state_contribution(coeffs, h0, length)
   y = y + u * omega.reshape(-1).astype(jnp.float32)
   state = None
   if return_state:
@@ -180,7 +180,8 @@ def cema_pallas(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional
   from pallas_kernels.cema import cema_scan  # pylint: disable=import-outside-toplevel
   mesh = jax.sharding.get_abstract_mesh()
   names = () if mesh.empty else mesh.axis_names
-  batch_axes = tuple(a for a in ("data", "fsdp") if a in names)
+  # Axes already manual (inside the chunk-parallel shard_map, ops/sequence_parallel.py) are split by the caller.
+  batch_axes = tuple(a for a in ("data", "fsdp") if a in names and a not in mesh.manual_axes)
   y, state = cema_scan(x, coeffs.p, coeffs.q_re, coeffs.q_im, coeffs.g_re, coeffs.g_im, omega.reshape(-1), h0,
                        batch_axes=batch_axes)
   return y, (state if return_state else None)

@@ -8,7 +8,7 @@ the tiny config showed exactly that (`bf16[8,128,32000]` on each of 4 chips, whe
 model states, at a few points, the layout it wants:
 
   batch  -> ("data", "fsdp")   the devices the batch is split over
-  length -> None               (whole sequences per device)
+  length -> "sequence"         contiguous slices of whole chunks (chunk parallelism; whole without the axis)
   embed  -> None               activations keep the model width whole; FSDP gathers weights instead
   heads, value, mlp, vocab -> "tensor"   the widths tensor parallelism splits
 
@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 # Logical activation axis -> mesh axes, in mesh-axis order.
 ACTIVATION_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
-    "length": (),
+    "length": ("sequence",),
     "embed": (),
     "heads": ("tensor",),
     "value": ("tensor",),

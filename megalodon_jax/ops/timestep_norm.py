@@ -84,7 +84,7 @@ def initial_state(batch_size: int, prior_count, prior_mean, prior_logv) -> NormS
   return NormState(lo, mean, var, hi)
 
 
-def _chan_merge(a, b):
+def chan_merge(a, b):
   """Merges summaries a = (n, M, S) then b, each of count n, mean M and population variance S."""
   na, ma, sa = a
   nb, mb, sb = b
@@ -101,6 +101,37 @@ def _chan_merge(a, b):
   return n, mean, var
 
 
+def local_prefix(x: jax.Array, num_groups: int, mask: Optional[jax.Array] = None):
+  """The inclusive prefix of per-step (count, mean, var) summaries of `x` from an empty state.
+
+  Args:
+    x: (B, L, D) any float dtype, L >= 1.  num_groups: G.  mask: optional (B, L) bool, True = padded step.
+  Returns:
+    (n, mean, var), each (B, L, G) float32: the statistics of steps 0..t alone (no carried state).
+  """
+  b, l, d = x.shape
+  xf = x.astype(jnp.float32).reshape(b, l, num_groups, d // num_groups)
+  step_mean = jnp.mean(xf, axis=-1)
+  step_var = jnp.mean(jnp.square(xf - step_mean[..., None]), axis=-1)
+  step_n = jnp.ones((b, l, 1), jnp.float32)
+  if mask is not None:
+    step_n = jnp.where(mask[..., None], 0.0, step_n)
+  step_n = jnp.broadcast_to(step_n, step_mean.shape)
+  return jax.lax.associative_scan(chan_merge, (step_n, step_mean, step_var), axis=1)
+
+
+def state_summary(state: NormState):
+  """A NormState as a (count, mean, var) summary for `chan_merge`: each (B, G) float32."""
+  n0 = jnp.broadcast_to(_count_as_float(state)[:, None], state.mean.shape)
+  return n0, state.mean.astype(jnp.float32), state.var.astype(jnp.float32)
+
+
+def valid_steps(x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+  """(B,) int32: the steps of `x` (B, L, ...) that are not padding."""
+  b, l = x.shape[:2]
+  return jnp.full((b,), l, jnp.int32) if mask is None else jnp.sum(~mask, axis=1, dtype=jnp.int32)
+
+
 def cumulative_stats(x: jax.Array, state: NormState, num_groups: int, mask: Optional[jax.Array] = None):
   """Per-step cumulative statistics.
 
@@ -112,7 +143,7 @@ def cumulative_stats(x: jax.Array, state: NormState, num_groups: int, mask: Opti
   Returns:
     mean, var: (B, L, G) float32 statistics including step t; and the NormState after the last step.
   """
-  b, l, d = x.shape
+  b, l, _ = x.shape
   if l > MAX_PIECE:
     raise ValueError(f"a TimestepNorm piece of {l} steps is longer than {MAX_PIECE}; split the sequence")
   if l == 0:
@@ -120,21 +151,25 @@ def cumulative_stats(x: jax.Array, state: NormState, num_groups: int, mask: Opti
     empty = jnp.zeros((b, 0, num_groups), jnp.float32)
     return empty, empty, NormState(state.count, state.mean.astype(jnp.float32), state.var.astype(jnp.float32),
                                    state.count_hi)
-  xf = x.astype(jnp.float32).reshape(b, l, num_groups, d // num_groups)
-  step_mean = jnp.mean(xf, axis=-1)
-  step_var = jnp.mean(jnp.square(xf - step_mean[..., None]), axis=-1)
-  step_n = jnp.ones((b, l, 1), jnp.float32)
-  if mask is not None:
-    step_n = jnp.where(mask[..., None], 0.0, step_n)
-  step_n = jnp.broadcast_to(step_n, step_mean.shape)
-  prefix = jax.lax.associative_scan(_chan_merge, (step_n, step_mean, step_var), axis=1)
-  n0 = jnp.broadcast_to(_count_as_float(state)[:, None, None], step_mean.shape)
-  init = (n0, state.mean[:, None, :].astype(jnp.float32), state.var[:, None, :].astype(jnp.float32))
-  _, mean, var = _chan_merge(init, prefix)
-  valid = jnp.full((b,), l, jnp.int32) if mask is None else jnp.sum(~mask, axis=1, dtype=jnp.int32)
-  lo, hi = _add_count(state, valid)
+  prefix = local_prefix(x, num_groups, mask)
+  init = jax.tree.map(lambda a: a[:, None, :], state_summary(state))
+  _, mean, var = chan_merge(init, prefix)
+  lo, hi = _add_count(state, valid_steps(x, mask))
   new_state = NormState(lo, mean[:, -1], var[:, -1], hi)
   return mean, var, new_state
+
+
+def normalize(x: jax.Array, mean: jax.Array, var: jax.Array, weight: jax.Array, bias: jax.Array, eps: float,
+              mask: Optional[jax.Array] = None) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) per group, then (1 + weight) and bias: x (B, L, D), mean/var (B, L, G) -> x.dtype."""
+  b, l, d = x.shape
+  g = mean.shape[-1]
+  xf = x.astype(jnp.float32).reshape(b, l, g, d // g)
+  y = (xf - mean[..., None]) * jax.lax.rsqrt(var[..., None] + eps)
+  y = y.reshape(b, l, d) * (1.0 + weight.astype(jnp.float32)) + bias.astype(jnp.float32)
+  if mask is not None:
+    y = jnp.where(mask[..., None], 0.0, y)
+  return y.astype(x.dtype)
 
 
 def timestep_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, state: NormState, *, num_groups: int,
@@ -151,12 +186,5 @@ def timestep_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, state: NormS
   Returns:
     y: (B, L, D) in x.dtype, and the NormState after the last step.
   """
-  b, l, d = x.shape
   mean, var, new_state = cumulative_stats(x, state, num_groups, mask)
-  m = d // num_groups
-  xf = x.astype(jnp.float32).reshape(b, l, num_groups, m)
-  y = (xf - mean[..., None]) * jax.lax.rsqrt(var[..., None] + eps)
-  y = y.reshape(b, l, d) * (1.0 + weight.astype(jnp.float32)) + bias.astype(jnp.float32)
-  if mask is not None:
-    y = jnp.where(mask[..., None], 0.0, y)
-  return y.astype(x.dtype), new_state
+  return normalize(x, mean, var, weight, bias, eps, mask), new_state

@@ -117,13 +117,14 @@ def validate(cfg: Any, num_devices: int, *, check_inputs: bool = True) -> None:
     sharding.check_rules(cfg.logical_axis_rules)
   except sharding.ShardingError as e:
     raise ConfigError(str(e)) from None
-  micro = cfg.batch_size // cfg.grad_accum_steps
-  if cfg.batch_size % cfg.grad_accum_steps:
-    _fail("batch_size", cfg.batch_size, f"must be divisible by grad_accum_steps={cfg.grad_accum_steps}")
-  shards = shape[0] * shape[1]
-  if micro % shards:
-    _fail("batch_size", cfg.batch_size, f"the micro-batch batch_size / grad_accum_steps = {micro} must be divisible "
-          f"by mesh.data x mesh.fsdp = {shape[0]} x {shape[1]} = {shards} (the devices the batch is split over)")
+  sizes = dict(zip(sharding.MESH_AXES, shape))
+  try:
+    sharding.check_batch(cfg.batch_size, cfg.grad_accum_steps, sizes)
+    if isinstance(chunk, int) and chunk > 0:
+      sharding.check_sequence(cfg.seq_len, chunk, sizes)
+  except sharding.ShardingError as e:
+    raise ConfigError(f"--config.batch_size={cfg.batch_size!r}: {e}" if "batch_size" in str(e).split(" ", 1)[0]
+                      else f"--config.mesh.sequence={sizes['sequence']!r}: {e}") from None
 
   if not check_inputs:
     return

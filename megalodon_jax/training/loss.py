@@ -5,6 +5,10 @@ their gradient too. `chunked_lm_loss` splits the length into pieces, applies the
 piece at a time inside a `lax.scan`, and rematerialises each piece's logits in the backward pass: only one
 piece's logits (and their gradient) are live at any time. The result equals the loss over the full logits up to
 float32 summation order.
+
+With chunk parallelism (a `sequence` mesh axis of size S splitting L) each step of the scan takes one piece from
+every length slice, (B, S·T) positions whose S parts live on S devices: the scan runs along the unsplit axis, so
+no device ever gathers another's features. The sum is over the whole global sequence either way.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ def piece_length(seq_len: int, max_piece: int) -> int:
   return seq_len
 
 
+def _sequence_shards(length: int) -> int:
+  """The size of the ambient mesh's `sequence` axis when it splits `length`, else 1."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "sequence" not in mesh.axis_names or "sequence" in mesh.manual_axes:
+    return 1
+  shards = mesh.shape["sequence"]
+  return shards if length % shards == 0 else 1
+
+
 def chunked_lm_loss(head: Callable[[jax.Array], jax.Array], features: jax.Array, targets: jax.Array,
                     max_piece: int) -> tuple[jax.Array, jax.Array]:
   """Summed cross-entropy of `head(features)` against `targets`, `max_piece` positions at a time.
@@ -53,12 +66,15 @@ def chunked_lm_loss(head: Callable[[jax.Array], jax.Array], features: jax.Array,
     (loss_sum () float32 in nats, token_count () float32).
   """
   b, length = targets.shape
-  size = piece_length(length, max_piece)
-  if size == length:
+  shards = _sequence_shards(length)
+  size = piece_length(length // shards, max_piece)
+  if size * shards == length:
     return cross_entropy(head(features), targets)
-  pieces = length // size
-  xs = jnp.moveaxis(features.reshape(b, pieces, size, features.shape[-1]), 1, 0)  # (P, B, T, D)
-  ts = jnp.moveaxis(targets.reshape(b, pieces, size), 1, 0)  # (P, B, T)
+  pieces = length // (size * shards)
+  d = features.shape[-1]
+  # (B, S, P, T, ...) -> (P, B, S·T, ...): piece p of every slice; slice s keeps its own positions on its device.
+  xs = jnp.moveaxis(features.reshape(b, shards, pieces, size, d), 2, 0).reshape(pieces, b, shards * size, d)
+  ts = jnp.moveaxis(targets.reshape(b, shards, pieces, size), 2, 0).reshape(pieces, b, shards * size)
 
   @jax.checkpoint  # recompute the piece's logits in the backward pass instead of saving them
   def piece_loss(x, t):

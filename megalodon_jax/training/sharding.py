@@ -1,7 +1,10 @@
 """Device mesh and shardings from the config: parameters and optimizer state (FSDP / tensor), batches (data).
 
-The mesh has three named axes, MESH_AXES = ("data", "fsdp", "tensor"), sized by `mesh.data`, `mesh.fsdp`,
-`mesh.tensor` (one may be -1: all remaining devices). Every `nnx.Param` carries `logical_axes` metadata, one
+The mesh has four named axes, MESH_AXES = ("data", "sequence", "fsdp", "tensor"), sized by `mesh.data`,
+`mesh.sequence`, `mesh.fsdp`, `mesh.tensor` (one may be -1: all remaining devices; `mesh.sequence` defaults to 1
+when a config lacks it). The order puts the axes that move the most bytes innermost (tensor: activations every
+layer; fsdp: weights every layer) and the data-like axes outermost (sequence: a few small per-layer summaries and
+the once-per-step gradient reduction, like data). Every `nnx.Param` carries `logical_axes` metadata, one
 logical name (or None) per dimension; `logical_axis_rules` maps each name to a mesh axis, a tuple of mesh axes or
 None. From those:
 - a dimension whose size is not divisible by its mesh-axis size (the product for a tuple) stays replicated;
@@ -9,7 +12,10 @@ None. From those:
 - names absent from the rules, and variables without `logical_axes` (Buffers, RNG state), are replicated;
 - mesh axes of size 1 are kept in the specs: a spec depends only on the rules and on divisibility, not on how
   many devices the run has (sharding over a size-1 axis is replication anyway).
-Batches (B, L) are split over data x fsdp; the optimizer state follows the params it mirrors.
+Batches (B, L) are split over data x fsdp on B and over `sequence` on L (each shard a contiguous slice of whole
+attention chunks; ops/sequence_parallel.py carries the CEMA and TimestepNorm states across the slices).
+Parameters are replicated over `sequence` (a data-like axis: their gradients are summed over it by the global
+loss mean). The optimizer state follows the params it mirrors.
 
 Use the mesh with `with jax.set_mesh(mesh):` (`jax.sharding.use_mesh` was removed in jax 0.7.1, and the bare
 `with mesh:` is deprecated after 0.10). Every sharding built here is a concrete NamedSharding, so jit
@@ -26,7 +32,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "sequence", "fsdp", "tensor")
+# Axes the batch dimension is split over, and the one the length is split over.
+BATCH_AXES = ("data", "fsdp")
+SEQUENCE_AXIS = "sequence"
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -35,27 +44,28 @@ class ShardingError(ValueError):
   """The mesh, the logical axis rules or the batch do not fit; the message names the config key and the fix."""
 
 
-def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
-  """Mesh sizes (data, fsdp, tensor) from `mesh_cfg.data/.fsdp/.tensor`, a -1 filled with the remaining devices.
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int, int]:
+  """Mesh sizes in MESH_AXES order (data, sequence, fsdp, tensor), a -1 filled with the remaining devices.
 
   Args:
-    mesh_cfg: Anything with int attributes `data`, `fsdp`, `tensor` (the config's `mesh` ConfigDict).
+    mesh_cfg: Anything with int attributes `data`, `fsdp`, `tensor` and optionally `sequence` (default 1): the
+      config's `mesh` ConfigDict.
     num_devices: Devices the mesh must use, all of them.
   Returns:
-    (data, fsdp, tensor), positive ints whose product is `num_devices`.
+    (data, sequence, fsdp, tensor), positive ints whose product is `num_devices`.
   Raises:
     ShardingError: a size is not an int >= 1 or -1, more than one is -1, or the sizes do not multiply to
       `num_devices`; the message names the `mesh.*` key(s).
   """
   sizes = []
   for axis in MESH_AXES:
-    size = getattr(mesh_cfg, axis)
+    size = getattr(mesh_cfg, axis, 1) if axis == SEQUENCE_AXIS else getattr(mesh_cfg, axis)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
       raise ShardingError(f"mesh.{axis} must be an int >= 1, or -1 for all remaining devices; got {size!r}")
     sizes.append(int(size))
   auto = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
   if len(auto) > 1:
-    raise ShardingError(f"only one of mesh.data/mesh.fsdp/mesh.tensor may be -1; got -1 for "
+    raise ShardingError(f"only one of mesh.data/mesh.sequence/mesh.fsdp/mesh.tensor may be -1; got -1 for "
                         f"{', '.join('mesh.' + a for a in auto)}")
   fixed = math.prod(s for s in sizes if s != -1)
   shown = " x ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
@@ -66,12 +76,12 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
     sizes[MESH_AXES.index(auto[0])] = num_devices // fixed
   elif fixed != num_devices:
     raise ShardingError(f"the mesh {shown} has {fixed} devices but {num_devices} are available; make the product "
-                        f"equal {num_devices}, e.g. set one of mesh.data/mesh.fsdp/mesh.tensor to -1")
+                        f"equal {num_devices}, e.g. set one of mesh.data/mesh.sequence/mesh.fsdp/mesh.tensor to -1")
   return tuple(sizes)
 
 
 def make_mesh(mesh_cfg: Any, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """The (data, fsdp, tensor) mesh over `devices` (default: all of `jax.devices()`), every axis AxisType.Auto.
+  """The (data, sequence, fsdp, tensor) mesh over `devices` (default: all of `jax.devices()`), every axis AxisType.Auto.
 
   Auto (not jax.make_mesh's default, Explicit) because the model is written without sharding annotations: XLA
   propagates the param and batch shardings through it.
@@ -210,8 +220,25 @@ def opt_state_shardings(tx: Any, params_abstract: Any, param_shardings: Any, mes
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of a (B, L) batch: B split over data x fsdp, L whole on each device."""
-  return NamedSharding(mesh, P(("data", "fsdp"), None))
+  """Sharding of a (B, L) batch: B split over data x fsdp, L over sequence (a contiguous slice per shard)."""
+  return NamedSharding(mesh, P(BATCH_AXES, SEQUENCE_AXIS if SEQUENCE_AXIS in mesh.axis_names else None))
+
+
+def rows_shared_across_processes(devices: np.ndarray, axis_names: Sequence[str]) -> bool:
+  """Whether some batch rows live on devices of more than one process (e.g. a `sequence` axis spanning hosts).
+
+  Each process's data iterator reads whole rows (batch_size / process_count of them); that only fits the batch
+  sharding when every group of devices holding the same rows (same data and fsdp coordinates) sits in one process.
+  Args:
+    devices: the mesh's device array (`mesh.devices`), one dimension per axis; anything with `process_index`.
+    axis_names: its axis names.
+  """
+  devices = np.asarray(devices)
+  row_axes = [i for i, a in enumerate(axis_names) if a in BATCH_AXES]
+  other = [i for i in range(devices.ndim) if i not in row_axes]
+  groups = np.transpose(devices, row_axes + other).reshape(
+      math.prod(devices.shape[i] for i in row_axes), -1)
+  return any(len({d.process_index for d in group}) > 1 for group in groups)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -219,20 +246,59 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch(batch_size: int, grad_accum_steps: int, mesh: Mesh) -> None:
+def _nearest(value: int, valid) -> str:
+  """'a and b' (or 'a'): the closest values below and above `value` among `valid` (ascending ints)."""
+  below = [v for v in valid if v < value][-1:]
+  above = [v for v in valid if v > value][:1]
+  return " and ".join(str(v) for v in below + above) or "none"
+
+
+def check_batch(batch_size: int, grad_accum_steps: int, mesh: Any) -> None:
   """Checks that each micro-batch (batch_size / grad_accum_steps sequences) splits evenly over data x fsdp.
 
+  mesh: a Mesh, or a dict of mesh-axis sizes (`mesh.shape`); a missing `sequence` axis counts as 1.
   Raises:
-    ShardingError: naming batch_size, grad_accum_steps and the mesh sizes, with the numbers.
+    ShardingError: naming batch_size, grad_accum_steps and the mesh sizes (mesh.sequence included: it splits the
+      length, not the batch), with the nearest valid batch sizes.
   """
+  shape = dict(getattr(mesh, "shape", mesh))
   if batch_size % grad_accum_steps:
     raise ShardingError(f"batch_size={batch_size} must be divisible by grad_accum_steps={grad_accum_steps}")
   micro = batch_size // grad_accum_steps
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = shape["data"] * shape["fsdp"]
   if micro % shards:
+    step = shards * grad_accum_steps
+    near = _nearest(batch_size, [step * k for k in range(1, batch_size // step + 2)])
     raise ShardingError(f"batch_size / grad_accum_steps = {batch_size} / {grad_accum_steps} = {micro} sequences "
-                        f"per micro-batch must be divisible by mesh.data x mesh.fsdp = {mesh.shape['data']} x "
-                        f"{mesh.shape['fsdp']} = {shards}; change batch_size, grad_accum_steps or the mesh")
+                        f"per micro-batch must be divisible by mesh.data x mesh.fsdp = {shape['data']} x "
+                        f"{shape['fsdp']} = {shards} (mesh.sequence={shape.get(SEQUENCE_AXIS, 1)} splits the length, "
+                        f"not the batch); the nearest valid batch_size values are {near}; or change grad_accum_steps "
+                        f"or the mesh")
+
+
+def check_sequence(seq_len: int, chunk_size: int, mesh: Any) -> None:
+  """Checks that a (B, seq_len) batch splits over `mesh.sequence` into slices of whole attention chunks.
+
+  Attention never crosses a chunk, so chunks must not cross a shard boundary: seq_len must be a multiple of
+  mesh.sequence x chunk_size (a sequence no longer than one chunk cannot be split at all).
+  mesh: a Mesh or a dict of mesh-axis sizes; no `sequence` axis (or size 1): nothing to check.
+  Raises:
+    ShardingError: naming mesh.sequence, seq_len and model.chunk_size, with the nearest valid seq_len and
+      mesh.sequence values.
+  """
+  shape = dict(getattr(mesh, "shape", mesh))
+  shards = shape.get(SEQUENCE_AXIS, 1)
+  if shards == 1 or seq_len % (shards * chunk_size) == 0:
+    return
+  unit = shards * chunk_size
+  lengths = _nearest(seq_len, [unit * k for k in range(1, seq_len // unit + 2)])
+  chunks = seq_len // chunk_size if seq_len % chunk_size == 0 else 0
+  counts = [s for s in range(1, chunks + 1) if chunks % s == 0]
+  sizes = _nearest(shards, counts) if chunks else "none (seq_len is not a whole number of chunks)"
+  raise ShardingError(f"mesh.sequence={shards} splits seq_len={seq_len} into {shards} slices that must each hold "
+                      f"whole chunks of model.chunk_size={chunk_size} (seq_len a multiple of mesh.sequence x "
+                      f"chunk_size = {unit}); the nearest valid seq_len values are {lengths}, the nearest valid "
+                      f"mesh.sequence values are {sizes}")
 
 
 def _value(x: Any) -> Any:

@@ -59,6 +59,10 @@ class _Run:
     if self.ckpt_dir is not None and os.path.exists(self.ckpt_dir):
       checkpointing.check_directory(self.ckpt_dir)
     self.mesh = sharding.make_mesh(cfg.mesh, self.devices)
+    # Rows shared by several processes (a `sequence` or `tensor` axis spanning hosts): every process then reads the
+    # whole global batch (token ids: a few MiB) and places the parts its devices hold; otherwise each reads its rows.
+    self.shared_rows = sharding.rows_shared_across_processes(self.mesh.devices, self.mesh.axis_names)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.rules = sharding.check_rules(cfg.logical_axis_rules)
     o = cfg.optimizer
     opt_kwargs = dict(scheduler=o.scheduler, init_ratio=o.init_ratio, end_ratio=o.end_ratio, cycles=o.cycles)
@@ -85,7 +89,6 @@ class _Run:
     # Dropout RNG variables are rebuilt from the seed at every step; only their structure matters here.
     self.rng_vars = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if a.dtype == jnp.uint32
                                  else jax.random.key(0), abs_rngs)
-    self.batch_sharding = sharding.batch_sharding(mesh)
     batch_sh = {"inputs": self.batch_sharding, "targets": self.batch_sharding}
     self.train_step = jax.jit(ts.make_train_step(self.graphdef, self.rng_vars, self.tx, self.schedule,
                                                  cfg.grad_accum_steps, cfg.loss_piece),
@@ -112,7 +115,16 @@ class _Run:
     state["opt_state"] = jax.jit(tx.init, out_shardings=self.state_shardings["opt_state"])(params)
     return state
 
+  def data_split(self) -> tuple[int, int]:
+    """(process_index, process_count) the data iterators split the batch rows by."""
+    return (0, 1) if self.shared_rows else (jax.process_index(), jax.process_count())
+
   def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The (B, L) global arrays from this process's rows (or, with shared rows, from the whole global batch)."""
+    if self.shared_rows:
+      return {k: jax.make_array_from_callback(np.shape(v), self.batch_sharding,
+                                              lambda index, v=np.asarray(v, np.int32): v[index])
+              for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v, np.int32))
             for k, v in batch.items()}
 
@@ -133,7 +145,7 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None) -
       f.write(cfg.to_json_best_effort(indent=2))
   log.info("model: %s parameters; mesh %s", f"{run.model_cfg.num_params():,}", dict(run.mesh.shape))
   data_lib.prepare(cfg.data)
-  pidx, pcount = jax.process_index(), jax.process_count()
+  pidx, pcount = run.data_split()
   train_iter = data_lib.make_train_iterator(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                                             process_index=pidx, process_count=pcount)
   eval_batches = data_lib.make_eval_batches(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
@@ -157,6 +169,8 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None) -
       state, start = run.fresh_state(), 0
     if run.is_main:
       with open(os.path.join(workdir, "shardings.txt"), "w") as f:
+        f.write(f"# mesh {dict(run.mesh.shape)}; batches (B, L): {run.batch_sharding.spec} (B over data x fsdp, "
+                f"L over sequence: {cfg.seq_len // run.mesh.shape['sequence']} tokens per slice)\n")
         f.write(sharding.describe(state["params"], run.param_shardings))
     return _loop(run, cfg, workdir, ckpt, state, start, train_iter, eval_batches)
 

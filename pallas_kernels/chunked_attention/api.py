@@ -6,7 +6,10 @@ queries at a traced offset inside a key frame; its backward pass is the autodiff
 (exact; decoding is not a training path). Backend: "tpu" (Mosaic) or "gpu" (Triton), picked from the default
 JAX platform; on CPU the kernels run in interpret mode. Mosaic kernels cannot be partitioned by XLA, so with a
 mesh the call goes through `jax.shard_map` over the batch and head axes the caller names, each shard hashing
-its DropKey mask with global coordinates, so the result does not depend on the sharding.
+its DropKey mask with global coordinates, so the result does not depend on the sharding. `chunked_attention` may
+also split the length (chunk parallelism) over `length_axes` when every shard holds whole chunks: attention never
+crosses a chunk, so the shards need no communication (their DropKey streams are decorrelated by the slice index:
+same distribution, different draws from an unsplit call).
 """
 
 from __future__ import annotations
@@ -183,14 +186,29 @@ def _shard_plan(mesh, batch: int, heads: int, batch_axes, head_axes):
   return mesh, batch_axes, head_axes
 
 
+def _length_axes(mesh, length: int, chunk_size: int, length_axes, used) -> tuple[str, ...]:
+  """The length axes actually used: present in `mesh`, not in `used`, and leaving whole chunks on every shard."""
+  axes = tuple(a for a in _axes(length_axes) if mesh is not None and not mesh.empty and a in mesh.axis_names
+               and a not in used and a not in mesh.manual_axes)
+  shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  return axes if shards > 1 and length % (shards * chunk_size) == 0 else ()
+
+
 def _run_sharded(local: Callable, arrays: Sequence[jax.Array], replicated: Sequence[jax.Array], mesh, batch_axes,
-                 head_axes, heads_total: int):
-  """Calls local(*arrays, *replicated, b_off, h_off, heads_total=...) per shard; arrays are (B, T, H, d)."""
+                 head_axes, heads_total: int, length_axes: tuple[str, ...] = ()):
+  """Calls local(*arrays, *replicated, b_off, h_off, heads_total=...) per shard; arrays are (B, T, H, d).
+
+  With `length_axes` the last replicated array must be the (2,) DropKey seeds: each length slice mixes its index
+  into them.
+  """
   if mesh is None:
     return local(*arrays, *replicated, jnp.int32(0), jnp.int32(0), heads_total=heads_total)
-  spec = P(batch_axes or None, None, head_axes or None, None)
+  spec = P(batch_axes or None, length_axes or None, head_axes or None, None)
 
   def body(*xs):
+    if length_axes:  # a different DropKey stream per slice (odd multiplier: distinct for every slice index)
+      mix = jax.lax.axis_index(length_axes).astype(jnp.int32) * jnp.int32(-1640531535)
+      xs = (*xs[:-1], xs[-1] + jnp.stack([jnp.int32(0), mix]))
     b_local, h_local = xs[0].shape[0], xs[0].shape[2]
     b_off = jax.lax.axis_index(batch_axes) * b_local if batch_axes else jnp.int32(0)
     h_off = jax.lax.axis_index(head_axes) * h_local if head_axes else jnp.int32(0)
@@ -207,7 +225,8 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int,
                       dropout_rng: Optional[jax.Array] = None, block_sizes: Optional[BlockSizes] = None,
                       backend: Optional[str] = None, interpret: Any = None, mesh=None,
                       batch_axes: Optional[Sequence[str] | str] = None,
-                      head_axes: Optional[Sequence[str] | str] = None) -> jax.Array:
+                      head_axes: Optional[Sequence[str] | str] = None,
+                      length_axes: Optional[Sequence[str] | str] = None) -> jax.Array:
   """Block-diagonal causal attention over chunks of min(chunk_size, L) tokens, as a Pallas kernel.
 
   Args:
@@ -220,6 +239,8 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int,
     interpret: None (True off the kernel's own platform), True, or a `pltpu.InterpretParams`.
     mesh, batch_axes, head_axes: run under `jax.shard_map` over these mesh axes (default mesh: the abstract
       mesh in context). Without axes the kernel sees the whole arrays.
+    length_axes: also split the length over these mesh axes when L is a multiple of their size x chunk_size
+      (whole chunks per shard); otherwise the length stays whole.
   Returns:
     (B, L, H, dv) in v.dtype.
   """
@@ -232,10 +253,14 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int,
   blocks = block_sizes or BlockSizes.get_default(backend)
   blocks.check_for(backend)
   seeds = _seeds(dropout_rate, dropout_rng)
+  given_mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
   mesh, batch_axes, head_axes = _shard_plan(mesh, q.shape[0], q.shape[2], batch_axes, head_axes)
+  length_axes = _length_axes(given_mesh, q.shape[1], chunk_size, length_axes, batch_axes + head_axes)
+  if length_axes and mesh is None:
+    mesh = given_mesh
   local = functools.partial(_prefill_local, chunk_size=chunk_size, rate=dropout_rate, blocks=blocks,
                             backend=backend, interpret=interpret)
-  return _run_sharded(local, (q, k, v), (seeds,), mesh, batch_axes, head_axes, q.shape[2])
+  return _run_sharded(local, (q, k, v), (seeds,), mesh, batch_axes, head_axes, q.shape[2], length_axes)
 
 
 def chunked_attention_decode(q: jax.Array, k_frame: jax.Array, v_frame: jax.Array, offset, chunk_size: int, *,

@@ -1,0 +1,194 @@
+"""Chunk parallelism: CEMA and TimestepNorm over a sequence split across the `sequence` mesh axis.
+
+With `mesh.sequence` = S > 1 each device holds a contiguous slice of T = L / S steps (whole attention chunks, so
+attention needs no communication). The two recurrences of a block carry state across slices, and both carries
+are affine-like maps that compose associatively:
+
+  CEMA           h_out = q^T ⊙ h_in + h_local         (h_local: the slice run from a zero state; q^T its decay)
+  TimestepNorm   (n, M, S)_out = chan_merge((n, M, S)_in, (n, M, S)_local)
+
+So each slice runs its local recurrence from an empty state, the small per-slice summaries ((B, D, N, 2) states,
+(B, G) statistics) are all-gathered over `sequence`, every device forms the exclusive prefix over the slices
+locally (an associative scan of S + 1 summaries, the first one the stream's incoming state), and adds the
+contribution of its incoming state: for CEMA Re Σ γ̃ q^{t+1} h_in (what `cema(..., h0=...)` adds), for the norm
+one more Chan merge per step. One all-gather of a few KiB per call, no chain of sends, and autodiff runs through
+it (the transpose of an all-gather is a reduce-scatter); no hand-written backward.
+
+All of it runs under `jax.shard_map` over the ambient mesh (every axis manual): the length over `sequence`, the
+batch over data x fsdp where it divides, everything else replicated (the model width of these activations is
+whole on every device, partitioning.ACTIVATION_RULES). The functions here are used only when the ambient mesh has
+a `sequence` axis of size > 1 that divides the length (`sequence_mesh`); otherwise callers run the plain ops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from megalodon_jax.ops import cema as cema_ops
+from megalodon_jax.ops import timestep_norm as tsn
+
+SEQUENCE_AXIS = "sequence"
+BATCH_AXES = ("data", "fsdp")
+
+
+def sequence_mesh(length: int):
+  """The ambient mesh when its `sequence` axis splits a length-`length` activation, else None.
+
+  None outside a mesh, without the axis or with size 1, inside a shard_map that already made it manual, and when
+  the size does not divide `length` (a decoding step of one token, say): callers then run the plain op, which is
+  correct under any sharding (XLA gathers what it needs).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or SEQUENCE_AXIS not in mesh.axis_names or SEQUENCE_AXIS in mesh.manual_axes:
+    return None
+  shards = mesh.shape[SEQUENCE_AXIS]
+  if shards == 1 or length % shards:
+    return None
+  return mesh
+
+
+def _batch_axes(mesh, batch: int):
+  """The longest prefix of data x fsdp (size > 1, not yet manual) whose product divides `batch`, or None."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes)
+  while axes and batch % math.prod(mesh.shape[a] for a in axes):
+    axes = axes[:-1]
+  return axes or None
+
+
+def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_index_in_dim(x, index, axis=0, keepdims=False)
+
+
+def complex_power(re: jax.Array, im: jax.Array, exponent: int) -> tuple[jax.Array, jax.Array]:
+  """(re + i·im)^exponent by binary exponentiation: log2(exponent) complex products, float32."""
+  out_re, out_im = jnp.ones_like(re), jnp.zeros_like(im)
+  base_re, base_im = re, im
+  while exponent:
+    if exponent & 1:
+      out_re, out_im = out_re * base_re - out_im * base_im, out_re * base_im + out_im * base_re
+    exponent >>= 1
+    if exponent:
+      base_re, base_im = base_re * base_re - base_im * base_im, 2 * base_re * base_im
+  return out_re, out_im
+
+
+def cema_carry(decay_re: jax.Array, decay_im: jax.Array, local: jax.Array, h0: jax.Array,
+               index: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The CEMA state entering and leaving slice `index`, from every slice's summary.
+
+  Args:
+    decay_re, decay_im: (D, N) q^T, the decay of one slice of T steps.
+    local: (S, B, D, N, 2) each slice's final state when run from a zero state.
+    h0: (B, D, N, 2) the state entering slice 0.
+    index: () int32, this slice.
+  Returns:
+    (h_in, h_out), each (B, D, N, 2) float32.
+  """
+  shards = local.shape[0]
+  # Elements (a, b) of the map h -> a h + b; slot 0 is the constant map to h0, then one map per slice.
+  a_re = jnp.concatenate([jnp.ones((1,) + decay_re.shape), jnp.broadcast_to(decay_re, (shards,) + decay_re.shape)])
+  a_im = jnp.concatenate([jnp.zeros((1,) + decay_im.shape), jnp.broadcast_to(decay_im, (shards,) + decay_im.shape)])
+  b = jnp.concatenate([h0[None].astype(jnp.float32), local.astype(jnp.float32)])  # (S + 1, B, D, N, 2)
+
+  def compose(first, second):  # apply `first`, then `second`
+    ar1, ai1, br1, bi1 = first
+    ar2, ai2, br2, bi2 = second
+    ar2b, ai2b = ar2[:, None], ai2[:, None]  # broadcast the (D, N) decay over the batch
+    return (ar2 * ar1 - ai2 * ai1, ar2 * ai1 + ai2 * ar1,
+            ar2b * br1 - ai2b * bi1 + br2, ar2b * bi1 + ai2b * br1 + bi2)
+
+  _, _, hr, hi = jax.lax.associative_scan(compose, (a_re, a_im, b[..., 0], b[..., 1]), axis=0)
+  states = jnp.stack([hr, hi], axis=-1)  # (S + 1, B, D, N, 2): states[j] enters slice j
+  return _take(states, index), _take(states, index + 1)
+
+
+def cema(x: jax.Array, coeffs: cema_ops.CEMACoeffs, omega: jax.Array, h0: Optional[jax.Array] = None, *,
+         impl: str = "auto", return_state: bool = False):
+  """`ops.cema.cema` with the length split over the ambient mesh's `sequence` axis (see the module docstring).
+
+  Args and returns as `cema.cema`; `impl` runs on each slice ("auto" picks for the slice's length). Requires
+  `sequence_mesh(L)`.
+  """
+  mesh = sequence_mesh(x.shape[1])
+  if mesh is None:
+    raise ValueError(f"sequence_parallel.cema needs an ambient mesh whose 'sequence' axis divides L={x.shape[1]}")
+  batch, _, dim = x.shape
+  nstate = coeffs.p.shape[1]
+  bax = _batch_axes(mesh, batch)
+  h0 = jnp.zeros((batch, dim, nstate, 2), jnp.float32) if h0 is None else h0.astype(jnp.float32)
+
+  def body(x, coeffs, omega, h0):
+    t = x.shape[1]
+    y, local = cema_ops.cema(x, coeffs, omega, None, impl=impl, return_state=True)
+    decay_re, decay_im = complex_power(coeffs.q_re, coeffs.q_im, t)
+    gathered = jax.lax.all_gather(local, SEQUENCE_AXIS)  # (S, B, D, N, 2): a few KiB per sequence
+    h_in, h_out = cema_carry(decay_re, decay_im, gathered, h0, jax.lax.axis_index(SEQUENCE_AXIS))
+    y = y + cema_ops.initial_state_contribution(coeffs, h_in, t)
+    return y, h_out[None]
+
+  seq, state = P(bax, SEQUENCE_AXIS, None), P(bax, None, None, None)
+  plane = jax.tree.map(lambda _: P(), coeffs)
+  # check_vma=False: the local implementation may be a Pallas kernel, which carries no varying-axes typing. The
+  # replicated inputs' cotangents are still summed over the mesh by shard_map's transpose.
+  y, states = jax.shard_map(body, mesh=mesh, in_specs=(seq, plane, P(), state),
+                            out_specs=(seq, P(SEQUENCE_AXIS, bax, None, None, None)), check_vma=False)(
+                                x, coeffs, omega, h0)
+  return y, (states[-1] if return_state else None)
+
+
+def norm_carry(summaries, initial, index: jax.Array):
+  """The TimestepNorm statistics entering and leaving slice `index`, merged with the op's Chan rule.
+
+  Args:
+    summaries: (n, mean, var), each (S, B, G) float32: every slice's statistics alone.
+    initial: (n, mean, var), each (B, G) float32: the statistics entering slice 0.
+    index: () int32, this slice.
+  Returns:
+    (incoming, outgoing): (n, mean, var) triples of (B, G) float32.
+  """
+  elems = tuple(jnp.concatenate([i[None], s]) for i, s in zip(initial, summaries))
+  prefix = jax.lax.associative_scan(tsn.chan_merge, elems, axis=0)  # prefix[j] enters slice j
+  return tuple(_take(p, index) for p in prefix), tuple(_take(p, index + 1) for p in prefix)
+
+
+def timestep_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, state: tsn.NormState, *, num_groups: int,
+                  eps: float, mask: Optional[jax.Array] = None):
+  """`ops.timestep_norm.timestep_norm` with the length split over the ambient mesh's `sequence` axis.
+
+  Args and returns as `timestep_norm.timestep_norm`. Requires `sequence_mesh(L)`; each slice must be shorter than
+  `timestep_norm.MAX_PIECE` steps, and so must the whole sequence (one count update).
+  """
+  mesh = sequence_mesh(x.shape[1])
+  if mesh is None:
+    raise ValueError(f"sequence_parallel.timestep_norm needs an ambient mesh whose 'sequence' axis divides "
+                     f"L={x.shape[1]}")
+  if x.shape[1] > tsn.MAX_PIECE:
+    raise ValueError(f"a TimestepNorm piece of {x.shape[1]} steps is longer than {tsn.MAX_PIECE}; split it")
+  bax = _batch_axes(mesh, x.shape[0])
+
+  def body(x, weight, bias, state, *maybe_mask):
+    mask = maybe_mask[0] if maybe_mask else None
+    prefix = tsn.local_prefix(x, num_groups, mask)  # (B, T, G) each
+    gathered = jax.lax.all_gather(tuple(p[:, -1] for p in prefix), SEQUENCE_AXIS)  # (S, B, G) each
+    index = jax.lax.axis_index(SEQUENCE_AXIS)
+    incoming, outgoing = norm_carry(gathered, tsn.state_summary(state), index)
+    _, mean, var = tsn.chan_merge(tuple(a[:, None] for a in incoming), prefix)
+    y = tsn.normalize(x, mean, var, weight, bias, eps, mask)
+    steps = jnp.cumsum(jax.lax.all_gather(tsn.valid_steps(x, mask), SEQUENCE_AXIS), axis=0)  # (S, B) int32
+    lo, hi = tsn._add_count(state, _take(steps, index))  # pylint: disable=protected-access
+    out = tsn.NormState(lo, outgoing[1], outgoing[2], hi)
+    return y, jax.tree.map(lambda a: a[None], out)
+
+  seq = P(bax, SEQUENCE_AXIS, None)
+  state_spec = tsn.NormState(P(bax), P(bax, None), P(bax, None), P(bax))
+  out_state = tsn.NormState(P(SEQUENCE_AXIS, bax), P(SEQUENCE_AXIS, bax, None), P(SEQUENCE_AXIS, bax, None),
+                            P(SEQUENCE_AXIS, bax))
+  masks = () if mask is None else (mask,)
+  y, states = jax.shard_map(body, mesh=mesh, in_specs=(seq, P(), P(), state_spec) + (P(bax, SEQUENCE_AXIS),) * len(masks),
+                            out_specs=(seq, out_state), check_vma=False)(x, weight, bias, state, *masks)
+  return y, jax.tree.map(lambda a: a[-1], states)

@@ -10,7 +10,9 @@ Target: a v5p-128 slice (64 chips, fsdp 64, 2 sequences of 32K per chip). Its tr
 `auto` settings (XLA attention one chunk at a time, chunked CEMA) to a per-chip peak well inside the 95.74 GiB of a
 v5p chip (benchmarks/RESULTS.md, "Fitting the hardware"; check any variant with
 `python -m megalodon_jax.aot --config configs/megalodon_7b.py --topology v5p-128`). The same recipe at 4K context
-(--config.seq_len=4096 --config.batch_size=1024, 16 sequences per chip) fits too.
+(--config.seq_len=4096 --config.batch_size=1024, 16 sequences per chip) fits too. One sequence per chip without the
+sequence axis fits at 64K tokens (--config.seq_len=65536 --config.batch_size=64) but not at 128K (108.8 GiB); longer
+contexts split each sequence over chips with --config.mesh.sequence.
 """
 
 from configs import _presets, default

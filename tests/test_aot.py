@@ -63,12 +63,7 @@ def _tiny_cfg(**overrides):
   from configs import tiny  # pylint: disable=import-outside-toplevel
   cfg = tiny.get_config()
   cfg.model.vocab_size = 32000  # a realistic head, so a misplaced batch of logits is large enough to see
-  for key, value in overrides.items():
-    node = cfg
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  cfg.update_from_flattened_dict(overrides)  # dotted keys: {"model.num_layers": 8}
   return cfg
 
 

@@ -46,12 +46,7 @@ def small_config(data_dir: str, **overrides):
   cfg.tensorboard = False
   cfg.progress_bar = "off"
   cfg.async_checkpointing = False
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  cfg.update_from_flattened_dict(overrides)  # dotted keys: {"model.num_layers": 8}
   return cfg
 
 

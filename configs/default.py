@@ -46,16 +46,19 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------- data (megalodon_jax/data) ----------------
   d = c.data = ml_collections.ConfigDict()
-  d.dataset = "stdlib"  # stdlib (built-in corpus: this Python's standard library sources) | text_files | enwik8 | tfds
-  d.path = ""  # text_files: file path(s) or glob(s), comma separated
+  # stdlib (built-in corpus: this Python's standard library sources) | text_files | jsonl | enwik8 | tfds
+  d.dataset = "stdlib"
+  d.path = ""  # text_files / jsonl: file path(s), folder(s) or glob(s), comma separated (jsonl: plain, .gz or .zst)
   d.manual_dir = ""  # enwik8: folder holding enwik8 or enwik8.zip (downloaded there if absent and online)
   d.name = ""  # tfds: a prepared TFDS dataset name, e.g. "pg19" or "lm1b" (array_record format)
-  d.text_key = "text"  # tfds: the feature holding the text
+  d.text_key = "text"  # tfds: the feature holding the text; jsonl: the JSON field holding it
   d.data_dir = ""  # where TFDS datasets are prepared / read; "" = TFDS default (~/tensorflow_datasets)
   d.train_split = "train"  # split used for training
   d.eval_split = "validation"  # split used for periodic evaluation
-  d.validation_percent = 5  # stdlib / text_files: % of documents (by path hash) held out for validation
-  d.max_documents = 0  # stdlib / text_files: use only the first N documents in path order; 0 = all
+  # stdlib / text_files / jsonl: % held out for validation: whole files by path hash, or, when that leaves a split
+  # without a file (e.g. one file), the last % of every file (text: bytes cut at a line start; jsonl: records)
+  d.validation_percent = 5
+  d.max_documents = 0  # stdlib / text_files / jsonl: use only the first N files in path order; 0 = all
   d.tokenizer = "bytes"  # bytes (vocab 256, utf-8 bytes) | sentencepiece
   d.tokenizer_path = ""  # sentencepiece: the .model file (e.g. Llama-2's tokenizer.model)
   d.add_eos = True  # append the tokenizer's EOS id after each document when it has one (bytes: none)

@@ -3,6 +3,7 @@
 `config.data.dataset` picks the corpus:
 - `stdlib`: this Python's standard-library `.py` sources (built in, no download; `stdlib_corpus.py`),
 - `text_files`: local text files named by `data.path` (`text_files.py`),
+- `jsonl`: JSON-lines files (plain, .gz, .zst) named by `data.path`, the text in field `data.text_key` (`jsonl.py`),
 - `enwik8`: the byte-level benchmark from `data.manual_dir` (`enwik8.py`),
 - `tfds`: a TFDS dataset already prepared in array_record format under `data.data_dir` (`data.name`).
 

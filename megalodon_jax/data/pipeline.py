@@ -258,7 +258,7 @@ def make_eval_batches(data_cfg: Any, *, seq_len: int, batch_size: int, num_batch
     name = f"data.eval_split={split!r}" if key == "eval_split" else f"split={split!r}"
     raise DataError(f"{name} has {total} tokens, fewer than one evaluation batch needs: {batch_size * window} "
                     f"(batch_size {batch_size} x (seq_len + 1) {window}); lower batch_size or seq_len, or hold out "
-                    f"more documents (data.validation_percent for stdlib / text_files)")
+                    f"more documents (data.validation_percent for stdlib / text_files / jsonl)")
   tokens = np.concatenate(pieces)[:n_batches * batch_size * window].reshape(n_batches, batch_size, window)
   local = tokens[:, process_index * local_batch:(process_index + 1) * local_batch]
   return [{"inputs": np.ascontiguousarray(w[:, :-1]), "targets": np.ascontiguousarray(w[:, 1:])} for w in local]

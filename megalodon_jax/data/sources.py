@@ -1,7 +1,8 @@
 """From `config.data` to prepared TFDS array_record splits: validation, preparation and random-access sources.
 
 Every dataset ends up as a TFDS dataset in array_record format under `data.data_dir`, read with
-`as_data_source()` (random access, no TensorFlow). `stdlib`, `text_files` and `enwik8` are prepared by our builders;
+`as_data_source()` (random access, no TensorFlow). `stdlib`, `text_files`, `jsonl` and `enwik8` are prepared by our
+builders;
 `tfds` names a dataset someone prepared there already.
 
 Concurrent preparation: processes (e.g. the hosts of one job) sharing `data_dir` take an exclusive `flock` on
@@ -22,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
-from megalodon_jax.data import enwik8, text_files
+from megalodon_jax.data import enwik8, jsonl, text_files
 from megalodon_jax.data.errors import DataError
 from megalodon_jax.data.stdlib_corpus import stdlib_documents
 from megalodon_jax.data.tokenizers import check_tokenizer_config
@@ -34,7 +35,7 @@ except ImportError:  # not on Windows: prepare without the lock
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("stdlib", "text_files", "enwik8", "tfds")
+DATASETS = ("stdlib", "text_files", "jsonl", "enwik8", "tfds")
 
 # Config fields and the defaults used when an object lacks one (configs/default.py has the same values).
 _DEFAULTS = dict(dataset="stdlib", path="", manual_dir="", name="", text_key="text", data_dir="", train_split="train",
@@ -88,7 +89,7 @@ def _plan(data_cfg: Any) -> _Plan:
     if not isinstance(field(data_cfg, key), str) or not field(data_cfg, key):
       raise DataError(f"data.{key}={field(data_cfg, key)!r}: must be a split name such as 'train'")
 
-  if dataset in ("stdlib", "text_files"):
+  if dataset in ("stdlib", "text_files", "jsonl"):
     percent = field(data_cfg, "validation_percent")
     _check_number("validation_percent", percent, 0, 100, integer=False)
     max_docs = field(data_cfg, "max_documents")
@@ -97,6 +98,8 @@ def _plan(data_cfg: Any) -> _Plan:
       docs = stdlib_documents(percent, max_docs)
       if not docs.files:
         raise DataError(f"data.dataset='stdlib': no .py files found under {docs.root}")
+    elif dataset == "jsonl":
+      docs = jsonl.jsonl_documents(field(data_cfg, "path"), percent, max_docs, field(data_cfg, "text_key"))
     else:
       docs = text_files.text_files_documents(field(data_cfg, "path"), percent, max_docs)
     plan = _Plan(dataset, text_files.SPLITS, documents=docs)
@@ -155,13 +158,18 @@ def _tfds_plan(data_cfg: Any) -> _Plan:
 
 
 def _empty_split_message(data_cfg: Any, plan: _Plan, split: str, label: str) -> str:
-  n = len(plan.documents.files)
-  return (f"{label}={split!r} has no documents: data.validation_percent={field(data_cfg, 'validation_percent')} "
+  n, percent = len(plan.documents.files), field(data_cfg, "validation_percent")
+  if plan.documents.rule == "position":
+    return (f"{label}={split!r} has no documents: the {n} selected files are too small to cut in two (each needs "
+            f"2 bytes or more)")
+  return (f"{label}={split!r} has no documents: data.validation_percent={percent} "
           f"puts {'all' if split == 'train' else 'none'} of the {n} selected files in 'validation' (raise "
           f"data.max_documents or add files{'' if split == 'train' else ', or raise data.validation_percent'})")
 
 
 def _builder(plan: _Plan, data_cfg: Any, raw_path: Optional[str] = None) -> tfds.core.DatasetBuilder:
+  if plan.documents is not None and plan.dataset == "jsonl":
+    return jsonl.make_builder(plan.documents, data_dir(data_cfg))
   if plan.documents is not None:
     return text_files.make_builder(plan.documents, data_dir(data_cfg))
   if plan.dataset == "enwik8":
@@ -201,6 +209,8 @@ def prepare(data_cfg: Any) -> None:
   plan = _plan(data_cfg)
   if plan.dataset == "tfds":
     return  # prepared elsewhere; `_plan` found it
+  if plan.documents is not None:
+    log.info("data.dataset=%r: %s", plan.dataset, plan.documents.describe_rule())
   builder = _builder(plan, data_cfg)
   if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
     return

@@ -1,10 +1,15 @@
-"""Local text files as a TFDS dataset: one example per file, a train/validation split by a stable hash of the path.
+"""Local text files as a TFDS dataset: one example per file (or per part of a file), a stable train/validation split.
 
-Used by `dataset="text_files"` (files named by `data.path`) and `dataset="stdlib"` (see `stdlib_corpus.py`).
+Used by `dataset="text_files"` (files named by `data.path`), `dataset="stdlib"` (see `stdlib_corpus.py`) and, for
+the file listing and split rules, `dataset="jsonl"` (see `jsonl.py`).
 
-- Split rule (`in_validation`): a file is held out when crc32(its name, UTF-8) mod 10000 < validation_percent * 100.
-  crc32 is fixed by the zlib spec, so the split is the same on every machine and run (Python's `hash` is salted
-  per process). A file's split depends only on its own name, so adding files never moves existing ones.
+- Split rules (`DocumentSet.rule`):
+  - "hash" (many files): a file is held out when crc32(its name, UTF-8) mod 10000 < validation_percent * 100.
+    crc32 is fixed by the zlib spec, so the split is the same on every machine and run (Python's `hash` is salted
+    per process). A file's split depends only on its own name, so adding files never moves existing ones.
+  - "position" (few files): when the hash rule would leave the training or the validation split without a file
+    (one tinyshakespeare.txt, a handful of dumps) and 0 < validation_percent < 100, every file is cut in two: the
+    last validation_percent of its bytes, cut at a line boundary (`line_cut`), is validation and the rest training.
 - Documents are the files' contents decoded as UTF-8; invalid bytes become U+FFFD.
 - Each split is written in name order (`disable_shuffling`): record i of a split is its i-th file by name. Training
   shuffles with grain; evaluation reads in this order.
@@ -21,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import mmap
 import zlib
 from typing import Iterator, Sequence
 
@@ -49,13 +55,50 @@ def in_validation(name: str, validation_percent: float) -> bool:
   return zlib.crc32(name.encode("utf-8")) % 10_000 < round(validation_percent * 100)
 
 
+def line_cut(data: bytes, validation_percent: float) -> int:
+  """Where the position rule cuts `data`: the validation part `data[cut:]` holds about the last `validation_percent`
+  of the bytes and starts at a line start; both parts are non-empty when `len(data) >= 2`.
+
+  The cut is the first line start at or after the nominal point; if no line starts there, the last line start
+  before it; if `data` has no newline at all, the nominal point moved back to a UTF-8 character boundary.
+  """
+  size = len(data)
+  if size < 2:
+    return size
+  nominal = min(max(size - round(size * validation_percent / 100), 1), size - 1)
+  after = data.find(b"\n", nominal - 1, size - 1)  # a newline at index j makes j + 1 a line start
+  if after != -1:
+    return after + 1
+  before = data.rfind(b"\n", 0, nominal - 1)
+  if before != -1:
+    return before + 1
+  cut = nominal
+  while cut > 1 and (data[cut] & 0xC0) == 0x80:  # never split a multi-byte character
+    cut -= 1
+  return cut
+
+
 @dataclasses.dataclass(frozen=True)
 class DocFile:
-  """One document: `name` decides its order and split; `path` is where to read it."""
+  """One document: `name` decides its order and split; `path` is where to read it.
+
+  `part` is "" for the whole file, or under the position rule "head" (training) / "tail" (validation).
+  """
   name: str
   path: str
   size: int
   mtime_ns: int
+  part: str = ""
+
+
+def read_part(f: DocFile, validation_percent: float) -> bytes:
+  """The bytes of `f`: the whole file, or its head / tail under the position rule (see `line_cut`)."""
+  if not f.part or f.size == 0:
+    with open(f.path, "rb") as fh:
+      return fh.read()
+  with open(f.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    cut = line_cut(data, validation_percent)  # mmap: only the pages around the cut are read
+    return data[:cut] if f.part == "head" else data[cut:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,18 +109,48 @@ class DocumentSet:
   validation_percent: float
   root: str = ""  # stdlib: the folder the names are relative to (part of the digest)
 
+  text_key: str = ""  # jsonl: the field holding the text (part of the digest)
+
+  def _hash_split(self, held_out: bool) -> list[DocFile]:
+    return [f for f in self.files if in_validation(f.name, self.validation_percent) == held_out]
+
+  @property
+  def rule(self) -> str:
+    """"hash" (whole files by path hash) or "position" (each file cut in two): see the module docstring."""
+    if 0 < self.validation_percent < 100 and self.files and not (self._hash_split(False) and self._hash_split(True)):
+      return "position"
+    return "hash"
+
+  def describe_rule(self) -> str:
+    """One line for the log: how validation is held out."""
+    n, p = len(self.files), self.validation_percent
+    if self.rule == "position":
+      return (f"{n} file(s), too few for a split by path hash: validation is the last {p}% of each file's bytes "
+              f"(cut at a line boundary), training the rest")
+    return f"{n} file(s): validation is the files whose path hash falls in {p}%, training the others"
+
   def split(self, split: str) -> list[DocFile]:
-    """The files of `split` ("train" | "validation"), in name order."""
+    """The documents of `split` ("train" | "validation"), in name order.
+
+    Under the position rule, every non-empty file of at least 2 bytes gives one document to each split.
+    """
     if split not in SPLITS:
       raise KeyError(split)
     held_out = split == "validation"
-    return [f for f in self.files if in_validation(f.name, self.validation_percent) == held_out]
+    if self.rule == "position":
+      part = "tail" if held_out else "head"
+      return [dataclasses.replace(f, part=part) for f in self.files if f.size >= 2]
+    return self._hash_split(held_out)
 
   @property
   def config_name(self) -> str:
     """TFDS config name: a digest of everything the prepared records depend on."""
-    payload = json.dumps([self.kind, self.root, self.validation_percent,
-                          [(f.name, f.size, f.mtime_ns) for f in self.files]], separators=(",", ":"))
+    fields: list = [self.kind, self.root, self.validation_percent, [(f.name, f.size, f.mtime_ns) for f in self.files]]
+    if self.rule == "position":
+      fields.append("position")  # only then, so datasets prepared under the hash rule keep their names
+    if self.text_key:
+      fields.append(self.text_key)
+    payload = json.dumps(fields, separators=(",", ":"))
     return f"n{len(self.files)}_{hashlib.sha1(payload.encode('utf-8')).hexdigest()[:16]}"
 
 
@@ -93,7 +166,7 @@ def stat_files(named_paths: Sequence[tuple[str, str]], max_documents: int) -> tu
   return tuple(out)
 
 
-def _expand(pattern: str) -> list[str]:
+def expand(pattern: str) -> list[str]:
   """Regular files named by one `data.path` entry: a file, a folder (every non-hidden file under it) or a glob."""
   pattern = os.path.expanduser(pattern)
   if any(c in pattern for c in _GLOB_CHARS):
@@ -111,7 +184,8 @@ def _expand(pattern: str) -> list[str]:
   return out
 
 
-def text_files_documents(path: str, validation_percent: float, max_documents: int) -> DocumentSet:
+def text_files_documents(path: str, validation_percent: float, max_documents: int, *, kind: str = "text_files",
+                         text_key: str = "", example: str = "~/corpus/**/*.txt") -> DocumentSet:
   """The DocumentSet of `data.path`: comma-separated files, folders or globs (`**` recurses).
 
   Names are the files' resolved absolute paths, so the same file listed twice (or through a symlink) counts once.
@@ -121,24 +195,24 @@ def text_files_documents(path: str, validation_percent: float, max_documents: in
   """
   patterns = [p.strip() for p in (path or "").split(",") if p.strip()]
   if not patterns:
-    raise DataError("data.path is empty; data.dataset='text_files' needs file paths or globs, comma separated, e.g. "
-                    "--config.data.path='~/corpus/**/*.txt'")
+    raise DataError(f"data.path is empty; data.dataset={kind!r} needs file paths or globs, comma separated, e.g. "
+                    f"--config.data.path='{example}'")
   resolved: dict[str, str] = {}
   for p in patterns:
-    found = _expand(p)
+    found = expand(p)
     if not found:
       raise DataError(f"data.path: {p!r} matches no file")
     for f in found:
       real = os.path.realpath(f)
       resolved[real] = real
-  return DocumentSet("text_files", stat_files(list(resolved.items()), max_documents), validation_percent)
+  return DocumentSet(kind, stat_files(list(resolved.items()), max_documents), validation_percent, text_key=text_key)
 
 
 class _DocumentFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Writes a DocumentSet as array_record: features `text` (the document) and `name` (its path)."""
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "One example per file, hash split, records in name order."}
+  RELEASE_NOTES = {"1.0.0": "One example per file (or file part), hash or position split, records in name order."}
   # TFDS looks for a checksums file next to the builder's source through `importlib_resources`, which is not
   # installed here; we download nothing through TFDS, so there is no code path to search.
   code_path = None
@@ -150,7 +224,7 @@ class _DocumentFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description=f"{self._documents.kind}: {len(self._documents.files)} local text files, one example each.",
+        description=f"{self._documents.kind}: {len(self._documents.files)} local files ({self._documents.rule} split).",
         features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "name": tfds.features.Text()}),
         disable_shuffling=True,  # keep name order; grain shuffles for training
     )
@@ -162,8 +236,7 @@ class _DocumentFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
 
   def _generate_examples(self, files: Sequence[DocFile]) -> Iterator[tuple[int, dict[str, str]]]:
     for i, f in enumerate(files):
-      with open(f.path, "rb") as fh:
-        text = fh.read().decode("utf-8", errors="replace")
+      text = read_part(f, self._documents.validation_percent).decode("utf-8", errors="replace")
       yield i, {"text": text, "name": f.name}  # integer keys: with disable_shuffling they fix the record order
 
   # TFDS prints these two with termcolor; route them to logging instead.
@@ -187,5 +260,6 @@ class MegalodonStdlib(_DocumentFilesBuilder, skip_registration=True):
 
 
 def make_builder(documents: DocumentSet, data_dir: str) -> _DocumentFilesBuilder:
+  """The builder for `documents` (stdlib / text_files; jsonl has its own, `jsonl.make_builder`)."""
   cls = MegalodonStdlib if documents.kind == "stdlib" else MegalodonTextFiles
   return cls(documents=documents, data_dir=data_dir, file_format="array_record")

@@ -1,0 +1,141 @@
+"""JSONL corpora (`dataset="jsonl"`): one JSON object per line, the text in field `data.text_key`.
+
+Files are named by `data.path` like `text_files` (comma-separated files, folders or globs) and may be plain,
+gzip (`.gz`) or Zstandard (`.zst`, `.zstd`) compressed, chosen by suffix. They are prepared once to array_record
+(one example per record, in file-name then line order) and read without TensorFlow like every other dataset.
+
+Validation split (`text_files.DocumentSet.rule`): whole files by path hash when there are enough files, otherwise
+the last `validation_percent` of each file's records (at least one record when a file has two or more).
+
+Every record is checked while preparing, before any training step: a line that is not a JSON object, lacks the
+text field, or holds a non-string there stops preparation with a DataError naming the file and line number.
+Blank lines are skipped (but counted in line numbers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import logging
+from typing import IO, Iterator, Sequence
+
+import tensorflow_datasets as tfds
+
+from megalodon_jax.data import text_files
+from megalodon_jax.data.errors import DataError
+from megalodon_jax.data.text_files import DocFile, DocumentSet
+
+log = logging.getLogger(__name__)
+
+
+def jsonl_documents(path: str, validation_percent: float, max_documents: int, text_key: str) -> DocumentSet:
+  """The DocumentSet of `data.path` for `dataset="jsonl"` (`max_documents` counts files, as for text_files)."""
+  if not isinstance(text_key, str) or not text_key:
+    raise DataError(f"data.text_key={text_key!r}: must name the JSON field holding the text, e.g. 'text'")
+  return text_files.text_files_documents(path, validation_percent, max_documents, kind="jsonl", text_key=text_key,
+                                         example="~/corpus/*.jsonl.zst")
+
+
+@contextlib.contextmanager
+def open_lines(path: str) -> Iterator[IO[bytes]]:
+  """`path` as a binary stream of its decompressed bytes (by suffix: .gz, .zst / .zstd, or plain)."""
+  lower = path.lower()
+  if lower.endswith(".gz"):
+    with gzip.open(path, "rb") as f:
+      yield f
+  elif lower.endswith((".zst", ".zstd")):
+    import zstandard  # pylint: disable=import-outside-toplevel  # only JSONL.zst corpora need it
+    with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
+      yield io.BufferedReader(f)
+  else:
+    with open(path, "rb") as f:
+      yield f
+
+
+def _records(f: DocFile, text_key: str) -> Iterator[tuple[int, str]]:
+  """(line number, text) of every record of `f`, checked; blank lines skipped."""
+  try:
+    with open_lines(f.path) as lines:
+      for number, line in enumerate(lines, start=1):
+        if not line.strip():
+          continue
+        where = f"{f.path}:{number}"
+        try:
+          record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+          raise DataError(f"{where}: not a JSON object ({e}); data.dataset='jsonl' needs one object per line") from e
+        if not isinstance(record, dict):
+          raise DataError(f"{where}: a JSON {type(record).__name__}, not an object; data.dataset='jsonl' needs one "
+                          f"object per line")
+        if text_key not in record:
+          raise DataError(f"{where}: no field data.text_key={text_key!r}; the record has {sorted(record)[:10]}")
+        text = record[text_key]
+        if not isinstance(text, str):
+          raise DataError(f"{where}: field {text_key!r} holds a {type(text).__name__}, not a string")
+        yield number, text
+  except (OSError, EOFError) as e:  # truncated .gz / .zst, unreadable file
+    raise DataError(f"{f.path}: cannot be read as {'compressed ' if f.path.endswith(('gz', 'zst', 'zstd')) else ''}"
+                    f"JSONL ({e})") from e
+
+
+def _count(f: DocFile, text_key: str) -> int:
+  return sum(1 for _ in _records(f, text_key))
+
+
+def held_out_count(records: int, validation_percent: float) -> int:
+  """Records at the end of a file that the position rule holds out: about `validation_percent`, at least one when
+  the file has two or more, never all of them."""
+  if records < 2:
+    return 0
+  return min(max(round(records * validation_percent / 100), 1), records - 1)
+
+
+class MegalodonJsonl(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Writes the records of a jsonl DocumentSet as array_record: features `text` and `name` ("<file>:<line>")."""
+
+  name = "megalodon_jsonl"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "One example per JSONL record, file-hash or per-file position split."}
+  code_path = None  # see text_files._DocumentFilesBuilder
+
+  def __init__(self, *, documents: DocumentSet, **kwargs):
+    self._documents = documents
+    super().__init__(config=tfds.core.BuilderConfig(name=documents.config_name), **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f"jsonl: {len(self._documents.files)} files, field {self._documents.text_key!r}, one example per "
+                    f"record ({self._documents.rule} split).",
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "name": tfds.features.Text()}),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {s: self._generate_examples(files) for s in text_files.SPLITS if (files := self._documents.split(s))}
+
+  def _generate_examples(self, files: Sequence[DocFile]) -> Iterator[tuple[int, dict[str, str]]]:
+    key, percent, i = self._documents.text_key, self._documents.validation_percent, 0
+    for f in files:
+      records = _records(f, key)
+      if f.part:  # position rule: a first pass counts the records (and checks them all)
+        n = _count(f, key)
+        tail = held_out_count(n, percent)
+        start, stop = (n - tail, n) if f.part == "tail" else (0, n - tail)
+        records = (r for j, r in enumerate(records) if start <= j < stop)
+      for number, text in records:
+        yield i, {"text": text, "name": f"{f.name}:{number}"}
+        i += 1
+
+  def _log_download_bytes(self) -> None:
+    log.info("preparing %s/%s in %s", self.name, self.builder_config_name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    log.info("prepared %s", self.data_dir)
+
+
+def make_builder(documents: DocumentSet, data_dir: str) -> MegalodonJsonl:
+  return MegalodonJsonl(documents=documents, data_dir=data_dir, file_format="array_record")

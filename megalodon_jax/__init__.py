@@ -6,6 +6,8 @@ does not import jax.
 
 import importlib
 
+__version__ = "0.1.0"  # pyproject.toml's project.version (tests/test_packaging.py keeps them equal)
+
 # name -> module that defines it
 _EXPORTS = {
     "ConfigError": "megalodon_jax.config",

@@ -79,8 +79,6 @@ def cpu_part(lengths: list[int], repeats: int) -> list[dict]:
       row["per_device_mib"] = (mem.get("argument_size_in_bytes", 0) + mem.get("output_size_in_bytes", 0)
                                + mem.get("temp_size_in_bytes", 0) - mem.get("alias_size_in_bytes", 0)) / 2**20
       row["temp_mib"] = mem.get("temp_size_in_bytes", 0) / 2**20
-      if row.get("times_s"):
-        row["median_ms"] = 1e3 * sorted(row["times_s"])[len(row["times_s"]) // 2]
       print(json.dumps({k: v for k, v in row.items() if k not in ("memory", "times_s")}), flush=True)
       results.append(row)
   return results

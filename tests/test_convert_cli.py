@@ -311,6 +311,40 @@ def test_hf_export_refuses_an_untied_head_or_a_learned_alpha(run, tmp_path, caps
   no_leftovers(tmp_path)
 
 
+def test_hf_export_with_norm_affine_false(tmp_path, capsys):
+  """megalodon-hf keeps its TimestepNorm weights at zero and does not load them with norm_affine=False: non-zero ones
+  are refused (exit 2, one line, nothing written); zero ones are not written and import back as zeros."""
+  config = MegalodonConfig(num_layers=2, model_dim=32, z_dim=16, value_dim=32, num_heads=2, ffn_hidden_dim=48,
+                           cema_ndim=4, chunk_size=8, norm_num_groups=4, vocab_size=40, share_emb=True,
+                           norm_affine=False)
+  sd = to_official_state_dict(MegalodonLM(config, rngs=nnx.Rngs(0)))
+  norm_keys = ([f"layers.{i}.mega.timenorm.{w}" for i in range(2) for w in ("weight", "bias")]
+               + ["output.final_norm.weight", "output.final_norm.bias"])
+  rng = np.random.default_rng(0)
+  sd.update({k: rng.normal(0, 0.3, (32,)).astype(np.float32) for k in norm_keys})
+  write_official(str(tmp_path / "src"), sd, config.official_kwargs())
+  assert cli.main(["from-pytorch", "--torch", str(tmp_path / "src"), "--out", str(tmp_path / "jax")]) == 0
+  out = str(tmp_path / "hf")
+  capsys.readouterr()
+  assert cli.main(["to-pytorch", "--checkpoint", str(tmp_path / "jax"), "--out", out, "--format", "hf"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+  assert re.search(r"norm_affine=False.*6 of them are non-zero \(layers\.0\.mega\.timenorm\.weight", err), err
+  assert not os.path.exists(out)
+  sd.update({k: np.zeros((32,), np.float32) for k in norm_keys})
+  write_official(str(tmp_path / "src0"), sd, config.official_kwargs())
+  assert cli.main(["from-pytorch", "--torch", str(tmp_path / "src0"), "--out", str(tmp_path / "jax0")]) == 0
+  assert cli.main(["to-pytorch", "--checkpoint", str(tmp_path / "jax0"), "--out", out, "--format", "hf"]) == 0
+  tensors = load_safetensors(os.path.join(out, "model.safetensors"))
+  assert not [k for k in tensors if "timenorm" in k or k.startswith("model.norm.")]
+  assert cli.main(["from-pytorch", "--torch", out, "--out", str(tmp_path / "back")]) == 0
+  got = to_official_state_dict(checkpoint_io.load_checkpoint(str(tmp_path / "back"))[0])
+  assert got.keys() == sd.keys()
+  for k, v in sd.items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+  no_leftovers(tmp_path)
+
+
 # ---------------------------------------------------------------- bad inputs
 
 def _drop_and_add(sd, conf):

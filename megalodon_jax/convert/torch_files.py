@@ -240,7 +240,7 @@ def write_hf(folder: str, tensors: Mapping[str, np.ndarray], config: MegalodonCo
   """Writes the megalodon-hf layout (model.safetensors + config.json) into `folder`; returns the file names.
 
   Raises:
-    StateDictError: untied head or learned nffn.alpha (see `hf.hf_export_problems`).
+    StateDictError: not representable in megalodon-hf (see `hf.hf_export_problems`).
   """
   from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
   hf = hf_lib.official_to_hf(tensors, config)

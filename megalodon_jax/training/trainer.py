@@ -23,7 +23,8 @@ from flax import nnx
 
 from megalodon_jax import data as data_lib
 from megalodon_jax import flops as flops_lib
-from megalodon_jax.inference.sampling import generate
+from megalodon_jax.inference.generation import Generator
+from megalodon_jax.inference.sampling import Sampler
 from megalodon_jax.model import MegalodonLM
 from megalodon_jax.training import checkpointing, config_lib, sharding
 from megalodon_jax.training import optimizer as opt_lib
@@ -265,6 +266,27 @@ def _evaluate(run: _Run, state: ts.TrainState, batches: list, byte_level: bool) 
   return loss_metrics(loss_sum / tokens, byte_level=byte_level, prefix="eval_")
 
 
+def sample_tokens(model: MegalodonLM, prompts: np.ndarray, *, num_tokens: int, temperature: float,
+                  seed: int) -> np.ndarray:
+  """The trainer's periodic samples, drawn by `Generator` (one PRNG stream per row, temperature a traced value).
+
+  Args:
+    model: put in eval mode (dropout off).
+    prompts: (B, P) int token ids, P >= 1.
+    num_tokens: tokens generated per row (no stop ids: every row gets exactly this many).
+    temperature: 0 = greedy.
+    seed: PRNG seed of the draws.
+  Returns:
+    (B, num_tokens) int32 generated ids (the prompts not included).
+  """
+  prompts = np.asarray(prompts)
+  if prompts.ndim != 2 or prompts.shape[1] < 1:
+    raise ValueError(f"prompts must be (batch, length >= 1); got shape {prompts.shape}")
+  out = Generator(model).generate(prompts.tolist(), max_new_tokens=num_tokens,
+                                  sampler=Sampler(temperature=float(temperature)), seed=seed)
+  return np.asarray([c.tokens for c in out], np.int32).reshape(len(out), num_tokens)
+
+
 def _samples(run: _Run, cfg: Any, state: ts.TrainState, batches: list, logger: MetricsLogger, step: int) -> None:
   if not cfg.num_samples or not batches:
     return
@@ -273,9 +295,9 @@ def _samples(run: _Run, cfg: Any, state: ts.TrainState, batches: list, logger: M
   else:
     rows = batches[0]["inputs"][:cfg.num_samples]
     prompt = np.asarray(rows[:, :min(32, rows.shape[1])])
-  key = jax.random.fold_in(jax.random.key(cfg.seed + 2), step)
-  out = np.asarray(generate(run.graphdef, (state["params"], state["buffers"], run.rng_vars), jnp.asarray(prompt), key,
-                            num_tokens=cfg.sample_len, temperature=cfg.sample_temperature))
+  model = nnx.merge(run.graphdef, state["params"], state["buffers"], run.rng_vars)
+  seed = int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0])  # new draws at every step
+  out = sample_tokens(model, prompt, num_tokens=cfg.sample_len, temperature=cfg.sample_temperature, seed=seed)
   for i in range(out.shape[0]):
     text = run.tokenizer.decode(prompt[i]) + " ▶ " + run.tokenizer.decode(out[i])
     logger.log_text(step, f"sample_{i}", text)

@@ -1,8 +1,8 @@
 """`python -m megalodon_jax.convert`: a real train.py checkpoint exported to PyTorch files and imported back.
 
 References are independent of the converter under test: the checkpoint's params are read with the trainer's own
-`checkpointing.load_params` into a concretely built model, and the tensor-parallel split dimensions are restated
-here from the spec's §6.1 table (the megalodon-hf mapping itself is tested in test_convert_hf.py). Most commands
+`checkpoints.params.load_params` into a concretely built model, and the tensor-parallel split dimensions are
+restated here from docs/export.md (the megalodon-hf mapping itself is tested in test_convert_hf.py). Most commands
 run in-process through `cli.main`; one runs as a subprocess.
 """
 
@@ -25,12 +25,14 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 import fixtures
+from megalodon_jax.checkpoints import layout, model_io
+from megalodon_jax.checkpoints.model_state import merge_model, split_model
+from megalodon_jax.checkpoints.params import load_params, save_params
 from megalodon_jax.config import MegalodonConfig
-from megalodon_jax.convert import (StateDictError, checkpoint_io, cli, from_official_state_dict, hf,
-                                   state_dict_entries, to_official_state_dict, tp_shards)
+from megalodon_jax.convert import (StateDictError, cli, from_official_state_dict, hf, state_dict_entries,
+                                   to_official_state_dict, tp_shards)
 from megalodon_jax.model import MegalodonLM
-from megalodon_jax.training import checkpointing, trainer
-from megalodon_jax.training import train_step as ts
+from megalodon_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,9 +60,9 @@ def reference(workdir: str, step: int):
   step_dir = os.path.join(workdir, "checkpoints", str(step))
   with open(os.path.join(step_dir, "meta", "metadata")) as f:
     config = MegalodonConfig.from_official(json.load(f)["model"])
-  graphdef, params, buffers, rngs = ts.split_model(MegalodonLM(config, rngs=nnx.Rngs(123)))
-  params = checkpointing.load_params(step_dir, params)
-  return ts.merge_model(graphdef, params, buffers, rngs), config, params
+  graphdef, params, buffers, rngs = split_model(MegalodonLM(config, rngs=nnx.Rngs(123)))
+  params = load_params(step_dir, params)
+  return merge_model(graphdef, params, buffers, rngs), config, params
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +161,7 @@ def test_safetensors_export_and_bfloat16_cast(run, ref4, tmp_path):
       assert v.dtype == torch.bfloat16 and torch.equal(v, torch.from_numpy(want[k]).to(torch.bfloat16)), k
   # bfloat16 weights import (upcast exactly) and pass the RoPE check with the bfloat16 tolerance.
   assert cli.main(["from-pytorch", "--torch", out16, "--out", str(tmp_path / "p16")]) == 0
-  m16, _, _ = checkpoint_io.load_checkpoint(str(tmp_path / "p16"))
+  m16, _, _ = model_io.load_checkpoint(str(tmp_path / "p16"))
   got = to_official_state_dict(m16)
   assert all(np.array_equal(got[k], v.float().numpy() if v.is_floating_point() else v.numpy()) for k, v in sd.items())
 
@@ -171,11 +173,11 @@ def test_from_pytorch_round_trip_is_bit_exact_and_loadable_by_init_from(run, ref
   out = str(tmp_path / "imported")
   assert cli.main(["from-pytorch", "--torch", os.path.join(official_dir, "consolidated.pth"), "--out", out]) == 0
   # What train.py does with --config.init_from=DIR: load_params onto the abstract params of the run's model.
-  _, abstract, _, _ = ts.split_model(nnx.eval_shape(lambda: MegalodonLM(config, rngs=nnx.Rngs(0))))
-  assert_same_params(checkpointing.load_params(out, abstract), params)
-  with open(os.path.join(out, checkpoint_io.CONFIG_FILE)) as f:
+  _, abstract, _, _ = split_model(nnx.eval_shape(lambda: MegalodonLM(config, rngs=nnx.Rngs(0))))
+  assert_same_params(load_params(out, abstract), params)
+  with open(os.path.join(out, layout.CONFIG_FILE)) as f:
     assert json.load(f)["model"] == json.loads(json.dumps(config.official_kwargs()))
-  loaded, loaded_config, step = checkpoint_io.load_checkpoint(out)
+  loaded, loaded_config, step = model_io.load_checkpoint(out)
   assert loaded_config == config and step is None
   assert np.array_equal(logits(loaded, tokens(config)), logits(model, tokens(config)))
   # ... and exported again: the same state dict.
@@ -189,10 +191,10 @@ def test_load_checkpoint_accepts_every_layout(run, ref4):
   _, config, params = ref4
   for path in (run, os.path.join(run, "checkpoints"), os.path.join(run, "checkpoints", "4"),
                os.path.join(run, "checkpoints", "4", "state")):
-    model, cfg, step = checkpoint_io.load_checkpoint(path)
+    model, cfg, step = model_io.load_checkpoint(path)
     assert cfg == config and step == 4, path
-    assert_same_params(ts.split_model(model)[1], params)
-  assert checkpoint_io.load_checkpoint(run, step=2)[2] == 2
+    assert_same_params(split_model(model)[1], params)
+  assert model_io.load_checkpoint(run, step=2)[2] == 2
 
 
 # ---------------------------------------------------------------- tensor-parallel shards
@@ -231,7 +233,7 @@ def test_tensor_parallel_shards_split_by_the_spec_and_merge_back_exactly(run, re
   assert merged["layers.0.mega.timenorm.prior_count"].dtype == np.int64
   imported = str(tmp_path / "from_tp")
   assert cli.main(["from-pytorch", "--torch", out, "--out", imported]) == 0
-  assert_same_params(ts.split_model(checkpoint_io.load_checkpoint(imported)[0])[1], params)
+  assert_same_params(split_model(model_io.load_checkpoint(imported)[0])[1], params)
 
 
 def test_tensor_parallel_errors(run, official_dir, tmp_path, capsys):
@@ -283,7 +285,7 @@ def test_hf_export_of_a_tied_checkpoint(tmp_path, capsys):
   assert {k: conf[k] for k in fx.conf} == fx.conf
   # The HF folder imports back (via config.json): the same official weights up to the LayerNorm +1 rounding.
   assert cli.main(["from-pytorch", "--torch", out, "--out", str(tmp_path / "back")]) == 0
-  got = to_official_state_dict(checkpoint_io.load_checkpoint(str(tmp_path / "back"))[0])
+  got = to_official_state_dict(model_io.load_checkpoint(str(tmp_path / "back"))[0])
   for k, v in fx.state_dict.items():
     np.testing.assert_allclose(got[k], v, rtol=0, atol=1.2e-7 if "nffn.norm.weight" in k else 0, err_msg=k)
 
@@ -338,7 +340,7 @@ def test_hf_export_with_norm_affine_false(tmp_path, capsys):
   tensors = load_safetensors(os.path.join(out, "model.safetensors"))
   assert not [k for k in tensors if "timenorm" in k or k.startswith("model.norm.")]
   assert cli.main(["from-pytorch", "--torch", out, "--out", str(tmp_path / "back")]) == 0
-  got = to_official_state_dict(checkpoint_io.load_checkpoint(str(tmp_path / "back"))[0])
+  got = to_official_state_dict(model_io.load_checkpoint(str(tmp_path / "back"))[0])
   assert got.keys() == sd.keys()
   for k, v in sd.items():
     np.testing.assert_array_equal(got[k], v, err_msg=k)
@@ -411,7 +413,7 @@ def test_to_pytorch_bad_checkpoints(run, tmp_path, capsys):
   empty = tmp_path / "empty"
   empty.mkdir()
   params_only = tmp_path / "params_only"  # written by save_params but without the config sidecar
-  checkpointing.save_params(str(params_only), {"w": np.zeros(3, np.float32)})
+  save_params(str(params_only), {"w": np.zeros(3, np.float32)})
   cases = {str(text): "is a file", str(empty): "is not a checkpoint", str(params_only): "megalodon_config.json",
            str(tmp_path / "missing"): "does not exist"}
   for path, message in cases.items():
@@ -434,7 +436,7 @@ def test_existing_output_is_refused_or_replaced_atomically(run, official_dir, tm
   assert sorted(os.listdir(out)) == ["model.safetensors", "params.json"]
   assert cli.main(["from-pytorch", "--torch", official_dir, "--out", str(out)]) == 2  # not empty now
   assert cli.main(["from-pytorch", "--torch", official_dir, "--out", str(out), "--overwrite"]) == 0
-  assert os.path.isfile(out / checkpoint_io.CONFIG_FILE) and not os.path.exists(out / "model.safetensors")
+  assert os.path.isfile(out / layout.CONFIG_FILE) and not os.path.exists(out / "model.safetensors")
   no_leftovers(tmp_path)
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from megalodon_jax import generate as generate_cli
 from megalodon_jax.config import MegalodonConfig
-from megalodon_jax.convert.checkpoint_io import save_params_checkpoint
+from megalodon_jax.checkpoints.model_io import save_params_checkpoint
 from megalodon_jax.data.tokenizers import ByteTokenizer
 from megalodon_jax.inference.detokenize import TextStream
 from megalodon_jax.inference.errors import InferenceError

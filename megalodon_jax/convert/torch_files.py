@@ -15,10 +15,10 @@ from typing import Any, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
+from megalodon_jax.checkpoints.errors import ConvertError
 from megalodon_jax.config import ConfigError, MegalodonConfig, rope_inv_freq
 from megalodon_jax.convert import hf as hf_lib
 from megalodon_jax.convert import tp_shards
-from megalodon_jax.convert.checkpoint_io import ConvertError
 from megalodon_jax.convert.official import StateDictError, check_state_dict
 
 PARAMS_JSON = "params.json"

@@ -6,7 +6,7 @@ associative_scan.py, sequential.py, chunked.py, pallas.py) <- dispatch.py <- thi
 
 from megalodon_jax.ops.cema.coefficients import CEMACoeffs, cema_coefficients
 from megalodon_jax.ops.cema.dispatch import IMPLEMENTATIONS, cema, default_impl
-from megalodon_jax.ops.cema.powers import initial_state_contribution
+from megalodon_jax.ops.cema.powers import cema_kernel, initial_state_contribution
 
-__all__ = ["CEMACoeffs", "IMPLEMENTATIONS", "cema", "cema_coefficients", "default_impl",
+__all__ = ["CEMACoeffs", "IMPLEMENTATIONS", "cema", "cema_coefficients", "cema_kernel", "default_impl",
            "initial_state_contribution"]

@@ -1,4 +1,4 @@
-"""Times the CEMA implementations (ops/cema.py) forward and forward+backward, and reports their memory.
+"""Times the CEMA implementations (megalodon_jax/ops/cema/) forward and forward+backward, and reports their memory.
 
   python benchmarks/cema.py --lengths 1024,4096 --dim 256 --ndim 16 --backward --out results.json
 
@@ -40,7 +40,7 @@ def resolve_impl(spec: str):
   name, _, arg = spec.partition(":")
   if name == "auto":
     return lambda x, coeffs, omega: cema_lib.cema(x, coeffs, omega, impl="auto")
-  impl = cema_lib._implementations()[name]  # pylint: disable=protected-access
+  impl = cema_lib.IMPLEMENTATIONS[name]
   if arg:
     key = {"chunked": "block_size", "sequential": "unroll"}.get(name)
     if key is None:

@@ -13,7 +13,7 @@ Conventions (the same as paper_anchors §5 and MaxText):
     ⌈L/C⌉·C² per head; that count is returned as "attention_padded" for comparison with XLA, never in totals.
   * CEMA is not a matmul of the model's parameters: it is the FFT convolution with the per-channel EMA kernel.
     We use paper_anchors §5's estimate d·(8·N + 15·log2(n_fft)) per token per layer with n_fft = 2·next_pow2(L)
-    (the FFT length of the official fftconv and of ops/cema.py), counted in "total" but not in "matmul": it is
+    (the FFT length of the official fftconv and of ops/cema/fft.py), counted in "total" but not in "matmul": it is
     <0.5% at scale and memory-bound, so it does not belong in an MFU numerator.
   * Training costs 3x the forward matmuls (forward, plus two matmuls of the same size per forward matmul in the
     backward pass: the input gradient and the weight gradient). Rematerialisation is not counted: this is MFU,

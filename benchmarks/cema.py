@@ -50,7 +50,8 @@ def resolve_impl(spec: str):
 
 
 def make_inputs(batch: int, length: int, dim: int, ndim: int, seed: int = 0):
-  """Spec §2.6-like parameters (so |q| ≈ 0.75 and the angles are spread) and a standard-normal input."""
+  """Parameters like the official initialisation (docs/model.md#initialisation), so |q| ≈ 0.75 and the angles
+  are spread, and a standard-normal input."""
   rng = np.random.default_rng(seed)
   f = np.exp(-np.arange(1, dim + 1) * math.log(dim) / dim)[rng.permutation(dim)]
   params = {

@@ -1,4 +1,5 @@
-"""CEMA (spec §2): every implementation against an independent float64 NumPy recurrence built from raw parameters."""
+"""CEMA (docs/model.md#cema): every implementation against an independent float64 NumPy recurrence built from raw
+parameters."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ ALL = IMPLS + ("chunked_b3",)  # block size 3: many blocks and a partial last bl
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Independent reference: spec §2.2 coefficients and §2.3 recurrence in complex128, one time step at a time.
+# Independent reference: the coefficients and the recurrence of docs/model.md#cema in complex128, one time step at
+# a time.
 
 
 def _sigmoid(z):
@@ -102,7 +104,7 @@ def test_coefficients_match_spec_formulas():
   np.testing.assert_allclose(np.abs(q), 1 - a * d, rtol=1e-6)
   wavelets = np.arange(1, 9)[None, :]
   expected_angle = wavelets * _sigmoid(params["theta"][:, 0, :]) * 2 * np.pi / 8
-  assert np.all(expected_angle < 2 * np.pi)  # the largest phase stays below a full turn (spec §2.2)
+  assert np.all(expected_angle < 2 * np.pi)  # the largest phase stays below a full turn (docs/model.md#cema)
   # Angles compared on the unit circle, since arg() wraps at π.
   np.testing.assert_allclose(q / np.abs(q), np.exp(1j * expected_angle), atol=2e-6)
   np.testing.assert_allclose(np.asarray(coeffs.p), a, rtol=1e-6)

@@ -2,8 +2,8 @@
 
 References are independent of the converter under test: the checkpoint's params are read with the trainer's own
 `checkpoints.params.load_params` into a concretely built model, and the tensor-parallel split dimensions are
-restated here from docs/export.md (the megalodon-hf mapping itself is tested in test_convert_hf.py). Most commands
-run in-process through `cli.main`; one runs as a subprocess.
+restated here from docs/export.md#model-parallel-shards (the megalodon-hf mapping itself is tested in
+test_convert_hf.py). Most commands run in-process through `cli.main`; one runs as a subprocess.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def test_safetensors_export_and_bfloat16_cast(run, ref4, tmp_path):
   for k, v in sd.items():
     if k.endswith("prior_count"):
       assert v.dtype == torch.int64
-    elif k == "rope.freqs":  # the RoPE table stays float32 (spec §6.4)
+    elif k == "rope.freqs":  # the RoPE table stays float32 (docs/export.md#official-key-map)
       assert v.dtype == torch.float32 and np.array_equal(v.numpy(), want[k])
     else:
       assert v.dtype == torch.bfloat16 and torch.equal(v, torch.from_numpy(want[k]).to(torch.bfloat16)), k
@@ -200,7 +200,8 @@ def test_load_checkpoint_accepts_every_layout(run, ref4):
 # ---------------------------------------------------------------- tensor-parallel shards
 
 def spec_split_dim(key: str):
-  """Spec §6.1's split rules, restated: the dim of the torch tensor split across ranks (None: replicated)."""
+  """The split rules of docs/export.md#model-parallel-shards, restated: the dim of the torch tensor split across
+  ranks (None: replicated)."""
   name = key.split(".")
   if key == "embed.weight" or key == "output.output.weight" or name[-2] in ("wh2", "fc2"):
     return 1  # embed along D; RowParallel along the input dim
@@ -275,7 +276,7 @@ def test_hf_export_of_a_tied_checkpoint(tmp_path, capsys):
   out = str(tmp_path / "hf")
   capsys.readouterr()
   assert cli.main(["to-pytorch", "--checkpoint", str(tmp_path / "jax"), "--out", out, "--format", "hf"]) == 0
-  assert "TimestepNorm" in capsys.readouterr().err  # spec §12.1 warning
+  assert "TimestepNorm" in capsys.readouterr().err  # docs/export.md#megalodon-hf warning
   tensors = load_safetensors(os.path.join(out, "model.safetensors"))
   want = hf.official_to_hf(fx.state_dict, config)
   assert tensors.keys() == want.keys() and all(np.array_equal(tensors[k].numpy(), want[k]) for k in want)

@@ -1,4 +1,5 @@
-"""The official ⇄ megalodon-hf state-dict mapping (spec §6.2) on its own, against references derived here.
+"""The official ⇄ megalodon-hf state-dict mapping (docs/export.md#megalodon-hf) on its own, against references
+derived here.
 
 The HF key list is restated from the spec's table; the RoPE permutation is checked against interleaved and
 half-split rotations re-derived here, and functionally: one layer's attention scores computed from the official
@@ -52,7 +53,7 @@ def test_rope_permutation_turns_interleaved_pairs_into_half_split_pairs():
 
 
 def spec_hf_keys(c: MegalodonConfig) -> dict:
-  """Spec §6.2: megalodon-hf key -> shape."""
+  """docs/export.md#megalodon-hf: megalodon-hf key -> shape."""
   D, Z, E, F, N, V = c.model_dim, c.z_dim, c.value_dim, c.ffn_hidden_dim, c.cema_ndim, c.vocab_size
   keys = {"model.embed.weight": (V, D)}
   for i in range(c.num_layers):

@@ -1,8 +1,8 @@
 """Long-context evaluation (inference/evaluation.py, long_context.py) and the `megalodon_jax.evaluate` CLI.
 
 References: float64 NLL from one full forward (no cache) per row or block; the official evaluation driver
-(`megalodon/inference.py`, spec §9.3) transcribed step by step with explicit cache surgery, fed one token per
-call (any split gives the same outputs; only where the statistics are replaced matters).
+(`megalodon/inference.py`, docs/streaming.md#evaluation) transcribed step by step with explicit cache surgery,
+fed one token per call (any split gives the same outputs; only where the statistics are replaced matters).
 """
 
 import functools

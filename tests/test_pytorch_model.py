@@ -1,8 +1,8 @@
 """The pure-PyTorch model (`megalodon_jax.pytorch`) against the official model's own outputs.
 
 References: the golden fixtures (tests/fixtures/official: official state dicts, logits and layer-0 intermediates)
-and the spec's §6.1 state-dict layout as saved by the official model. Nothing here imports jax, and one test
-checks that in a fresh interpreter.
+and the official state-dict layout (docs/export.md#official-key-map) as saved by the official model. Nothing here
+imports jax, and one test checks that in a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def test_state_dict_layout_is_the_official_one(name):
   fx = fixtures.cached(name)
   fresh = mp.Mega(mp.ModelConf.from_dict(fx.conf), generator=torch.Generator().manual_seed(0)).state_dict()
   assert sorted(fresh) == sorted(fx.state_dict)  # (safetensors files do not keep the key order)
-  # The official order (spec §6.1): a module's own tensors, then its submodules in construction order.
+  # The official order (docs/export.md#official-key-map): a module's own tensors, then its submodules in
+  # construction order.
   layer0 = [k[len("layers.0."):] for k in fresh if k.startswith("layers.0.")]
   assert layer0[:9] == ["mega.gamma", "mega.beta", "mega.timenorm.weight", "mega.timenorm.bias",
                         "mega.timenorm.prior_count", "mega.timenorm.prior_mean", "mega.timenorm.prior_logv",
@@ -161,7 +162,7 @@ def test_long_random_stream_matches_full_forward():
 
 
 def _cema_reference(cema, u, h0):
-  """The CEMA recurrence step by step in float64 (spec §2.3). u: (B, L, D); h0: (B, D, N) complex."""
+  """The CEMA recurrence step by step in float64 (docs/model.md#cema). u: (B, L, D); h0: (B, D, N) complex."""
   n = cema.ndim
   p = torch.sigmoid(cema.alpha.double())[..., 0]
   mag = 1 - p * torch.sigmoid(cema.delta.double())[..., 0]
@@ -177,7 +178,7 @@ def _cema_reference(cema, u, h0):
 
 
 def _timestep_norm_reference(norm, x, count, mean, var):
-  """The official one-step-at-a-time merge (spec §3.2) in float64. x: (B, L, D)."""
+  """The official one-step-at-a-time merge (docs/model.md#timestep-norm) in float64. x: (B, L, D)."""
   b, l, d = x.shape
   xg = x.double().view(b, l, norm.num_groups, -1)
   n, m, s = count.double()[:, None], mean.double(), var.double()

@@ -1,4 +1,5 @@
-"""Official state dict ⇄ megalodon-hf (`pszemraj/megalodon-hf`, `MegalodonForCausalLM`) layout (spec §6.2, §12).
+"""Official state dict ⇄ megalodon-hf (`pszemraj/megalodon-hf`, `MegalodonForCausalLM`) layout
+(docs/export.md#megalodon-hf).
 
 What changes between the two layouts:
 - RoPE pairing: official rotates interleaved pairs (2i, 2i+1) of each head's dz features, HF rotates half-split
@@ -15,8 +16,9 @@ What changes between the two layouts:
   weight and bias as zero buffers that it neither saves nor loads, while the official model still has them as
   parameters: export writes no such keys and refuses non-zero ones; import takes absent ones as zeros.
 
-HF's TimestepNorm computes a different variance than the official kernel (spec §12.1), so an exported model does
-not reproduce our logits inside megalodon-hf unless its TimestepNorm is replaced by the official formula.
+HF's TimestepNorm computes a different variance than the official kernel (docs/export.md#megalodon-hf), so an
+exported model does not reproduce our logits inside megalodon-hf unless its TimestepNorm is replaced by the official
+formula.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from megalodon_jax.convert.official import StateDictError, state_dict_entries
 
 TIMESTEP_NORM_WARNING = (
     "warning: megalodon-hf's TimestepNorm differs from the official one (its running variance omits the within-step "
-    "group variance, spec §12.1): the exported weights are mapped exactly, but megalodon-hf will not reproduce these "
-    "logits unless its TimestepNorm is replaced by the official formula.")
+    "group variance, docs/export.md#megalodon-hf): the exported weights are mapped exactly, but megalodon-hf will "
+    "not reproduce these logits unless its TimestepNorm is replaced by the official formula.")
 
 # Extra HF biases: HF key suffix -> the official weight whose output size they have.
 _EXTRA_BIASES = (("attn.wh2", "mega.wh2"), ("ffn.fc1", "nffn.fc1"), ("ffn.fc2", "nffn.fc2"), ("ffn.fc3", "nffn.fc3"))

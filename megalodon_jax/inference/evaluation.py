@@ -5,7 +5,7 @@ tokens, so a row may be as long as the host memory for its token ids allows (the
 the cache). Without the window option the result does not depend on S (the model gives the full-forward logits
 for any split, to float32 rounding).
 
-The TimestepNorm window option (`NormWindow`, spec §9.3) reproduces the official evaluation driver
+The TimestepNorm window option (`NormWindow`, docs/streaming.md#evaluation) reproduces the official evaluation driver
 (`megalodon/inference.py`): rows are fed `step_chunks` chunks at a time, and once `truncate_chunks` chunks have been
 consumed, after every step that is not the last, the model is run again from an empty cache over only the latest
 `truncate_chunks - step_chunks` chunks and every TimestepNorm state (each layer's and the final norm's) is replaced
@@ -35,7 +35,10 @@ _MAX_DEFAULT_SEGMENT = 1 << 16
 
 @dataclasses.dataclass(frozen=True)
 class NormWindow:
-  """The official evaluation's TimestepNorm truncation (spec §9.3): constants of `megalodon/inference.py`."""
+  """The official evaluation's TimestepNorm truncation: constants of `megalodon/inference.py`.
+
+  See docs/streaming.md#evaluation.
+  """
   truncate_chunks: int = 8  # TRUNCATE_CHUNKS
   step_chunks: int = 2  # MAX_CHUNKS_PER_BATCH
 

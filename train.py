@@ -49,12 +49,13 @@ def main(argv: list[str]) -> int:
   ours.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
 
   from megalodon_jax import data
-  from megalodon_jax.training import checkpointing, config_lib, trainer
+  from megalodon_jax.checkpoints.errors import CheckpointError
+  from megalodon_jax.training import config_lib, trainer
 
   workdir = _WORKDIR.value or _default_workdir()
   try:
     trainer.train_and_evaluate(_CONFIG.value, workdir)
-  except (config_lib.ConfigError, data.DataError, checkpointing.CheckpointError) as e:
+  except (config_lib.ConfigError, data.DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except trainer.NonFiniteLossError as e:

@@ -1,4 +1,4 @@
-"""Times the CEMA implementations (ops/cema.py) forward and forward+backward, and reports their memory.
+"""Times the CEMA implementations (megalodon_jax/ops/cema/) forward and forward+backward, and reports their memory.
 
   python benchmarks/cema.py --lengths 1024,4096 --dim 256 --ndim 16 --backward --out results.json
 
@@ -17,10 +17,8 @@ import functools
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 # The package may not be pip-installed (e.g. a bare GPU machine): import it from this checkout.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +29,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from benchmarks.common import machine_info, memory_bytes  # pylint: disable=wrong-import-position
+from benchmarks.common import compile_and_time, machine_info  # pylint: disable=wrong-import-position
 from megalodon_jax.ops import cema as cema_lib  # pylint: disable=wrong-import-position
 
 DEFAULT_IMPLS = "fft,associative_scan,sequential,chunked"
@@ -42,7 +40,7 @@ def resolve_impl(spec: str):
   name, _, arg = spec.partition(":")
   if name == "auto":
     return lambda x, coeffs, omega: cema_lib.cema(x, coeffs, omega, impl="auto")
-  impl = cema_lib._implementations()[name]  # pylint: disable=protected-access
+  impl = cema_lib.IMPLEMENTATIONS[name]
   if arg:
     key = {"chunked": "block_size", "sequential": "unroll"}.get(name)
     if key is None:
@@ -52,7 +50,8 @@ def resolve_impl(spec: str):
 
 
 def make_inputs(batch: int, length: int, dim: int, ndim: int, seed: int = 0):
-  """Spec §2.6-like parameters (so |q| ≈ 0.75 and the angles are spread) and a standard-normal input."""
+  """Parameters like the official initialisation (docs/model.md#initialisation), so |q| ≈ 0.75 and the angles
+  are spread, and a standard-normal input."""
   rng = np.random.default_rng(seed)
   f = np.exp(-np.arange(1, dim + 1) * math.log(dim) / dim)[rng.permutation(dim)]
   params = {
@@ -89,36 +88,12 @@ def run_case(spec: str, length: int, mode: str, args) -> dict:
   params, x = make_inputs(args.batch, length, args.dim, args.ndim)
   inputs = (params, x) if mode == "fwd" else (params, x, jnp.ones_like(x) / x.size)
   result = {"impl": spec, "length": length, "mode": mode}
-  t0 = time.perf_counter()
-  try:
-    compiled = jax.jit(build(spec, mode)).lower(*inputs).compile()
-  except Exception as e:  # pylint: disable=broad-except
-    # e.g. the compiler itself refuses a too-large program; report instead of aborting the sweep.
-    result.update(status="error", error=f"{type(e).__name__}: {str(e)[:300]}")
-    return result
-  result["compile_s"] = time.perf_counter() - t0
-  result["memory"] = memory_bytes(compiled)
-  total = result["memory"].get("total_bytes", 0)
-  if total > args.max_bytes:
-    result["status"] = "skip"
-    result["reason"] = f"needs {total / 2**20:.0f} MiB > --max-bytes {args.max_bytes / 2**20:.0f} MiB"
-    return result
-
-  t0 = time.perf_counter()
-  jax.block_until_ready(compiled(*inputs))  # warm-up
-  first = time.perf_counter() - t0
-  runs = 0 if first > args.max_seconds else max(1, min(args.repeats, int(args.max_seconds / max(first, 1e-9))))
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*inputs))
-    times.append(time.perf_counter() - t0)
-  result["times_s"] = times or [first]
-  result["median_ms"] = 1e3 * statistics.median(result["times_s"])
-  result["status"] = "ok" if times else "slow"  # "slow": only the warm-up run, which took over --max-seconds
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    result["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+  # --max-seconds is the time budget of the case: the timed runs are capped to fit it.
+  if compile_and_time(build(spec, mode), inputs, result, max_bytes=args.max_bytes, max_seconds=args.max_seconds,
+                      repeats=args.repeats, fit_repeats=True) is not None:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      result["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
   return result
 
 

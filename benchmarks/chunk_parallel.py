@@ -50,6 +50,7 @@ def cpu_part(lengths: list[int], repeats: int) -> list[dict]:
   from jax.sharding import AxisType  # pylint: disable=import-outside-toplevel
 
   from benchmarks.common import compile_and_time  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.checkpoints.model_state import split_model  # pylint: disable=import-outside-toplevel
   from megalodon_jax.config import MegalodonConfig  # pylint: disable=import-outside-toplevel
   from megalodon_jax.model import MegalodonLM  # pylint: disable=import-outside-toplevel
   from megalodon_jax.training import sharding as sh  # pylint: disable=import-outside-toplevel
@@ -58,7 +59,7 @@ def cpu_part(lengths: list[int], repeats: int) -> list[dict]:
 
   cfg = MegalodonConfig(num_layers=2, model_dim=128, z_dim=64, value_dim=256, num_heads=2, ffn_hidden_dim=256,
                         chunk_size=128, vocab_size=256, norm_num_groups=8, cema_ndim=8, cema_impl="chunked")
-  graphdef, params, buffers, rng_vars = ts.split_model(MegalodonLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, buffers, rng_vars = split_model(MegalodonLM(cfg, rngs=nnx.Rngs(0)))
   rules = sh.check_rules(configs.default.get_config().logical_axis_rules)
   key = jax.random.key(0)
 
@@ -79,8 +80,6 @@ def cpu_part(lengths: list[int], repeats: int) -> list[dict]:
       row["per_device_mib"] = (mem.get("argument_size_in_bytes", 0) + mem.get("output_size_in_bytes", 0)
                                + mem.get("temp_size_in_bytes", 0) - mem.get("alias_size_in_bytes", 0)) / 2**20
       row["temp_mib"] = mem.get("temp_size_in_bytes", 0) / 2**20
-      if row.get("times_s"):
-        row["median_ms"] = 1e3 * sorted(row["times_s"])[len(row["times_s"]) // 2]
       print(json.dumps({k: v for k, v in row.items() if k not in ("memory", "times_s")}), flush=True)
       results.append(row)
   return results

@@ -38,11 +38,14 @@ def machine_info() -> dict:
   return info
 
 
-def compile_and_time(fn, inputs: tuple, result: dict, *, max_bytes: int, max_seconds: float, repeats: int):
+def compile_and_time(fn, inputs: tuple, result: dict, *, max_bytes: int, max_seconds: float, repeats: int,
+                     fit_repeats: bool = False):
   """Compiles `fn` ahead of time, checks its buffers against `max_bytes`, then times it; fills `result`.
 
   Sets `compile_s`, `memory`, then either status "error" (did not compile), "skip" (over `max_bytes`), or
   `times_s`, `median_ms` and status "ok" / "slow" ("slow": only the warm-up run, which took over `max_seconds`).
+  Times are `repeats` runs after one warm-up run, each ended with `block_until_ready`; with `fit_repeats` the
+  runs are also capped (at least one) so that they take about `max_seconds` in all.
 
   Returns:
     The compiled function when it ran, else None.
@@ -62,8 +65,14 @@ def compile_and_time(fn, inputs: tuple, result: dict, *, max_bytes: int, max_sec
   t0 = time.perf_counter()
   jax.block_until_ready(compiled(*inputs))
   first = time.perf_counter() - t0
+  if first > max_seconds:
+    runs = 0
+  elif fit_repeats:
+    runs = max(1, min(repeats, int(max_seconds / max(first, 1e-9))))
+  else:
+    runs = repeats
   times = []
-  for _ in range(0 if first > max_seconds else repeats):
+  for _ in range(runs):
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*inputs))
     times.append(time.perf_counter() - t0)

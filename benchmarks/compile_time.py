@@ -30,13 +30,14 @@ def run_case(num_layers: int, scan: bool, remat: str, seq_len: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
+  from megalodon_jax.checkpoints.model_state import split_model  # pylint: disable=import-outside-toplevel
   from megalodon_jax.config import MegalodonConfig  # pylint: disable=import-outside-toplevel
   from megalodon_jax.model import MegalodonLM  # pylint: disable=import-outside-toplevel
   from megalodon_jax.training import optimizer as opt_lib  # pylint: disable=import-outside-toplevel
   from megalodon_jax.training import train_step as ts  # pylint: disable=import-outside-toplevel
 
   cfg = MegalodonConfig(**BLOCK, num_layers=num_layers, scan_layers=scan, remat=remat)
-  graphdef, params, buffers, rng_vars = ts.split_model(nnx.eval_shape(lambda: MegalodonLM(cfg, rngs=nnx.Rngs(0))))
+  graphdef, params, buffers, rng_vars = split_model(nnx.eval_shape(lambda: MegalodonLM(cfg, rngs=nnx.Rngs(0))))
   tx = opt_lib.make_optimizer(1e-4, 1000, 10)
   step = jax.jit(ts.make_train_step(graphdef, rng_vars, tx, opt_lib.lr_schedule(1e-4, 1000, 10), 1),
                  donate_argnums=0)

@@ -33,6 +33,7 @@ from flax import nnx  # pylint: disable=wrong-import-position
 
 from benchmarks.common import machine_info, memory_bytes  # pylint: disable=wrong-import-position
 from megalodon_jax import flops as flops_lib  # pylint: disable=wrong-import-position
+from megalodon_jax.checkpoints.model_state import split_model  # pylint: disable=wrong-import-position
 from megalodon_jax.config import MegalodonConfig, preset  # pylint: disable=wrong-import-position
 from megalodon_jax.model import MegalodonLM  # pylint: disable=wrong-import-position
 from megalodon_jax.training import optimizer as opt_lib  # pylint: disable=wrong-import-position
@@ -56,7 +57,7 @@ def run_case(seq_len: int, args) -> dict:
   cfg = model_config(args)
   batch = args.tokens // seq_len
   result = {"seq_len": seq_len, "batch": batch, "tokens": batch * seq_len}
-  graphdef, params, buffers, rng_vars = ts.split_model(MegalodonLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, buffers, rng_vars = split_model(MegalodonLM(cfg, rngs=nnx.Rngs(0)))
   tx = opt_lib.make_optimizer(1e-4, 1000, 10)
   state = ts.init_state(params, buffers, tx, jnp.zeros((2,), jnp.uint32))
   step = jax.jit(ts.make_train_step(graphdef, rng_vars, tx, opt_lib.lr_schedule(1e-4, 1000, 10), 1),

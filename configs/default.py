@@ -10,7 +10,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
-  # ---------------- model: MegalodonConfig, official ModelConf names (../shared/docs/megalodon_spec.md §6) -------
+  # ---------------- model: MegalodonConfig, official ModelConf names (docs/model.md#configurations) ---------------
   m = c.model = ml_collections.ConfigDict()
   m.num_layers = 4  # number of Megalodon blocks
   m.model_dim = 256  # D, residual width

@@ -1,4 +1,5 @@
-"""Byte-level enwik8 (standard 90M/5M/5M split) with Mega's enwik8-base shape (spec §5.4) in Megalodon blocks.
+"""Byte-level enwik8 (standard 90M/5M/5M split) with Mega's enwik8-base shape in Megalodon blocks
+(docs/model.md#configurations).
 
 Hyper-parameters are Mega v1's `mega_lm_enwik8_base` (not published for Megalodon): 12 layers, D 512, E 1024, Z 128,
 N 16, F 1024, chunk 2048 (train), tied embeddings, dropout 0.1; Adam (0.9, 0.98), lr 5e-3 with 24K warmup from 1e-7

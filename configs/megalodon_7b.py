@@ -1,5 +1,6 @@
-"""Megalodon-7B as in the paper (§4.1): `mega7.3B` with 4096-token chunks and RoPE base 1e5, 32K context,
-4M tokens per step (128 x 32768), AdamW (0.9, 0.95) lr 3.5e-4 cosine with 2500 warmup, wd 0.1, clip 1.0.
+"""Megalodon-7B as in the paper (paper §4.1): `mega7.3B` with 4096-token chunks and RoPE base 1e5, 32K context,
+4M tokens per step (128 x 32768), AdamW (0.9, 0.95) lr 3.5e-4 cosine with 2500 warmup, wd 0.1, clip 1.0
+(docs/model.md#configurations, docs/training.md#optimizer).
 
 The paper trained 2T tokens (~477K steps) on 256 A100s with FSDP and 2-way chunk (context) parallelism; here: pure
 FSDP over every device with full remat, so the 128 sequences of a step fit at most 128 data x fsdp devices. On 256

@@ -127,7 +127,10 @@ class MegalodonConfig:
     return cls(**dict(conf), **execution)
 
   def num_params(self) -> int:
-    """Exact trainable parameter count of the official model (spec §6.3); buffers are not counted."""
+    """Exact trainable parameter count of the official model; buffers are not counted.
+
+    The formula is in docs/export.md#parameter-count.
+    """
     D, N, E, Z, F = self.model_dim, self.cema_ndim, self.value_dim, self.z_dim, self.ffn_hidden_dim
     affine = 1 if self.norm_affine else 0
     attn = (2 * D  # timenorm weight + bias
@@ -214,7 +217,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
                      chunk_size=2048, norm_num_groups=64),
     "mega7.3B": dict(num_layers=32, model_dim=4096, num_heads=4, z_dim=1024, value_dim=8192, ffn_hidden_dim=8192,
                      chunk_size=2048, norm_num_groups=64, swiglu=True),
-    # The paper's Megalodon-7B (§4.1): mega7.3B with 4096-token chunks and RoPE base 1e5.
+    # The paper's Megalodon-7B (paper §4.1): mega7.3B with 4096-token chunks and RoPE base 1e5.
     "megalodon_7b": dict(num_layers=32, model_dim=4096, num_heads=4, z_dim=1024, value_dim=8192,
                          ffn_hidden_dim=8192, chunk_size=4096, norm_num_groups=64, swiglu=True, rope_base=1e5),
 }

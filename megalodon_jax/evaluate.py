@@ -52,7 +52,8 @@ def build_parser() -> cli_common.Parser:
   e.add_argument("--rows_budget", type=int, default=None,
                  help="tokens of short rows (documents / blocks) evaluated side by side (default: segment_len)")
   e.add_argument("--window", action="store_true",
-                 help="the official evaluation's TimestepNorm window (spec §9.3): statistics over the last chunks only")
+                 help="the official evaluation's TimestepNorm window (docs/streaming.md#evaluation): statistics "
+                 "over the last chunks only")
   e.add_argument("--window_truncate_chunks", type=int, default=8, help="window: TRUNCATE_CHUNKS (official 8)")
   e.add_argument("--window_step_chunks", type=int, default=2, help="window: chunks per step (official 2)")
   o = p.add_argument_group("output")

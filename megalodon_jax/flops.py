@@ -1,19 +1,19 @@
-"""Analytic FLOP counts of a Megalodon LM, for MFU (the FLOP model of docs/paper_anchors.md §5).
+"""Analytic FLOP counts of a Megalodon LM, for MFU (docs/training.md#flops-and-mfu).
 
-Conventions (the same as paper_anchors §5 and MaxText):
+Conventions (the same as MaxText's):
   * A matmul [m, k] x [k, n] costs 2·m·n·k FLOPs; bias adds, activations, norms and softmax are not matmuls and
     are left out of the matmul count (XLA's `cost_analysis` counts them, so it reads a little higher).
   * Chunk-local attention: q·kᵀ and P·v over chunks of C, the last chunk of length L mod C when C does not
     divide L. Per chunk of length c this is 2·c²·(dz + dv)·H = 2·c²·(Z + E) FLOPs per sequence, i.e. the whole
     c×c score block, as a dense kernel computes it ("full"). MFU conventionally counts causal attention at half
-    of that (MaxText since PR #1988; paper_anchors §5), since half the block is masked out ("causal"). Both are
+    of that (MaxText since PR #1988), since half the block is masked out ("causal"). Both are
     returned; `forward_flops` puts the full count in its totals unless asked for the causal one, and
     `model_flops_per_token` (the MFU numerator) uses the causal one.
   * Our XLA attention (ops/attention.py) zero-pads the last chunk to C, so it actually executes
     ⌈L/C⌉·C² per head; that count is returned as "attention_padded" for comparison with XLA, never in totals.
   * CEMA is not a matmul of the model's parameters: it is the FFT convolution with the per-channel EMA kernel.
-    We use paper_anchors §5's estimate d·(8·N + 15·log2(n_fft)) per token per layer with n_fft = 2·next_pow2(L)
-    (the FFT length of the official fftconv and of ops/cema.py), counted in "total" but not in "matmul": it is
+    We use the estimate d·(8·N + 15·log2(n_fft)) per token per layer with n_fft = 2·next_pow2(L)
+    (the FFT length of the official fftconv and of ops/cema/fft.py), counted in "total" but not in "matmul": it is
     <0.5% at scale and memory-bound, so it does not belong in an MFU numerator.
   * Training costs 3x the forward matmuls (forward, plus two matmuls of the same size per forward matmul in the
     backward pass: the input gradient and the weight gradient). Rematerialisation is not counted: this is MFU,
@@ -28,7 +28,7 @@ from typing import Optional
 from megalodon_jax.config import MegalodonConfig
 
 # Peak dense bf16 FLOP/s per device (no sparsity), public spec-sheet values: NVIDIA A100 / H100 / H200 data
-# sheets, Google Cloud TPU system-architecture pages (v4, v5e, v5p, v6e Trillium); see paper_anchors §5.
+# sheets, Google Cloud TPU system-architecture pages (v4, v5e, v5p, v6e Trillium); see docs/training.md#flops-and-mfu.
 # Matched as case-insensitive substrings of jax `Device.device_kind`, first match wins, so the more specific
 # entries come first (an "H100 PCIe" must not be read as an SXM H100, "TPU v5 lite" is v5e, not v5p).
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
@@ -125,9 +125,10 @@ def train_step_flops(config: MegalodonConfig, batch: int, seq_len: int, *, causa
 
 
 def model_flops_per_token(config: MegalodonConfig, seq_len: int) -> float:
-  """Training FLOPs per token for MFU: 3 x forward matmuls, causal attention counted at half (paper_anchors §5).
+  """Training FLOPs per token for MFU: 3 x forward matmuls, causal attention counted at half
+  (docs/training.md#flops-and-mfu).
 
-  For L a multiple of C this is paper_anchors' F_tok = 6·[layers·P + D·V] + 3·layers·C·(Z + E); MFU is then
-  tokens_per_second · model_flops_per_token / (num_devices · peak_flops(device_kind)).
+  For L a multiple of C this is F_tok = 6·[layers·P + D·V] + 3·layers·C·(Z + E) of docs/training.md#flops-and-mfu;
+  MFU is then tokens_per_second · model_flops_per_token / (num_devices · peak_flops(device_kind)).
   """
   return train_step_flops(config, 1, seq_len, causal_attention=True) / seq_len

@@ -1,4 +1,6 @@
-"""MegalodonLM: embedding → blocks → final TimestepNorm → LM head, with a streaming cache (spec §5, §9)."""
+"""MegalodonLM: embedding → blocks → final TimestepNorm → LM head, with a streaming cache.
+
+See docs/model.md#block and docs/streaming.md."""
 
 from __future__ import annotations
 

@@ -1,7 +1,12 @@
-"""Loading the official golden fixtures (tests/fixtures/official)."""
+"""The official golden fixtures (tests/fixtures/official) and helpers shared by the tests that compare against them.
+
+Imports neither jax nor torch: tests/test_pytorch_model.py checks that the PyTorch model works without jax.
+"""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import pathlib
 from typing import NamedTuple
@@ -11,6 +16,7 @@ from safetensors.numpy import load_file
 
 FIXTURE_DIR = pathlib.Path(__file__).parent / "fixtures" / "official"
 CASES = ("tiny_short", "tiny_swiglu", "tiny_tied")
+STREAM_SPLITS = ("one_token_at_a_time", "odd_pieces", "whole_chunks", "long_then_short")  # keys of stream_splits
 
 
 class Fixture(NamedTuple):
@@ -30,3 +36,19 @@ def load(name: str) -> Fixture:
   debug = {k[len("debug.layer0."):]: v for k, v in tensors.items() if k.startswith("debug.layer0.")}
   return Fixture(name, meta["config"], sd, tensors["input_ids"], tensors["logits"], debug,
                  meta["reference_streaming_max_abs_err"])
+
+
+@functools.cache
+def cached(name: str) -> Fixture:
+  """`load(name)` once per test session; the arrays are shared, so treat them as read-only."""
+  return load(name)
+
+
+def stream_splits(length: int, chunk: int) -> dict[str, list[int]]:
+  """Named ways to cut a sequence into consecutive pieces (sizes may overrun the end; they are clipped)."""
+  return {
+      "one_token_at_a_time": [1] * length,
+      "odd_pieces": list(itertools.islice(itertools.cycle([3, 5, 7]), length)),
+      "whole_chunks": [chunk] * (length // chunk + 1),
+      "long_then_short": [chunk + 3, 1, 2 * chunk - 1, 2] + [chunk] * (length // chunk + 1),
+  }

@@ -1,5 +1,6 @@
-"""Attention ops (spec §4) against independent float64 NumPy references: q/k normalisation, interleaved RoPE,
-block-diagonal causal softmax attention, streaming with a KV cache, attention dropout and gradients."""
+"""Attention ops (docs/model.md#attention) against independent float64 NumPy references: q/k normalisation,
+interleaved RoPE, block-diagonal causal softmax attention, streaming with a KV cache, attention dropout and
+gradients."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ EPS = 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Independent references (float64 NumPy, from spec §4).
+# Independent references (float64 NumPy, from docs/model.md#attention).
 
 
 def ref_normalized_qk(z, gamma, beta, num_heads, eps=EPS):
-  """Spec §4.2 step 5 via the identity RMSNorm(z)/√dz = z / sqrt(‖z‖² + dz·eps), per head."""
+  """docs/model.md#attention step 5 via the identity RMSNorm(z)/√dz = z / sqrt(‖z‖² + dz·eps), per head."""
   z = np.asarray(z, np.float64)
   b, l, zdim = z.shape
   dz = zdim // num_heads

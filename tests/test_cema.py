@@ -1,4 +1,5 @@
-"""CEMA (spec §2): every implementation against an independent float64 NumPy recurrence built from raw parameters."""
+"""CEMA (docs/model.md#cema): every implementation against an independent float64 NumPy recurrence built from raw
+parameters."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 
 from megalodon_jax.ops import cema as cema_lib
-from megalodon_jax.ops.cema_chunked import cema_chunked, final_state_blocked
+from megalodon_jax.ops.cema.chunked import cema_chunked
+from megalodon_jax.ops.cema.coefficients import HIGHEST, power_table
+from megalodon_jax.ops.cema.final_state import final_state_blocked
 
 IMPLS = ("fft", "associative_scan", "sequential", "chunked", "auto")
 
@@ -27,7 +30,8 @@ ALL = IMPLS + ("chunked_b3",)  # block size 3: many blocks and a partial last bl
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Independent reference: spec §2.2 coefficients and §2.3 recurrence in complex128, one time step at a time.
+# Independent reference: the coefficients and the recurrence of docs/model.md#cema in complex128, one time step at
+# a time.
 
 
 def _sigmoid(z):
@@ -100,7 +104,7 @@ def test_coefficients_match_spec_formulas():
   np.testing.assert_allclose(np.abs(q), 1 - a * d, rtol=1e-6)
   wavelets = np.arange(1, 9)[None, :]
   expected_angle = wavelets * _sigmoid(params["theta"][:, 0, :]) * 2 * np.pi / 8
-  assert np.all(expected_angle < 2 * np.pi)  # the largest phase stays below a full turn (spec §2.2)
+  assert np.all(expected_angle < 2 * np.pi)  # the largest phase stays below a full turn (docs/model.md#cema)
   # Angles compared on the unit circle, since arg() wraps at π.
   np.testing.assert_allclose(q / np.abs(q), np.exp(1j * expected_angle), atol=2e-6)
   np.testing.assert_allclose(np.asarray(coeffs.p), a, rtol=1e-6)
@@ -172,6 +176,25 @@ def test_low_precision_input_computes_in_float32():
     assert_close(y, y_ref, what=name)
 
 
+def final_state_direct(x, coeffs, h0):
+  """h_L = q^L h0 + Σ_j p q^{L-1-j} u_j as one contraction over time: (B, D, N, 2) float32.
+
+  Materialises q^j for every j < L, (D, N, L): a plain statement of the formula, a cross-check of
+  `final_state_blocked`, which the implementations use.
+  """
+  length = x.shape[1]
+  pr, pi = power_table(coeffs.q_re, coeffs.q_im, length + 1)  # (D, N, L + 1)
+  rr, ri = pr[..., length - 1::-1], pi[..., length - 1::-1]  # q^{L-1-j}
+  u = x.astype(jnp.float32)
+  hr = jnp.einsum("dnl,bld->bdn", coeffs.p[..., None] * rr, u, precision=HIGHEST)
+  hi = jnp.einsum("dnl,bld->bdn", coeffs.p[..., None] * ri, u, precision=HIGHEST)
+  if h0 is not None:
+    lr, li = pr[..., length], pi[..., length]
+    hr = hr + lr * h0[..., 0] - li * h0[..., 1]
+    hi = hi + lr * h0[..., 1] + li * h0[..., 0]
+  return jnp.stack([hr, hi], axis=-1)
+
+
 def test_final_state_blocked_matches_reference():
   rng = np.random.default_rng(5)
   params = random_params(rng, 4, 3)
@@ -185,7 +208,7 @@ def test_final_state_blocked_matches_reference():
     assert_close(np.asarray(blocked(x, coeffs, h0, block_size=block)), state_ref, what=f"L={length} T={block}")
     assert_close(np.asarray(blocked(x, coeffs, None, block_size=block)), ref_cema(params, np.asarray(x, np.float64))[1],
                  what=f"L={length} T={block} no h0")
-    assert_close(np.asarray(cema_lib.final_state_direct(x, coeffs, h0)), state_ref, what=f"direct L={length}")
+    assert_close(np.asarray(final_state_direct(x, coeffs, h0)), state_ref, what=f"direct L={length}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,7 +278,7 @@ def test_unknown_impl_raises():
 
 @pytest.mark.parametrize("backend", [None, "cpu", "gpu", "tpu"])
 def test_default_impl_is_valid(backend):
-  names = set(cema_lib._implementations())  # pylint: disable=protected-access
+  names = set(cema_lib.IMPLEMENTATIONS)
   for length in (1, 2, 64, 1000, 4096, 32768):
     assert cema_lib.default_impl(length, backend) in names
   assert cema_lib.default_impl(1, backend) == "sequential"

@@ -17,7 +17,11 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from megalodon_jax.training import checkpointing as ck
+from megalodon_jax.checkpoints.errors import CheckpointError
+from megalodon_jax.checkpoints.layout import check_directory
+from megalodon_jax.checkpoints.manager import Checkpointer
+from megalodon_jax.checkpoints.params import load_params, save_params
+from megalodon_jax.training.preemption import PreemptionFlag
 
 TMP = ".orbax-checkpoint-tmp"
 
@@ -56,7 +60,7 @@ def assert_bitwise(a, b):
 
 def saved_run(tmp_path, steps=(4,), **kw):
   d = tmp_path / "checkpoints"
-  c = ck.Checkpointer(str(d), save_every=kw.pop("save_every", 2), keep=kw.pop("keep", 3), **kw)
+  c = Checkpointer(str(d), save_every=kw.pop("save_every", 2), keep=kw.pop("keep", 3), **kw)
   state = make_state()
   for s in steps:
     assert c.save(s, state, {"pos": s}, {"config": {"model": "tiny"}}, force=True)
@@ -66,14 +70,14 @@ def saved_run(tmp_path, steps=(4,), **kw):
 
 def test_round_trip_bitwise(tmp_path):
   d = tmp_path / "checkpoints"
-  c = ck.Checkpointer(str(d), save_every=5, keep=2)
+  c = Checkpointer(str(d), save_every=5, keep=2)
   assert c.latest_step() is None
   state = make_state()
   data = {"shard": 3, "offset": 12345, "files": ["a.bin", "b.bin"]}
   assert c.save(10, state, data, {"config": {"d_model": 8}, "mesh_shape": [8, 1, 1]})
   c.close()
 
-  c = ck.Checkpointer(str(d), save_every=5, keep=2)
+  c = Checkpointer(str(d), save_every=5, keep=2)
   assert c.latest_step() == 10
   restored, data2, meta = c.restore(10, abstract(state))
   assert_bitwise(restored, state)
@@ -87,7 +91,7 @@ def test_round_trip_bitwise(tmp_path):
 
 def test_keep_interval_and_force(tmp_path):
   d = tmp_path / "checkpoints"
-  c = ck.Checkpointer(str(d), save_every=3, keep=2)
+  c = Checkpointer(str(d), save_every=3, keep=2)
   state = make_state()
   saved = [s for s in range(1, 11) if c.save(s, state, {"pos": s}, {})]
   assert saved == [3, 6, 9]
@@ -101,25 +105,25 @@ def test_keep_interval_and_force(tmp_path):
   assert data == {"pos": 10}
   c.close()
   with pytest.raises(ValueError, match="save_every"):
-    ck.Checkpointer(str(d), save_every=0, keep=1)
-  with pytest.raises(ck.CheckpointError, match="JSON"):
-    ck.Checkpointer(str(d), save_every=1, keep=2).save(12, state, {"bad": object()}, {})
+    Checkpointer(str(d), save_every=0, keep=1)
+  with pytest.raises(CheckpointError, match="JSON"):
+    Checkpointer(str(d), save_every=1, keep=2).save(12, state, {"bad": object()}, {})
 
 
 def test_old_steps_are_deleted_atomically(tmp_path, monkeypatch):
   # orbax renames a step out of the way (atomic) before removing it: a kill mid-deletion never leaves a half-deleted
   # folder under a step name, and the leftovers are removed by the next writer.
   d = tmp_path / "checkpoints"
-  monkeypatch.setattr(ck.Checkpointer, "_purge", lambda self: None)
-  c = ck.Checkpointer(str(d), save_every=1, keep=1)
+  monkeypatch.setattr(Checkpointer, "_purge", lambda self: None)
+  c = Checkpointer(str(d), save_every=1, keep=1)
   for s in (1, 2, 3):
     assert c.save(s, {"w": jnp.full((4,), s)}, {}, {})
   c.close()
   assert sorted(p.name for p in (d / "_to_delete").iterdir()) == ["1", "2"]
   shutil.rmtree(d / "_to_delete" / "1" / "state")  # as if killed while deleting it
-  ck.check_directory(str(d))
+  check_directory(str(d))
   monkeypatch.undo()
-  c = ck.Checkpointer(str(d), save_every=1, keep=1)
+  c = Checkpointer(str(d), save_every=1, keep=1)
   assert not any((d / "_to_delete").iterdir())
   assert c.latest_step() == 3
   c.close()
@@ -138,7 +142,7 @@ def test_restore_onto_other_mesh(tmp_path, target):
   else:
     fn = lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[3])
   want = abstract(state, fn)
-  c = ck.Checkpointer(str(d), save_every=2, keep=3)
+  c = Checkpointer(str(d), save_every=2, keep=3)
   restored, _, _ = c.restore(4, want)
   c.close()
   assert_bitwise(restored, state)
@@ -150,7 +154,7 @@ def test_restore_onto_other_mesh(tmp_path, target):
 
 def test_donating_after_async_save_keeps_checkpoint(tmp_path):
   d = tmp_path / "checkpoints"
-  c = ck.Checkpointer(str(d), save_every=1, keep=2, async_save=True)
+  c = Checkpointer(str(d), save_every=1, keep=2, async_save=True)
   m = mesh((8, 1, 1))
   state = {"w": jax.device_put(jnp.arange(2048 * 1024, dtype=jnp.float32).reshape(2048, 1024),
                                NamedSharding(m, P("data"))), "step": jnp.asarray(1, jnp.int32)}
@@ -175,14 +179,14 @@ def test_interrupted_save_is_ignored(tmp_path):
   # What orbax leaves when killed mid-save: the step written under the tmp name, never renamed.
   shutil.copytree(d / "4", d / f"6{TMP}")
   shutil.rmtree(d / f"6{TMP}" / "meta")
-  ck.check_directory(str(d))
-  ro = ck.Checkpointer(str(d), save_every=2, keep=3, read_only=True)
+  check_directory(str(d))
+  ro = Checkpointer(str(d), save_every=2, keep=3, read_only=True)
   assert ro.latest_step() == 4
-  with pytest.raises(ck.CheckpointError, match="not a finished checkpoint"):
+  with pytest.raises(CheckpointError, match="not a finished checkpoint"):
     ro.restore(6, abstract(state))
   ro.close()
   assert (d / f"6{TMP}").exists()  # read-only users leave it alone
-  c = ck.Checkpointer(str(d), save_every=2, keep=3)  # a writer removes it (orbax cleanup_tmp_directories)
+  c = Checkpointer(str(d), save_every=2, keep=3)  # a writer removes it (orbax cleanup_tmp_directories)
   assert c.latest_step() == 4
   assert c.save(8, state, {"pos": 8}, {})
   c.wait()
@@ -195,8 +199,8 @@ def test_killed_process_leaves_only_tmp(tmp_path):
   d = tmp_path / "checkpoints"
   script = textwrap.dedent(f"""
     import os, jax, jax.numpy as jnp
-    from megalodon_jax.training import checkpointing as ck
-    c = ck.Checkpointer({str(d)!r}, save_every=1, keep=2)
+    from megalodon_jax.checkpoints.manager import Checkpointer
+    c = Checkpointer({str(d)!r}, save_every=1, keep=2)
     assert c.save(5, {{"w": jnp.ones((4096, 4096))}}, {{}}, {{}})
     os._exit(0)  # killed right after the (async) save started
   """)
@@ -205,12 +209,12 @@ def test_killed_process_leaves_only_tmp(tmp_path):
   subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
   names = sorted(p.name for p in d.iterdir())
   assert "5" not in names and f"5{TMP}" in names, names
-  ck.check_directory(str(d))
-  c = ck.Checkpointer(str(d), save_every=1, keep=2, read_only=True)
+  check_directory(str(d))
+  c = Checkpointer(str(d), save_every=1, keep=2, read_only=True)
   assert c.latest_step() is None
   c.close()
-  with pytest.raises(ck.CheckpointError, match="holds no checkpoint"):
-    ck.load_params(str(d), {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)})
+  with pytest.raises(CheckpointError, match="holds no checkpoint"):
+    load_params(str(d), {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)})
 
 
 @pytest.mark.parametrize("damage", ["no_tree_metadata", "truncated_json", "missing_item", "truncated_step_meta",
@@ -234,10 +238,10 @@ def test_corrupted_directory_fails_fast(tmp_path, damage):
     shutil.rmtree(d)
     d.write_text("oops")
     bad = d
-  with pytest.raises(ck.CheckpointError, match=str(bad)):
-    ck.check_directory(str(d))
-  with pytest.raises(ck.CheckpointError):
-    ck.Checkpointer(str(d), save_every=2, keep=3)
+  with pytest.raises(CheckpointError, match=str(bad)):
+    check_directory(str(d))
+  with pytest.raises(CheckpointError):
+    Checkpointer(str(d), save_every=2, keep=3)
 
 
 # The failed tensorstore reads finish after orbax's event loop has closed; their callbacks then raise "Event loop is
@@ -248,9 +252,9 @@ def test_damaged_array_data_raises_checkpoint_error(tmp_path):
   for f in (d / "4" / "state").rglob("*"):
     if f.is_file() and f.parent.name == "d":
       f.write_bytes(b"\0" * 7)
-  ck.check_directory(str(d))  # file-level checks pass: the damage is found when reading
-  c = ck.Checkpointer(str(d), save_every=2, keep=3, read_only=True)
-  with pytest.raises(ck.CheckpointError, match=str(d / "4")):
+  check_directory(str(d))  # file-level checks pass: the damage is found when reading
+  c = Checkpointer(str(d), save_every=2, keep=3, read_only=True)
+  with pytest.raises(CheckpointError, match=str(d / "4")):
     c.restore(4, abstract(state))
   c.close()
   time.sleep(0.5)
@@ -263,8 +267,8 @@ def test_shape_mismatch_lists_keys(tmp_path):
   want["params"]["embed"] = jax.ShapeDtypeStruct((32, 8), jnp.float32, sharding=want["params"]["embed"].sharding)
   want["params"]["layers"][2] = want["params"]["layers"][1]  # one more layer
   want["rng"] = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=want["rng"].sharding)
-  c = ck.Checkpointer(str(d), save_every=2, keep=3)
-  with pytest.raises(ck.CheckpointError) as e:
+  c = Checkpointer(str(d), save_every=2, keep=3)
+  with pytest.raises(CheckpointError) as e:
     c.restore(4, want)
   c.close()
   msg = str(e.value)
@@ -280,39 +284,39 @@ def test_save_and_load_params(tmp_path):
   m = mesh((2, 2, 2))
   want = abstract(params, lambda x: NamedSharding(m, P("fsdp") if x.ndim == 2 else P()))
   path = tmp_path / "export"
-  ck.save_params(str(path), params)
-  with pytest.raises(ck.CheckpointError, match="already exists"):
-    ck.save_params(str(path), params)
-  got = ck.load_params(str(path), want)
+  save_params(str(path), params)
+  with pytest.raises(CheckpointError, match="already exists"):
+    save_params(str(path), params)
+  got = load_params(str(path), want)
   assert_bitwise(got, params)
   assert got["embed"].sharding == want["embed"].sharding
 
   d, run_state = saved_run(tmp_path, steps=(2, 4))
-  from_step = ck.load_params(str(d / "2"), want)
-  from_dir = ck.load_params(str(d), want)  # latest step
+  from_step = load_params(str(d / "2"), want)
+  from_dir = load_params(str(d), want)  # latest step
   assert_bitwise(from_step, run_state["params"])
   assert_bitwise(from_dir, run_state["params"])
 
   to_bf16 = lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16, sharding=a.sharding)
-  half = ck.load_params(str(path), jax.tree.map(to_bf16, want))  # init_from casts to the model's dtypes
+  half = load_params(str(path), jax.tree.map(to_bf16, want))  # init_from casts to the model's dtypes
   np.testing.assert_array_equal(np.asarray(half["norm"]), np.asarray(params["norm"].astype(jnp.bfloat16)))
 
-  with pytest.raises(ck.CheckpointError, match="does not exist"):
-    ck.load_params(str(tmp_path / "nope"), want)
+  with pytest.raises(CheckpointError, match="does not exist"):
+    load_params(str(tmp_path / "nope"), want)
   (tmp_path / "empty").mkdir()
-  with pytest.raises(ck.CheckpointError, match="holds no checkpoint"):
-    ck.load_params(str(tmp_path / "empty"), want)
-  ck.save_params(str(tmp_path / "other"), {"unrelated": jnp.ones(3)})
+  with pytest.raises(CheckpointError, match="holds no checkpoint"):
+    load_params(str(tmp_path / "empty"), want)
+  save_params(str(tmp_path / "other"), {"unrelated": jnp.ones(3)})
   bigger = dict(want, embed=jax.ShapeDtypeStruct((32, 8), jnp.float32, sharding=want["embed"].sharding))
-  with pytest.raises(ck.CheckpointError, match=r"embed: saved \(16, 8\) float32, expected \(32, 8\)"):
-    ck.load_params(str(d), bigger)
-  with pytest.raises(ck.CheckpointError, match="unrelated"):
-    ck.load_params(str(tmp_path / "other"), want)
+  with pytest.raises(CheckpointError, match=r"embed: saved \(16, 8\) float32, expected \(32, 8\)"):
+    load_params(str(d), bigger)
+  with pytest.raises(CheckpointError, match="unrelated"):
+    load_params(str(tmp_path / "other"), want)
 
 
 def test_preemption_flag_sigterm():
   before = signal.getsignal(signal.SIGTERM)
-  flag = ck.PreemptionFlag()
+  flag = PreemptionFlag()
   assert not flag.requested and not flag.check(3)
   os.kill(os.getpid(), signal.SIGTERM)
   deadline = time.time() + 2

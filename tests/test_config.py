@@ -1,7 +1,8 @@
 """MegalodonConfig: official ModelConf fields and defaults, presets and parameter counts, validation messages.
 
-References are the spec (shared/docs/megalodon_spec.md §5.2, §6.3) and the official `ModelConf` dataclass; the
-expected numbers and the count formula are written out here independently of `megalodon_jax.config`.
+References are docs/model.md#configurations, docs/export.md#parameter-count and the official `ModelConf`
+dataclass; the expected numbers and the count formula are written out here independently of
+`megalodon_jax.config`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from flax import nnx
 from megalodon_jax.config import PRESET_NAMES, ConfigError, MegalodonConfig, preset
 from megalodon_jax.model import MegalodonLM
 
-# The official `ModelConf` (megalodon/config.py): every field, in order, with its default (spec §5.2 and the
-# fixture README: NL 8, D 1024, Z 256, E 2048, H 1, F 2048, N 16, C 2048, G 32, eps 1e-5, everything else off).
+# The official `ModelConf` (megalodon/config.py): every field, in order, with its default
+# (docs/model.md#configurations and the fixture README: NL 8, D 1024, Z 256, E 2048, H 1, F 2048, N 16, C 2048,
+# G 32, eps 1e-5, everything else off).
 OFFICIAL_DEFAULTS = {
     "num_layers": 8,
     "model_dim": 1024,
@@ -53,7 +55,8 @@ SMALL = dict(num_layers=2, model_dim=32, z_dim=16, value_dim=64, num_heads=2, ff
 
 def spec_param_count(num_layers, model_dim, z_dim, value_dim, ffn_hidden_dim, cema_ndim=16, vocab_size=32000,
                      output_size=-1, swiglu=False, rescale_nffn=False, share_emb=False, norm_affine=True, **_):
-  """Spec §6.3, written out term by term; norm_affine=False drops the RMSNorm and LayerNorm tensors (§6.1)."""
+  """docs/export.md#parameter-count, written out term by term; norm_affine=False drops the RMSNorm and LayerNorm
+  tensors (docs/export.md#official-key-map)."""
   D, Z, E, F, N, V = model_dim, z_dim, value_dim, ffn_hidden_dim, cema_ndim, vocab_size
   aff = 1 if norm_affine else 0
   timenorm = 2 * D
@@ -150,7 +153,7 @@ def test_config_is_frozen():
 # ---------------------------------------------------------------------------------------------------------------
 # Presets and parameter counts
 
-# Spec §5.2 table: (NL, D, H, Z, E, F, swiglu, C, G, tied, rounded count).
+# The preset table of docs/model.md#configurations: (NL, D, H, Z, E, F, swiglu, C, G, tied, rounded count).
 SPEC_PRESETS = {
     "mega200M": (12, 1024, 1, 256, 2048, 2560, False, 2048, 32, False, "220.6M"),
     "mega1.3B": (24, 2048, 2, 512, 4096, 4864, False, 2048, 64, False, "1.343B"),
@@ -183,7 +186,7 @@ def test_preset_shapes_and_counts_match_spec_table(name):
 
 
 def test_mega200m_count_is_the_measured_official_count():
-  # Measured by instantiating the official mega200M (spec §5.2).
+  # Measured by instantiating the official mega200M (docs/model.md#configurations).
   assert preset("mega200M").num_params() == 220_627_968
 
 

@@ -1,8 +1,9 @@
-"""Official PyTorch state dict ⇄ MegalodonLM (spec §6.1), against state dicts saved by the official model.
+"""Official PyTorch state dict ⇄ MegalodonLM (docs/export.md#official-key-map), against state dicts saved by the
+official model.
 
 The fixtures (tests/fixtures/official/*.safetensors) are the official `state_dict()` with its exact keys, shapes
-and dtypes. The expected key list for a config is derived here from the spec's §6.1 table, independently of
-`megalodon_jax.convert`.
+and dtypes. The expected key list for a config is derived here from the table of
+docs/export.md#official-key-map, independently of `megalodon_jax.convert`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _config(fx, **kw) -> MegalodonConfig:
 
 
 def spec_official_keys(c: MegalodonConfig) -> dict[str, tuple[tuple, str]]:
-  """Spec §6.1: official key -> (shape, dtype) for a model-parallel-1 `Mega` with this config."""
+  """docs/export.md#official-key-map: official key -> (shape, dtype) for a model-parallel-1 `Mega` with this config."""
   D, Z, E, F, N, G = c.model_dim, c.z_dim, c.value_dim, c.ffn_hidden_dim, c.cema_ndim, c.norm_num_groups
   V = c.vocab_size
   v_out = V if c.output_size == -1 else c.output_size
@@ -90,7 +91,7 @@ def _assert_state_dicts_identical(got, want):
 
 @pytest.mark.parametrize("name", fixtures.CASES)
 def test_spec_key_table_matches_the_official_state_dicts(name):
-  """Sanity check of this file's reference: the §6.1 table reproduces the official state_dict exactly."""
+  """Sanity check of this file's reference: the key-map table reproduces the official state_dict exactly."""
   fx = _fixture(name)
   want = spec_official_keys(_config(fx))
   assert sorted(fx.state_dict) == sorted(want)

@@ -1,9 +1,9 @@
 """`python -m megalodon_jax.convert`: a real train.py checkpoint exported to PyTorch files and imported back.
 
 References are independent of the converter under test: the checkpoint's params are read with the trainer's own
-`checkpointing.load_params` into a concretely built model, and the tensor-parallel split dimensions are restated
-here from the spec's §6.1 table (the megalodon-hf mapping itself is tested in test_convert_hf.py). Most commands
-run in-process through `cli.main`; one runs as a subprocess.
+`checkpoints.params.load_params` into a concretely built model, and the tensor-parallel split dimensions are
+restated here from docs/export.md#model-parallel-shards (the megalodon-hf mapping itself is tested in
+test_convert_hf.py). Most commands run in-process through `cli.main`; one runs as a subprocess.
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 import fixtures
+from megalodon_jax.checkpoints import layout, model_io
+from megalodon_jax.checkpoints.model_state import merge_model, split_model
+from megalodon_jax.checkpoints.params import load_params, save_params
 from megalodon_jax.config import MegalodonConfig
-from megalodon_jax.convert import (StateDictError, checkpoint_io, cli, from_official_state_dict, hf,
-                                   state_dict_entries, to_official_state_dict, tp_shards)
+from megalodon_jax.convert import (StateDictError, cli, from_official_state_dict, hf, state_dict_entries,
+                                   to_official_state_dict, tp_shards)
 from megalodon_jax.model import MegalodonLM
-from megalodon_jax.training import checkpointing, trainer
-from megalodon_jax.training import train_step as ts
+from megalodon_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,9 +60,9 @@ def reference(workdir: str, step: int):
   step_dir = os.path.join(workdir, "checkpoints", str(step))
   with open(os.path.join(step_dir, "meta", "metadata")) as f:
     config = MegalodonConfig.from_official(json.load(f)["model"])
-  graphdef, params, buffers, rngs = ts.split_model(MegalodonLM(config, rngs=nnx.Rngs(123)))
-  params = checkpointing.load_params(step_dir, params)
-  return ts.merge_model(graphdef, params, buffers, rngs), config, params
+  graphdef, params, buffers, rngs = split_model(MegalodonLM(config, rngs=nnx.Rngs(123)))
+  params = load_params(step_dir, params)
+  return merge_model(graphdef, params, buffers, rngs), config, params
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +155,13 @@ def test_safetensors_export_and_bfloat16_cast(run, ref4, tmp_path):
   for k, v in sd.items():
     if k.endswith("prior_count"):
       assert v.dtype == torch.int64
-    elif k == "rope.freqs":  # the RoPE table stays float32 (spec §6.4)
+    elif k == "rope.freqs":  # the RoPE table stays float32 (docs/export.md#official-key-map)
       assert v.dtype == torch.float32 and np.array_equal(v.numpy(), want[k])
     else:
       assert v.dtype == torch.bfloat16 and torch.equal(v, torch.from_numpy(want[k]).to(torch.bfloat16)), k
   # bfloat16 weights import (upcast exactly) and pass the RoPE check with the bfloat16 tolerance.
   assert cli.main(["from-pytorch", "--torch", out16, "--out", str(tmp_path / "p16")]) == 0
-  m16, _, _ = checkpoint_io.load_checkpoint(str(tmp_path / "p16"))
+  m16, _, _ = model_io.load_checkpoint(str(tmp_path / "p16"))
   got = to_official_state_dict(m16)
   assert all(np.array_equal(got[k], v.float().numpy() if v.is_floating_point() else v.numpy()) for k, v in sd.items())
 
@@ -171,11 +173,11 @@ def test_from_pytorch_round_trip_is_bit_exact_and_loadable_by_init_from(run, ref
   out = str(tmp_path / "imported")
   assert cli.main(["from-pytorch", "--torch", os.path.join(official_dir, "consolidated.pth"), "--out", out]) == 0
   # What train.py does with --config.init_from=DIR: load_params onto the abstract params of the run's model.
-  _, abstract, _, _ = ts.split_model(nnx.eval_shape(lambda: MegalodonLM(config, rngs=nnx.Rngs(0))))
-  assert_same_params(checkpointing.load_params(out, abstract), params)
-  with open(os.path.join(out, checkpoint_io.CONFIG_FILE)) as f:
+  _, abstract, _, _ = split_model(nnx.eval_shape(lambda: MegalodonLM(config, rngs=nnx.Rngs(0))))
+  assert_same_params(load_params(out, abstract), params)
+  with open(os.path.join(out, layout.CONFIG_FILE)) as f:
     assert json.load(f)["model"] == json.loads(json.dumps(config.official_kwargs()))
-  loaded, loaded_config, step = checkpoint_io.load_checkpoint(out)
+  loaded, loaded_config, step = model_io.load_checkpoint(out)
   assert loaded_config == config and step is None
   assert np.array_equal(logits(loaded, tokens(config)), logits(model, tokens(config)))
   # ... and exported again: the same state dict.
@@ -189,16 +191,17 @@ def test_load_checkpoint_accepts_every_layout(run, ref4):
   _, config, params = ref4
   for path in (run, os.path.join(run, "checkpoints"), os.path.join(run, "checkpoints", "4"),
                os.path.join(run, "checkpoints", "4", "state")):
-    model, cfg, step = checkpoint_io.load_checkpoint(path)
+    model, cfg, step = model_io.load_checkpoint(path)
     assert cfg == config and step == 4, path
-    assert_same_params(ts.split_model(model)[1], params)
-  assert checkpoint_io.load_checkpoint(run, step=2)[2] == 2
+    assert_same_params(split_model(model)[1], params)
+  assert model_io.load_checkpoint(run, step=2)[2] == 2
 
 
 # ---------------------------------------------------------------- tensor-parallel shards
 
 def spec_split_dim(key: str):
-  """Spec §6.1's split rules, restated: the dim of the torch tensor split across ranks (None: replicated)."""
+  """The split rules of docs/export.md#model-parallel-shards, restated: the dim of the torch tensor split across
+  ranks (None: replicated)."""
   name = key.split(".")
   if key == "embed.weight" or key == "output.output.weight" or name[-2] in ("wh2", "fc2"):
     return 1  # embed along D; RowParallel along the input dim
@@ -231,7 +234,7 @@ def test_tensor_parallel_shards_split_by_the_spec_and_merge_back_exactly(run, re
   assert merged["layers.0.mega.timenorm.prior_count"].dtype == np.int64
   imported = str(tmp_path / "from_tp")
   assert cli.main(["from-pytorch", "--torch", out, "--out", imported]) == 0
-  assert_same_params(ts.split_model(checkpoint_io.load_checkpoint(imported)[0])[1], params)
+  assert_same_params(split_model(model_io.load_checkpoint(imported)[0])[1], params)
 
 
 def test_tensor_parallel_errors(run, official_dir, tmp_path, capsys):
@@ -273,7 +276,7 @@ def test_hf_export_of_a_tied_checkpoint(tmp_path, capsys):
   out = str(tmp_path / "hf")
   capsys.readouterr()
   assert cli.main(["to-pytorch", "--checkpoint", str(tmp_path / "jax"), "--out", out, "--format", "hf"]) == 0
-  assert "TimestepNorm" in capsys.readouterr().err  # spec §12.1 warning
+  assert "TimestepNorm" in capsys.readouterr().err  # docs/export.md#megalodon-hf warning
   tensors = load_safetensors(os.path.join(out, "model.safetensors"))
   want = hf.official_to_hf(fx.state_dict, config)
   assert tensors.keys() == want.keys() and all(np.array_equal(tensors[k].numpy(), want[k]) for k in want)
@@ -283,7 +286,7 @@ def test_hf_export_of_a_tied_checkpoint(tmp_path, capsys):
   assert {k: conf[k] for k in fx.conf} == fx.conf
   # The HF folder imports back (via config.json): the same official weights up to the LayerNorm +1 rounding.
   assert cli.main(["from-pytorch", "--torch", out, "--out", str(tmp_path / "back")]) == 0
-  got = to_official_state_dict(checkpoint_io.load_checkpoint(str(tmp_path / "back"))[0])
+  got = to_official_state_dict(model_io.load_checkpoint(str(tmp_path / "back"))[0])
   for k, v in fx.state_dict.items():
     np.testing.assert_allclose(got[k], v, rtol=0, atol=1.2e-7 if "nffn.norm.weight" in k else 0, err_msg=k)
 
@@ -308,6 +311,40 @@ def test_hf_export_refuses_an_untied_head_or_a_learned_alpha(run, tmp_path, caps
   assert cli.main(["to-pytorch", "--checkpoint", str(tmp_path / "jax"), "--out", out, "--format", "hf"]) == 2
   err = capsys.readouterr().err
   assert "nffn.alpha" in err and "untied" not in err and not os.path.exists(out)
+  no_leftovers(tmp_path)
+
+
+def test_hf_export_with_norm_affine_false(tmp_path, capsys):
+  """megalodon-hf keeps its TimestepNorm weights at zero and does not load them with norm_affine=False: non-zero ones
+  are refused (exit 2, one line, nothing written); zero ones are not written and import back as zeros."""
+  config = MegalodonConfig(num_layers=2, model_dim=32, z_dim=16, value_dim=32, num_heads=2, ffn_hidden_dim=48,
+                           cema_ndim=4, chunk_size=8, norm_num_groups=4, vocab_size=40, share_emb=True,
+                           norm_affine=False)
+  sd = to_official_state_dict(MegalodonLM(config, rngs=nnx.Rngs(0)))
+  norm_keys = ([f"layers.{i}.mega.timenorm.{w}" for i in range(2) for w in ("weight", "bias")]
+               + ["output.final_norm.weight", "output.final_norm.bias"])
+  rng = np.random.default_rng(0)
+  sd.update({k: rng.normal(0, 0.3, (32,)).astype(np.float32) for k in norm_keys})
+  write_official(str(tmp_path / "src"), sd, config.official_kwargs())
+  assert cli.main(["from-pytorch", "--torch", str(tmp_path / "src"), "--out", str(tmp_path / "jax")]) == 0
+  out = str(tmp_path / "hf")
+  capsys.readouterr()
+  assert cli.main(["to-pytorch", "--checkpoint", str(tmp_path / "jax"), "--out", out, "--format", "hf"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+  assert re.search(r"norm_affine=False.*6 of them are non-zero \(layers\.0\.mega\.timenorm\.weight", err), err
+  assert not os.path.exists(out)
+  sd.update({k: np.zeros((32,), np.float32) for k in norm_keys})
+  write_official(str(tmp_path / "src0"), sd, config.official_kwargs())
+  assert cli.main(["from-pytorch", "--torch", str(tmp_path / "src0"), "--out", str(tmp_path / "jax0")]) == 0
+  assert cli.main(["to-pytorch", "--checkpoint", str(tmp_path / "jax0"), "--out", out, "--format", "hf"]) == 0
+  tensors = load_safetensors(os.path.join(out, "model.safetensors"))
+  assert not [k for k in tensors if "timenorm" in k or k.startswith("model.norm.")]
+  assert cli.main(["from-pytorch", "--torch", out, "--out", str(tmp_path / "back")]) == 0
+  got = to_official_state_dict(model_io.load_checkpoint(str(tmp_path / "back"))[0])
+  assert got.keys() == sd.keys()
+  for k, v in sd.items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
   no_leftovers(tmp_path)
 
 
@@ -377,7 +414,7 @@ def test_to_pytorch_bad_checkpoints(run, tmp_path, capsys):
   empty = tmp_path / "empty"
   empty.mkdir()
   params_only = tmp_path / "params_only"  # written by save_params but without the config sidecar
-  checkpointing.save_params(str(params_only), {"w": np.zeros(3, np.float32)})
+  save_params(str(params_only), {"w": np.zeros(3, np.float32)})
   cases = {str(text): "is a file", str(empty): "is not a checkpoint", str(params_only): "megalodon_config.json",
            str(tmp_path / "missing"): "does not exist"}
   for path, message in cases.items():
@@ -400,7 +437,7 @@ def test_existing_output_is_refused_or_replaced_atomically(run, official_dir, tm
   assert sorted(os.listdir(out)) == ["model.safetensors", "params.json"]
   assert cli.main(["from-pytorch", "--torch", official_dir, "--out", str(out)]) == 2  # not empty now
   assert cli.main(["from-pytorch", "--torch", official_dir, "--out", str(out), "--overwrite"]) == 0
-  assert os.path.isfile(out / checkpoint_io.CONFIG_FILE) and not os.path.exists(out / "model.safetensors")
+  assert os.path.isfile(out / layout.CONFIG_FILE) and not os.path.exists(out / "model.safetensors")
   no_leftovers(tmp_path)
 
 

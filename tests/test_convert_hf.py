@@ -1,4 +1,5 @@
-"""The official ⇄ megalodon-hf state-dict mapping (spec §6.2) on its own, against references derived here.
+"""The official ⇄ megalodon-hf state-dict mapping (docs/export.md#megalodon-hf) on its own, against references
+derived here.
 
 The HF key list is restated from the spec's table; the RoPE permutation is checked against interleaved and
 half-split rotations re-derived here, and functionally: one layer's attention scores computed from the official
@@ -13,7 +14,8 @@ from flax import nnx
 
 import fixtures
 from megalodon_jax.config import MegalodonConfig
-from megalodon_jax.convert import StateDictError, hf, state_dict_entries, to_official_state_dict
+from megalodon_jax.convert import (StateDictError, from_official_state_dict, hf, state_dict_entries,
+                                   to_official_state_dict)
 from megalodon_jax.model import MegalodonLM
 
 
@@ -51,7 +53,7 @@ def test_rope_permutation_turns_interleaved_pairs_into_half_split_pairs():
 
 
 def spec_hf_keys(c: MegalodonConfig) -> dict:
-  """Spec §6.2: megalodon-hf key -> shape."""
+  """docs/export.md#megalodon-hf: megalodon-hf key -> shape."""
   D, Z, E, F, N, V = c.model_dim, c.z_dim, c.value_dim, c.ffn_hidden_dim, c.cema_ndim, c.vocab_size
   keys = {"model.embed.weight": (V, D)}
   for i in range(c.num_layers):
@@ -67,6 +69,10 @@ def spec_hf_keys(c: MegalodonConfig) -> dict:
     if c.swiglu:
       keys.update({f"{f}.fc3.weight": (F, D), f"{f}.fc3.bias": (F,)})
   keys.update({"model.norm.weight": (D,), "model.norm.bias": (D,), "lm_head.weight": (V, D)})
+  if not c.norm_affine:  # megalodon-hf then has no RMSNorm / LayerNorm affine and keeps its TimestepNorm ones unsaved
+    keys = {k: v for k, v in keys.items()
+            if not k.endswith(("rmsnorm.gamma", "ffn.norm.weight", "ffn.norm.bias", "timenorm.weight",
+                               "timenorm.bias", "model.norm.weight", "model.norm.bias"))}
   return keys
 
 
@@ -141,3 +147,87 @@ def test_hf_mapping_and_its_inverse(case):
   bad = dict(out, **{"model.layers.0.ffn.fc2.bias": np.full((D,), 0.5, np.float32)})
   with pytest.raises(StateDictError, match=r"model\.layers\.0\.ffn\.fc2\.bias"):
     hf.hf_to_official(bad, config)
+
+
+TIMESTEP_NORM_KEYS = ("mega.timenorm.weight", "mega.timenorm.bias")
+
+
+def _timestep_norm_keys(config):
+  """Official keys of every TimestepNorm weight and bias (each layer's, the final norm's)."""
+  return ([f"layers.{i}.{k}" for i in range(config.num_layers) for k in TIMESTEP_NORM_KEYS]
+          + ["output.final_norm.weight", "output.final_norm.bias"])
+
+
+NO_AFFINE = MegalodonConfig(num_layers=2, model_dim=32, z_dim=16, value_dim=32, num_heads=2, ffn_hidden_dim=48,
+                            cema_ndim=4, chunk_size=8, norm_num_groups=4, vocab_size=40, share_emb=True,
+                            norm_affine=False)
+
+
+def test_norm_affine_false_refuses_non_zero_timestep_norm_weights():
+  """megalodon-hf does not load them with norm_affine=False (it keeps zeros): the export would silently differ."""
+  sd = random_official(NO_AFFINE, 2)
+  problems = hf.hf_export_problems(sd, NO_AFFINE)
+  assert len(problems) == 1 and "norm_affine=False" in problems[0] and "6 of them are non-zero" in problems[0]
+  with pytest.raises(StateDictError, match=r"norm_affine=False.*layers\.0\.mega\.timenorm\.weight"):
+    hf.official_to_hf(sd, NO_AFFINE)
+  # One non-zero entry is enough; the message names it.
+  for k in _timestep_norm_keys(NO_AFFINE):
+    sd[k] = np.zeros_like(sd[k])
+  assert hf.hf_export_problems(sd, NO_AFFINE) == []
+  sd["output.final_norm.bias"] = sd["output.final_norm.bias"].copy()
+  sd["output.final_norm.bias"][3] = 1e-3
+  with pytest.raises(StateDictError, match=r"1 of them are non-zero \(output\.final_norm\.bias\)"):
+    hf.official_to_hf(sd, NO_AFFINE)
+
+
+def test_norm_affine_false_round_trip_without_the_timestep_norm_keys():
+  sd = random_official(NO_AFFINE, 3)
+  for k in _timestep_norm_keys(NO_AFFINE):
+    sd[k] = np.zeros_like(sd[k])
+  out = hf.official_to_hf(sd, NO_AFFINE)
+  assert {k: v.shape for k, v in out.items()} == spec_hf_keys(NO_AFFINE)  # no TimestepNorm weight or bias keys
+  back = hf.hf_to_official(out, NO_AFFINE)
+  assert list(back) == [e.key for e in state_dict_entries(NO_AFFINE)]
+  for k, v in back.items():
+    assert v.dtype == sd[k].dtype, k
+    np.testing.assert_array_equal(v, sd[k], err_msg=k)
+  # Files written before this rule held the keys: zeros are still accepted, non-zero values are refused.
+  with_keys = dict(out, **{"model.layers.1.attn.timenorm.weight": np.zeros(32, np.float32),
+                           "model.norm.bias": np.zeros(32, np.float32)})
+  for k, v in hf.hf_to_official(with_keys, NO_AFFINE).items():
+    np.testing.assert_array_equal(v, sd[k], err_msg=k)
+  with_keys["model.norm.bias"] = np.full(32, 0.5, np.float32)
+  with pytest.raises(StateDictError, match=r"(?s)non-zero TimestepNorm weights.*model\.norm\.bias"):
+    hf.hf_to_official(with_keys, NO_AFFINE)
+  with_keys["model.norm.bias"] = np.zeros(31, np.float32)
+  with pytest.raises(StateDictError, match=r"model\.norm\.bias: got \(31,\)"):
+    hf.hf_to_official(with_keys, NO_AFFINE)
+  # With norm_affine=True the keys are required.
+  affine = NO_AFFINE.replace(norm_affine=True)
+  full = hf.official_to_hf(random_official(affine, 4), affine)
+  del full["model.layers.0.attn.timenorm.bias"]
+  with pytest.raises(StateDictError, match=r"missing keys \(1\).*model\.layers\.0\.attn\.timenorm\.bias"):
+    hf.hf_to_official(full, affine)
+
+
+def test_genuine_megalodon_hf_state_dict_with_norm_affine_false_loads_with_zero_timestep_norms():
+  """A megalodon-hf state dict (norm_affine=False: no TimestepNorm weights saved) built here from HF's own layout
+  rules, not by `official_to_hf`: it imports, and the model runs with zero TimestepNorm weights, as HF does."""
+  rng = np.random.default_rng(5)
+  hf_sd = {k: rng.normal(0, 0.3, shape).astype(np.float32) for k, shape in spec_hf_keys(NO_AFFINE).items()}
+  for k in hf_sd:
+    if k.endswith(("wh2.bias", "fc1.bias", "fc2.bias")):  # HF's extra biases: zero for a representable model
+      hf_sd[k] = np.zeros_like(hf_sd[k])
+  hf_sd["lm_head.weight"] = hf_sd["model.embed.weight"]
+  official = hf.hf_to_official(hf_sd, NO_AFFINE)
+  for k in _timestep_norm_keys(NO_AFFINE):
+    assert official[k].dtype == np.float32 and not official[k].any(), k
+  np.testing.assert_array_equal(official["layers.1.mega.cema.gamma"][..., 1],
+                                hf_sd["model.layers.1.attn.cema.gamma_imag"])
+  # Those weights act even with norm_affine=False (the official TimestepNorm always applies them), which is why
+  # zeros, HF's values, are the only faithful reading of their absence.
+  ids = np.random.default_rng(6).integers(0, NO_AFFINE.vocab_size, (2, 20))
+  altered = dict(official, **{k: rng.normal(0, 0.3, NO_AFFINE.model_dim).astype(np.float32)
+                              for k in _timestep_norm_keys(NO_AFFINE)})
+  got = np.asarray(from_official_state_dict(official, NO_AFFINE)(ids))
+  assert np.abs(got - np.asarray(from_official_state_dict(altered, NO_AFFINE)(ids))).max() > 1e-2

@@ -58,9 +58,9 @@ def test_causal_option_and_train_step_is_three_forward_matmuls():
   assert flops.model_flops_per_token(cfg, 5) == 3 * causal["matmul"] / (2 * 5)
 
 
-def test_model_flops_per_token_matches_paper_anchors_formula():
-  # paper_anchors §5: F_tok = 6·[L·P + d·V] + 3·L·c·(z + v), P = d·(3v + z + d) + 3·d·f (SwiGLU);
-  # its table gives 47.09 GFLOP/token for Megalodon-7B (c = 4096, V = 32K).
+def test_model_flops_per_token_matches_the_documented_formula():
+  # docs/training.md#flops-and-mfu: F_tok = 6·[L·P + d·V] + 3·L·c·(z + v), P = d·(3v + z + d) + 3·d·f (SwiGLU);
+  # it gives 47.09 GFLOP/token for Megalodon-7B (c = 4096, V = 32K).
   cfg = preset("megalodon_7b")
   d, z, v, f, c, n_layers, vocab = 4096, 1024, 8192, 8192, 4096, 32, 32000
   p = d * (3 * v + z + d) + 3 * d * f
@@ -102,7 +102,7 @@ def _xla_forward_flops(cfg: MegalodonConfig, batch: int, seq_len: int) -> float:
 # CEMA coefficients), which grows relative to the matmuls as D shrinks (~6% at D=128, ~13% at D=64); matmul-only
 # vs XLA is 0.87-0.89 at D=128. We test "chunked" ("auto"'s CPU choice for L >= 128): its cost is linear in L,
 # whereas "fft" pads to 2·next_pow2(L), so XLA's count jumps from L=64 (n_fft 128) to L=80 (n_fft 256) while the
-# paper_anchors estimate barely moves. "sequential" reads closest (1.01-1.03), most likely only because XLA's cost
+# documented CEMA estimate barely moves. "sequential" reads closest (1.01-1.03), most likely only because XLA's cost
 # analysis counts a while-loop (lax.scan) body once rather than per step, so the CEMA recurrence is mostly missing
 # from its count: an accident, not agreement.
 XLA_CONFIGS = [

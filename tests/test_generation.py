@@ -16,10 +16,11 @@ from flax import nnx
 
 from megalodon_jax import generate as generate_cli
 from megalodon_jax.config import MegalodonConfig
-from megalodon_jax.convert.checkpoint_io import save_params_checkpoint
+from megalodon_jax.checkpoints.model_io import save_params_checkpoint
 from megalodon_jax.data.tokenizers import ByteTokenizer
 from megalodon_jax.inference.detokenize import TextStream
 from megalodon_jax.inference.errors import InferenceError
+from megalodon_jax.inference import generation
 from megalodon_jax.inference.generation import Generator, prefill_plan
 from megalodon_jax.inference.sampling import Sampler, filter_logits, sample_logits
 from megalodon_jax.model import MegalodonLM
@@ -106,17 +107,27 @@ def test_stop_ids_end_rows_independently(gen):
   assert all(updates[-1].finished) and not all(updates[0].finished)
 
 
-def test_compiles_once_per_shape_bucket(gen):
-  """Prompt lengths, batch sizes inside one bucket, budgets, seeds and sampling settings reuse the programs."""
+def test_compiles_once_per_shape_bucket():
+  """Prompt lengths, batch sizes inside one bucket, budgets, seeds and sampling settings reuse the programs.
+
+  Counted by the jitted programs' own caches, on a model structure that no other test compiles.
+  """
+  gen = Generator(MegalodonLM(CFG.replace(num_layers=1), rngs=nnx.Rngs(0)), prefill_piece=16, block_size=5)
+  decode_programs = generation._decode._cache_size  # pylint: disable=protected-access
+  prefill_programs = generation._prefill._cache_size  # pylint: disable=protected-access
+  decode0, prefill0 = decode_programs(), prefill_programs()
   gen.generate(PROMPTS, max_new_tokens=3, sampler=Sampler(temperature=0.0))
-  decode = {k: v for k, v in gen.traces.items() if k[0] == "decode"}
-  assert decode[("decode", (4, 32), (4, 4), 5)] == 1  # batch bucket 4, prompt bucket 32, 4 stop slots, 5 steps
+  # Batch bucket 4, prompt bucket 32, 4 stop slots, 5 steps: one decode program.
+  assert decode_programs() == decode0 + 1
   # Batch 3-4 -> 4 rows, longest prompt 17-32 -> 32 columns: the same decode program as PROMPTS.
-  gen.generate([[4] * 18, [5] * 30, [6] * 31, [7] * 22], max_new_tokens=9, sampler=Sampler(0.5, 3, 0.7), seed=1)
-  gen.generate([[8] * 19, [9] * 19, [1] * 32], max_new_tokens=2, sampler=Sampler(1.0), stop_ids=[5, 6], seed=2)
-  assert {k: v for k, v in gen.traces.items() if k[0] == "decode"} == decode
-  assert all(v == 1 for v in gen.traces.values()), gen.traces
-  assert {k[1][1] for k in gen.traces if k[0] == "prefill"} <= {16, 8, 4, 2, 1}
+  batches = [[[4] * 18, [5] * 30, [6] * 31, [7] * 22], [[8] * 19, [9] * 19, [1] * 32]]
+  gen.generate(batches[0], max_new_tokens=9, sampler=Sampler(0.5, 3, 0.7), seed=1)
+  gen.generate(batches[1], max_new_tokens=2, sampler=Sampler(1.0), stop_ids=[5, 6], seed=2)
+  assert decode_programs() == decode0 + 1
+  # Prefill: one program per distinct piece length (batch 4 throughout), each compiled once.
+  pieces = {n for rows in [PROMPTS] + batches for n in prefill_plan(min(map(len, rows)) - 1, 8, 16)}
+  assert pieces <= {16, 8, 4, 2, 1}
+  assert prefill_programs() == prefill0 + len(pieces)
 
 
 def _np_filter(logits, temperature, top_k, top_p):

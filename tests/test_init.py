@@ -1,4 +1,4 @@
-"""Initialisation statistics against the official recipe (spec §8.3, §2.6, §4.4, §3.1).
+"""Initialisation statistics against the official recipe (docs/model.md#initialisation).
 
 Each expected value is derived here from the spec's formulas: Kaiming-normal with a = √5 (std 1/√(3·fan_in)),
 truncated normals, the CEMA recipe, the RoPE table. Sample statistics get a tolerance of several standard errors.

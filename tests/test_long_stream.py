@@ -25,7 +25,8 @@ def _cache_bytes(cache) -> int:
 
 
 def _expected_cache_bytes(c: MegalodonConfig, batch: int) -> int:
-  """Bytes of the cache by its definition (spec §9.4): one chunk of K and V, the CEMA state, norm statistics."""
+  """Bytes of the cache by its definition (docs/streaming.md#unlimited-context): one chunk of K and V, the CEMA
+  state, norm statistics."""
   kv = batch * c.chunk_size * c.num_heads * (c.z_head_dim + c.v_head_dim) * 4
   cema = batch * c.model_dim * c.cema_ndim * 2 * 4
   norm = batch * (2 * c.norm_num_groups * 4 + 2 * 4)  # mean, var float32; the count's two int32 words

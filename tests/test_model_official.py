@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +15,6 @@ from megalodon_jax.convert import from_official_state_dict
 
 TOL = 2e-5  # max abs error on logits, float32 with "highest" matmul precision (issue #2)
 IMPLS = ("fft", "associative_scan", "sequential", "chunked")
-
-
-@functools.cache
-def _fixture(name):
-  return fixtures.load(name)
 
 
 def _model(fx, **execution):
@@ -45,7 +38,7 @@ def _max_err(a, b):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", fixtures.CASES)
 def test_full_forward_matches_official_logits(name, impl):
-  fx = _fixture(name)
+  fx = fixtures.cached(name)
   logits = _forward(_model(fx, cema_impl=impl), jnp.asarray(fx.input_ids))
   assert logits.dtype == jnp.float32 and logits.shape == fx.logits.shape
   err = _max_err(logits, fx.logits)
@@ -54,7 +47,7 @@ def test_full_forward_matches_official_logits(name, impl):
 
 @pytest.mark.parametrize("name", fixtures.CASES)
 def test_layer0_intermediates_match_official(name):
-  fx = _fixture(name)
+  fx = fixtures.cached(name)
   model = _model(fx)
   x = model.embed(jnp.asarray(fx.input_ids))
   if model.config.scale_emb:
@@ -70,16 +63,6 @@ def test_layer0_intermediates_match_official(name):
     assert err <= TOL, f"{name}: debug.layer0.{key} max abs error {err:.3g}"
 
 
-def _splits(length, chunk):
-  """Named ways to cut a sequence into consecutive pieces (sizes may overrun the end; they are clipped)."""
-  return {
-      "one_token_at_a_time": [1] * length,
-      "odd_pieces": list(itertools.islice(itertools.cycle([3, 5, 7]), length)),
-      "whole_chunks": [chunk] * (length // chunk + 1),
-      "long_then_short": [chunk + 3, 1, 2 * chunk - 1, 2] + [chunk] * (length // chunk + 1),
-  }
-
-
 def _stream(model, ids, pieces):
   cache = model.init_cache(ids.shape[0])
   outs, i = [], 0
@@ -92,13 +75,13 @@ def _stream(model, ids, pieces):
   return np.concatenate(outs, axis=1), cache
 
 
-@pytest.mark.parametrize("split", ["one_token_at_a_time", "odd_pieces", "whole_chunks", "long_then_short"])
+@pytest.mark.parametrize("split", fixtures.STREAM_SPLITS)
 @pytest.mark.parametrize("name", fixtures.CASES)
 def test_streaming_in_any_split_matches_full_forward(name, split):
-  fx = _fixture(name)
+  fx = fixtures.cached(name)
   model = _model(fx)
   ids = jnp.asarray(fx.input_ids)
-  logits, cache = _stream(model, ids, _splits(ids.shape[1], model.config.chunk_size)[split])
+  logits, cache = _stream(model, ids, fixtures.stream_splits(ids.shape[1], model.config.chunk_size)[split])
   err = _max_err(logits, fx.logits)
   assert err <= TOL, f"{name}/{split}: streaming max abs error {err:.3g}"
   assert int(cache.count) == ids.shape[1] % model.config.chunk_size
@@ -107,16 +90,16 @@ def test_streaming_in_any_split_matches_full_forward(name, split):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_streaming_with_every_cema_impl(impl):
-  fx = _fixture("tiny_swiglu")
+  fx = fixtures.cached("tiny_swiglu")
   model = _model(fx, cema_impl=impl)
   ids = jnp.asarray(fx.input_ids)
-  logits, _ = _stream(model, ids, _splits(ids.shape[1], model.config.chunk_size)["odd_pieces"])
+  logits, _ = _stream(model, ids, fixtures.stream_splits(ids.shape[1], model.config.chunk_size)["odd_pieces"])
   err = _max_err(logits, fx.logits)
   assert err <= TOL, f"{impl}: streaming max abs error {err:.3g}"
 
 
 def test_cache_size_is_constant_in_stream_length():
-  fx = _fixture("tiny_tied")
+  fx = fixtures.cached("tiny_tied")
   model = _model(fx)
   ids = jnp.asarray(fx.input_ids)
   _, short = _stream(model, ids[:, :3], [3])
@@ -127,7 +110,7 @@ def test_cache_size_is_constant_in_stream_length():
 
 
 def test_bad_token_ids_are_rejected_before_compute():
-  fx = _fixture("tiny_short")
+  fx = fixtures.cached("tiny_short")
   model = _model(fx)
   vocab = model.config.vocab_size
   with pytest.raises(ValueError, match=rf"token id {vocab} at position \(0, 2\).*vocab_size={vocab}"):

@@ -1,4 +1,4 @@
-"""RMSNorm and LayerNorm with plus-one scales (spec §4.1) against float64 NumPy."""
+"""RMSNorm and LayerNorm with plus-one scales (docs/model.md#attention) against float64 NumPy."""
 
 from __future__ import annotations
 

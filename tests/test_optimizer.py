@@ -1,5 +1,5 @@
 """The optax optimizer against the official recipe: LambdaLR schedule formulas, and step-by-step parity with
-torch.optim.AdamW + LambdaLR + the FSDP-style global-norm clip (spec §8.1, §8.2)."""
+torch.optim.AdamW + LambdaLR + the FSDP-style global-norm clip (docs/training.md#optimizer)."""
 
 import math
 
@@ -14,7 +14,8 @@ from megalodon_jax.training.optimizer import clip_by_global_norm_official, lr_sc
 
 
 def ref_ratio(step, warmup, total, scheduler, init, end, cycles):
-  """The official multiplier, written out from spec §8.1 independently of the module under test."""
+  """The official multiplier, written out from docs/training.md#learning-rate-schedule independently of the module
+  under test."""
   if step < warmup:
     return init + step * (1.0 - init) / warmup
   if scheduler == "constant":

@@ -19,6 +19,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType, PartitionSpec as P
 
 import fixtures
+from dropkey_reference import np_keep
 from megalodon_jax import MegalodonConfig
 from megalodon_jax.convert import from_official_state_dict
 from megalodon_jax.ops import attention as attn_ops
@@ -208,30 +209,12 @@ def test_tpu_kernels_under_the_mosaic_tpu_interpreter(rng):
 
 # ------------------------------------------------------------------------------------------- DropKey
 
-def _np_mix(x):
-  x = x.astype(np.uint32)
-  x ^= x >> np.uint32(16)
-  x *= np.uint32(0x7FEB352D)
-  x ^= x >> np.uint32(15)
-  x *= np.uint32(0x846CA68B)
-  return x ^ (x >> np.uint32(16))
-
-
-def _np_keep(seeds, bh, q, k, rate):
-  """The DropKey hash of dropkey.py's docstring in NumPy uint32 arithmetic."""
-  s0, s1 = (np.uint32(np.int64(s) & 0xFFFFFFFF) for s in seeds)
-  with np.errstate(over="ignore"):
-    row = _np_mix(_np_mix(s0 + np.asarray(bh, np.uint32) * np.uint32(0x9E3779B9)) ^ np.asarray(q, np.uint32))
-    bits = _np_mix(row ^ (np.asarray(k, np.uint32) * np.uint32(0x85EBCA6B) + s1))
-  return (bits >> np.uint32(8)) >= np.uint32(round(rate * 2 ** 24))
-
-
 def test_dropkey_hash_matches_numpy_and_has_the_right_rate(rng):
   seeds = np.asarray(rng.integers(-2 ** 31, 2 ** 31, 2), np.int32)
   bh, q, k = (rng.integers(0, 2 ** 20, 200_000) for _ in range(3))
   mask = lambda s, bh, q, k: dropkey.keep_mask(s, bh, q, k, dropkey.threshold(0.3))
   got = _run(mask, jnp.asarray(seeds), *(jnp.asarray(x, jnp.int32) for x in (bh, q, k)))
-  np.testing.assert_array_equal(np.asarray(got), _np_keep(seeds, bh, q, k, 0.3))
+  np.testing.assert_array_equal(np.asarray(got), np_keep(seeds, bh, q, k, 0.3))
   # Rate, and no bias along any coordinate: the keep rate of a whole (query, key) grid and of its first row,
   # first column and diagonal, each within 5 binomial standard deviations.
   qq, kk = np.meshgrid(np.arange(1024), np.arange(1024), indexing="ij")
@@ -421,8 +404,8 @@ def test_model_streaming_with_pallas_decode_reproduces_official_logits():
 
 def test_model_with_pallas_dropkey_trains():
   """The fixture model (chunks of 16, 11 tokens) with attention_impl='pallas' and DropKey at rate 0.3: SGD on its
-  own inputs gives finite gradients, draws a fresh mask every step, and lowers the loss. (Its masks differ from
-  the XLA path's: see pallas_kernels/chunked_attention/dropkey.py.)"""
+  own inputs gives finite gradients, draws a fresh mask every step, and lowers the loss. (Its masks are the XLA
+  path's: tests/test_attention_dropout.py.)"""
   import optax  # pylint: disable=import-outside-toplevel
   fx = _fixture("tiny_short")
   conf = dict(fx.conf, efficient_attn="swift", attention_dropout=0.3)

@@ -19,7 +19,7 @@ import fixtures
 from megalodon_jax import MegalodonConfig
 from megalodon_jax.convert import from_official_state_dict
 from megalodon_jax.ops import cema as cema_lib
-from megalodon_jax.ops.cema_scan import cema_sequential
+from megalodon_jax.ops.cema.sequential import cema_sequential
 from pallas_kernels.cema import BlockSizes, cema_scan, cema_scan_reference
 from pallas_kernels.cema import gpu as cema_gpu
 from pallas_kernels.cema import tpu as cema_tpu

@@ -1,14 +1,12 @@
 """The pure-PyTorch model (`megalodon_jax.pytorch`) against the official model's own outputs.
 
 References: the golden fixtures (tests/fixtures/official: official state dicts, logits and layer-0 intermediates)
-and the spec's §6.1 state-dict layout as saved by the official model. Nothing here imports jax, and one test
-checks that in a fresh interpreter.
+and the official state-dict layout (docs/export.md#official-key-map) as saved by the official model. Nothing here
+imports jax, and one test checks that in a fresh interpreter.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 import math
 import subprocess
@@ -24,11 +22,6 @@ from megalodon_jax import pytorch as mp
 
 TOL = 1e-4  # max abs logits error, float32
 BF16_TOL = 0.15  # max abs logits error of the bfloat16 model (logits reach |8|; measured 0.02-0.04)
-
-
-@functools.cache
-def _fixture(name):
-  return fixtures.load(name)
 
 
 def _sd(fx):
@@ -52,10 +45,11 @@ def _err(a, b):
 
 @pytest.mark.parametrize("name", fixtures.CASES)
 def test_state_dict_layout_is_the_official_one(name):
-  fx = _fixture(name)
+  fx = fixtures.cached(name)
   fresh = mp.Mega(mp.ModelConf.from_dict(fx.conf), generator=torch.Generator().manual_seed(0)).state_dict()
   assert sorted(fresh) == sorted(fx.state_dict)  # (safetensors files do not keep the key order)
-  # The official order (spec §6.1): a module's own tensors, then its submodules in construction order.
+  # The official order (docs/export.md#official-key-map): a module's own tensors, then its submodules in
+  # construction order.
   layer0 = [k[len("layers.0."):] for k in fresh if k.startswith("layers.0.")]
   assert layer0[:9] == ["mega.gamma", "mega.beta", "mega.timenorm.weight", "mega.timenorm.bias",
                         "mega.timenorm.prior_count", "mega.timenorm.prior_mean", "mega.timenorm.prior_logv",
@@ -73,7 +67,7 @@ def test_state_dict_layout_is_the_official_one(name):
 
 @pytest.mark.parametrize("name", fixtures.CASES)
 def test_full_forward_matches_official_logits(name):
-  fx = _fixture(name)
+  fx = fixtures.cached(name)
   with torch.no_grad():
     logits, cache = _model(fx)(torch.from_numpy(fx.input_ids))
   assert cache is None and logits.dtype == torch.float32 and tuple(logits.shape) == fx.logits.shape
@@ -84,7 +78,7 @@ def test_full_forward_matches_official_logits(name):
 
 @pytest.mark.parametrize("name", fixtures.CASES)
 def test_layer0_intermediates_match_official(name):
-  fx = _fixture(name)
+  fx = fixtures.cached(name)
   model = _model(fx)
   layer = model.layers[0]
   with torch.no_grad():
@@ -103,15 +97,6 @@ def test_layer0_intermediates_match_official(name):
 # Streaming
 
 
-def _splits(length, chunk):
-  return {
-      "one_token_at_a_time": [1] * length,
-      "odd_pieces": list(itertools.islice(itertools.cycle([3, 5, 7]), length)),
-      "whole_chunks": [chunk] * (length // chunk + 1),
-      "long_then_short": [chunk + 3, 1, 2 * chunk - 1, 2] + [chunk] * (length // chunk + 1),
-  }
-
-
 def _stream(model, ids, pieces):
   cache = model.init_cache(ids.shape[0])
   outs, i = [], 0
@@ -125,14 +110,14 @@ def _stream(model, ids, pieces):
   return torch.cat(outs, 1), cache
 
 
-@pytest.mark.parametrize("split", ["one_token_at_a_time", "odd_pieces", "whole_chunks", "long_then_short"])
+@pytest.mark.parametrize("split", fixtures.STREAM_SPLITS)
 @pytest.mark.parametrize("name", fixtures.CASES)
 def test_streaming_in_any_split_matches_full_forward(name, split):
-  fx = _fixture(name)
+  fx = fixtures.cached(name)
   model = _model(fx)
   ids = torch.from_numpy(fx.input_ids)
   chunk = fx.conf["chunk_size"]
-  logits, cache = _stream(model, ids, _splits(ids.shape[1], chunk)[split])
+  logits, cache = _stream(model, ids, fixtures.stream_splits(ids.shape[1], chunk)[split])
   err = _err(logits, fx.logits)
   print(f"{name}/{split}: streaming max abs error {err:.3g}")
   assert err <= TOL
@@ -148,7 +133,7 @@ def test_streaming_in_any_split_matches_full_forward(name, split):
 
 def test_streaming_accepts_the_official_initial_cache_layout():
   """The official init_cache: empty K/V, (None, None, None) norm states, None CEMA state."""
-  fx = _fixture("tiny_tied")
+  fx = fixtures.cached("tiny_tied")
   model = _model(fx)
   ids = torch.from_numpy(fx.input_ids)
   cfg = model.cfg
@@ -177,7 +162,7 @@ def test_long_random_stream_matches_full_forward():
 
 
 def _cema_reference(cema, u, h0):
-  """The CEMA recurrence step by step in float64 (spec §2.3). u: (B, L, D); h0: (B, D, N) complex."""
+  """The CEMA recurrence step by step in float64 (docs/model.md#cema). u: (B, L, D); h0: (B, D, N) complex."""
   n = cema.ndim
   p = torch.sigmoid(cema.alpha.double())[..., 0]
   mag = 1 - p * torch.sigmoid(cema.delta.double())[..., 0]
@@ -193,7 +178,7 @@ def _cema_reference(cema, u, h0):
 
 
 def _timestep_norm_reference(norm, x, count, mean, var):
-  """The official one-step-at-a-time merge (spec §3.2) in float64. x: (B, L, D)."""
+  """The official one-step-at-a-time merge (docs/model.md#timestep-norm) in float64. x: (B, L, D)."""
   b, l, d = x.shape
   xg = x.double().view(b, l, norm.num_groups, -1)
   n, m, s = count.double()[:, None], mean.double(), var.double()
@@ -231,7 +216,7 @@ def test_cema_and_timestep_norm_match_step_by_step_references():
 
 
 def test_layerwise_checkpointing_gives_the_same_gradients():
-  fx = _fixture("tiny_tied")
+  fx = fixtures.cached("tiny_tied")
   ids = torch.from_numpy(fx.input_ids)
   grads = []
   for ckpt in (False, True):
@@ -248,7 +233,7 @@ def test_layerwise_checkpointing_gives_the_same_gradients():
 
 @pytest.mark.parametrize("name", fixtures.CASES)
 def test_bfloat16_model_stays_close(name):
-  fx = _fixture(name)
+  fx = fixtures.cached(name)
   model = _model(fx, torch.bfloat16)
   assert model.embed.weight.dtype == torch.bfloat16 and model.layers[0].mega.cema.alpha.dtype == torch.bfloat16
   assert model.rope.freqs.dtype == torch.float32  # RoPE frequencies are not rounded
@@ -283,7 +268,7 @@ def _write_dir(path, fx, fmt, sd=None):
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 @pytest.mark.parametrize("name", ["tiny_tied", "tiny_swiglu"])
 def test_load_checkpoint_directory(tmp_path, name, fmt):
-  fx = _fixture(name)
+  fx = fixtures.cached(name)
   model = mp.load(_write_dir(tmp_path / "ckpt", fx, fmt))
   assert not model.training
   with torch.no_grad():
@@ -300,7 +285,7 @@ def test_load_checkpoint_directory(tmp_path, name, fmt):
 
 
 def test_vocab_size_is_taken_from_the_checkpoint(tmp_path):
-  fx = _fixture("tiny_short")
+  fx = fixtures.cached("tiny_short")
   conf = {k: v for k, v in fx.conf.items() if k != "vocab_size"}  # the official default -1
   model = mp.from_state_dict(_sd(fx), conf)
   assert model.cfg.vocab_size == fx.conf["vocab_size"]
@@ -313,7 +298,7 @@ def _load_error(path, exc=mp.CheckpointError):
 
 
 def test_truncated_files_are_reported(tmp_path):
-  fx = _fixture("tiny_short")
+  fx = fixtures.cached("tiny_short")
   for fmt, fname in (("safetensors", "model.safetensors"), ("pth", "consolidated.pth")):
     d = _write_dir(tmp_path / fmt, fx, fmt)
     data = (d / fname).read_bytes()
@@ -325,14 +310,14 @@ def test_truncated_files_are_reported(tmp_path):
 def test_text_file_renamed_pth_is_reported(tmp_path):
   d = tmp_path / "ckpt"
   d.mkdir()
-  (d / "params.json").write_text(json.dumps(_fixture("tiny_short").conf))
+  (d / "params.json").write_text(json.dumps(fixtures.cached("tiny_short").conf))
   (d / "consolidated.pth").write_text("these are not the weights you are looking for\n")
   msg = _load_error(d)
   assert "consolidated.pth" in msg and "not a readable torch.save checkpoint" in msg, msg
 
 
 def test_missing_files_are_reported(tmp_path):
-  fx = _fixture("tiny_short")
+  fx = fixtures.cached("tiny_short")
   d = _write_dir(tmp_path / "ckpt", fx, "pth")
   (d / "params.json").unlink()
   assert "missing params.json" in _load_error(d)
@@ -345,7 +330,7 @@ def test_missing_files_are_reported(tmp_path):
 
 
 def test_wrong_keys_are_all_listed(tmp_path):
-  fx = _fixture("tiny_swiglu")
+  fx = fixtures.cached("tiny_swiglu")
   sd = _sd(fx)
   del sd["layers.1.mega.cema.omega"]
   del sd["rope.freqs"]
@@ -358,7 +343,7 @@ def test_wrong_keys_are_all_listed(tmp_path):
 
 
 def test_wrong_shapes_are_all_listed(tmp_path):
-  fx = _fixture("tiny_swiglu")
+  fx = fixtures.cached("tiny_swiglu")
   sd = _sd(fx)
   sd["layers.0.mega.wz.weight"] = sd["layers.0.mega.wz.weight"].T.contiguous()  # a JAX-layout kernel
   sd["layers.1.mega.cema.omega"] = sd["layers.1.mega.cema.omega"].reshape(-1)  # an HF-layout omega
@@ -374,7 +359,7 @@ def test_wrong_shapes_are_all_listed(tmp_path):
 
 
 def test_bad_params_json_is_reported(tmp_path):
-  fx = _fixture("tiny_short")
+  fx = fixtures.cached("tiny_short")
   d = _write_dir(tmp_path / "ckpt", fx, "pth")
   (d / "params.json").write_text(json.dumps({**fx.conf, "modle_dim": 4}))
   msg = _load_error(d, mp.ConfigError)
@@ -405,7 +390,7 @@ def test_config_defaults_and_validation():
 
 
 def test_bad_tokens_are_rejected():
-  model = _model(_fixture("tiny_short"))
+  model = _model(fixtures.cached("tiny_short"))
   with pytest.raises(ValueError, match=r"token id 100 at position \(0, 2\).*vocab_size=100"):
     model(torch.tensor([[0, 1, 100]]))
   with pytest.raises(TypeError, match="integers"):
@@ -420,7 +405,7 @@ def test_bad_tokens_are_rejected():
 
 
 def test_greedy_generate_equals_argmax_of_full_forward():
-  fx = _fixture("tiny_tied")  # chunk 8: the 12 new tokens cross chunk boundaries
+  fx = fixtures.cached("tiny_tied")  # chunk 8: the 12 new tokens cross chunk boundaries
   model = _model(fx)
   prompt = torch.from_numpy(fx.input_ids[:, :5])
   out = mp.generate(model, prompt, max_new_tokens=12)
@@ -439,7 +424,7 @@ def test_greedy_generate_equals_argmax_of_full_forward():
 
 
 def test_dropout_only_in_train_mode():
-  fx = _fixture("tiny_short")
+  fx = fixtures.cached("tiny_short")
   conf = {**fx.conf, "dropout": 0.1, "hidden_dropout": 0.1, "attention_dropout": 0.1}
   model = mp.from_state_dict(_sd(fx), conf)
   ids = torch.from_numpy(fx.input_ids)

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from megalodon_jax import MegalodonConfig, MegalodonLM
+from megalodon_jax.checkpoints.model_state import merge_model, split_model
 from megalodon_jax.training import train_step as ts
 
 BASE = dict(num_layers=3, model_dim=32, z_dim=16, value_dim=48, num_heads=2, ffn_hidden_dim=64, cema_ndim=4,
@@ -26,10 +27,10 @@ def _pair(**overrides):
 
 
 def _loss_and_grads(model, ids):
-  graphdef, params, buffers, rng_vars = ts.split_model(model)
+  graphdef, params, buffers, rng_vars = split_model(model)
 
   def loss(p):
-    m = ts.merge_model(graphdef, p, buffers, rng_vars)
+    m = merge_model(graphdef, p, buffers, rng_vars)
     total, count = ts.cross_entropy(m(ids[:, :-1]), ids[:, 1:])
     return total / count
 

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from megalodon_jax.checkpoints.model_state import split_model
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.model import MegalodonLM
 from megalodon_jax.ops import cema as cema_ops
@@ -100,7 +101,7 @@ def test_the_plain_ops_run_outside_a_sequence_mesh():
 
 def _model_parts(**overrides):
   cfg = MegalodonConfig(**{**SMALL, **overrides})
-  return ts.split_model(MegalodonLM(cfg, rngs=nnx.Rngs(0)))
+  return split_model(MegalodonLM(cfg, rngs=nnx.Rngs(0)))
 
 
 def _ids(b=4, l=96, v=50, seed=0):

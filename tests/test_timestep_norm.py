@@ -1,4 +1,5 @@
-"""TimestepNorm (spec §3) against an independent float64 NumPy reference of the official per-step merge."""
+"""TimestepNorm (docs/model.md#timestep-norm) against an independent float64 NumPy reference of the official
+per-step merge."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ EPS = 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Independent references (float64 NumPy, written from spec §3.2).
+# Independent references (float64 NumPy, written from docs/model.md#timestep-norm).
 
 
 def ref_timestep_norm(x, weight, bias, count, mean, var, num_groups, eps=EPS, mask=None):
@@ -55,7 +56,7 @@ def ref_timestep_norm(x, weight, bias, count, mean, var, num_groups, eps=EPS, ma
 
 
 def ref_cumulative_stats_closed_form(x, count, mean, var, num_groups):
-  """Closed form of §3.2 via float64 cumulative sums (vectorised; for long streams).
+  """Closed form of the merge (docs/model.md#timestep-norm) via float64 cumulative sums (vectorised; for long streams).
 
   Mean and population variance of n0 pseudo-rows (mean M0, variance S0) plus all scalars seen so far, each
   step weighted like one pseudo-row. Sums are taken about a fixed shift (the first step's mean) so the float64

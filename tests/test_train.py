@@ -17,7 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from megalodon_jax.training import checkpointing, config_lib, trainer
+from megalodon_jax.checkpoints.errors import CheckpointError
+from megalodon_jax.checkpoints.manager import Checkpointer
+from megalodon_jax.training import config_lib, trainer
 from megalodon_jax.training.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +81,7 @@ def test_tiny_config_trains_and_writes_checkpoints_and_metrics(tmp_path, data_di
   last = records[-1]
   for key in ("step", "loss", "bpb", "learning_rate", "grad_norm", "tokens_per_sec", "mfu", "eval_loss", "eval_bpb"):
     assert key in last, key
-  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=100, keep=3).latest_step() == 200
+  assert Checkpointer(os.path.join(workdir, "checkpoints"), save_every=100, keep=3).latest_step() == 200
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   samples = [json.loads(line) for line in open(os.path.join(workdir, "samples.jsonl"))]
   assert {s["step"] for s in samples} == {100, 200}
@@ -128,7 +130,7 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path, data_dir, straight_run, si
   assert stopped_at < 40, "the run finished before the signal: the test proved nothing"
   if sig == signal.SIGTERM:
     assert rc == 0, proc.stderr.read()[-2000:]
-    saved = checkpointing.Checkpointer(ckpt_dir, save_every=5, keep=3).latest_step()
+    saved = Checkpointer(ckpt_dir, save_every=5, keep=3).latest_step()
     assert saved == stopped_at  # the preemption save is of the last completed step
   else:
     assert rc == -signal.SIGKILL
@@ -198,7 +200,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   bad_step = int(err.value.args[0].split("at step ")[1].split()[0])
   ok = losses(str(tmp_path))
   assert all(np.isfinite(v) for s, v in ok.items() if s < bad_step)
-  latest = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), save_every=1, keep=3).latest_step()
+  latest = Checkpointer(str(tmp_path / "checkpoints"), save_every=1, keep=3).latest_step()
   assert latest == bad_step - 1
 
 
@@ -284,7 +286,7 @@ def test_corrupted_checkpoint_directory_fails_fast(tmp_path, data_dir):
   with open(victims[0], "w") as f:
     f.write("{ truncated")
   cfg.total_steps = 8
-  with pytest.raises(checkpointing.CheckpointError, match="checkpoints"):
+  with pytest.raises(CheckpointError, match="checkpoints"):
     trainer.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
 
 

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from megalodon_jax import flops
+from megalodon_jax.checkpoints.model_state import merge_model, split_model
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.model import MegalodonLM
 from megalodon_jax.training import optimizer as opt_lib
@@ -19,7 +20,7 @@ SMALL = dict(num_layers=2, model_dim=32, z_dim=16, value_dim=32, ffn_hidden_dim=
 
 def _setup(grad_accum=1, **overrides):
   cfg = MegalodonConfig(**{**SMALL, **overrides})
-  graphdef, params, buffers, rng_vars = ts.split_model(MegalodonLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, buffers, rng_vars = split_model(MegalodonLM(cfg, rngs=nnx.Rngs(0)))
   tx = opt_lib.make_optimizer(1e-2, 100, 5)
   state = ts.init_state(params, buffers, tx, jax.random.key_data(jax.random.key(7)))
   step = jax.jit(ts.make_train_step(graphdef, rng_vars, tx, opt_lib.lr_schedule(1e-2, 100, 5), grad_accum))
@@ -70,7 +71,7 @@ def test_remat_and_scan_layers_train_like_the_plain_step(overrides):
 def test_loss_is_the_mean_token_cross_entropy_of_the_model():
   graphdef, rng_vars, state, step = _setup(1)
   batch = _batch(3)
-  model = ts.merge_model(graphdef, state["params"], state["buffers"], rng_vars)
+  model = merge_model(graphdef, state["params"], state["buffers"], rng_vars)
   logits = np.asarray(model(batch["inputs"]), np.float64)
   logp = logits - logits.max(-1, keepdims=True)
   logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -118,7 +119,7 @@ def test_eval_step_has_no_dropout():
   eval_step = jax.jit(ts.make_eval_step(graphdef, rng_vars))
   batch = _batch(2)
   out = eval_step(state, batch)
-  model = ts.merge_model(graphdef, state["params"], state["buffers"], rng_vars)
+  model = merge_model(graphdef, state["params"], state["buffers"], rng_vars)
   model.eval()
   loss_sum, count = ts.cross_entropy(model(batch["inputs"]), batch["targets"])
   np.testing.assert_allclose(float(out["loss_sum"]), float(loss_sum), rtol=1e-6)
@@ -132,7 +133,7 @@ def test_eval_step_has_no_dropout():
 def test_train_step_flops_within_10_percent_of_xla(cema_impl):
   cfg = MegalodonConfig(num_layers=2, model_dim=384, z_dim=128, value_dim=768, ffn_hidden_dim=768, num_heads=2,
                         chunk_size=64, vocab_size=256, cema_ndim=16, norm_num_groups=16, cema_impl=cema_impl)
-  graphdef, params, buffers, rng_vars = ts.split_model(MegalodonLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, buffers, rng_vars = split_model(MegalodonLM(cfg, rngs=nnx.Rngs(0)))
   tx = opt_lib.make_optimizer(1e-3, 10, 1)
   state = ts.init_state(params, buffers, tx, jnp.zeros((2,), jnp.uint32))
   step = jax.jit(ts.make_train_step(graphdef, rng_vars, tx, opt_lib.lr_schedule(1e-3, 10, 1), 1))

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from megalodon_jax import flops as flops_lib
+from megalodon_jax.checkpoints.model_state import merge_model
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.inference.generation import DEFAULT_PREFILL_TOKENS
-from megalodon_jax.training import train_step as ts
 from megalodon_jax.training.trainer import _Run
 
 PROGRAMS = ("train_step", "prefill", "decode")
@@ -91,7 +91,7 @@ def inference_programs(run: _Run, batch: Optional[int] = None, prefill_tokens: O
   buffers = run.abstract_state["buffers"]
 
   def model_of(p, b):
-    model = ts.merge_model(graphdef, p, b, rng_vars)
+    model = merge_model(graphdef, p, b, rng_vars)
     model.eval()
     return model
 

@@ -8,8 +8,15 @@ __all__ = ["StateDictError", "check_state_dict", "from_official_state_dict", "st
 
 
 def __getattr__(name):
-  # Lazy: checkpoint_io pulls in orbax and the training package, which the state-dict converter does not need.
-  if name in ("ConvertError", "load_checkpoint", "locate_checkpoint", "save_params_checkpoint"):
-    from megalodon_jax.convert import checkpoint_io  # pylint: disable=import-outside-toplevel
-    return getattr(checkpoint_io, name)
+  # Defined in megalodon_jax.checkpoints and offered here too. Lazy: they pull in orbax, which the state-dict
+  # converter does not need.
+  if name == "ConvertError":
+    from megalodon_jax.checkpoints.errors import ConvertError  # pylint: disable=import-outside-toplevel
+    return ConvertError
+  if name == "locate_checkpoint":
+    from megalodon_jax.checkpoints.locate import locate_checkpoint  # pylint: disable=import-outside-toplevel
+    return locate_checkpoint
+  if name in ("load_checkpoint", "save_params_checkpoint"):
+    from megalodon_jax.checkpoints import model_io  # pylint: disable=import-outside-toplevel
+    return getattr(model_io, name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

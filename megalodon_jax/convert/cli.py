@@ -18,11 +18,11 @@ from typing import Optional, Sequence
 
 import jax
 
+from megalodon_jax.checkpoints import layout, model_io
+from megalodon_jax.checkpoints.errors import CheckpointError, ConvertError
 from megalodon_jax.config import ConfigError
-from megalodon_jax.convert import checkpoint_io, hf, torch_files
-from megalodon_jax.convert.checkpoint_io import ConvertError
+from megalodon_jax.convert import hf, torch_files
 from megalodon_jax.convert.official import StateDictError, from_official_state_dict, to_official_state_dict
-from megalodon_jax.training.checkpointing import CheckpointError
 
 EXIT_BAD_INPUT = 2
 
@@ -67,8 +67,8 @@ def to_pytorch(args: argparse.Namespace) -> None:
     raise ConvertError(f"--model-parallel must be >= 1, got {args.model_parallel}")
   if args.model_parallel > 1 and args.format != "official":
     raise ConvertError(f"--model-parallel applies to --format official only (got --format {args.format})")
-  checkpoint_io.check_output(args.out, overwrite=args.overwrite)  # fail before the (slow) restore
-  model, config, step = checkpoint_io.load_checkpoint(args.checkpoint, step=args.step, device=_cpu())
+  model_io.check_output(args.out, overwrite=args.overwrite)  # fail before the (slow) restore
+  model, config, step = model_io.load_checkpoint(args.checkpoint, step=args.step, device=_cpu())
   tensors = to_official_state_dict(model)
   if args.format == "hf":
     problems = hf.hf_export_problems(tensors, config)
@@ -77,7 +77,7 @@ def to_pytorch(args: argparse.Namespace) -> None:
                            ". Use --format official or safetensors")
     print(hf.TIMESTEP_NORM_WARNING, file=sys.stderr)
   tensors = torch_files.cast(tensors, args.dtype)
-  with checkpoint_io.atomic_output(args.out, overwrite=args.overwrite) as tmp:
+  with model_io.atomic_output(args.out, overwrite=args.overwrite) as tmp:
     if args.format == "official":
       files = torch_files.write_official(tmp, tensors, config, args.model_parallel)
     elif args.format == "safetensors":
@@ -89,12 +89,12 @@ def to_pytorch(args: argparse.Namespace) -> None:
 
 
 def from_pytorch(args: argparse.Namespace) -> None:
-  checkpoint_io.check_output(args.out, overwrite=args.overwrite)
+  model_io.check_output(args.out, overwrite=args.overwrite)
   tensors, config = torch_files.read_official(args.torch, args.config)
   with jax.default_device(_cpu()):
     model = from_official_state_dict(tensors, config)
-  checkpoint_io.save_params_checkpoint(args.out, model, source=os.path.abspath(args.torch), overwrite=args.overwrite)
-  print(f"wrote {os.path.abspath(args.out)}: params-only Orbax checkpoint + {checkpoint_io.CONFIG_FILE} "
+  model_io.save_params_checkpoint(args.out, model, source=os.path.abspath(args.torch), overwrite=args.overwrite)
+  print(f"wrote {os.path.abspath(args.out)}: params-only Orbax checkpoint + {layout.CONFIG_FILE} "
         f"({config.num_params():,} parameters); train with --config.init_from={os.path.abspath(args.out)}")
 
 

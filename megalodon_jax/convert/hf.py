@@ -1,4 +1,5 @@
-"""Official state dict ⇄ megalodon-hf (`pszemraj/megalodon-hf`, `MegalodonForCausalLM`) layout (spec §6.2, §12).
+"""Official state dict ⇄ megalodon-hf (`pszemraj/megalodon-hf`, `MegalodonForCausalLM`) layout
+(docs/export.md#megalodon-hf).
 
 What changes between the two layouts:
 - RoPE pairing: official rotates interleaved pairs (2i, 2i+1) of each head's dz features, HF rotates half-split
@@ -11,9 +12,13 @@ What changes between the two layouts:
 - HF has no buffers: it recomputes the RoPE table from `rope_base` and has no TimestepNorm priors.
 - HF always ties `lm_head` to the embedding when the output size equals the vocabulary, and its `rescale_nffn`
   is the constant 0.1·0.5^layer: an untied official head or a trained `nffn.alpha` cannot be represented.
+- With `norm_affine=False` HF's TimestepNorms (each layer's `timenorm` and the final `model.norm`) keep their
+  weight and bias as zero buffers that it neither saves nor loads, while the official model still has them as
+  parameters: export writes no such keys and refuses non-zero ones; import takes absent ones as zeros.
 
-HF's TimestepNorm computes a different variance than the official kernel (spec §12.1), so an exported model does
-not reproduce our logits inside megalodon-hf unless its TimestepNorm is replaced by the official formula.
+HF's TimestepNorm computes a different variance than the official kernel (docs/export.md#megalodon-hf), so an
+exported model does not reproduce our logits inside megalodon-hf unless its TimestepNorm is replaced by the official
+formula.
 """
 
 from __future__ import annotations
@@ -27,12 +32,18 @@ from megalodon_jax.convert.official import StateDictError, state_dict_entries
 
 TIMESTEP_NORM_WARNING = (
     "warning: megalodon-hf's TimestepNorm differs from the official one (its running variance omits the within-step "
-    "group variance, spec §12.1): the exported weights are mapped exactly, but megalodon-hf will not reproduce these "
-    "logits unless its TimestepNorm is replaced by the official formula.")
+    "group variance, docs/export.md#megalodon-hf): the exported weights are mapped exactly, but megalodon-hf will "
+    "not reproduce these logits unless its TimestepNorm is replaced by the official formula.")
 
 # Extra HF biases: HF key suffix -> the official weight whose output size they have.
 _EXTRA_BIASES = (("attn.wh2", "mega.wh2"), ("ffn.fc1", "nffn.fc1"), ("ffn.fc2", "nffn.fc2"), ("ffn.fc3", "nffn.fc3"))
 _BIAS_ATOL = 1e-6  # HF biases this close to 0 are dropped on import; anything larger changes the function
+
+
+def _timestep_norm_pairs(config: MegalodonConfig) -> list[tuple[str, str]]:
+  """(official prefix, HF prefix) of every TimestepNorm: each layer's, then the final one."""
+  return ([(f"layers.{i}.mega.timenorm", f"model.layers.{i}.attn.timenorm") for i in range(config.num_layers)]
+          + [("output.final_norm", "model.norm")])
 
 
 def rope_permutation(num_heads: int, head_dim: int) -> np.ndarray:
@@ -63,6 +74,13 @@ def hf_export_problems(tensors: Mapping[str, Any], config: MegalodonConfig) -> l
     if learned:
       problems.append(f"nffn.alpha (rescale_nffn) of layers {learned} differs from megalodon-hf's fixed constant "
                       f"0.1*0.5**layer; a learned alpha cannot be stored in megalodon-hf")
+  if not config.norm_affine:
+    nonzero = [f"{off}.{w}" for off, _ in _timestep_norm_pairs(config) for w in ("weight", "bias")
+               if np.any(np.asarray(tensors[f"{off}.{w}"]) != 0)]
+    if nonzero:
+      shown = ", ".join(nonzero[:4]) + (", ..." if len(nonzero) > 4 else "")
+      problems.append(f"norm_affine=False: megalodon-hf keeps every TimestepNorm weight and bias at zero and does not "
+                      f"load them, but {len(nonzero)} of them are non-zero ({shown}); the exported model would differ")
   return problems
 
 
@@ -76,9 +94,11 @@ def official_to_hf(tensors: Mapping[str, Any], config: MegalodonConfig) -> dict[
   Returns:
     HF key -> NumPy array, in the dtype of the source (the LayerNorm +1 is computed in float32 and cast back).
     `lm_head.weight` is always written (a copy of the embedding when tied) so a strict `load_state_dict` works.
+    With `norm_affine=False` the TimestepNorm weights and biases (all zero) are not written: HF does not load them.
 
   Raises:
-    StateDictError: an untied head or a learned `nffn.alpha` (see `hf_export_problems`).
+    StateDictError: an untied head, a learned `nffn.alpha`, or non-zero TimestepNorm weights or biases with
+      `norm_affine=False` (see `hf_export_problems`).
   """
   problems = hf_export_problems(tensors, config)
   if problems:
@@ -90,8 +110,9 @@ def official_to_hf(tensors: Mapping[str, Any], config: MegalodonConfig) -> dict[
     m, f, a, h = f"layers.{i}.mega", f"layers.{i}.nffn", f"model.layers.{i}.attn", f"model.layers.{i}.ffn"
     out[f"{a}.gamma"] = t[f"{m}.gamma"][:, perm]
     out[f"{a}.beta"] = t[f"{m}.beta"][:, perm]
-    out[f"{a}.timenorm.weight"] = t[f"{m}.timenorm.weight"]
-    out[f"{a}.timenorm.bias"] = t[f"{m}.timenorm.bias"]
+    if config.norm_affine:
+      out[f"{a}.timenorm.weight"] = t[f"{m}.timenorm.weight"]
+      out[f"{a}.timenorm.bias"] = t[f"{m}.timenorm.bias"]
     for name in ("alpha", "delta", "theta"):
       out[f"{a}.cema.{name}"] = t[f"{m}.cema.{name}"]
     out[f"{a}.cema.gamma_real"] = t[f"{m}.cema.gamma"][..., 0]
@@ -116,8 +137,9 @@ def official_to_hf(tensors: Mapping[str, Any], config: MegalodonConfig) -> dict[
       src = t.get(f"layers.{i}.{off_name}.weight")
       if src is not None:  # fc3 only with swiglu
         out[f"model.layers.{i}.{hf_name}.bias"] = np.zeros((src.shape[0],), src.dtype)
-  out["model.norm.weight"] = t["output.final_norm.weight"]
-  out["model.norm.bias"] = t["output.final_norm.bias"]
+  if config.norm_affine:
+    out["model.norm.weight"] = t["output.final_norm.weight"]
+    out["model.norm.bias"] = t["output.final_norm.bias"]
   out["lm_head.weight"] = t["output.output.weight"]
   return {k: np.array(v, order="C") for k, v in out.items()}  # copies: tied tensors must not share memory
 
@@ -127,27 +149,39 @@ def hf_to_official(tensors: Mapping[str, Any], config: MegalodonConfig) -> dict[
 
   `config` must describe the official architecture: share_emb True when the head is tied, and rescale_nffn as in
   HF (its constant becomes `nffn.alpha`). Buffers come from the config: `rope.freqs` from rope_base, priors 0.
+  With `norm_affine=False` the TimestepNorm weights and biases, which HF does not save, are zeros (the values HF
+  runs with); if present they must be ≈ 0.
 
   Raises:
-    StateDictError: missing/unexpected HF keys, mis-shaped tensors, or extra biases that are not ≈ 0 (all listed).
+    StateDictError: missing/unexpected HF keys, mis-shaped tensors, or extra biases (or, with norm_affine=False,
+      TimestepNorm weights) that are not ≈ 0 (all listed).
   """
   t = {k: np.asarray(v) for k, v in tensors.items()}
   expected = official_to_hf(_placeholder(config), config)  # the HF keys and shapes of this config
+  # Keys HF may or may not hold, read as zeros when absent: the TimestepNorm weights with norm_affine=False.
+  optional = {} if config.norm_affine else {f"{h}.{w}": np.zeros((config.model_dim,), np.float32)
+                                            for _, h in _timestep_norm_pairs(config) for w in ("weight", "bias")}
   missing = [k for k in expected if k not in t and not (k == "lm_head.weight" and config.share_emb)]
-  unexpected = sorted(k for k in t if k not in expected)
-  misshaped = [f"{k}: got {t[k].shape}, expected {v.shape}" for k, v in expected.items()
+  unexpected = sorted(k for k in t if k not in expected and k not in optional)
+  misshaped = [f"{k}: got {t[k].shape}, expected {v.shape}" for k, v in {**expected, **optional}.items()
                if k in t and t[k].shape != v.shape]
   extra = [k for k in expected if k.endswith(".bias") and any(f".{h}.bias" in k for h, _ in _EXTRA_BIASES)]
   nonzero = [f"{k}: max |bias| = {_max_abs(t[k]):.3g}" for k in extra
              if k in t and t[k].shape == expected[k].shape and _max_abs(t[k]) > _BIAS_ATOL]
+  ignored = [f"{k}: max |value| = {_max_abs(t[k]):.3g}" for k in optional
+             if k in t and t[k].shape == optional[k].shape and _max_abs(t[k]) > _BIAS_ATOL]
   problems = [f"{title} ({len(v)}): {v}" for title, v in (("missing keys", missing), ("unexpected keys", unexpected),
                                                           ("mis-shaped keys", misshaped),
                                                           ("non-zero extra biases the official model lacks",
-                                                           nonzero)) if v]
+                                                           nonzero),
+                                                          ("non-zero TimestepNorm weights megalodon-hf ignores "
+                                                           "with norm_affine=False", ignored)) if v]
   if problems:
     raise StateDictError("megalodon-hf state dict does not match the config:\n  " + "\n  ".join(problems))
   inv = np.argsort(rope_permutation(config.num_heads, config.z_head_dim))
   dtype = t["model.embed.weight"].dtype
+  for k, zeros in optional.items():
+    t.setdefault(k, zeros.astype(dtype))
   out: dict[str, np.ndarray] = {"embed.weight": t["model.embed.weight"], "rope.freqs": rope_inv_freq(config)}
   for i in range(config.num_layers):
     m, f, a, h = f"layers.{i}.mega", f"layers.{i}.nffn", f"model.layers.{i}.attn", f"model.layers.{i}.ffn"

@@ -1,4 +1,4 @@
-"""Official PyTorch state dict ⇄ MegalodonLM (spec §6.1).
+"""Official PyTorch state dict ⇄ MegalodonLM (docs/export.md#official-key-map).
 
 Every official key maps to one variable of the NNX model; torch Linear weights (out, in) become our kernels
 (in, out). Buffers travel too: `rope.freqs` and the TimestepNorm priors (`prior_count` is int64 there).

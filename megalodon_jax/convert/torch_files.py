@@ -15,10 +15,10 @@ from typing import Any, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
+from megalodon_jax.checkpoints.errors import ConvertError
 from megalodon_jax.config import ConfigError, MegalodonConfig, rope_inv_freq
 from megalodon_jax.convert import hf as hf_lib
 from megalodon_jax.convert import tp_shards
-from megalodon_jax.convert.checkpoint_io import ConvertError
 from megalodon_jax.convert.official import StateDictError, check_state_dict
 
 PARAMS_JSON = "params.json"
@@ -132,8 +132,9 @@ def read_official(path: str, config_path: Optional[str] = None) -> tuple[dict[st
   """Reads any supported PyTorch-side checkpoint as a validated official state dict and its config.
 
   Args:
-    path: a consolidated.pth, a folder of consolidated.NN.pth shards (merged, spec §6.1), a folder holding
-      consolidated.pth or model.safetensors, or a .safetensors file with official or megalodon-hf keys.
+    path: a consolidated.pth, a folder of consolidated.NN.pth shards (merged, docs/export.md#model-parallel-shards),
+      a folder holding consolidated.pth or model.safetensors, or a .safetensors file with official or megalodon-hf
+      keys.
     config_path: params.json (official) or config.json (megalodon-hf); default: beside `path`.
 
   Returns:
@@ -199,7 +200,7 @@ def validate_official(tensors: Mapping[str, np.ndarray], config: MegalodonConfig
 
 def cast(tensors: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
   """Casts floating tensors to `dtype` ("float32" | "bfloat16"); int64 buffers and `rope.freqs` stay as they are
-  (the RoPE table is kept in float32, spec §6.4)."""
+  (the RoPE table is kept in float32, docs/export.md#official-key-map)."""
   target = DTYPES[dtype]
   return {k: v if (v.dtype not in _FLOATS or k == "rope.freqs") else v.astype(target) for k, v in tensors.items()}
 
@@ -240,7 +241,7 @@ def write_hf(folder: str, tensors: Mapping[str, np.ndarray], config: MegalodonCo
   """Writes the megalodon-hf layout (model.safetensors + config.json) into `folder`; returns the file names.
 
   Raises:
-    StateDictError: untied head or learned nffn.alpha (see `hf.hf_export_problems`).
+    StateDictError: not representable in megalodon-hf (see `hf.hf_export_problems`).
   """
   from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
   hf = hf_lib.official_to_hf(tensors, config)

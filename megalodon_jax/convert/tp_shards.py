@@ -1,4 +1,5 @@
-"""Tensor-parallel shards of the official state dict (`consolidated.{rank:02d}.pth`, spec §6.1).
+"""Tensor-parallel shards of the official state dict (`consolidated.{rank:02d}.pth`,
+docs/export.md#model-parallel-shards).
 
 The official model splits its weights Megatron-style over `mp` ranks; every rank's file holds the same keys with
 the split tensors cut into `mp` equal contiguous slices along one dimension:
@@ -11,9 +12,9 @@ the split tensors cut into `mp` equal contiguous slices along one dimension:
 - `mega.gamma` / `mega.beta` (2, Z): Z (dim 1).
 - Everything else (`rmsnorm`, `nffn.norm`, `rope.freqs`, the scalar `prior_count`) is replicated.
 
-Assumption (the spec does not list it): `nffn.alpha` (D,) scales the fc2 output, which RowParallel reduce-scatters
-back to D shards (the residual stream is D-sharded, spec §8.4), so it is split along D like the other per-feature
-vectors of the residual stream.
+Assumption (the official layout does not say): `nffn.alpha` (D,) scales the fc2 output, which RowParallel
+reduce-scatters back to D shards (the official residual stream is D-sharded), so it is split along D like the other
+per-feature vectors of the residual stream.
 """
 
 from __future__ import annotations

@@ -6,13 +6,12 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
+from megalodon_jax.checkpoints.errors import CheckpointError, ConvertError
 from megalodon_jax.config import ConfigError
-from megalodon_jax.convert.checkpoint_io import ConvertError
 from megalodon_jax.convert.official import StateDictError
 from megalodon_jax.data.errors import DataError
 from megalodon_jax.inference.errors import InferenceError
 from megalodon_jax.inference.loading import Loaded, load_model
-from megalodon_jax.training.checkpointing import CheckpointError
 
 EXIT_BAD_INPUT = 2
 BAD_INPUT_ERRORS = (InferenceError, ConvertError, StateDictError, CheckpointError, ConfigError, DataError, OSError)

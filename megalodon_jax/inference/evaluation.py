@@ -5,7 +5,7 @@ tokens, so a row may be as long as the host memory for its token ids allows (the
 the cache). Without the window option the result does not depend on S (the model gives the full-forward logits
 for any split, to float32 rounding).
 
-The TimestepNorm window option (`NormWindow`, spec §9.3) reproduces the official evaluation driver
+The TimestepNorm window option (`NormWindow`, docs/streaming.md#evaluation) reproduces the official evaluation driver
 (`megalodon/inference.py`): rows are fed `step_chunks` chunks at a time, and once `truncate_chunks` chunks have been
 consumed, after every step that is not the last, the model is run again from an empty cache over only the latest
 `truncate_chunks - step_chunks` chunks and every TimestepNorm state (each layer's and the final norm's) is replaced
@@ -15,7 +15,6 @@ by the one that run ends with; attention and CEMA states are kept. The normalisa
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from typing import Optional
@@ -36,7 +35,10 @@ _MAX_DEFAULT_SEGMENT = 1 << 16
 
 @dataclasses.dataclass(frozen=True)
 class NormWindow:
-  """The official evaluation's TimestepNorm truncation (spec §9.3): constants of `megalodon/inference.py`."""
+  """The official evaluation's TimestepNorm truncation: constants of `megalodon/inference.py`.
+
+  See docs/streaming.md#evaluation.
+  """
   truncate_chunks: int = 8  # TRUNCATE_CHUNKS
   step_chunks: int = 2  # MAX_CHUNKS_PER_BATCH
 
@@ -66,13 +68,11 @@ def length_bucket(length: int, chunk_size: int) -> int:
 
 
 # Programs are module-level with the graphdef static, so Evaluators of the same model structure share them.
-TRACES: collections.Counter = collections.Counter()
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _segment(graphdef: nnx.GraphDef, state, cache: Cache, ids: jax.Array, targets: jax.Array):
   """ids, targets: (R, S) int32 -> (nll (R, S) float32, cache)."""
-  TRACES[(graphdef, "segment", ids.shape)] += 1
   logits, cache = nnx.merge(graphdef, state)(ids, cache=cache)
   lse = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -82,7 +82,6 @@ def _segment(graphdef: nnx.GraphDef, state, cache: Cache, ids: jax.Array, target
 @functools.partial(jax.jit, static_argnums=0)
 def _window_norms(graphdef: nnx.GraphDef, state, ids: jax.Array):
   """ids: (R, W) -> every TimestepNorm state after running ids from an empty cache (layers', final)."""
-  TRACES[(graphdef, "window", ids.shape)] += 1
   model = nnx.merge(graphdef, state)
   _, fresh = model(ids, cache=model.init_cache(ids.shape[0]))  # the logits are unused: XLA drops the head
   return tuple(layer.norm for layer in fresh.layers), fresh.final_norm
@@ -96,7 +95,7 @@ class Evaluator:
     segment_len: tokens per row per call (default `default_segment_len`); ignored with a window, whose step is
       `window.step_chunks` chunks.
     window: the TimestepNorm window option, or None (off).
-  Compiled programs are shared by all Evaluators of models with the same structure; `traces` counts them.
+  Compiled programs are shared by all Evaluators of models with the same structure.
   """
 
   def __init__(self, model: MegalodonLM, *, segment_len: Optional[int] = None, window: Optional[NormWindow] = None):
@@ -112,11 +111,6 @@ class Evaluator:
     else:
       self.segment_len = segment_len or default_segment_len(model)
     self.graphdef, self.state = nnx.split(model)
-
-  @property
-  def traces(self) -> dict:
-    """{(program, shape): times traced} for this model's structure."""
-    return {k[1:]: v for k, v in TRACES.items() if k[0] == self.graphdef}
 
   def _replace_norms(self, cache: Cache, ids: jax.Array) -> Cache:
     norms, final = _window_norms(self.graphdef, self.state, ids)

@@ -26,7 +26,6 @@ generation in a single call); the model's own counters do not wrap (model.Cache,
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from typing import Iterator, NamedTuple, Optional, Sequence, Union
@@ -102,16 +101,11 @@ def _check_ids(ids: Sequence[int], vocab_size: int, what: str) -> np.ndarray:
   return arr
 
 
-# Traces per program, keyed like the compilation cache below (one entry per compiled shape bucket and model
-# structure). The jitted functions live at module level with the graphdef as a static argument, so every Generator
-# of the same model structure shares the compiled programs.
-TRACES: collections.Counter = collections.Counter()
-
-
+# The jitted functions live at module level with the graphdef as a static argument, so every Generator of the same
+# model structure shares the compiled programs (one per shape bucket: see `_cache_size()` of each).
 @functools.partial(jax.jit, static_argnums=0)
 def _prefill(graphdef: nnx.GraphDef, state, cache: Cache, ids: jax.Array) -> Cache:
   """ids: (B, L) int32 -> the cache after them (the unused logits are dropped by XLA)."""
-  TRACES[(graphdef, "prefill", ids.shape)] += 1
   return nnx.merge(graphdef, state)(ids, cache=cache)[1]
 
 
@@ -123,7 +117,6 @@ def _decode(graphdef: nnx.GraphDef, state, carry: _DecodeState, prompts, lengths
 
   Returns the new carry and, per step, (token, emitted), each (steps, B).
   """
-  TRACES[(graphdef, "decode", prompts.shape, stop_ids.shape, steps)] += 1
   model = nnx.merge(graphdef, state)
   vocab = model.config.vocab_size
   b, p = prompts.shape
@@ -153,8 +146,7 @@ class Generator:
 
   `model` is put in eval mode (dropout off). `prefill_piece`: the largest prefill call in tokens (a multiple of
   the chunk size; default about 4096). `block_size`: decode steps per jitted call (and per streamed update).
-  Compiled programs are shared by all Generators of models with the same structure; `traces` counts how often
-  each of this model's programs was traced (one entry per shape bucket).
+  Compiled programs are shared by all Generators of models with the same structure (one per shape bucket).
   """
 
   def __init__(self, model: MegalodonLM, *, prefill_piece: Optional[int] = None,
@@ -173,11 +165,6 @@ class Generator:
     self.prefill_piece = prefill_piece
     self.block_size = block_size
     self.graphdef, self.state = nnx.split(model)
-
-  @property
-  def traces(self) -> dict:
-    """{(program, shapes...): times traced} for this model's structure."""
-    return {k[1:]: v for k, v in TRACES.items() if k[0] == self.graphdef}
 
   # ------------------------------------------------------------------------------------------------ host side
 

@@ -2,7 +2,7 @@
 
 Accepted checkpoints:
 - Orbax: a train.py workdir, its `checkpoints/` folder, a step folder, or a `from-pytorch` params-only folder
-  (`convert.checkpoint_io.load_checkpoint`);
+  (`checkpoints.model_io.load_checkpoint`);
 - PyTorch: an official `consolidated.pth` (or a folder of `consolidated.NN.pth` shards, or a folder holding
   `consolidated.pth` / `model.safetensors`), or a `.safetensors` file with official or megalodon-hf keys, converted
   in memory (`convert.torch_files.read_official`); `params.json` / `config.json` beside it, or `config_path`.
@@ -15,15 +15,16 @@ arguments are needed, except for a 256-token vocabulary, where the byte tokenize
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import types
 from typing import Any, Optional
 
 import jax
 
+from megalodon_jax.checkpoints import layout
+from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
+from megalodon_jax.checkpoints.model_io import load_checkpoint
 from megalodon_jax.config import MegalodonConfig
-from megalodon_jax.convert import checkpoint_io
 from megalodon_jax.data.tokenizers import TOKENIZERS, Tokenizer, make_tokenizer
 from megalodon_jax.inference.errors import InferenceError
 from megalodon_jax.model import MegalodonLM
@@ -53,21 +54,13 @@ def _is_torch(path: str) -> bool:
     return path.endswith(TORCH_SUFFIXES)
   names = os.listdir(path) if os.path.isdir(path) else []
   has_torch = any(n == "model.safetensors" or (n.startswith("consolidated") and n.endswith(".pth")) for n in names)
-  return has_torch and "_METADATA" not in names and "checkpoints" not in names and "state" not in names
+  return has_torch and layout.folder_kind(path) == "steps"  # no Orbax item, step folder or workdir
 
 
 def _training_data_config(path: str, step: Optional[int]) -> Optional[dict]:
   """The `data` section of the training config saved with a train.py step (None for other checkpoints)."""
-  info = checkpoint_io.locate_checkpoint(path, step)
-  if info.kind != "step":
-    return None
-  meta_path = os.path.join(info.params_path, "meta", "metadata")
-  try:
-    with open(meta_path, encoding="utf-8") as f:
-      meta = json.load(f)
-  except (OSError, ValueError):
-    return None  # locate_checkpoint already read this file; a race is not worth a second message
-  data = (meta.get("config") or {}).get("data") if isinstance(meta, dict) else None
+  train_config = locate_checkpoint(path, step).train_config
+  data = train_config.get("data") if train_config is not None else None
   return data if isinstance(data, dict) else None
 
 
@@ -106,7 +99,7 @@ def load_model(path: str, *, step: Optional[int] = None, config_path: Optional[s
     config_path: params.json / config.json of a PyTorch checkpoint (default: beside it).
     tokenizer, tokenizer_path: override the recorded tokenizer ("bytes" | "sentencepiece", the .model file).
     device: where the arrays go (default: the first device).
-    **execution: execution settings (dtype="bfloat16", cema_impl=..., see checkpoint_io.EXECUTION_FIELDS).
+    **execution: execution settings (dtype="bfloat16", cema_impl=..., see checkpoints.locate.EXECUTION_FIELDS).
   Raises:
     InferenceError (bad path or tokenizer); ConvertError, StateDictError, CheckpointError (damaged or mismatching
     checkpoints); DataError (tokenizer file).
@@ -121,9 +114,9 @@ def load_model(path: str, *, step: Optional[int] = None, config_path: Optional[s
     if step is not None:
       raise InferenceError(f"--step does not apply to the PyTorch checkpoint {full}")
     tensors, config = torch_files.read_official(full, config_path)
-    bad = sorted(set(execution) - set(checkpoint_io.EXECUTION_FIELDS))
+    bad = sorted(set(execution) - set(EXECUTION_FIELDS))
     if bad:
-      raise InferenceError(f"{bad} are not execution settings; allowed: {list(checkpoint_io.EXECUTION_FIELDS)}")
+      raise InferenceError(f"{bad} are not execution settings; allowed: {list(EXECUTION_FIELDS)}")
     config = config.replace(**execution) if execution else config
     with jax.default_device(device or jax.devices()[0]):
       model = from_official_state_dict(tensors, config)
@@ -131,7 +124,7 @@ def load_model(path: str, *, step: Optional[int] = None, config_path: Optional[s
   else:
     if config_path is not None:
       raise InferenceError("--config applies to PyTorch checkpoints only (an Orbax checkpoint records its config)")
-    model, config, loaded_step = checkpoint_io.load_checkpoint(full, step=step, device=device, **execution)
+    model, config, loaded_step = load_checkpoint(full, step=step, device=device, **execution)
     kind, data_config = "orbax", _training_data_config(full, step)
   tok, notes = resolve_tokenizer(config, data_config, tokenizer, tokenizer_path)
   return Loaded(model, config, tok, loaded_step, full, kind, data_config, notes)

@@ -1,4 +1,6 @@
-"""MovingAverageGatedAttention: TimestepNorm → CEMA → RMSNorm → normalised chunked attention (spec §4)."""
+"""MovingAverageGatedAttention: TimestepNorm → CEMA → RMSNorm → normalised chunked attention.
+
+See docs/model.md#attention."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""ComplexEMA: the CEMA parameters (official shapes) and their official initialisation (spec §2.6)."""
+"""ComplexEMA: the CEMA parameters (official shapes) and their official initialisation.
+
+See docs/model.md#cema and docs/model.md#initialisation.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""NormalizedFeedForward: LayerNorm → SiLU (or SwiGLU) MLP, with the two-hop residual (spec §1.1)."""
+"""NormalizedFeedForward: LayerNorm → SiLU (or SwiGLU) MLP, with the two-hop residual (docs/model.md#block)."""
 
 from __future__ import annotations
 

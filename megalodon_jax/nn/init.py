@@ -1,4 +1,6 @@
-"""Official initialisers (spec §8.3; megalodon/utils.py `get_init_fn`), as JAX functions of (key, shape).
+"""Official initialisers (megalodon/utils.py `get_init_fn`), as JAX functions of (key, shape).
+
+The recipe is in docs/model.md#initialisation.
 
 Linear kernels are stored (in, out) here, the transpose of torch's (out, in); fans are computed accordingly.
 """

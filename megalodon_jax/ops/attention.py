@@ -1,9 +1,11 @@
-"""Normalised chunk-wise attention (spec §4): shared-z q/k, interleaved RoPE, block-diagonal causal softmax.
+"""Normalised chunk-wise attention: shared-z q/k, interleaved RoPE, block-diagonal causal softmax
+(docs/model.md#attention).
 
 Attention never crosses a chunk of `chunk_size` tokens. Positions are chunk-local, so the rotation a token gets
 depends only on its offset inside its chunk. Logits are unscaled (the 1/√dz temperature sits in the q/k affine)
 and the softmax runs in float32. A sequence whose length is not a multiple of the chunk size simply ends with a
-partial chunk (the official code rejects such lengths).
+partial chunk (the official code rejects such lengths). Attention dropout draws its masks from the counter hash of
+the Pallas kernels (ops/attention_dropout.py), so "xla" and "pallas" train identically.
 """
 
 from __future__ import annotations
@@ -16,12 +18,10 @@ import jax.numpy as jnp
 
 from jax.sharding import PartitionSpec as P
 
+from megalodon_jax.ops import attention_dropout
+from megalodon_jax.ops.attention_dropout import AttentionDropout
 from megalodon_jax.ops.norms import rms_norm
 from pallas_kernels.platform import current_platform
-
-# DropKey removes a logit with a large finite penalty rather than -inf, so a row whose every key was dropped
-# stays finite (it falls back to a uniform average over its causal keys) instead of producing NaN.
-_DROPKEY_PENALTY = -1e30
 
 # `attention_impl` "auto" resolves to "xla" on every platform for now: the Pallas kernels (pallas_kernels/
 # chunked_attention) are verified in interpret mode and by lowering only, and have not been timed on TPU or GPU
@@ -41,11 +41,15 @@ def resolve_attention_impl(impl: str, platform: Optional[str] = None) -> str:
   return AUTO_ATTENTION_IMPL.get(platform or current_platform(), "xla")
 
 
-def _pallas_options(dropout_rate: float, dropout_rng, drop_key: bool) -> dict:
-  """Keyword arguments for the Pallas kernels: DropKey only, shard_map over the ambient mesh's batch/head axes."""
+def _check_pallas_dropout(dropout_rate: float, drop_key: bool) -> None:
   if dropout_rate > 0.0 and not drop_key:
     raise ValueError("attention_impl='pallas' implements DropKey attention dropout only (efficient_attn='swift' or "
                      "'fused'); with efficient_attn=None and attention_dropout > 0 use attention_impl='xla'")
+
+
+def _pallas_options(dropout_rate: float, dropout_rng, drop_key: bool) -> dict:
+  """Keyword arguments for the Pallas kernels: DropKey only, shard_map over the ambient mesh's batch/head axes."""
+  _check_pallas_dropout(dropout_rate, drop_key)
   mesh = jax.sharding.get_abstract_mesh()
   names = () if mesh.empty else mesh.axis_names
   return dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng if dropout_rate > 0.0 else None,
@@ -54,7 +58,7 @@ def _pallas_options(dropout_rate: float, dropout_rng, drop_key: bool) -> dict:
 
 
 def normalized_qk(z: jax.Array, gamma: jax.Array, beta: jax.Array, num_heads: int, eps: float):
-  """Queries and keys from the shared projection z (spec §4.2 steps 4-5).
+  """Queries and keys from the shared projection z (docs/model.md#attention).
 
   Args:
     z: (B, L, Z) output of wz.
@@ -92,18 +96,19 @@ def rope(x: jax.Array, inv_freq: jax.Array, positions: jax.Array) -> jax.Array:
   return out.reshape(x.shape).astype(x.dtype)
 
 
-def _softmax_attend(scores: jax.Array, allowed: jax.Array, v: jax.Array, einsum_pv: str, dropout_rate: float,
-                    dropout_rng: Optional[jax.Array], drop_key: bool) -> jax.Array:
-  """Masked float32 softmax over the last axis of `scores`, optional dropout, then P·v."""
+def _softmax_attend(scores: jax.Array, allowed: jax.Array, v: jax.Array, einsum_pv: str,
+                    drop: Optional[AttentionDropout], keep: Optional[jax.Array]) -> jax.Array:
+  """Masked float32 softmax over the last axis of `scores`, optional dropout, then P·v.
+
+  keep: the dropout keep mask (broadcasting against `scores`), given exactly when `drop` is.
+  """
   scores = scores.astype(jnp.float32)
-  if dropout_rate > 0.0 and drop_key:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, scores.shape)
-    scores = jnp.where(keep, scores, _DROPKEY_PENALTY)
+  if drop is not None and drop.drop_key:
+    scores = jnp.where(keep, scores, attention_dropout.DROPKEY_PENALTY)
   scores = jnp.where(allowed, scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1)
-  if dropout_rate > 0.0 and not drop_key:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  if drop is not None and not drop.drop_key:
+    probs = jnp.where(keep, probs / (1.0 - drop.rate), 0.0)
   return jnp.einsum(einsum_pv, probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
@@ -119,14 +124,13 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_siz
     chunk_size: C. A sequence with L ≤ C is one chunk.
     dropout_rate, dropout_rng, drop_key: attention dropout; DropKey masks logits before the softmax,
       otherwise probabilities are dropped and rescaled after it.
-    impl: "xla" (this function) or "pallas" (the kernel; interpret mode on CPU). The kernel draws its DropKey
-      mask from a counter-based hash (pallas_kernels/chunked_attention/dropkey.py): same distribution as the
-      `jax.random.bernoulli` mask here, different draws.
+    impl: "xla" (this function) or "pallas" (the kernel; interpret mode on CPU). Both draw the same dropout
+      masks for the same key (ops/attention_dropout.py), by sequence position.
     chunk_loop: XLA path only. True: one chunk at a time in a `lax.scan` whose body is rematerialised, so one
       chunk's (B, H, C, C) scores are live at a time, forward and backward; False: all chunks in one batched
       einsum, which holds (B, L/C, H, C, C) float32 scores (and their gradient) at once. None: the loop on TPU and
       GPU (at 32K tokens and C = 4096 the batched scores of one 4-head sequence are 2 GiB per layer), batched on
-      CPU, where it is faster. Both give the same values; with dropout they draw different masks.
+      CPU, where it is faster. Both give the same values, with or without dropout.
   Returns:
     (B, L, H, dv) in v.dtype.
   """
@@ -135,10 +139,16 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_siz
     # Chunk parallelism: the kernel also splits the length over `sequence` when every shard holds whole chunks.
     return chunked_attention(q, k, v, chunk_size, length_axes=_LENGTH_AXES,
                              **_pallas_options(dropout_rate, dropout_rng, drop_key))
+  drop = attention_dropout.make(dropout_rate, dropout_rng, drop_key, q.shape[0], q.shape[2])
   split = _sequence_split(q.shape, chunk_size)
   if split is not None:
-    return _xla_over_slices(q, k, v, chunk_size, split, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                            drop_key=drop_key, chunk_loop=chunk_loop)
+    return _xla_over_slices(q, k, v, chunk_size, split, drop, chunk_loop)
+  return _xla_chunked(q, k, v, chunk_size, drop, chunk_loop)
+
+
+def _xla_chunked(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int, drop: Optional[AttentionDropout],
+                 chunk_loop: Optional[bool]) -> jax.Array:
+  """`chunked_causal_attention` in XLA on whole (or slice-local) arrays; dropout hashes positions 0…L-1."""
   b, l, h, dz = q.shape
   dv = v.shape[-1]
   c = min(chunk_size, l)
@@ -154,10 +164,15 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_siz
   if chunk_loop is None:
     chunk_loop = current_platform() != "cpu"
   if chunk_loop and nc > 1:
-    out = _chunk_loop(qc, kc, vc, causal, dropout_rate, dropout_rng, drop_key)
+    out = _chunk_loop(qc, kc, vc, causal, drop)
   else:
     scores = jnp.einsum("bnqhd,bnkhd->bnhqk", qc, kc, preferred_element_type=jnp.float32)
-    out = _softmax_attend(scores, causal, vc, "bnhqk,bnkhd->bnqhd", dropout_rate, dropout_rng, drop_key)
+    keep = None
+    if drop is not None:
+      pos = (jnp.arange(nc) * c)[:, None] + jnp.arange(c)[None, :]  # (M, C) sequence positions
+      keep = attention_dropout.keep_mask(drop, drop.bh[:, None, :, None, None], pos[None, :, None, :, None],
+                                         pos[None, :, None, None, :])
+    out = _softmax_attend(scores, causal, vc, "bnhqk,bnkhd->bnqhd", drop, keep)
   return out.reshape(b, nc * c, h, dv)[:, :l].astype(v.dtype)
 
 
@@ -179,41 +194,50 @@ def _sequence_split(shape, chunk_size: int):
   return mesh, fit(_BATCH_AXES, shape[0]), fit(_HEAD_AXES, shape[2])
 
 
-def _xla_over_slices(q, k, v, chunk_size, split, *, dropout_rate, dropout_rng, drop_key, chunk_loop):
+def _xla_over_slices(q, k, v, chunk_size, split, drop: Optional[AttentionDropout], chunk_loop):
   """The XLA attention on each length slice under `shard_map`: chunks never cross a slice, so nothing moves.
 
-  Without it XLA would gather the whole length for the chunk loop's scan. Dropout masks fold in the shard's
-  position on the mesh (same distribution as an unsplit call, different draws).
+  Without it XLA would gather the whole length for the chunk loop's scan. Dropout hashes the global batch and
+  head coordinates and each slice's local positions, with the slice index mixed into the seeds, as the kernel's
+  own `shard_map` does (ops/attention_dropout.py): the same masks as attention_impl="pallas".
   """
   mesh, bax, hax = split
   spec = P(bax or None, "sequence", hax or None, None)
-  manual = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+  heads_total = q.shape[2]
 
-  def body(q, k, v, *rng):
-    key = None
-    if rng:
-      key = jax.random.fold_in(rng[0], jax.lax.axis_index(manual)) if manual else rng[0]
-    return chunked_causal_attention(q, k, v, chunk_size, dropout_rate=dropout_rate, dropout_rng=key,
-                                    drop_key=drop_key, chunk_loop=chunk_loop)
+  def body(q, k, v, *seeds):
+    local = None
+    if seeds:
+      mix = jax.lax.axis_index("sequence").astype(jnp.int32) * jnp.int32(attention_dropout.SLICE_SEED_STEP)
+      b_off = jax.lax.axis_index(bax) * q.shape[0] if bax else 0
+      h_off = jax.lax.axis_index(hax) * q.shape[2] if hax else 0
+      bh = attention_dropout.head_coordinates(q.shape[0], q.shape[2], b_off, h_off, heads_total)
+      local = AttentionDropout(drop.rate, drop.drop_key, seeds[0] + jnp.stack([jnp.int32(0), mix]), bh)
+    return _xla_chunked(q, k, v, chunk_size, local, chunk_loop)
 
-  rngs = (dropout_rng,) if dropout_rate > 0.0 else ()
-  return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec) + (P(),) * len(rngs), out_specs=spec,
-                       check_vma=False)(q, k, v, *rngs)
+  seeds = () if drop is None else (drop.seeds,)
+  return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec) + (P(),) * len(seeds), out_specs=spec,
+                       check_vma=False)(q, k, v, *seeds)
 
 
-def _chunk_loop(qc: jax.Array, kc: jax.Array, vc: jax.Array, causal: jax.Array, dropout_rate: float,
-                dropout_rng: Optional[jax.Array], drop_key: bool) -> jax.Array:
+def _chunk_loop(qc: jax.Array, kc: jax.Array, vc: jax.Array, causal: jax.Array,
+                drop: Optional[AttentionDropout]) -> jax.Array:
   """Attention of each chunk in turn: qc, kc (B, M, C, H, dz), vc (B, M, C, H, dv) -> (B, M, C, H, dv) float32.
 
   The body is rematerialised (`jax.checkpoint`), so the backward pass saves only each chunk's q, k, v (which
-  exist anyway) and recomputes its scores, instead of stacking every chunk's scores and probabilities.
+  exist anyway) and recomputes its scores, instead of stacking every chunk's scores and probabilities. The dropout
+  mask of chunk m hashes positions m·C…m·C+C-1, so it is the batched path's mask.
   """
+  c = qc.shape[2]
 
   @jax.checkpoint
   def one(q, k, v, index):
-    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    return _softmax_attend(scores, causal, v, "bhqk,bkhd->bqhd", dropout_rate, rng, drop_key)
+    keep = None
+    if drop is not None:
+      pos = index * c + jnp.arange(c)
+      keep = attention_dropout.keep_mask(drop, drop.bh[:, :, None, None], pos[:, None], pos[None, :])
+    return _softmax_attend(scores, causal, v, "bhqk,bkhd->bqhd", drop, keep)
 
   def body(_, xs):
     return None, one(*xs)
@@ -223,6 +247,12 @@ def _chunk_loop(qc: jax.Array, kc: jax.Array, vc: jax.Array, causal: jax.Array, 
   return jnp.moveaxis(out, 0, 1)
 
 
+def _decode_kernel_takes(chunk_size: int) -> bool:
+  """Whether the Pallas decode kernel can run chunks of `chunk_size` (its key tiles divide a chunk)."""
+  from pallas_kernels.chunked_attention import decode_supports_chunk_size  # pylint: disable=import-outside-toplevel
+  return decode_supports_chunk_size(chunk_size)
+
+
 def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
                          count: jax.Array, chunk_size: int, *, dropout_rate: float = 0.0,
                          dropout_rng: Optional[jax.Array] = None, drop_key: bool = False, impl: str = "xla"):
@@ -230,7 +260,7 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
 
   New tokens may cross any number of chunk boundaries. The tokens of the current chunk (cached, then new) are
   laid out in one frame that starts at the chunk's first position, so chunk membership and causality are
-  plain index comparisons and `count` may be a traced value under jit.
+  plain index comparisons and `count` may be a traced value under jit. Dropout masks hash frame positions.
 
   Args:
     q, k: (B, L, H, dz) new queries/keys, rotated with positions (count + i) mod C.
@@ -238,15 +268,22 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
     cache_k: (B, C, H, dz), cache_v: (B, C, H, dv): slots [0, count) hold the current chunk's earlier tokens.
     count: () int32, 0 ≤ count < C.
     chunk_size: C.
-    impl: "xla" or "pallas" (the kernel's decode call for L ≤ C, its prefill call on the frame otherwise).
+    impl: "xla" or "pallas" (the kernel's decode call for L ≤ C, its prefill call on the frame otherwise). A
+      chunk size the decode kernel cannot tile (not a multiple of 16) takes the XLA path for L ≤ C, chosen at
+      trace time; it computes the same attention with the same dropout masks.
   Returns:
     out: (B, L, H, dv) in v.dtype; new cache_k, cache_v (same shapes) and new count = (count + L) mod C.
   """
   b, l, h, _ = q.shape
   c = chunk_size
   count = jnp.asarray(count, jnp.int32)
+  if impl == "pallas":
+    _check_pallas_dropout(dropout_rate, drop_key)
+    if l <= c and not _decode_kernel_takes(c):
+      impl = "xla"
   if l == 1 and impl != "pallas":
-    return _decode_step(q, k, v, cache_k, cache_v, count, c, dropout_rate, dropout_rng, drop_key)
+    drop = attention_dropout.make(dropout_rate, dropout_rng, drop_key, b, h)
+    return _decode_step(q, k, v, cache_k, cache_v, count, c, drop)
   # Frame length: room for the cached prefix and the new tokens, plus one chunk so the slice that becomes the
   # next cache (starting at the last chunk boundary) never runs off the end.
   frame = (-(-l // c) + 1) * c
@@ -266,7 +303,11 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
     kpos = jnp.arange(frame)
     allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] // c == qpos[:, None] // c)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, kf, preferred_element_type=jnp.float32)
-    out = _softmax_attend(scores, allowed, vf, "bhqk,bkhd->bqhd", dropout_rate, dropout_rng, drop_key)
+    drop = attention_dropout.make(dropout_rate, dropout_rng, drop_key, b, h)
+    keep = None
+    if drop is not None:
+      keep = attention_dropout.keep_mask(drop, drop.bh[:, :, None, None], qpos[:, None], kpos[None, :])
+    out = _softmax_attend(scores, allowed, vf, "bhqk,bkhd->bqhd", drop, keep)
     out = out.astype(v.dtype)
   else:
     # Long input: ordinary chunked attention over the frame (queries placed like keys), then cut out the rows.
@@ -282,18 +323,20 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
 
 
 def _decode_step(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-                 count: jax.Array, chunk_size: int, dropout_rate: float, dropout_rng: Optional[jax.Array],
-                 drop_key: bool):
+                 count: jax.Array, chunk_size: int, drop: Optional[AttentionDropout]):
   """`attention_with_cache` for one new token (L = 1), the decoding step.
 
   One token never crosses a chunk boundary (count < C), so its key and value are written into the cache in place
   and the query attends over the C cache slots; this avoids building and zero-filling the (B, 2C) frame of the
-  general path on every generated token.
+  general path on every generated token. Cache slots are frame positions, so dropout draws the frame path's mask.
   """
   new_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), count, axis=1)
   new_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), count, axis=1)
-  allowed = (jnp.arange(chunk_size) <= count)[None, :]  # (1, C): the chunk's tokens so far, this one included
+  kpos = jnp.arange(chunk_size)
+  allowed = (kpos <= count)[None, :]  # (1, C): the chunk's tokens so far, this one included
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, new_k.astype(q.dtype), preferred_element_type=jnp.float32)
-  out = _softmax_attend(scores, allowed, new_v.astype(v.dtype), "bhqk,bkhd->bqhd", dropout_rate, dropout_rng,
-                        drop_key)
+  keep = None
+  if drop is not None:
+    keep = attention_dropout.keep_mask(drop, drop.bh[:, :, None, None], count[None, None], kpos[None, :])
+  out = _softmax_attend(scores, allowed, new_v.astype(v.dtype), "bhqk,bkhd->bqhd", drop, keep)
   return out.astype(v.dtype), new_k, new_v, (count + 1) % chunk_size

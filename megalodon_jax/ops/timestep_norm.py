@@ -1,4 +1,6 @@
-"""TimestepNorm: group normalisation with exact cumulative (Welford/Chan) statistics over time (spec §3).
+"""TimestepNorm: group normalisation with exact cumulative (Welford/Chan) statistics over time.
+
+See docs/model.md#timestep-norm.
 
 At step t, each (batch row, group) is normalised with the mean and population variance of everything seen so
 far: the carried state (count n0 rows of mean M0, variance S0) plus all m*t scalars of the group up to and

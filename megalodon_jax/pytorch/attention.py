@@ -1,8 +1,8 @@
 """The attention sub-layer of a Megalodon block: TimestepNorm → CEMA → RMSNorm → normalised chunked attention.
 
-Attention is block-diagonal causal over chunks of C tokens, with chunk-local RoPE positions (spec §4). The
-official code accepts only L < C or L % C == 0 (and, with a cache, count + L ≤ C); here any length and any
-cached count work: the last chunk may be partial and a piece may cross chunk boundaries.
+Attention is block-diagonal causal over chunks of C tokens, with chunk-local RoPE positions
+(docs/model.md#attention). The official code accepts only L < C or L % C == 0 (and, with a cache, count + L ≤ C);
+here any length and any cached count work: the last chunk may be partial and a piece may cross chunk boundaries.
 """
 
 from __future__ import annotations

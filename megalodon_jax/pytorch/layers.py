@@ -1,4 +1,6 @@
-"""Normalisations and the complex EMA of Megalodon, in plain PyTorch (spec §2, §3, §4.1).
+"""Normalisations and the complex EMA of Megalodon, in plain PyTorch.
+
+See docs/model.md#cema, docs/model.md#timestep-norm and docs/model.md#attention.
 
 Every module keeps the official parameter names and shapes, so `state_dict()` keys match the official model.
 Numerics-critical parts run in float32 whatever the parameter dtype: norm statistics, TimestepNorm's running
@@ -61,7 +63,9 @@ def _chan_merge(a: NormState, b: NormState) -> NormState:
 
 
 def cumulative_group_stats(x: Tensor, num_groups: int, count: Tensor, mean: Tensor, var: Tensor):
-  """Cumulative mean and population variance per group over time, including the carried state (spec §3.2).
+  """Cumulative mean and population variance per group over time, including the carried state.
+
+  See docs/model.md#timestep-norm.
 
   At step t the statistics are those of the multiset made of `count` pseudo-rows (mean `mean`, variance `var`)
   and every scalar of the group seen at steps ≤ t. Computed as a log-depth parallel prefix of exact pairwise
@@ -148,7 +152,7 @@ def _powers(log_mag: Tensor, phase: Tensor, exponents: Tensor) -> Tensor:
 
 
 class ComplexEMA(nn.Module):
-  """Per-channel complex EMA with skip weight (official `MultiHeadComplexEMA`, spec §2).
+  """Per-channel complex EMA with skip weight (official `MultiHeadComplexEMA`, docs/model.md#cema).
 
   h_t = q ⊙ h_{t-1} + p ⊙ u_t,  y_t = Re(Σ_n γ̃_n h_{t,n}) + ω u_t, with p = σ(alpha),
   q = (1 - σ(alpha)σ(delta)) e^{i n ϑ}, ϑ = σ(theta)·2π/N, γ̃ = (gamma_re + i gamma_im)/√N.
@@ -166,7 +170,7 @@ class ComplexEMA(nn.Module):
 
   @torch.no_grad()
   def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
-    """The official initialisation (spec §2.6)."""
+    """The official initialisation (docs/model.md#initialisation)."""
     d = self.dim
     self.alpha.copy_(0.2 * torch.randn(self.alpha.shape, generator=generator))
     self.delta.copy_(0.2 * torch.randn(self.delta.shape, generator=generator))

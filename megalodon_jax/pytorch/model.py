@@ -3,7 +3,7 @@
 Module names, parameter/buffer names, shapes and dtypes are the official ones, so an official `state_dict()`
 (e.g. `consolidated.pth`) loads with `load_state_dict(strict=True)`.
 
-Cache (official layout, spec §9.1): `(layers, final_norm_state)` with, per layer,
+Cache (official layout, docs/streaming.md#per-layer-cache): `(layers, final_norm_state)` with, per layer,
 `(attn_cache, norm_state, ema_state)`:
   attn_cache = (K (B, count, H, dz), V (B, count, H, dv), count): keys/values of the current, unfinished chunk;
   norm_state = (count (B,) int64, mean (B, G) float32, var (B, G) float32), or (None, None, None) at the start;
@@ -120,8 +120,8 @@ class Mega(nn.Module):
 
   @torch.no_grad()
   def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
-    """Official initialisation (spec §8.3): linears by init_mode with zero biases, embedding/head truncated
-    normal std 1/√D (±3σ), CEMA per §2.6, norms and attention gamma/beta zero, nffn.alpha 0.1·0.5^layer."""
+    """Official initialisation (docs/model.md#initialisation): linears by init_mode with zero biases, embedding/head
+    truncated normal std 1/√D (±3σ), the CEMA recipe, norms and attention gamma/beta zero, nffn.alpha 0.1·0.5^layer."""
     std = 1.0 / math.sqrt(self.model_dim)
     nn.init.trunc_normal_(self.embed.weight, std=std, a=-3 * std, b=3 * std, generator=generator)
     if not self.cfg.share_emb:

@@ -1,6 +1,6 @@
 """The official Megalodon optimizer in optax: global-norm clip, AdamW and the LambdaLR learning-rate schedule.
 
-Mirrors `megalodon/optim/*.py` (spec §8.1, §8.2):
+Mirrors `megalodon/optim/*.py` (docs/training.md#optimizer):
 - `torch.optim.AdamW` over every parameter (no weight-decay exclusions), betas (0.9, 0.98), eps 1e-8, wd 0.1.
 - `LambdaLR` multiplier: linear warmup from `init_ratio`, then linear or cosine decay to `end_ratio` at
   `total_steps`, flat `end_ratio` afterwards ("constant" stays at 1 after warmup).

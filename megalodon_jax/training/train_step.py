@@ -1,7 +1,8 @@
 """The functional train and eval steps: next-token cross-entropy, gradient accumulation, one optimizer update.
 
-The model is split once into a static graph and plain state (`nnx.split`); the jitted steps take and return the
-state as pytrees, so `jax.jit` can place every leaf with explicit in/out shardings and donate the old state:
+The model is split once into a static graph and plain state (`checkpoints.model_state.split_model`); the jitted
+steps take and return the state as pytrees, so `jax.jit` can place every leaf with explicit in/out shardings and
+donate the old state:
 
   state = {"step": () int32, "params": nnx.State (trainable, float32 master copy),
            "buffers": nnx.State (RoPE frequencies, TimestepNorm priors), "opt_state": optax state,
@@ -21,27 +22,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from megalodon_jax.checkpoints.model_state import merge_model
 from megalodon_jax.training.loss import chunked_lm_loss, cross_entropy  # noqa: F401  (re-exported)
 
 TrainState = dict[str, Any]
 # Positions whose logits exist at once in the loss: (B_local, 2048, V) float32 is 500 MiB at V = 32000, B = 2.
 DEFAULT_LOSS_PIECE = 2048
-
-
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
-  """(graphdef, params, buffers, rng_vars): trainable params, other saved variables, dropout RNG variables."""
-  graphdef, rng_vars, params, buffers = nnx.split(model, nnx.RngState, nnx.Param, ...)
-  return graphdef, params, buffers, rng_vars
-
-
-def merge_model(graphdef: nnx.GraphDef, params: nnx.State, buffers: nnx.State, rng_vars: nnx.State) -> nnx.Module:
-  """The module from `split_model`'s parts, built from fresh Variable objects (the arrays are shared, not copied).
-
-  Fresh Variables belong to the trace the module is merged in: reseeding and NNX transforms inside the model
-  (nnx.remat writes its state back) mutate them, which NNX forbids for Variables created in an outer trace.
-  """
-  fresh = lambda tree: jax.tree.map(lambda x: x, tree)  # noqa: E731
-  return nnx.merge(graphdef, fresh(rng_vars), fresh(params), fresh(buffers))
 
 
 def _loss_fn(params: nnx.State, graphdef: nnx.GraphDef, buffers: nnx.State, rng_vars: nnx.State, inputs: jax.Array,

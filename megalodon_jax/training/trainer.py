@@ -23,12 +23,19 @@ from flax import nnx
 
 from megalodon_jax import data as data_lib
 from megalodon_jax import flops as flops_lib
-from megalodon_jax.inference.sampling import generate
+from megalodon_jax.checkpoints import layout as ckpt_layout
+from megalodon_jax.checkpoints.errors import CheckpointError
+from megalodon_jax.checkpoints.manager import Checkpointer
+from megalodon_jax.checkpoints.model_state import split_model
+from megalodon_jax.checkpoints.params import load_params
+from megalodon_jax.inference.generation import Generator
+from megalodon_jax.inference.sampling import Sampler
 from megalodon_jax.model import MegalodonLM
-from megalodon_jax.training import checkpointing, config_lib, sharding
+from megalodon_jax.training import config_lib, sharding
 from megalodon_jax.training import optimizer as opt_lib
 from megalodon_jax.training import train_step as ts
 from megalodon_jax.training.metrics import MetricsLogger, loss_metrics, throughput
+from megalodon_jax.training.preemption import PreemptionFlag
 from megalodon_jax.training.progress import ProgressBar
 
 log = logging.getLogger("megalodon_jax")
@@ -55,9 +62,9 @@ class _Run:
     config_lib.validate(cfg, len(self.devices), check_inputs=workdir is not None)
     self.tokenizer = data_lib.make_tokenizer(cfg.data) if vocab_size is None else None
     self.model_cfg = config_lib.model_config(cfg, vocab_size or self.tokenizer.vocab_size)
-    self.ckpt_dir = os.path.join(workdir, "checkpoints") if workdir is not None else None
+    self.ckpt_dir = ckpt_layout.checkpoints_dir(workdir) if workdir is not None else None
     if self.ckpt_dir is not None and os.path.exists(self.ckpt_dir):
-      checkpointing.check_directory(self.ckpt_dir)
+      ckpt_layout.check_directory(self.ckpt_dir)
     self.mesh = sharding.make_mesh(cfg.mesh, self.devices)
     # Rows shared by several processes (a `sequence` or `tensor` axis spanning hosts): every process then reads the
     # whole global batch (token ids: a few MiB) and places the parts its devices hold; otherwise each reads its rows.
@@ -76,7 +83,7 @@ class _Run:
     cfg, mesh = self.cfg, self.mesh
     model_cfg, seed = self.model_cfg, cfg.seed
     abstract_model = nnx.eval_shape(lambda: MegalodonLM(model_cfg, rngs=nnx.Rngs(seed)))
-    self.graphdef, abs_params, abs_buffers, abs_rngs = ts.split_model(abstract_model)
+    self.graphdef, abs_params, abs_buffers, abs_rngs = split_model(abstract_model)
     repl = sharding.replicated(mesh)
     self.param_shardings = sharding.state_shardings(abs_params, self.rules, mesh)
     self.state_shardings = {
@@ -102,7 +109,7 @@ class _Run:
     model_cfg, seed, tx = self.model_cfg, self.cfg.seed, self.tx
 
     def init():
-      _, params, buffers, _ = ts.split_model(MegalodonLM(model_cfg, rngs=nnx.Rngs(seed)))
+      _, params, buffers, _ = split_model(MegalodonLM(model_cfg, rngs=nnx.Rngs(seed)))
       return ts.init_state(params, buffers, tx, jax.random.key_data(jax.random.key(seed + 1)))
 
     return jax.jit(init, out_shardings=self.state_shardings)()
@@ -135,7 +142,7 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None) -
   devices: the devices of the mesh (default: all of `jax.devices()`); tests use subsets.
 
   Raises:
-    config_lib.ConfigError, data_lib.DataError, checkpointing.CheckpointError: bad input, before any compile.
+    config_lib.ConfigError, data_lib.DataError, CheckpointError: bad input, before any compile.
     NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
   """
   run = _Run(cfg, workdir, devices)
@@ -154,15 +161,15 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None) -
 
   with jax.set_mesh(run.mesh):
     run.build()
-    ckpt = checkpointing.Checkpointer(run.ckpt_dir, save_every=cfg.checkpoint_every, keep=cfg.checkpoint_keep,
-                                      async_save=cfg.async_checkpointing)
+    ckpt = Checkpointer(run.ckpt_dir, save_every=cfg.checkpoint_every, keep=cfg.checkpoint_keep,
+                        async_save=cfg.async_checkpointing)
     start = ckpt.latest_step()
     if start is not None:
       state, data_state, _ = ckpt.restore(start, run.abstract_state)
       train_iter.set_state(_own_data_state(data_state, run.ckpt_dir, start))
       log.info("resumed from %s at step %d", run.ckpt_dir, start)
     elif cfg.init_from:
-      params = checkpointing.load_params(os.path.expanduser(cfg.init_from), run.abstract_state["params"])
+      params = load_params(os.path.expanduser(cfg.init_from), run.abstract_state["params"])
       state, start = run.from_params(params), 0
       log.info("initialised params from %s", cfg.init_from)
     else:
@@ -175,7 +182,7 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None) -
     return _loop(run, cfg, workdir, ckpt, state, start, train_iter, eval_batches)
 
 
-def _loop(run: _Run, cfg: Any, workdir: str, ckpt: checkpointing.Checkpointer, state: ts.TrainState, start: int,
+def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.TrainState, start: int,
           train_iter: Any, eval_batches: list) -> dict[str, float]:
   byte_level = run.tokenizer.vocab_size == 256 and run.tokenizer.eos_id is None
   bar = ProgressBar(cfg.total_steps, initial_step=start,
@@ -185,7 +192,7 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: checkpointing.Checkpointer, s
   flops_per_step = flops_lib.train_step_flops(run.model_cfg, cfg.batch_size, cfg.seq_len, causal_attention=True)
   peak = flops_lib.peak_flops(run.devices[0].device_kind)
   tokens_per_step = cfg.batch_size * cfg.seq_len
-  preempt = checkpointing.PreemptionFlag()
+  preempt = PreemptionFlag()
 
   t0 = time.perf_counter()
   first_batch = run.global_batch(next(train_iter))
@@ -265,6 +272,27 @@ def _evaluate(run: _Run, state: ts.TrainState, batches: list, byte_level: bool) 
   return loss_metrics(loss_sum / tokens, byte_level=byte_level, prefix="eval_")
 
 
+def sample_tokens(model: MegalodonLM, prompts: np.ndarray, *, num_tokens: int, temperature: float,
+                  seed: int) -> np.ndarray:
+  """The trainer's periodic samples, drawn by `Generator` (one PRNG stream per row, temperature a traced value).
+
+  Args:
+    model: put in eval mode (dropout off).
+    prompts: (B, P) int token ids, P >= 1.
+    num_tokens: tokens generated per row (no stop ids: every row gets exactly this many).
+    temperature: 0 = greedy.
+    seed: PRNG seed of the draws.
+  Returns:
+    (B, num_tokens) int32 generated ids (the prompts not included).
+  """
+  prompts = np.asarray(prompts)
+  if prompts.ndim != 2 or prompts.shape[1] < 1:
+    raise ValueError(f"prompts must be (batch, length >= 1); got shape {prompts.shape}")
+  out = Generator(model).generate(prompts.tolist(), max_new_tokens=num_tokens,
+                                  sampler=Sampler(temperature=float(temperature)), seed=seed)
+  return np.asarray([c.tokens for c in out], np.int32).reshape(len(out), num_tokens)
+
+
 def _samples(run: _Run, cfg: Any, state: ts.TrainState, batches: list, logger: MetricsLogger, step: int) -> None:
   if not cfg.num_samples or not batches:
     return
@@ -273,9 +301,9 @@ def _samples(run: _Run, cfg: Any, state: ts.TrainState, batches: list, logger: M
   else:
     rows = batches[0]["inputs"][:cfg.num_samples]
     prompt = np.asarray(rows[:, :min(32, rows.shape[1])])
-  key = jax.random.fold_in(jax.random.key(cfg.seed + 2), step)
-  out = np.asarray(generate(run.graphdef, (state["params"], state["buffers"], run.rng_vars), jnp.asarray(prompt), key,
-                            num_tokens=cfg.sample_len, temperature=cfg.sample_temperature))
+  model = nnx.merge(run.graphdef, state["params"], state["buffers"], run.rng_vars)
+  seed = int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0])  # new draws at every step
+  out = sample_tokens(model, prompt, num_tokens=cfg.sample_len, temperature=cfg.sample_temperature, seed=seed)
   for i in range(out.shape[0]):
     text = run.tokenizer.decode(prompt[i]) + " ▶ " + run.tokenizer.decode(out[i])
     logger.log_text(step, f"sample_{i}", text)
@@ -299,7 +327,7 @@ def _own_data_state(saved: dict, ckpt_dir: str, step: int) -> dict:
   states = saved.get("process_states")
   if not isinstance(states, list) or len(states) != jax.process_count():
     count = len(states) if isinstance(states, list) else "?"
-    raise checkpointing.CheckpointError(
+    raise CheckpointError(
         f"{ckpt_dir}/{step}: the data-iterator state was saved by {count} process(es), this run has "
         f"{jax.process_count()}; the data order cannot be resumed exactly. Resume with the same number of hosts, or "
         f"start a new workdir with --config.init_from={ckpt_dir}")

@@ -274,7 +274,7 @@ def chunked_attention_decode(q: jax.Array, k_frame: jax.Array, v_frame: jax.Arra
   new ones); queries may cross into the next chunk. Cost O(T · frame), not O(frame²).
   Args:
     q: (B, T, H, dz) with T ≤ chunk_size; k_frame: (B, F, H, dz); v_frame: (B, F, H, dv); F a multiple of
-      chunk_size, which must be a multiple of 16.
+      chunk_size, which must be a multiple of 16 (`decode_supports_chunk_size`).
     offset: () int32, may be traced; 0 ≤ offset and offset + T ≤ F.
     other arguments: as `chunked_attention` (DropKey hashes frame positions).
   Returns:

@@ -14,8 +14,8 @@ b and h the global batch and head indices, and q, k the query and key positions 
 positions for `chunked_attention`, cache-frame positions for the decode call). A key is dropped with probability
 round(rate · 2^24) / 2^24, i.e. `rate` to within 6e-8.
 
-This is a different random stream from the model's `jax.random.bernoulli` DropKey (ops/attention.py): same
-distribution, different draws for the same key.
+The model's XLA attention draws its dropout masks from this same hash (megalodon_jax/ops/attention_dropout.py),
+so the kernels and the XLA path drop the same keys for the same PRNG key.
 """
 
 from __future__ import annotations

@@ -134,14 +134,21 @@ def prefill_geometry(length: int, heads: int, heads_total: int, chunk_size: int,
   return plan, geo
 
 
+def decode_supports_chunk_size(chunk_size: int) -> bool:
+  """Whether the decode kernel can run chunks of `chunk_size`: its key tiles (powers of two ≥ MIN_BLOCK) must
+  divide a chunk, so the chunk size must be a multiple of MIN_BLOCK. (The prefill kernel pads chunks instead; a
+  decode frame cannot be padded that way, since its queries may straddle two chunks.)"""
+  return chunk_size >= 1 and _largest_pow2_dividing(chunk_size) >= MIN_BLOCK
+
+
 def decode_geometry(q_len: int, frame_len: int, heads: int, heads_total: int, chunk_size: int,
                     heads_plan: HeadPlan, blocks: BlockSizes, backend: str, drop_threshold: int) -> Geometry:
   if frame_len % chunk_size:
     raise ValueError(f"decode: the key frame length {frame_len} must be a multiple of chunk_size={chunk_size}")
-  bk = min(blocks.block_k, _largest_pow2_dividing(chunk_size))
-  if bk < MIN_BLOCK:
+  if not decode_supports_chunk_size(chunk_size):
     raise ValueError(f"decode with the Pallas kernel needs chunk_size to be a multiple of {MIN_BLOCK}; got "
                      f"{chunk_size} (use the XLA attention path for this chunk size)")
+  bk = min(blocks.block_k, _largest_pow2_dividing(chunk_size))
   # bq ≤ the chunk keeps a query tile within two consecutive chunks (the kernels rely on it).
   bq = min(blocks.block_q, max(MIN_BLOCK, _next_pow2(q_len)), _largest_pow2_dividing(chunk_size))
   return Geometry(backend=backend, chunk=chunk_size, chunk_orig=chunk_size, heads=heads, heads_total=heads_total,

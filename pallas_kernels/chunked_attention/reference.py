@@ -1,10 +1,10 @@
 """Pure-JAX references for the kernels: dense per-chunk attention with the same DropKey hash (dropkey.py).
 
-Semantics (the model's, spec §4): q and k are already rotated and carry the softmax temperature (logits are not
-scaled); the softmax runs in float32; attention is causal and never crosses a chunk of `chunk_size` tokens; the
-last chunk may be partial. DropKey replaces a dropped logit by -1e30 before the causal mask, so a row whose
-causal keys are all dropped averages them uniformly. These functions materialise every chunk's score matrix:
-they are for testing and for the decode backward pass, not for long chunks.
+Semantics (the model's, docs/model.md#attention): q and k are already rotated and carry the softmax temperature
+(logits are not scaled); the softmax runs in float32; attention is causal and never crosses a chunk of
+`chunk_size` tokens; the last chunk may be partial. DropKey replaces a dropped logit by -1e30 before the causal
+mask, so a row whose causal keys are all dropped averages them uniformly. These functions materialise every
+chunk's score matrix: they are for testing and for the decode backward pass, not for long chunks.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from pallas_kernels.chunked_attention import dropkey
 
 # Masked (non-causal or other-chunk) logits: finite, so exp(MASK - m) underflows to 0 without inf arithmetic.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-# DropKey's penalty, the same as the model's (ops/attention.py): a row whose causal keys are all dropped becomes
-# a uniform average over them instead of NaN. Far above MASK_VALUE, so masked keys still get exactly 0.
+# DropKey's penalty, the same as the model's (megalodon_jax/ops/attention_dropout.py): a row whose causal keys are
+# all dropped becomes a uniform average over them instead of NaN. Far above MASK_VALUE, so masked keys still get
+# exactly 0.
 DROP_VALUE = -1e30
 
 

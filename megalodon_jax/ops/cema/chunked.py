@@ -1,7 +1,7 @@
 """Block-parallel CEMA: matmuls within blocks of T steps, a scan over the block states across blocks.
 
 Split the sequence into M = ⌈L/T⌉ blocks and let H_m be the state just before block m (H_0 = h0). Then for
-t < T inside block m (spec §2.3–2.4):
+t < T inside block m (docs/model.md#cema):
   y_{m,t} = Σ_{s≤t} K_{t-s} u_{m,s}  +  Re Σ_n γ̃_n q_n^{t+1} H_{m,n}  +  ω u_{m,t}      (Toeplitz + carry-in)
   H_{m+1} = q^T H_m + Σ_s p q^{T-1-s} u_{m,s}                                        (carry-out)
 with K_j = Re Σ_n p γ̃_n q_n^j. Every term except the H recurrence is a matmul with a small constant matrix
@@ -16,9 +16,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from megalodon_jax.ops.cema import HIGHEST, CEMACoeffs, power_table
-
-DEFAULT_BLOCK_SIZE = 32  # fastest on CPU for L = 1K..16K (benchmarks/RESULTS.md); 16 and 64 are close
+from megalodon_jax.ops.cema.coefficients import HIGHEST, CEMACoeffs, power_table
+from megalodon_jax.ops.cema.final_state import DEFAULT_BLOCK_SIZE, input_to_state
 
 
 def _toeplitz(kernel: jax.Array) -> jax.Array:
@@ -26,16 +25,6 @@ def _toeplitz(kernel: jax.Array) -> jax.Array:
   size = kernel.shape[-1]
   lag = jnp.arange(size)[:, None] - jnp.arange(size)[None, :]
   return jnp.where(lag >= 0, kernel[:, jnp.maximum(lag, 0)], 0.0)
-
-
-def _input_to_state(coeffs: CEMACoeffs, pr: jax.Array, pi: jax.Array, size: int) -> jax.Array:
-  """Maps `size` ≥ 1 inputs to their state contribution Σ_s p q^{size-1-s} u_s: (D, 2N, size) float32.
-
-  pr, pi: q^j for j = 0, 1, ... up to at least size - 1, (D, N, ≥size). Rows [:N] give the real part and [N:] the
-  imaginary part, so one matmul produces both.
-  """
-  pr, pi = pr[..., size - 1::-1], pi[..., size - 1::-1]  # q^{size-1-s}, s < size
-  return jnp.concatenate([coeffs.p[..., None] * pr, coeffs.p[..., None] * pi], axis=1)
 
 
 def _state_to_output(coeffs: CEMACoeffs, pr: jax.Array, pi: jax.Array) -> jax.Array:
@@ -57,7 +46,7 @@ def _advance(qr: jax.Array, qi: jax.Array, h: jax.Array, c: jax.Array) -> jax.Ar
 
 def cema_chunked(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[jax.Array] = None,
                  return_state: bool = False, *, block_size: int = DEFAULT_BLOCK_SIZE):
-  """CEMA with (T×T Toeplitz) matmuls inside blocks and a `lax.scan` over block states (see `cema` for arguments).
+  """CEMA with (T×T Toeplitz) matmuls inside blocks and a `lax.scan` over block states (see `dispatch.cema`).
 
   L need not be a multiple of the block size: the input is zero-padded at the end (which cannot change earlier
   outputs), and the final state is taken from the real length of the last block, not the padded one. Inputs and
@@ -91,7 +80,7 @@ def cema_chunked(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optiona
     else:
       h0 = jnp.transpose(h0.astype(jnp.float32), (1, 0, 2, 3))  # (D, B, N, 2)
       start = jnp.concatenate([h0[..., 0], h0[..., 1]], axis=-1)  # (D, B, 2N)
-    contrib = jnp.einsum("dns,dbms->mdbn", _input_to_state(coeffs, pr, pi, size), ub, precision=HIGHEST)
+    contrib = jnp.einsum("dns,dbms->mdbn", input_to_state(coeffs, pr, pi, size), ub, precision=HIGHEST)
 
     def body(h, c):
       return _advance(qr, qi, h, c), h
@@ -112,45 +101,9 @@ def cema_chunked(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optiona
     if tail == size:
       h = end  # (D, B, 2N)
     else:
-      tail_contrib = jnp.einsum("dns,dbs->dbn", _input_to_state(coeffs, pr, pi, tail), u[..., length - tail:],
+      tail_contrib = jnp.einsum("dns,dbs->dbn", input_to_state(coeffs, pr, pi, tail), u[..., length - tail:],
                                 precision=HIGHEST)
       h = _advance(pr[:, None, :, tail], pi[:, None, :, tail], starts[-1], tail_contrib)
     state = jnp.transpose(jnp.stack([h[..., :nstate], h[..., nstate:]], axis=-1), (1, 0, 2, 3))
   return y, state
 
-
-def final_state_blocked(x: jax.Array, coeffs: CEMACoeffs, h0: Optional[jax.Array] = None, *,
-                        block_size: int = DEFAULT_BLOCK_SIZE) -> jax.Array:
-  """h_L = q^L h0 + Σ_j p q^{L-1-j} u_j without materialising q^j for all j < L: (B, D, N, 2) float32.
-
-  Same value as `cema.final_state_direct`, with O(D·N·(T + L/T)) coefficient memory instead of O(D·N·L) and no
-  transcendentals. Zero inputs contribute nothing to the sum, so the input is padded at the front to whole blocks;
-  each block is reduced to its state contribution by one matmul, and block m's contribution is then scaled by
-  (q^T)^{M-1-m}.
-
-  Args:
-    x: (B, L, D) any float dtype.  coeffs: (D, N) float32 fields.  h0: optional (B, D, N, 2) float32.
-    block_size: T, steps per block (clipped to L).
-  """
-  batch, length, dim = x.shape
-  nstate = coeffs.p.shape[-1]
-  size = max(1, min(block_size, length))
-  nblocks = -(-length // size)
-  u = x.astype(jnp.float32)
-  ub = jnp.pad(u, ((0, 0), (nblocks * size - length, 0), (0, 0))).reshape(batch, nblocks, size, dim)
-  pr, pi = power_table(coeffs.q_re, coeffs.q_im, size + 1)
-  contrib = jnp.einsum("dns,bmsd->bmdn", _input_to_state(coeffs, pr, pi, size), ub, precision=HIGHEST)
-  sr, si = power_table(pr[..., size], pi[..., size], nblocks)  # (q^T)^k, k < M: (D, N, M)
-  sr, si = sr[..., ::-1], si[..., ::-1]
-  cr, ci = contrib[..., :nstate], contrib[..., nstate:]
-  hr = jnp.einsum("dnm,bmdn->bdn", sr, cr, precision=HIGHEST) - jnp.einsum("dnm,bmdn->bdn", si, ci, precision=HIGHEST)
-  hi = jnp.einsum("dnm,bmdn->bdn", sr, ci, precision=HIGHEST) + jnp.einsum("dnm,bmdn->bdn", si, cr, precision=HIGHEST)
-  if h0 is not None:
-    # q^L = (q^T)^(M-1) · q^(L - (M-1)T), both already tabulated.
-    tail = length - (nblocks - 1) * size
-    lr = sr[..., 0] * pr[..., tail] - si[..., 0] * pi[..., tail]
-    li = sr[..., 0] * pi[..., tail] + si[..., 0] * pr[..., tail]
-    h0 = h0.astype(jnp.float32)
-    hr = hr + lr * h0[..., 0] - li * h0[..., 1]
-    hi = hi + lr * h0[..., 1] + li * h0[..., 0]
-  return jnp.stack([hr, hi], axis=-1)

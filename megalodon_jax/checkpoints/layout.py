@@ -1,0 +1,141 @@
+"""Where things are in this project's Orbax checkpoints, and file-level checks that read no arrays.
+
+A train.py run keeps `WORKDIR/checkpoints/<step>/` with three orbax items:
+  state/  pytree item (`_METADATA`, `manifest.ocdbt`, array data): step, params, buffers, optimizer state, rng
+  data/   JSON item (`metadata`): the data iterator's state
+  meta/   JSON item (`metadata`): config, versions, mesh shape, step, so tools can inspect a checkpoint without
+          building the model
+and orbax's `_CHECKPOINT_METADATA`. A save in progress is written to `<step>.orbax-checkpoint-tmp` and renamed
+when complete; old steps are moved into `_to_delete/` before they are removed.
+
+A params-only checkpoint (`params.save_params`) is one pytree item at the folder's root; written by
+`model_io.save_params_checkpoint` it also holds the sidecar `megalodon_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+from megalodon_jax.checkpoints.errors import CheckpointError
+
+log = logging.getLogger("megalodon_jax")
+
+STATE, DATA, META = "state", "data", "meta"
+ITEMS = (STATE, DATA, META)
+PARAMS_KEY = "params"  # the params subtree of the state item
+CHECKPOINTS_DIR = "checkpoints"  # of a train.py workdir
+PYTREE_METADATA = "_METADATA"
+STEP_METADATA = "_CHECKPOINT_METADATA"
+OCDBT_MANIFEST = "manifest.ocdbt"
+JSON_ITEM_FILE = "metadata"
+TMP_MARK = ocp.path.atomicity_types.TMP_DIR_SUFFIX  # ".orbax-checkpoint-tmp"
+TRASH = "_to_delete"
+CONFIG_FILE = "megalodon_config.json"
+PARAMS_FORMAT = "megalodon-jax params-only checkpoint"
+MOVE = "Move that step folder out of the way to resume from the previous step, or use a new workdir."
+
+
+def as_path(directory: Any) -> epath.Path:
+  text = os.fspath(directory)
+  # orbax wants absolute paths; URLs such as gs:// are left alone.
+  return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
+
+
+def checkpoints_dir(workdir: str) -> str:
+  """A train.py workdir's checkpoint folder."""
+  return os.path.join(workdir, CHECKPOINTS_DIR)
+
+
+def meta_file(step_dir: Any) -> str:
+  """The JSON file of a step folder's meta item."""
+  return os.fspath(as_path(step_dir) / META / JSON_ITEM_FILE)
+
+
+def folder_kind(folder: Any) -> str:
+  """What `folder` holds, judged from its entries alone (nothing is read).
+
+  Returns:
+    "params": a pytree item at its root (a params-only checkpoint, or a copied state item);
+    "state": the state item of a run's step folder (its sibling meta/ exists);
+    "step": a run's step folder (`<step>/{state,data,meta}`);
+    "workdir": a train.py workdir (it holds checkpoints/);
+    "steps": anything else: a run's checkpoints/ folder if it holds finished step folders (see `finished_steps`).
+  """
+  path = as_path(folder)
+  if (path / PYTREE_METADATA).is_file():
+    return STATE if path.name == STATE and (path.parent / META).is_dir() else "params"
+  if (path / STATE).is_dir():
+    return "step"
+  if (path / CHECKPOINTS_DIR).is_dir():
+    return "workdir"
+  return "steps"
+
+
+def finished_steps(root: Any) -> list[int]:
+  """The steps of a checkpoints/ folder whose save finished, ascending; tmp folders of unfinished saves never count."""
+  path = as_path(root)
+  if not path.is_dir():
+    return []
+  return sorted(int(p.name) for p in path.iterdir()
+                if p.name.isdigit() and p.is_dir() and ocp.path.step.is_path_finalized(p))
+
+
+def read_json(path: epath.Path, what: str) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    raise CheckpointError(f"{path} ({what}) is missing: the checkpoint is corrupted. {MOVE}") from None
+  except (OSError, ValueError) as e:  # ValueError covers truncated JSON and bad UTF-8
+    raise CheckpointError(f"{path} ({what}) is unreadable or truncated: {e}. {MOVE}") from e
+
+
+def check_item(item_dir: epath.Path) -> None:
+  """Cheap file-level validation of one orbax item folder (no jax, no tensorstore)."""
+  if not item_dir.is_dir():
+    raise CheckpointError(f"{item_dir} is missing: the checkpoint is incomplete or corrupted. {MOVE}")
+  if item_dir.name == STATE or (item_dir / PYTREE_METADATA).exists():
+    meta = read_json(item_dir / PYTREE_METADATA, "pytree metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("tree_metadata"), dict):
+      raise CheckpointError(f"{item_dir / PYTREE_METADATA} has no tree metadata: the checkpoint is corrupted. {MOVE}")
+    if meta.get("use_ocdbt", False) and not (item_dir / OCDBT_MANIFEST).exists():
+      raise CheckpointError(f"{item_dir / OCDBT_MANIFEST} is missing: the array data is gone. {MOVE}")
+  else:
+    read_json(item_dir / JSON_ITEM_FILE, "JSON item")
+
+
+def check_step_dir(step_dir: epath.Path) -> None:
+  if (step_dir / STEP_METADATA).exists():
+    read_json(step_dir / STEP_METADATA, "step metadata")
+  for item in ITEMS:
+    check_item(step_dir / item)
+
+
+def check_directory(directory: str) -> None:
+  """Fails fast, before anything is compiled, when a run's checkpoint directory cannot be trusted.
+
+  A missing directory is fine (a fresh run). Unfinished saves (`<step>.orbax-checkpoint-tmp`) and the `_to_delete/`
+  folder are ignored: they are never restored.
+
+  Raises:
+    CheckpointError: the path is not a directory, an entry named like a step is not a directory, or a finalized step
+      folder lacks an item or has unreadable metadata.
+  """
+  root = as_path(directory)
+  if not root.exists():
+    return
+  if not root.is_dir():
+    raise CheckpointError(f"{root} should be a checkpoint directory but is a file: remove it or use a new workdir.")
+  for entry in sorted(root.iterdir(), key=lambda p: p.name):
+    if TMP_MARK in entry.name:
+      log.warning("ignoring %s: a save that did not finish (it is never restored)", entry)
+    elif entry.name.isdigit():
+      if not entry.is_dir():
+        raise CheckpointError(f"{entry} is named like a checkpoint step but is not a directory: remove it.")
+      if ocp.path.step.is_path_finalized(entry):  # commit-file filesystems (GCS): unmarked means unfinished
+        check_step_dir(entry)

@@ -1,0 +1,131 @@
+"""A MegalodonLM from any checkpoint this project writes, and a MegalodonLM written as a params-only checkpoint.
+
+Only the params are read (never the optimizer state); buffers (`rope.freqs`, TimestepNorm priors) are constants
+of the config and are rebuilt from it by the model's own constructor. Which paths are accepted: locate.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Iterator, Optional
+
+import jax
+from flax import nnx
+
+from megalodon_jax.checkpoints import layout
+from megalodon_jax.checkpoints.errors import ConvertError
+from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
+from megalodon_jax.checkpoints.model_state import merge_model, split_model
+from megalodon_jax.checkpoints.params import load_params, save_params
+from megalodon_jax.config import MegalodonConfig
+from megalodon_jax.model import MegalodonLM
+
+
+def _default_variables(config: MegalodonConfig):
+  """(buffers, rng_vars) of a freshly built model; jitted so the unused weight init is never computed."""
+  def build():
+    _, _, buffers, rng_vars = split_model(MegalodonLM(config, rngs=nnx.Rngs(0)))
+    return buffers, rng_vars
+  return jax.jit(build)()
+
+
+def load_checkpoint(path: str, *, step: Optional[int] = None, device: Optional[jax.Device] = None,
+                    **execution: Any) -> tuple[MegalodonLM, MegalodonConfig, Optional[int]]:
+  """Loads the model of any checkpoint this project writes (see locate.py).
+
+  Args:
+    path: workdir, checkpoints folder, step folder, or params-only folder.
+    step: the step of a workdir / checkpoints folder (default: latest finished).
+    device: where the arrays go (default: `jax.devices()[0]`); the converter passes the CPU.
+    **execution: overrides of execution settings (e.g. dtype="bfloat16", cema_impl="sequential"). The params are
+      stored in the checkpoint's `param_dtype` unless `param_dtype` is overridden (then cast on load).
+
+  Returns:
+    (model, config, step); step is None when the checkpoint does not record one.
+
+  Raises:
+    ConvertError, CheckpointError: see `locate_checkpoint`; also mismatching or damaged arrays.
+  """
+  info = locate_checkpoint(path, step)
+  config = info.config
+  if execution:
+    bad = sorted(set(execution) - set(EXECUTION_FIELDS))
+    if bad:
+      raise ConvertError(f"load_checkpoint: {bad} are not execution settings; allowed: {list(EXECUTION_FIELDS)}")
+    config = config.replace(**execution)
+  device = device or jax.devices()[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  abstract = nnx.eval_shape(lambda: MegalodonLM(config, rngs=nnx.Rngs(0)))
+  graphdef, abs_params, _, _ = split_model(abstract)
+  abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abs_params)
+  params = load_params(info.params_path, abs_params)
+  with jax.default_device(device):
+    buffers, rng_vars = _default_variables(config)
+  return merge_model(graphdef, params, buffers, rng_vars), config, info.step
+
+
+@contextlib.contextmanager
+def atomic_output(out: str, *, overwrite: bool = False) -> Iterator[str]:
+  """Writes a folder atomically: yields a not-yet-existing temp sibling path to create and fill.
+
+  On success the temp folder becomes `out` (an existing `out` is first renamed aside, then deleted); on any
+  exception the temp folder (and orbax leftovers next to it) is removed and `out` is untouched.
+
+  Raises:
+    ConvertError: `out` is a file, or a non-empty folder and `overwrite` is False (checked before yielding).
+  """
+  out = os.path.abspath(os.path.expanduser(out))
+  check_output(out, overwrite=overwrite)
+  parent, name = os.path.split(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+  try:
+    yield tmp
+    if not os.path.isdir(tmp):
+      raise RuntimeError(f"atomic_output: nothing was written to {tmp}")  # a converter bug
+    if os.path.lexists(out):
+      old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
+      os.rename(out, old)
+      os.rename(tmp, out)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, out)
+  except BaseException:
+    for leftover in [tmp] + glob.glob(glob.escape(tmp) + layout.TMP_MARK + "*"):
+      shutil.rmtree(leftover, ignore_errors=True)
+    raise
+
+
+def check_output(out: str, *, overwrite: bool) -> None:
+  """Refuses an output path that is a file, or a non-empty folder unless `overwrite`."""
+  out = os.path.abspath(os.path.expanduser(out))
+  if os.path.lexists(out):
+    if not os.path.isdir(out) or os.path.islink(out):
+      raise ConvertError(f"--out {out} exists and is not a folder; remove it or choose another path")
+    if os.listdir(out) and not overwrite:
+      raise ConvertError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def save_params_checkpoint(out: str, model: MegalodonLM, *, step: Optional[int] = None, source: Optional[str] = None,
+                           overwrite: bool = False) -> None:
+  """Writes `model`'s params as a params-only Orbax checkpoint plus its config sidecar, atomically.
+
+  Layout of `out`: the files of `params.save_params(out, params)` (`_METADATA`, `manifest.ocdbt`, ...; the
+  nnx.Param state as nested dicts, exactly `state["params"]` of a train.py checkpoint) and `megalodon_config.json`.
+
+  Raises:
+    ConvertError: see `atomic_output`.
+  """
+  _, params, _, _ = split_model(model)
+  config = model.config
+  sidecar = {"format": layout.PARAMS_FORMAT, "model": config.official_kwargs(),
+             "execution": {k: getattr(config, k) for k in EXECUTION_FIELDS}, "step": step, "source": source}
+  with atomic_output(out, overwrite=overwrite) as tmp:
+    save_params(tmp, params)
+    with open(os.path.join(tmp, layout.CONFIG_FILE), "w", encoding="utf-8") as f:
+      json.dump(sidecar, f, indent=2)

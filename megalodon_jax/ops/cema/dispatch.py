@@ -1,0 +1,70 @@
+"""`cema`: runs CEMA with a named implementation, or with the one `default_impl` picks for the length and backend.
+
+All implementations take and return the same things and agree to float32 rounding:
+  "fft"               causal FFT convolution (fft.py), the official training path
+  "associative_scan"  parallel prefix over (decay, input) pairs (associative_scan.py)
+  "sequential"        `lax.scan`, one step at a time; the decoding path (sequential.py)
+  "chunked"           matmuls within blocks, a scan across blocks (chunked.py)
+  "pallas"            the Pallas scan kernel for TPU/GPU, interpreted on CPU (pallas.py)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+
+from megalodon_jax.ops.cema.associative_scan import cema_associative_scan
+from megalodon_jax.ops.cema.chunked import cema_chunked
+from megalodon_jax.ops.cema.coefficients import CEMACoeffs
+from megalodon_jax.ops.cema.fft import cema_fft
+from megalodon_jax.ops.cema.pallas import cema_pallas
+from megalodon_jax.ops.cema.sequential import cema_sequential
+from pallas_kernels.platform import current_platform
+
+# name -> fn(x, coeffs, omega, h0, return_state) -> (y, state or None)
+IMPLEMENTATIONS: dict[str, Callable] = {
+    "fft": cema_fft,
+    "associative_scan": cema_associative_scan,
+    "sequential": cema_sequential,
+    "chunked": cema_chunked,
+    "pallas": cema_pallas,
+}
+
+
+def default_impl(length: int, backend: Optional[str] = None) -> str:
+  """The implementation `impl="auto"` picks for a sequence of `length` on `backend` (default backend if None)."""
+  backend = backend or current_platform()
+  if length == 1:
+    return "sequential"  # a decoding step: a few elementwise ops, no kernel or FFT to build
+  if backend == "cpu":
+    # Measured (benchmarks/RESULTS.md, D=256, N=16, B=1): "sequential" is fastest below ~128 steps; from there on
+    # "chunked" wins forward and forward+backward (1.2-2x over "fft" with blocked powers, 8-19x before them).
+    return "sequential" if length < 128 else "chunked"
+  # TPU / GPU: chosen for memory, by the deviceless planner (benchmarks/RESULTS.md, "Fitting the hardware"). The
+  # 7B step at 32K tokens, 2 sequences per v5p chip: with "fft" XLA:TPU runs out of memory (115.3 GiB of
+  # temporaries: the gradient of the FFT kernel is summed over the batch through a (chips, L/2, D) float32 buffer,
+  # 32 GiB, and its FFTs keep float32 (batch, D, 2L) buffers), with "chunked" it compiles to a 60.9 GiB peak and
+  # with "pallas" to 53.6 GiB. Speed on hardware is still to be measured.
+  return "chunked"
+
+
+def cema(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[jax.Array] = None, *,
+         impl: str = "auto", return_state: bool = False):
+  """Runs CEMA over a sequence.
+
+  Args:
+    x: (B, L, D) input (the TimestepNorm output), any float dtype; computed in float32.
+    coeffs: from `cema_coefficients`.
+    omega: (D, 1) or (D,) skip weight.
+    h0: optional (B, D, N, 2) float32 initial state (real, imag); None means zeros.
+    impl: "auto" or one of the names of `IMPLEMENTATIONS` (module docstring).
+    return_state: also return the state after the last step.
+  Returns:
+    y: (B, L, D) float32, and the final state (B, D, N, 2) float32 (None unless return_state).
+  """
+  if impl == "auto":
+    impl = default_impl(x.shape[1])
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown CEMA implementation {impl!r}; choose one of {['auto', *IMPLEMENTATIONS]}")
+  return IMPLEMENTATIONS[impl](x, coeffs, omega, h0, return_state)

@@ -1,0 +1,160 @@
+"""The package's import structure, read from the source with `ast` (every import statement, function-local ones too).
+
+Nodes are megalodon_jax's subpackages (`training`, `checkpoints`, ...) and its top-level modules (`config`, `model`,
+`flops`, `generate`, ...; the package's own `__init__` is the node `__init__`). Layers import one way, so the graph
+has no cycle; `ops` is pure jnp (no flax), `pallas_kernels` stands alone, and the PyTorch runtime imports no jax.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Iterator, Optional
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "megalodon_jax"
+
+
+def _modules(root: str) -> dict[str, str]:
+  """{dotted module name: file path} of every .py file of the package at `REPO/root`."""
+  out = {}
+  for folder, _, files in os.walk(os.path.join(REPO, root)):
+    for name in files:
+      if name.endswith(".py"):
+        rel = os.path.relpath(os.path.join(folder, name), REPO)[:-3].split(os.sep)
+        out[".".join(rel[:-1] if rel[-1] == "__init__" else rel)] = os.path.join(folder, name)
+  return out
+
+
+def _imports(module: str, path: str, known: set[str]) -> Iterator[tuple[str, int]]:
+  """(imported module, line) for every import statement of a file; `from a import b` yields `a.b` if that is a
+  module of `known`, else `a`."""
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read(), path)
+  is_package = os.path.basename(path) == "__init__.py"
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        yield alias.name, node.lineno
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:  # relative: resolved against the importing module's package
+        parts = module.split(".")[:len(module.split(".")) - node.level + (1 if is_package else 0)]
+        base = ".".join(parts + ([base] if base else []))
+      for alias in node.names:
+        full = f"{base}.{alias.name}"
+        yield (full if full in known else base), node.lineno
+
+
+def _node(module: str) -> Optional[str]:
+  """The graph node of a megalodon_jax module (None for modules outside the package)."""
+  parts = module.split(".")
+  if parts[0] != PACKAGE:
+    return None
+  return parts[1] if len(parts) > 1 else "__init__"
+
+
+def package_graph() -> dict[tuple[str, str], list[str]]:
+  """{(node, imported node): ["module:line", ...]} over megalodon_jax, self-edges left out."""
+  modules = _modules(PACKAGE)
+  edges: dict[tuple[str, str], list[str]] = {}
+  for module, path in sorted(modules.items()):
+    src = _node(module)
+    for imported, line in _imports(module, path, set(modules)):
+      dst = _node(imported)
+      if dst is not None and dst != src:
+        edges.setdefault((src, dst), []).append(f"{module}:{line}")
+  return edges
+
+
+def find_cycle(edges) -> Optional[list[str]]:
+  """A cycle [a, b, ..., a] of the directed graph given by its edges, or None."""
+  succ: dict[str, list[str]] = {}
+  for a, b in sorted(edges):
+    succ.setdefault(a, []).append(b)
+  state: dict[str, int] = {}  # 1: on the current path, 2: finished
+  path: list[str] = []
+
+  def visit(n: str) -> Optional[list[str]]:
+    state[n] = 1
+    path.append(n)
+    for m in succ.get(n, []):
+      if state.get(m) == 1:
+        return path[path.index(m):] + [m]
+      if m not in state:
+        found = visit(m)
+        if found:
+          return found
+    path.pop()
+    state[n] = 2
+    return None
+
+  for n in sorted(succ):
+    if n not in state:
+      found = visit(n)
+      if found:
+        return found
+  return None
+
+
+def test_find_cycle_reports_the_cycle():
+  assert find_cycle({("a", "b"), ("b", "c"), ("c", "a"), ("c", "d")}) == ["a", "b", "c", "a"]
+  assert find_cycle({("a", "b"), ("b", "c"), ("a", "c")}) is None
+
+
+def test_graph_sees_static_and_local_imports():
+  edges = package_graph()
+  assert ("model", "nn") in edges and ("nn", "ops") in edges  # module-level imports
+  assert any(site.startswith("megalodon_jax.aot.cli:") for site in edges[("aot", "training")])  # function-local
+  assert ("training", "checkpoints") in edges and ("convert", "checkpoints") in edges
+
+
+def test_no_cycle_among_subpackages():
+  edges = package_graph()
+  cycle = find_cycle(edges)
+  if cycle is not None:
+    sites = "\n".join(f"  {a} -> {b}: {', '.join(edges[(a, b)])}" for a, b in zip(cycle, cycle[1:]))
+    pytest.fail(f"import cycle {' -> '.join(cycle)}:\n{sites}")
+
+
+def test_checkpoints_is_below_training_inference_convert():
+  edges = package_graph()
+  upward = {e: sites for e, sites in edges.items()
+            if e[0] == "checkpoints" and e[1] in ("training", "inference", "convert", "aot", "data")}
+  assert not upward, upward
+
+
+def test_ops_imports_no_flax():
+  modules = _modules(os.path.join(PACKAGE, "ops"))
+  bad = [f"{m}:{line} imports {name}" for m, path in modules.items() for name, line in _imports(m, path, set())
+         if name == "flax" or name.startswith("flax.")]
+  assert modules and not bad, bad
+
+
+def test_pallas_kernels_import_nothing_from_megalodon_jax():
+  modules = _modules("pallas_kernels")
+  bad = [f"{m}:{line} imports {name}" for m, path in modules.items() for name, line in _imports(m, path, set())
+         if _node(name) is not None]
+  assert modules and not bad, bad
+
+
+def test_pytorch_runtime_imports_no_jax():
+  # A fresh interpreter: this process has jax loaded already (conftest).
+  submodules = sorted(m for m in _modules(os.path.join(PACKAGE, "pytorch")))
+  script = textwrap.dedent(f"""
+    import importlib, sys
+    for name in {submodules!r}:
+      importlib.import_module(name)
+    print(sorted(m for m in sys.modules if m == "jax" or m.startswith("jax.")))
+  """)
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "megalodon_jax.pytorch.model" in submodules
+  assert out.stdout.strip() == "[]", f"importing megalodon_jax.pytorch loaded jax modules: {out.stdout.strip()}"

@@ -167,8 +167,8 @@ def cema_chunked(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optiona
     if tail == size:
       h = end  # (D, B, 2N)
     else:
-      tail_contrib = jnp.einsum("dns,dbs->dbn", input_to_state(coeffs, pr, pi, tail), uc[:, :, -1, :tail],
-                                precision=HIGHEST)
+      u_tail = u[..., length - tail:] if masks is None else uc[:, :, -1, :tail]
+      tail_contrib = jnp.einsum("dns,dbs->dbn", input_to_state(coeffs, pr, pi, tail), u_tail, precision=HIGHEST)
       qr, qi = pr[:, None, :, tail], pi[:, None, :, tail]
       if masks is not None:
         qr, qi = masks.keep[-1] * qr, masks.keep[-1] * qi

@@ -118,6 +118,27 @@ def test_cema_forward_backward_compiles_for_v5e_under_shard_map(mesh):
   assert temp <= bound, f"temp {temp / MiB:.0f} MiB > {bound / MiB:.0f} MiB"
 
 
+def test_cema_with_document_resets_compiles_for_v5e_under_shard_map(mesh):
+  """The same gradient with packed-document resets, (B, L) bool split over the batch like x: both kernels take the
+  (seq_tile, 1) keep blocks, Mosaic accepts the (1, 1) → (N, Dt) broadcasts, and the temporaries stay within the
+  same two (B, L, D) float32 sequences plus the (B, L) keep factors and the loss."""
+  b = BATCH // CHIPS
+  bound = 2 * b * LENGTH * DIM * 4 + 2 * b * LENGTH * 4
+
+  def loss(x, resets, *coefs):
+    y, _ = cema.cema_scan(x, *coefs, mesh=mesh, batch_axes="data", resets=resets)
+    return jnp.sum(y)
+
+  coef = _arg(mesh, (DIM, NSTATE), jnp.float32, P())
+  # value_and_grad: the loss keeps the forward kernel alive next to the backward one.
+  compiled = _compile(jax.value_and_grad(loss, argnums=(0, *range(2, 8))), _arg(mesh, (BATCH, LENGTH, DIM)),
+                      _arg(mesh, (BATCH, LENGTH), jnp.bool_), *[coef] * 5, _arg(mesh, (DIM,), jnp.float32, P()))
+  text = compiled.as_text()
+  assert text.count('custom_call_target="tpu_custom_call"') == 2  # forward and backward kernels
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp <= bound, f"temp {temp / MiB:.0f} MiB > {bound / MiB:.0f} MiB"
+
+
 def test_oversized_tiles_are_a_clear_error_before_mosaic(mesh):
   """Tiles that cannot fit VMEM raise a ValueError naming the BlockSizes field and the estimate vs the limit, at
   trace time (Mosaic would take up to a minute to report "CompileTimeScopedVmemOom")."""

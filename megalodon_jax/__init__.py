@@ -8,7 +8,8 @@ import importlib
 
 # name -> module that defines it
 _EXPORTS = {
-    "ConfigError": "megalodon_jax.config",
+    "MegalodonError": "megalodon_jax.errors",
+    "ConfigError": "megalodon_jax.errors",
     "MegalodonConfig": "megalodon_jax.config",
     "PRESET_NAMES": "megalodon_jax.config",
     "preset": "megalodon_jax.config",

@@ -19,7 +19,7 @@ from flax import nnx
 from megalodon_jax import evaluate as evaluate_cli
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.convert.checkpoint_io import save_params_checkpoint
-from megalodon_jax.inference.errors import InferenceError
+from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference.evaluation import Evaluator, NormWindow
 from megalodon_jax.inference.long_context import evaluate_documents
 from megalodon_jax.model import MegalodonLM

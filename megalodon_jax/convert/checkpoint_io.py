@@ -26,18 +26,14 @@ from typing import Any, Iterator, Optional
 import jax
 from flax import nnx
 
-from megalodon_jax.config import ConfigError, MegalodonConfig
+from megalodon_jax.config import EXECUTION_FIELDS, MegalodonConfig
+from megalodon_jax.errors import ConfigError, ConvertError
 from megalodon_jax.model import MegalodonLM
 from megalodon_jax.training import checkpointing
 from megalodon_jax.training import train_step as ts
 
 CONFIG_FILE = "megalodon_config.json"
 PARAMS_FORMAT = "megalodon-jax params-only checkpoint"
-EXECUTION_FIELDS = ("dtype", "param_dtype", "cema_impl", "attention_impl", "remat", "scan_layers")
-
-
-class ConvertError(ValueError):
-  """Bad converter input or output path; the message says which path and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

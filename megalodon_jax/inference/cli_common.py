@@ -6,16 +6,8 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-from megalodon_jax.config import ConfigError
-from megalodon_jax.convert.checkpoint_io import ConvertError
-from megalodon_jax.convert.official import StateDictError
-from megalodon_jax.data.errors import DataError
-from megalodon_jax.inference.errors import InferenceError
+from megalodon_jax.errors import EXIT_BAD_INPUT, exit_on_error
 from megalodon_jax.inference.loading import Loaded, load_model
-from megalodon_jax.training.checkpointing import CheckpointError
-
-EXIT_BAD_INPUT = 2
-BAD_INPUT_ERRORS = (InferenceError, ConvertError, StateDictError, CheckpointError, ConfigError, DataError, OSError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,9 +44,6 @@ def load_from_args(args: argparse.Namespace) -> Loaded:
 
 
 def run_main(body: Callable[[], int]) -> int:
-  """Runs `body`; bad input (the known error types) becomes one `error: ...` line on stderr and status 2."""
-  try:
-    return body()
-  except BAD_INPUT_ERRORS as e:
-    print("error: " + " ".join(str(e).split()), file=sys.stderr)
-    return EXIT_BAD_INPUT
+  """Runs `body`; bad input (a MegalodonError, or an unreadable file) becomes one `error: ...` line on stderr and
+  status 2."""
+  return exit_on_error(body, also=(OSError,))

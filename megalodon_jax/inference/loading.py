@@ -25,7 +25,7 @@ import jax
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.convert import checkpoint_io
 from megalodon_jax.data.tokenizers import TOKENIZERS, Tokenizer, make_tokenizer
-from megalodon_jax.inference.errors import InferenceError
+from megalodon_jax.errors import InferenceError
 from megalodon_jax.model import MegalodonLM
 
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")

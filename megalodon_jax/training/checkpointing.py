@@ -30,6 +30,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
+from megalodon_jax.errors import CheckpointError
+
 log = logging.getLogger("megalodon_jax")
 
 ITEMS = ("state", "data", "meta")
@@ -37,10 +39,6 @@ _TMP_MARK = ocp.path.atomicity_types.TMP_DIR_SUFFIX  # ".orbax-checkpoint-tmp"
 _TRASH = "_to_delete"
 _MAX_LISTED = 8
 _MOVE = "Move that step folder out of the way to resume from the previous step, or use a new workdir."
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint or checkpoint directory cannot be used; the message names the path and what to do."""
 
 
 def _path(directory: Any) -> epath.Path:

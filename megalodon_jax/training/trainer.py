@@ -23,6 +23,7 @@ from flax import nnx
 
 from megalodon_jax import data as data_lib
 from megalodon_jax import flops as flops_lib
+from megalodon_jax.errors import NonFiniteLossError
 from megalodon_jax.inference.sampling import generate
 from megalodon_jax.model import MegalodonLM
 from megalodon_jax.training import checkpointing, config_lib, sharding
@@ -32,10 +33,6 @@ from megalodon_jax.training.metrics import MetricsLogger, loss_metrics, throughp
 from megalodon_jax.training.progress import ProgressBar
 
 log = logging.getLogger("megalodon_jax")
-
-
-class NonFiniteLossError(RuntimeError):
-  """The training loss became NaN or infinite; the message names the step."""
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -2,7 +2,8 @@
 
 The official fields, their defaults and their validation live in `megalodon_jax.architecture.Architecture`
 (shared with the pure-PyTorch runtime), so `MegalodonConfig(**official_conf_kwargs)` builds the same
-architecture. Execution fields (dtypes, which CEMA / attention implementation, rematerialisation) are ours and never change the math beyond float rounding.
+architecture. Execution fields (dtypes, matmul precision, which CEMA / attention implementation,
+rematerialisation) are ours and never change the math beyond float rounding.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ CEMA_IMPLS = ("auto", "fft", "associative_scan", "sequential", "chunked", "palla
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("auto", "none", "full", "dots_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
+# "default" leaves jax's own setting (`jax_default_matmul_precision`, the backend default unless set); "high" and
+# "highest" are jax's precisions: on TPU "default" multiplies float32 operands in one bfloat16 pass, "high" in
+# three, "highest" in full float32 (what float32 parity with the official model needs).
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +39,7 @@ class MegalodonConfig(Architecture):
   attention_impl: str = "auto"  # auto | xla | pallas
   remat: str = "auto"  # auto (from layerwise_ckpt) | none | full | dots_saveable
   scan_layers: bool = False  # full forward as one lax.scan over stacked blocks: compile time flat in depth
+  matmul_precision: str = "default"  # default | high | highest: precision of every matmul / einsum the model runs
 
   def __post_init__(self):
     super().__post_init__()
@@ -70,7 +76,8 @@ EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(MegalodonConfig) if 
 
 
 def _validate_execution(c: MegalodonConfig) -> None:
-  for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("cema_impl", CEMA_IMPLS), ("attention_impl", ATTENTION_IMPLS), ("remat", REMAT_POLICIES)):
+  for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("matmul_precision", MATMUL_PRECISIONS),
+                        ("cema_impl", CEMA_IMPLS), ("attention_impl", ATTENTION_IMPLS), ("remat", REMAT_POLICIES)):
     if getattr(c, name) not in allowed:
       fail(c, name, getattr(c, name), f"must be one of {allowed}")
   if c.attention_impl == "pallas" and c.attention_dropout > 0 and c.efficient_attn is None:

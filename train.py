@@ -48,20 +48,17 @@ def main(argv: list[str]) -> int:
   ours.propagate = False
   ours.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
 
-  from megalodon_jax import data
-  from megalodon_jax.checkpoints.errors import CheckpointError
-  from megalodon_jax.training import config_lib, trainer
+  from megalodon_jax.errors import exit_on_error
+  from megalodon_jax.training import trainer
 
   workdir = _WORKDIR.value or _default_workdir()
-  try:
+
+  def body() -> int:
     trainer.train_and_evaluate(_CONFIG.value, workdir)
-  except (config_lib.ConfigError, data.DataError, CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except trainer.NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+    return 0
+
+  # Bad config, data or checkpoint: status 2; a diverged loss (NonFiniteLossError): status 1.
+  return exit_on_error(body, one_line=False)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Execution settings (ours; never change the math beyond float rounding):
   m.dtype = "bfloat16"  # activation / matmul dtype; CEMA, norms, softmax and the loss stay float32
   m.param_dtype = "float32"  # master parameters and optimizer state
+  # default | high | highest: precision of the model's matmuls / einsums. "default" keeps jax's setting (on TPU one
+  # bfloat16 pass for float32 operands); float32 parity with the official model on TPU needs "highest".
+  m.matmul_precision = "default"
   m.cema_impl = "auto"  # auto | fft | associative_scan | sequential | chunked | pallas
   m.attention_impl = "auto"  # auto (= xla until the kernels are measured on hardware) | xla | pallas
   m.remat = "auto"  # auto (from layerwise_ckpt) | none | full | dots_saveable: jax.checkpoint policy per block

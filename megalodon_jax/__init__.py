@@ -10,7 +10,8 @@ __version__ = "0.1.0"  # pyproject.toml's project.version (tests/test_packaging.
 
 # name -> module that defines it
 _EXPORTS = {
-    "ConfigError": "megalodon_jax.config",
+    "MegalodonError": "megalodon_jax.errors",
+    "ConfigError": "megalodon_jax.errors",
     "MegalodonConfig": "megalodon_jax.config",
     "PRESET_NAMES": "megalodon_jax.config",
     "preset": "megalodon_jax.config",

@@ -22,8 +22,8 @@ import sys
 from typing import Optional, Sequence
 
 from megalodon_jax.data.tokenizers import ByteTokenizer
+from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference import cli_common, documents, long_context
-from megalodon_jax.inference.errors import InferenceError
 from megalodon_jax.inference.evaluation import Evaluator, NormWindow
 
 CONTEXT_DEFINITION = ("context_length L: the scored tokens of each document are cut into consecutive blocks of L and "

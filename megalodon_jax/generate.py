@@ -18,9 +18,9 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference import cli_common
 from megalodon_jax.inference.detokenize import TextStream
-from megalodon_jax.inference.errors import InferenceError
 from megalodon_jax.inference.generation import DEFAULT_BLOCK_SIZE, Generator
 from megalodon_jax.inference.sampling import Sampler
 

@@ -4,6 +4,7 @@ See docs/model.md#block and docs/streaming.md."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -24,6 +25,24 @@ _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def _under_matmul_precision(method):
+  """Runs a model method with `jax.default_matmul_precision(config.matmul_precision)` in force.
+
+  The context applies while the method is traced, so every dot / einsum it binds without an explicit precision
+  (projections, attention, the LM head; their gradients inherit it) records that precision; explicit ones (the
+  CEMA einsums, always HIGHEST; the Pallas kernels) keep theirs. "default" enters no context: jax's own setting
+  applies, as it did before the field existed.
+  """
+  @functools.wraps(method)
+  def run(self, *args, **kwargs):
+    precision = self.config.matmul_precision
+    if precision == "default":
+      return method(self, *args, **kwargs)
+    with jax.default_matmul_precision(precision):
+      return method(self, *args, **kwargs)
+  return run
 
 
 class Cache(NamedTuple):
@@ -76,6 +95,7 @@ class MegalodonLM(nnx.Module):
         ) for blk in self.layers)
     return Cache(layers, self.final_norm.initial_state(batch_size), jnp.zeros((), jnp.int32))
 
+  @_under_matmul_precision
   def __call__(self, input_ids: jax.Array, cache: Optional[Cache] = None):
     """Forward pass.
 
@@ -98,6 +118,7 @@ class MegalodonLM(nnx.Module):
     logits = self.head(x)
     return logits, Cache(tuple(new_layers), norm_state, (cache.count + input_ids.shape[1]) % c.chunk_size)
 
+  @_under_matmul_precision
   def features(self, input_ids: jax.Array) -> jax.Array:
     """The final-norm output of a stand-alone sequence, the LM head's input: (B, L) ids -> (B, L, D) float32.
 
@@ -125,6 +146,7 @@ class MegalodonLM(nnx.Module):
     x = constrain(self.emb_dropout(x), ("batch", "length", "embed"))
     return x, self.rope_freqs[...]
 
+  @_under_matmul_precision
   def head(self, x: jax.Array) -> jax.Array:
     """(B, L, D) -> (B, L, V_out) float32 logits; accumulation in float32 whatever the compute dtype."""
     if self.output is None:

@@ -17,7 +17,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from megalodon_jax.checkpoints.errors import CheckpointError
+from megalodon_jax.errors import CheckpointError
 from megalodon_jax.checkpoints.layout import check_directory
 from megalodon_jax.checkpoints.manager import Checkpointer
 from megalodon_jax.checkpoints.params import load_params, save_params

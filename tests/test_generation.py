@@ -18,8 +18,8 @@ from megalodon_jax import generate as generate_cli
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.checkpoints.model_io import save_params_checkpoint
 from megalodon_jax.data.tokenizers import ByteTokenizer
+from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference.detokenize import TextStream
-from megalodon_jax.inference.errors import InferenceError
 from megalodon_jax.inference import generation
 from megalodon_jax.inference.generation import Generator, prefill_plan
 from megalodon_jax.inference.sampling import Sampler, filter_logits, sample_logits

@@ -42,7 +42,7 @@ def _torch_grads(fx, ids):
 
 
 def _jax_grads(fx, ids):
-  config = MegalodonConfig.from_official(fx.conf)
+  config = MegalodonConfig.from_official(fx.conf, matmul_precision="highest")
   model = from_official_state_dict(fx.state_dict, config)
   ids_j = jnp.asarray(ids)
 

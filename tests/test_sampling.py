@@ -12,7 +12,7 @@ from flax import nnx
 
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.inference import generation
-from megalodon_jax.inference.errors import InferenceError
+from megalodon_jax.errors import InferenceError
 from megalodon_jax.model import MegalodonLM
 from megalodon_jax.training.trainer import sample_tokens
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from megalodon_jax.checkpoints.errors import CheckpointError
+from megalodon_jax.errors import CheckpointError
 from megalodon_jax.checkpoints.manager import Checkpointer
 from megalodon_jax.training import config_lib, trainer
 from megalodon_jax.training.metrics import read_metrics

@@ -18,6 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from megalodon_jax.aot import topology as topo_lib
+from megalodon_jax.errors import EXIT_BAD_INPUT, ConfigError, exit_on_error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Target: a TPU slice (v5p-128, v5e-8, v6e-16, v4-32, v5p:4x4x4) "
@@ -35,12 +36,12 @@ flags.mark_flags_as_required(["config", "topology"])
 
 def _fail(message: str) -> int:
   print(f"error: {message}", file=sys.stderr)
-  return 2
+  return EXIT_BAD_INPUT
 
 
 def vocab_size_for(cfg) -> int:
   """The vocabulary the model is built with: model.vocab_size, or the byte tokenizer's 256, or the SentencePiece
-  model's size when its file is readable. Raises ValueError naming the flag to set otherwise."""
+  model's size when its file is readable. Raises ConfigError naming the flag to set otherwise."""
   if cfg.model.vocab_size != -1:
     return int(cfg.model.vocab_size)
   if cfg.data.tokenizer == "bytes":
@@ -49,8 +50,8 @@ def vocab_size_for(cfg) -> int:
   if path and os.path.exists(os.path.expanduser(path)):
     from megalodon_jax import data  # pylint: disable=import-outside-toplevel
     return data.make_tokenizer(cfg.data).vocab_size
-  raise ValueError("the vocabulary size is unknown: set --config.model.vocab_size=<size> (32000 for the Llama-2 "
-                   "tokenizer) or --config.data.tokenizer_path to a readable SentencePiece model")
+  raise ConfigError("the vocabulary size is unknown: set --config.model.vocab_size=<size> (32000 for the Llama-2 "
+                    "tokenizer) or --config.data.tokenizer_path to a readable SentencePiece model")
 
 
 def _settings(cfg, model_cfg, seq_len: int) -> dict:
@@ -98,6 +99,11 @@ def _details(r) -> str:
 
 
 def main(argv: list[str]) -> int:
+  """Exit status: 0 every program fits, 1 one does not, 2 bad flags or config."""
+  return exit_on_error(lambda: _main(argv), one_line=False)
+
+
+def _main(argv: list[str]) -> int:
   if len(argv) > 1:
     return _fail(f"unexpected arguments: {argv[1:]}")
   problem = topo_lib.is_known(_TOPOLOGY.value)
@@ -117,17 +123,9 @@ def main(argv: list[str]) -> int:
 
   import jax  # pylint: disable=import-outside-toplevel
   from megalodon_jax.aot import planner, programs  # pylint: disable=import-outside-toplevel
-  from megalodon_jax.training import config_lib  # pylint: disable=import-outside-toplevel
-  from megalodon_jax.training.sharding import ShardingError  # pylint: disable=import-outside-toplevel
   from pallas_kernels.platform import target_platform  # pylint: disable=import-outside-toplevel
-  try:
-    target = topo_lib.resolve(_TOPOLOGY.value)
-  except topo_lib.TopologyError as e:
-    return _fail(str(e))
-  try:
-    run = programs.build_run(cfg, list(target.devices), vocab)
-  except (config_lib.ConfigError, ShardingError) as e:
-    return _fail(str(e))
+  target = topo_lib.resolve(_TOPOLOGY.value)  # TopologyError, ConfigError, ShardingError: exit_on_error -> 2
+  run = programs.build_run(cfg, list(target.devices), vocab)
 
   with jax.set_mesh(run.mesh), target_platform(target.platform):
     run.build()

@@ -15,11 +15,9 @@ import os
 import re
 from typing import Optional
 
+from megalodon_jax.errors import TopologyError
+
 GIB = 1024 ** 3
-
-
-class TopologyError(ValueError):
-  """An unknown or malformed target name; the message lists the known ones."""
 
 
 @dataclasses.dataclass(frozen=True)

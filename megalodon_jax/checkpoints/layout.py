@@ -22,7 +22,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
-from megalodon_jax.checkpoints.errors import CheckpointError
+from megalodon_jax.errors import CheckpointError
 
 log = logging.getLogger("megalodon_jax")
 

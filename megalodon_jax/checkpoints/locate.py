@@ -17,10 +17,10 @@ import os
 from typing import Any, Optional
 
 from megalodon_jax.checkpoints import layout
-from megalodon_jax.checkpoints.errors import ConvertError
-from megalodon_jax.config import ConfigError, MegalodonConfig
+from megalodon_jax.config import EXECUTION_FIELDS, ConfigError, MegalodonConfig
+from megalodon_jax.errors import ConvertError
 
-EXECUTION_FIELDS = ("dtype", "param_dtype", "cema_impl", "attention_impl", "remat", "scan_layers")
+__all__ = ["EXECUTION_FIELDS", "CheckpointInfo", "locate_checkpoint"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 from megalodon_jax.checkpoints import layout, trees
-from megalodon_jax.checkpoints.errors import CheckpointError
+from megalodon_jax.errors import CheckpointError
 
 log = logging.getLogger("megalodon_jax")
 

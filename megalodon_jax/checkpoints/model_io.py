@@ -18,7 +18,7 @@ import jax
 from flax import nnx
 
 from megalodon_jax.checkpoints import layout
-from megalodon_jax.checkpoints.errors import ConvertError
+from megalodon_jax.errors import ConvertError
 from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
 from megalodon_jax.checkpoints.model_state import merge_model, split_model
 from megalodon_jax.checkpoints.params import load_params, save_params

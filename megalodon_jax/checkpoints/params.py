@@ -7,7 +7,7 @@ from typing import Any, Optional
 import orbax.checkpoint as ocp
 
 from megalodon_jax.checkpoints import layout, trees
-from megalodon_jax.checkpoints.errors import CheckpointError
+from megalodon_jax.errors import CheckpointError
 
 
 def save_params(path: str, params: Any, *, overwrite: bool = False) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from megalodon_jax.checkpoints.errors import CheckpointError
+from megalodon_jax.errors import CheckpointError
 from megalodon_jax.checkpoints.layout import MOVE
 
 MAX_LISTED = 8

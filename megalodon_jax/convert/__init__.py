@@ -11,7 +11,7 @@ def __getattr__(name):
   # Defined in megalodon_jax.checkpoints and offered here too. Lazy: they pull in orbax, which the state-dict
   # converter does not need.
   if name == "ConvertError":
-    from megalodon_jax.checkpoints.errors import ConvertError  # pylint: disable=import-outside-toplevel
+    from megalodon_jax.errors import ConvertError  # pylint: disable=import-outside-toplevel
     return ConvertError
   if name == "locate_checkpoint":
     from megalodon_jax.checkpoints.locate import locate_checkpoint  # pylint: disable=import-outside-toplevel

@@ -19,12 +19,9 @@ from typing import Optional, Sequence
 import jax
 
 from megalodon_jax.checkpoints import layout, model_io
-from megalodon_jax.checkpoints.errors import CheckpointError, ConvertError
-from megalodon_jax.config import ConfigError
 from megalodon_jax.convert import hf, torch_files
-from megalodon_jax.convert.official import StateDictError, from_official_state_dict, to_official_state_dict
-
-EXIT_BAD_INPUT = 2
+from megalodon_jax.convert.official import from_official_state_dict, to_official_state_dict
+from megalodon_jax.errors import ConvertError, StateDictError, exit_on_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,9 +98,10 @@ def from_pytorch(args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the command line; returns the exit status (0 ok, 2 bad input or arguments)."""
   args = build_parser().parse_args(argv)
-  try:
+
+  def body() -> int:
     (to_pytorch if args.command == "to-pytorch" else from_pytorch)(args)
-  except (ConvertError, StateDictError, CheckpointError, ConfigError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-  return 0
+    return 0
+
+  # one_line=False: a state-dict mismatch lists one offending key per line
+  return exit_on_error(body, also=(OSError,), one_line=False)

@@ -14,11 +14,8 @@ import numpy as np
 from flax import nnx
 
 from megalodon_jax.config import MegalodonConfig
+from megalodon_jax.errors import StateDictError
 from megalodon_jax.model import MegalodonLM
-
-
-class StateDictError(ValueError):
-  """An official state dict does not match the config; the message lists every offending key."""
 
 
 class Entry(NamedTuple):

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
-from megalodon_jax.checkpoints.errors import ConvertError
+from megalodon_jax.errors import ConvertError
 from megalodon_jax.config import ConfigError, MegalodonConfig, rope_inv_freq
 from megalodon_jax.convert import hf as hf_lib
 from megalodon_jax.convert import tp_shards

@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 from megalodon_jax.data import sources
-from megalodon_jax.data.errors import DataError
 from megalodon_jax.data.pipeline import TrainIterator, make_eval_batches, make_train_iterator
 from megalodon_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, make_tokenizer
+from megalodon_jax.errors import DataError
 
 __all__ = [
     "ByteTokenizer", "DataError", "SentencePieceTokenizer", "Tokenizer", "TrainIterator", "check_data_config",

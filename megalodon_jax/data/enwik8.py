@@ -23,7 +23,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 
 import tensorflow_datasets as tfds
 
-from megalodon_jax.data.errors import DataError
+from megalodon_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import IO, Iterator, Sequence
 import tensorflow_datasets as tfds
 
 from megalodon_jax.data import text_files
-from megalodon_jax.data.errors import DataError
+from megalodon_jax.errors import DataError
 from megalodon_jax.data.text_files import DocFile, DocumentSet
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ import grain
 import numpy as np
 
 from megalodon_jax.data import sources
-from megalodon_jax.data.errors import DataError
 from megalodon_jax.data.tokenizers import Tokenizer, make_tokenizer
+from megalodon_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
 

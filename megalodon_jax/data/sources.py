@@ -24,9 +24,9 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
 from megalodon_jax.data import enwik8, jsonl, text_files
-from megalodon_jax.data.errors import DataError
 from megalodon_jax.data.stdlib_corpus import stdlib_documents
 from megalodon_jax.data.tokenizers import check_tokenizer_config
+from megalodon_jax.errors import DataError
 
 try:
   import fcntl

@@ -7,7 +7,7 @@ from typing import Any, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
-from megalodon_jax.data.errors import DataError
+from megalodon_jax.errors import DataError
 
 TOKENIZERS = ("bytes", "sentencepiece")
 

@@ -6,15 +6,9 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-from megalodon_jax.checkpoints.errors import CheckpointError, ConvertError
-from megalodon_jax.config import ConfigError
-from megalodon_jax.convert.official import StateDictError
-from megalodon_jax.data.errors import DataError
-from megalodon_jax.inference.errors import InferenceError
+from megalodon_jax.config import MATMUL_PRECISIONS
+from megalodon_jax.errors import EXIT_BAD_INPUT, exit_on_error
 from megalodon_jax.inference.loading import Loaded, load_model
-
-EXIT_BAD_INPUT = 2
-BAD_INPUT_ERRORS = (InferenceError, ConvertError, StateDictError, CheckpointError, ConfigError, DataError, OSError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,10 +33,13 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="activation dtype (default: the checkpoint's); CEMA, norms and logits stay float32")
   g.add_argument("--cema_impl", default=None, help="CEMA implementation override (default: the checkpoint's, auto)")
+  g.add_argument("--matmul_precision", choices=MATMUL_PRECISIONS, default=None,
+                 help="precision of the model's matmuls (default: the checkpoint's); float32 on TPU needs highest for "
+                      "full float32 products")
 
 
 def load_from_args(args: argparse.Namespace) -> Loaded:
-  execution = {k: getattr(args, k) for k in ("dtype", "cema_impl") if getattr(args, k) is not None}
+  execution = {k: getattr(args, k) for k in ("dtype", "cema_impl", "matmul_precision") if getattr(args, k) is not None}
   loaded = load_model(args.checkpoint, step=args.step, config_path=args.config, tokenizer=args.tokenizer,
                       tokenizer_path=args.tokenizer_path, **execution)
   for note in loaded.notes:
@@ -51,9 +48,6 @@ def load_from_args(args: argparse.Namespace) -> Loaded:
 
 
 def run_main(body: Callable[[], int]) -> int:
-  """Runs `body`; bad input (the known error types) becomes one `error: ...` line on stderr and status 2."""
-  try:
-    return body()
-  except BAD_INPUT_ERRORS as e:
-    print("error: " + " ".join(str(e).split()), file=sys.stderr)
-    return EXIT_BAD_INPUT
+  """Runs `body`; bad input (a MegalodonError, or an unreadable file) becomes one `error: ...` line on stderr and
+  status 2."""
+  return exit_on_error(body, also=(OSError,))

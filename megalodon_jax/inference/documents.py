@@ -13,7 +13,7 @@ import numpy as np
 from megalodon_jax.data import prepare
 from megalodon_jax.data import sources
 from megalodon_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer
-from megalodon_jax.inference.errors import InferenceError
+from megalodon_jax.errors import InferenceError
 
 
 def text_file_paths(spec: str) -> list[str]:

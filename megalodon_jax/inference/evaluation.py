@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from megalodon_jax.inference.errors import InferenceError
+from megalodon_jax.errors import InferenceError
 from megalodon_jax.model import Cache, MegalodonLM
 
 # Bytes of activations and logits per token of a segment, roughly, to size the default segment: the logits

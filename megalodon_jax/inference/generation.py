@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from megalodon_jax.inference.errors import InferenceError
+from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference.sampling import Sampler, sample_logits
 from megalodon_jax.model import Cache, MegalodonLM
 

@@ -26,7 +26,7 @@ from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
 from megalodon_jax.checkpoints.model_io import load_checkpoint
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.data.tokenizers import TOKENIZERS, Tokenizer, make_tokenizer
-from megalodon_jax.inference.errors import InferenceError
+from megalodon_jax.errors import InferenceError
 from megalodon_jax.model import MegalodonLM
 
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")

@@ -27,7 +27,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from megalodon_jax.inference.errors import InferenceError
+from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference.evaluation import Evaluator, length_bucket
 
 LN2 = math.log(2.0)

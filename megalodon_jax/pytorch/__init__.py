@@ -10,10 +10,11 @@ norm statistics, RoPE and softmax stay float32).
     out = mp.generate(model, tokens, max_new_tokens=32)                 # greedy, cached decoding
 """
 
-from megalodon_jax.pytorch.config import ConfigError, ModelConf
+from megalodon_jax.errors import CheckpointError, ConfigError, MegalodonError
+from megalodon_jax.pytorch.config import ModelConf
 from megalodon_jax.pytorch.generate import generate, sample_next
-from megalodon_jax.pytorch.io import CheckpointError, check_state_dict, from_state_dict, load, read_weights, save
+from megalodon_jax.pytorch.io import check_state_dict, from_state_dict, load, read_weights, save
 from megalodon_jax.pytorch.model import Mega
 
-__all__ = ["ConfigError", "ModelConf", "Mega", "CheckpointError", "check_state_dict", "from_state_dict", "load",
-           "read_weights", "save", "generate", "sample_next"]
+__all__ = ["MegalodonError", "ConfigError", "CheckpointError", "ModelConf", "Mega", "check_state_dict",
+           "from_state_dict", "load", "read_weights", "save", "generate", "sample_next"]

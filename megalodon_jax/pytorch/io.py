@@ -18,7 +18,8 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
-from megalodon_jax.pytorch.config import ConfigError, ModelConf
+from megalodon_jax.errors import CheckpointError, ConfigError
+from megalodon_jax.pytorch.config import ModelConf
 from megalodon_jax.pytorch.model import Mega
 
 PARAMS_FILE = "params.json"
@@ -27,10 +28,6 @@ TORCH_FILE = "consolidated.pth"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-
-
-class CheckpointError(ValueError):
-  """A checkpoint file or state dict cannot be loaded; the message names the file or keys and the problem."""
 
 
 def _torch_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:

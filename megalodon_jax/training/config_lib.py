@@ -12,14 +12,10 @@ import dataclasses
 import os
 from typing import Any
 
-from megalodon_jax.config import ConfigError as ModelConfigError
 from megalodon_jax.config import MegalodonConfig
+from megalodon_jax.errors import ConfigError
 
 PROGRESS_BAR = ("auto", "on", "off")
-
-
-class ConfigError(ValueError):
-  """A training config value is invalid; the message names the key (`--config.<key>`)."""
 
 
 def _fail(key: str, value: Any, why: str) -> None:
@@ -60,7 +56,7 @@ def model_config(cfg: Any, tokenizer_vocab_size: int) -> MegalodonConfig:
     kwargs["norm_eps"] = float(kwargs["norm_eps"])
   try:
     return MegalodonConfig(**kwargs)
-  except ModelConfigError as e:
+  except ConfigError as e:
     # "MegalodonConfig.z_dim=..." -> "--config.model.z_dim=..." so the message matches what the user typed.
     raise ConfigError(str(e).replace("MegalodonConfig.", "--config.model.")) from None
 

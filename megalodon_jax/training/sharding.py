@@ -32,16 +32,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from megalodon_jax.errors import ShardingError
+
 MESH_AXES = ("data", "sequence", "fsdp", "tensor")
 # Axes the batch dimension is split over, and the one the length is split over.
 BATCH_AXES = ("data", "fsdp")
 SEQUENCE_AXIS = "sequence"
 
 Rules = tuple[tuple[str, Any], ...]
-
-
-class ShardingError(ValueError):
-  """The mesh, the logical axis rules or the batch do not fit; the message names the config key and the fix."""
 
 
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int, int]:

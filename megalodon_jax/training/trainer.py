@@ -24,10 +24,10 @@ from flax import nnx
 from megalodon_jax import data as data_lib
 from megalodon_jax import flops as flops_lib
 from megalodon_jax.checkpoints import layout as ckpt_layout
-from megalodon_jax.checkpoints.errors import CheckpointError
 from megalodon_jax.checkpoints.manager import Checkpointer
 from megalodon_jax.checkpoints.model_state import split_model
 from megalodon_jax.checkpoints.params import load_params
+from megalodon_jax.errors import CheckpointError, NonFiniteLossError
 from megalodon_jax.inference.generation import Generator
 from megalodon_jax.inference.sampling import Sampler
 from megalodon_jax.model import MegalodonLM
@@ -39,10 +39,6 @@ from megalodon_jax.training.preemption import PreemptionFlag
 from megalodon_jax.training.progress import ProgressBar
 
 log = logging.getLogger("megalodon_jax")
-
-
-class NonFiniteLossError(RuntimeError):
-  """The training loss became NaN or infinite; the message names the step."""
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -1,0 +1,79 @@
+"""The package's exceptions: one base class, one class per domain, and how the command lines report them.
+
+Every error the package raises on purpose derives from `MegalodonError`, and its message names what is wrong
+and how to fix it. The domain classes also derive from the builtin type their callers have always caught
+(`ValueError` for bad input; `CheckpointError` keeps `RuntimeError` too, as the training checkpoint code raised
+it before), so `except ValueError` keeps working.
+
+Command lines run their body through `exit_on_error`: a `MegalodonError` becomes one `error: ...` line on stderr
+and the class's `exit_status` (2, bad input; 1 for a training run whose loss diverged).
+
+Nothing here imports jax: the pure-PyTorch runtime (`megalodon_jax.pytorch`) uses these classes too.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TextIO
+
+EXIT_BAD_INPUT = 2
+
+
+class MegalodonError(Exception):
+  """Base of the package's errors; `exit_status` is what a command line returns for it."""
+
+  exit_status = EXIT_BAD_INPUT
+
+
+class ConfigError(MegalodonError, ValueError):
+  """A model or training config value is invalid; the message names the field (or `--config.<key>`) and the fix."""
+
+
+class CheckpointError(MegalodonError, ValueError, RuntimeError):
+  """A checkpoint, checkpoint directory or state dict cannot be used; the message names the path or keys."""
+
+
+class ShardingError(MegalodonError, ValueError):
+  """The mesh, the logical axis rules or the batch do not fit; the message names the config key and the fix."""
+
+
+class DataError(MegalodonError, ValueError):
+  """A bad data setting or missing data; the message names the config key (e.g. `data.path`) and the fix."""
+
+
+class ConvertError(MegalodonError, ValueError):
+  """Bad converter input or output path; the message says which path and what to do."""
+
+
+class StateDictError(MegalodonError, ValueError):
+  """An official state dict does not match the config; the message lists every offending key."""
+
+
+class InferenceError(MegalodonError, ValueError):
+  """Bad input to generation or evaluation (prompt, token ids, flags, files); the message says what to fix."""
+
+
+class TopologyError(MegalodonError, ValueError):
+  """An unknown or malformed compile target name; the message lists the known ones."""
+
+
+class NonFiniteLossError(MegalodonError, RuntimeError):
+  """The training loss became NaN or infinite; the message names the step."""
+
+  exit_status = 1  # not bad input: the run itself diverged
+
+
+def exit_on_error(body: Callable[[], int], *, also: tuple[type[BaseException], ...] = (),
+                  one_line: bool = True, stream: TextIO | None = None) -> int:
+  """Runs a command line's `body` and returns its exit status.
+
+  A `MegalodonError` (or one of the `also` types, e.g. OSError for tools that read user-named files) is printed as
+  `error: <message>` on stderr, with its whitespace runs collapsed to single spaces when `one_line`, and turns
+  into the class's `exit_status` (2 for anything but MegalodonError subclasses that say otherwise).
+  """
+  try:
+    return body()
+  except (MegalodonError, *also) as e:
+    text = " ".join(str(e).split()) if one_line else str(e)
+    print(f"error: {text}", file=stream or sys.stderr)
+    return getattr(e, "exit_status", EXIT_BAD_INPUT)

@@ -123,6 +123,33 @@ def test_timestep_norm_op_matches_one_device_with_a_carried_state_and_padding():
     assert _rel(got, want) <= RTOL
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_timestep_norm_op_with_document_resets_matches_one_device(padded):
+  b, l, d, g = 4, 48, 16, 4  # slices of 12 on a sequence axis of 4
+  x = jax.random.normal(jax.random.key(3), (b, l, d)) * 2 - 1
+  w, bias = jax.random.normal(jax.random.key(4), (d,)) * 0.1, jnp.full((d,), -0.1)
+  resets = jnp.zeros((b, l), bool)
+  resets = resets.at[0, [0, 12, 30]].set(True)  # a reset at the first step and at a slice start
+  resets = resets.at[1, [5, 7, 40]].set(True)  # two in one slice
+  resets = resets.at[3, 47].set(True)  # on the very last step; row 2 has none
+  mask = jnp.zeros((b, l), bool).at[1, 20:30].set(True) if padded else None
+  state = tsn.initial_state(b, 5, jnp.full((g,), 0.5), jnp.zeros((g,)))
+  prior = tsn.initial_state(b, 0, jnp.zeros((g,)), jnp.zeros((g,)))
+
+  def loss(par, x, w, bias):
+    fn = sp.timestep_norm if par else tsn.timestep_norm
+    y, st = fn(x, w, bias, state, num_groups=g, eps=1e-5, mask=mask, resets=resets, prior=prior)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(st.mean) + jnp.sum(st.var), (y, st)
+
+  grad = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)
+  (l0, (y0, s0)), g0 = jax.jit(grad, static_argnums=0)(False, x, w, bias)
+  with jax.set_mesh(_mesh((2, 4, 1, 1))):
+    (l1, (y1, s1)), g1 = jax.jit(grad, static_argnums=0)(True, x, w, bias)
+  np.testing.assert_array_equal(tsn.total_count(s1), tsn.total_count(s0))
+  for got, want in [(l1, l0), (y1, y0), (s1.mean, s0.mean), (s1.var, s0.var), *zip(g1, g0)]:
+    assert _rel(got, want) <= RTOL
+
+
 def test_the_plain_ops_run_outside_a_sequence_mesh():
   assert sp.sequence_mesh(48) is None
   with jax.set_mesh(_mesh((8, 1, 1, 1))):

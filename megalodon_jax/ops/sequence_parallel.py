@@ -178,13 +178,53 @@ def norm_carry(summaries, initial, index: jax.Array):
   return tuple(_take(p, index) for p in prefix), tuple(_take(p, index + 1) for p in prefix)
 
 
+def _reset_norm_slice(x, state, prior, resets, num_groups, mask, index):
+  """One slice's statistics with document resets: (mean, var) (B, T, G) and the stream's final NormState.
+
+  Each slice's summary is (any reset in the slice, statistics since its last reset or of the whole slice); the
+  slices compose with `timestep_norm.segmented_merge` (a reset drops what came before), and the state entering a
+  slice reaches only its steps before its first reset.
+  """
+  seen, prefix = tsn.reset_prefix(x, num_groups, resets, tsn.state_summary(prior), mask)
+  last = (seen[:, -1],) + tuple(p[:, -1] for p in prefix)  # (B, 1) flag and (B, G) statistics
+  gathered = jax.lax.all_gather(last, SEQUENCE_AXIS)  # (S, B, 1) and (S, B, G)
+  first = (jnp.zeros_like(last[0]),) + tsn.state_summary(state)
+  elems = tuple(jnp.concatenate([jnp.broadcast_to(f[None], g[:1].shape), g]) for f, g in zip(first, gathered))
+  carried = jax.lax.associative_scan(tsn.segmented_merge, elems, axis=0)  # carried[j] enters slice j
+  incoming = tuple(_take(c, index) for c in carried[1:])
+  _, mean, var = tsn.chan_merge(tuple(a[:, None] for a in incoming), prefix)
+  mean, var = jnp.where(seen, prefix[1], mean), jnp.where(seen, prefix[2], var)
+  # The final count: the prior's plus the real steps from the last reset of the whole sequence, else the state's
+  # plus all of them.
+  live = resets if mask is None else resets & ~mask
+  real = jnp.ones(x.shape[:2], jnp.int32) if mask is None else (~mask).astype(jnp.int32)
+  steps = jnp.arange(x.shape[1])
+  last_reset = jnp.max(jnp.where(live, steps, -1), axis=1)
+  since = jnp.sum(jnp.where(steps >= last_reset[:, None], real, 0), axis=1)  # whole slice if no reset
+  flags, since = jax.lax.all_gather((last_reset >= 0, since), SEQUENCE_AXIS)  # (S, B)
+  slices = jnp.arange(flags.shape[0])[:, None]
+  last_slice = jnp.max(jnp.where(flags, slices, -1), axis=0)  # (B,)
+  total = jnp.sum(jnp.where(slices >= last_slice[None], since, 0), axis=0)
+  any_reset = last_slice >= 0
+  base = tsn.NormState(jnp.where(any_reset, prior.count, state.count), state.mean, state.var,
+                       jnp.where(any_reset, prior.count_hi, state.count_hi))
+  lo, hi = tsn._add_count(base, total)  # pylint: disable=protected-access
+  outgoing = tuple(_take(c, index + 1) for c in carried[1:])
+  return mean, var, tsn.NormState(lo, outgoing[1], outgoing[2], hi)
+
+
 def timestep_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, state: tsn.NormState, *, num_groups: int,
-                  eps: float, mask: Optional[jax.Array] = None):
+                  eps: float, mask: Optional[jax.Array] = None, resets: Optional[jax.Array] = None,
+                  prior: Optional[tsn.NormState] = None):
   """`ops.timestep_norm.timestep_norm` with the length split over the ambient mesh's `sequence` axis.
 
-  Args and returns as `timestep_norm.timestep_norm`. Requires `sequence_mesh(L)`; each slice must be shorter than
-  `timestep_norm.MAX_PIECE` steps, and so must the whole sequence (one count update).
+  Args and returns as `timestep_norm.timestep_norm` (including document `resets` and their `prior`). Requires
+  `sequence_mesh(L)`; each slice must be shorter than `timestep_norm.MAX_PIECE` steps, and so must the whole
+  sequence (one count update).
   """
+  if resets is not None:
+    return _timestep_norm_resets(x, weight, bias, state, num_groups=num_groups, eps=eps, mask=mask, resets=resets,
+                                 prior=prior)
   mesh = sequence_mesh(x.shape[1])
   if mesh is None:
     raise ValueError(f"sequence_parallel.timestep_norm needs an ambient mesh whose 'sequence' axis divides "
@@ -211,6 +251,35 @@ def timestep_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, state: tsn.N
   out_state = tsn.NormState(P(SEQUENCE_AXIS, bax), P(SEQUENCE_AXIS, bax, None), P(SEQUENCE_AXIS, bax, None),
                             P(SEQUENCE_AXIS, bax))
   masks = () if mask is None else (mask,)
-  y, states = jax.shard_map(body, mesh=mesh, in_specs=(seq, P(), P(), state_spec) + (P(bax, SEQUENCE_AXIS),) * len(masks),
-                            out_specs=(seq, out_state), check_vma=False)(x, weight, bias, state, *masks)
+  in_specs = (seq, P(), P(), state_spec) + (P(bax, SEQUENCE_AXIS),) * len(masks)
+  y, states = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(seq, out_state),
+                            check_vma=False)(x, weight, bias, state, *masks)
+  return y, jax.tree.map(lambda a: a[-1], states)
+
+
+def _timestep_norm_resets(x, weight, bias, state, *, num_groups, eps, mask, resets, prior):
+  """`timestep_norm` with document resets (see `_reset_norm_slice`)."""
+  if prior is None:
+    raise ValueError("sequence_parallel.timestep_norm: resets need the prior state a document starts from")
+  mesh = sequence_mesh(x.shape[1])
+  if mesh is None:
+    raise ValueError(f"sequence_parallel.timestep_norm needs an ambient mesh whose 'sequence' axis divides "
+                     f"L={x.shape[1]}")
+  bax = _batch_axes(mesh, x.shape[0])
+  masks = () if mask is None else (mask,)
+
+  def body(x, weight, bias, state, prior, resets, *maybe_mask):
+    mask = maybe_mask[0] if maybe_mask else None
+    index = jax.lax.axis_index(SEQUENCE_AXIS)
+    mean, var, out = _reset_norm_slice(x, state, prior, resets, num_groups, mask, index)
+    return tsn.normalize(x, mean, var, weight, bias, eps, mask), jax.tree.map(lambda a: a[None], out)
+
+  seq = P(bax, SEQUENCE_AXIS, None)
+  row = P(bax, SEQUENCE_AXIS)
+  state_spec = tsn.NormState(P(bax), P(bax, None), P(bax, None), P(bax))
+  out_state = tsn.NormState(P(SEQUENCE_AXIS, bax), P(SEQUENCE_AXIS, bax, None), P(SEQUENCE_AXIS, bax, None),
+                            P(SEQUENCE_AXIS, bax))
+  in_specs = (seq, P(), P(), state_spec, state_spec, row) + (row,) * len(masks)
+  y, states = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(seq, out_state),
+                            check_vma=False)(x, weight, bias, state, prior, resets, *masks)
   return y, jax.tree.map(lambda a: a[-1], states)

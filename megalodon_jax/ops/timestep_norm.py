@@ -126,7 +126,7 @@ def local_prefix(x: jax.Array, num_groups: int, mask: Optional[jax.Array] = None
   return jax.lax.associative_scan(chan_merge, _step_summaries(x, num_groups, mask), axis=1)
 
 
-def _segmented_merge(a, b):
+def segmented_merge(a, b):
   """`chan_merge` that restarts at flagged elements: (flag, summary) pairs; a flagged right side drops the left."""
   fa, sa = a[0], a[1:]
   fb, sb = b[0], b[1:]
@@ -152,7 +152,7 @@ def reset_prefix(x: jax.Array, num_groups: int, resets: jax.Array, prior, mask: 
   flag = resets[..., None]
   started = chan_merge(tuple(a[:, None] for a in prior), (n, m, v))  # a reset step: prior, then the step
   elems = (jnp.broadcast_to(flag, n.shape),) + tuple(jnp.where(flag, s, e) for s, e in zip(started, (n, m, v)))
-  seen, n, m, v = jax.lax.associative_scan(_segmented_merge, elems, axis=1)
+  seen, n, m, v = jax.lax.associative_scan(segmented_merge, elems, axis=1)
   return seen[..., :1], (n, m, v)
 
 

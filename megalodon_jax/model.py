@@ -17,6 +17,7 @@ from megalodon_jax.nn.attention import LayerCache
 from megalodon_jax.nn.block import MegalodonBlock
 from megalodon_jax.nn.init import truncated_normal
 from megalodon_jax.nn.layers import Buffer, Embed, Linear, TimestepNorm
+from megalodon_jax.ops.attention import next_cache_segment_ids
 from megalodon_jax.ops.partitioning import constrain
 from megalodon_jax.ops.timestep_norm import NormState
 
@@ -31,11 +32,14 @@ class Cache(NamedTuple):
 
   layers: one LayerCache per block.  final_norm: the output TimestepNorm's state.
   count: () int32, tokens of the current attention chunk already in the KV caches (0 ≤ count < chunk_size).
+  segment_ids: (B, C) int32 document ids of the KV cache slots, shared by every layer (only read when a call
+  passes segment_ids; `init_cache` makes zeros).
   Its size does not grow with the stream: KV of at most one chunk, CEMA and norm states per layer.
   """
   layers: tuple[LayerCache, ...]
   final_norm: NormState
   count: jax.Array
+  segment_ids: Optional[jax.Array] = None
 
 
 class MegalodonLM(nnx.Module):
@@ -74,31 +78,42 @@ class MegalodonLM(nnx.Module):
             norm=blk.mega.timenorm.initial_state(batch_size),
             cema=jnp.zeros((batch_size, c.model_dim, c.cema_ndim, 2), jnp.float32),
         ) for blk in self.layers)
-    return Cache(layers, self.final_norm.initial_state(batch_size), jnp.zeros((), jnp.int32))
+    return Cache(layers, self.final_norm.initial_state(batch_size), jnp.zeros((), jnp.int32),
+                 jnp.zeros((batch_size, c.chunk_size), jnp.int32))
 
-  def __call__(self, input_ids: jax.Array, cache: Optional[Cache] = None):
+  def __call__(self, input_ids: jax.Array, cache: Optional[Cache] = None, *,
+               segment_ids: Optional[jax.Array] = None):
     """Forward pass.
 
     Args:
       input_ids: (B, L) integer token ids in [0, vocab_size).
       cache: None for a stand-alone sequence, or the Cache returned by `init_cache` / a previous call.
+      segment_ids: optional (B, L) int32 document ids of packed rows: attention never crosses a document
+        boundary. With a cache, in the stream's id space (ids increase along the stream; the cache keeps the
+        cached slots' ids in Cache.segment_ids).
     Returns:
       logits (B, L, V_out) float32; with a cache, `(logits, new_cache)`.
     """
     if cache is None:
-      return self.head(self.features(input_ids))
+      return self.head(self.features(input_ids, segment_ids=segment_ids))
     self._check_inputs(input_ids, cache)
     c = self.config
     x, inv_freq = self._embed(input_ids)
+    cache_ids = cache.segment_ids
+    if segment_ids is not None and cache_ids is None:  # a Cache built without the field: no cached ids yet
+      cache_ids = jnp.zeros((input_ids.shape[0], c.chunk_size), jnp.int32)
     new_layers = []
     for block, layer_cache in zip(self.layers, cache.layers):
-      x, layer_cache = block(x, inv_freq, layer_cache, cache.count)
+      x, layer_cache = block(x, inv_freq, layer_cache, cache.count, segment_ids, cache_ids)
       new_layers.append(layer_cache)
     x, norm_state = self.final_norm(x, cache.final_norm)
     logits = self.head(x)
-    return logits, Cache(tuple(new_layers), norm_state, (cache.count + input_ids.shape[1]) % c.chunk_size)
+    if segment_ids is not None:  # the ids of the slots every layer just wrote into its KV cache
+      cache_ids = next_cache_segment_ids(cache_ids, segment_ids, cache.count, c.chunk_size)
+    count = (cache.count + input_ids.shape[1]) % c.chunk_size
+    return logits, Cache(tuple(new_layers), norm_state, count, cache_ids)
 
-  def features(self, input_ids: jax.Array) -> jax.Array:
+  def features(self, input_ids: jax.Array, *, segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """The final-norm output of a stand-alone sequence, the LM head's input: (B, L) ids -> (B, L, D) float32.
 
     `head(features(ids))` are the logits; training applies the head to a few positions at a time so that the
@@ -108,11 +123,11 @@ class MegalodonLM(nnx.Module):
     c = self.config
     x, inv_freq = self._embed(input_ids)
     if c.scan_layers and c.num_layers > 1:
-      x = _scan_blocks(list(self.layers), x, inv_freq, c.remat_policy)
+      x = _scan_blocks(list(self.layers), x, inv_freq, c.remat_policy, segment_ids)
     else:
       run = _remat_block(c.remat_policy)
       for block in self.layers:
-        x, _ = run(block, x, inv_freq)
+        x, _ = run(block, x, inv_freq, segment_ids)
     x, _ = self.final_norm(x, None)
     return constrain(x, ("batch", "length", "embed"))
 
@@ -161,14 +176,15 @@ class MegalodonLM(nnx.Module):
 
 def _remat_block(policy: str):
   """Calls a block, under `nnx.remat` with the configured policy unless it is "none"."""
-  def run(block, x, inv_freq):
-    return block(x, inv_freq)
+  def run(block, x, inv_freq, segment_ids=None):
+    return block(x, inv_freq, segment_ids=segment_ids)
   if policy == "none":
     return run
   return nnx.remat(run, policy=_REMAT_POLICIES[policy])
 
 
-def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str) -> jax.Array:
+def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
+                 segment_ids: Optional[jax.Array] = None) -> jax.Array:
   """All blocks as one `lax.scan`, so the block is traced and compiled once whatever the depth.
 
   Parameters stay stored per block (checkpoints, conversion and sharding rules are the same with or without
@@ -176,7 +192,7 @@ def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str) -
   parameters and returns their gradients through the stack. The only state a call updates, the dropout RNG
   counters, is written back to each block.
 
-  x: (B, L, D) activations -> (B, L, D).
+  x: (B, L, D) activations -> (B, L, D); segment_ids: optional (B, L) int32 document ids (every block).
   """
   splits = [nnx.split(b) for b in blocks]
   graphdef = splits[0][0]
@@ -187,7 +203,7 @@ def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str) -
 
   def body(h, state):
     block = nnx.merge(graphdef, state)
-    h, _ = block(h, inv_freq)
+    h, _ = block(h, inv_freq, segment_ids=segment_ids)
     return h, nnx.state(block, nnx.RngState)
 
   if policy != "none":

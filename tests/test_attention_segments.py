@@ -274,3 +274,34 @@ def test_pallas_decode_with_segment_ids_equals_its_reference():
   p = np.exp(s - s.max(-1, keepdims=True))
   want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), np.asarray(vf, np.float64))
   assert _rel(got, want) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+_TINY = dict(num_layers=2, model_dim=32, z_dim=16, value_dim=32, ffn_hidden_dim=64, vocab_size=64, norm_num_groups=4,
+             cema_ndim=4, num_heads=2, chunk_size=16, dtype="float32")
+
+
+@pytest.mark.parametrize("impl,scan_layers", [("xla", False), ("xla", True), ("pallas", False)])
+def test_model_streams_segment_ids_through_its_cache(impl, scan_layers):
+  """MegalodonLM with segment ids: a stream in uneven pieces (the cache carries the slots' ids) gives the logits
+  of one full forward, which differ from the forward without ids."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.config import MegalodonConfig  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.model import MegalodonLM  # pylint: disable=import-outside-toplevel
+  model = MegalodonLM(MegalodonConfig(**_TINY, attention_impl=impl, scan_layers=scan_layers), rngs=nnx.Rngs(0))
+  model.eval()
+  ids = jnp.asarray(np.random.default_rng(14).integers(0, 64, size=(B, L)), jnp.int32)
+  seg = jnp.asarray(SEGMENTS)
+  full = model(ids, segment_ids=seg)
+  assert _rel(full, model(ids)) > 1e-3
+  cache = model.init_cache(B)
+  np.testing.assert_array_equal(np.asarray(cache.segment_ids), np.zeros((B, 16), np.int32))
+  outs, start = [], 0
+  for n in (1, 4, 17, 2, 16):
+    logits, cache = model(ids[:, start:start + n], cache=cache, segment_ids=seg[:, start:start + n])
+    outs.append(logits)
+    start += n
+  assert start == L
+  assert _rel(jnp.concatenate(outs, axis=1), full) <= 1e-5
+  np.testing.assert_array_equal(np.asarray(cache.segment_ids[:, :int(cache.count)]), SEGMENTS[:, 32:L])

@@ -73,7 +73,8 @@ class MovingAverageGatedAttention(nnx.Module):
     self.dtype = dt
 
   def __call__(self, x: jax.Array, inv_freq: jax.Array, cache: Optional[LayerCache] = None,
-               count: Optional[jax.Array] = None):
+               count: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+               cache_segment_ids: Optional[jax.Array] = None):
     """Attention sub-layer.
 
     Args:
@@ -81,6 +82,10 @@ class MovingAverageGatedAttention(nnx.Module):
       inv_freq: (dz/2,) float32 RoPE frequencies.
       cache: this layer's LayerCache to continue a stream, or None for a stand-alone sequence.
       count: () int32 tokens already in the current chunk (with a cache).
+      segment_ids: optional (B, L) int32 document ids: attention never crosses a document boundary
+        (ops.attention.chunked_causal_attention).
+      cache_segment_ids: (B, C) int32 ids of the cached slots (with a cache and segment_ids; the model's
+        Cache.segment_ids, shared by every layer, so the layer does not return them).
     Returns:
       y = x + h: (B, L, D) in the compute dtype, and the updated LayerCache (None without a cache).
     """
@@ -103,10 +108,12 @@ class MovingAverageGatedAttention(nnx.Module):
     positions = (offset + jnp.arange(l)) % self.chunk_size
     q, k = attn_ops.rope(q, inv_freq, positions), attn_ops.rope(k, inv_freq, positions)
     if cache is None:
-      out = attn_ops.chunked_causal_attention(q, k, v, self.chunk_size, **drop)
+      out = attn_ops.chunked_causal_attention(q, k, v, self.chunk_size, segment_ids=segment_ids, **drop)
       new_cache = None
     else:
-      out, ck, cv, _ = attn_ops.attention_with_cache(q, k, v, cache.k, cache.v, count, self.chunk_size, **drop)
+      out, ck, cv, *_ = attn_ops.attention_with_cache(q, k, v, cache.k, cache.v, count, self.chunk_size,
+                                                      segment_ids=segment_ids,
+                                                      cache_segment_ids=cache_segment_ids, **drop)
       new_cache = LayerCache(ck, cv, norm_state, cema_state)
     out = constrain(out, BTHD)
     a = self.hidden_dropout(out.reshape(b, l, -1) * r)

@@ -23,8 +23,11 @@ class MegalodonBlock(nnx.Module):
     self.nffn = NormalizedFeedForward(config, layer_id, rngs=rngs)
 
   def __call__(self, x: jax.Array, inv_freq: jax.Array, cache: Optional[LayerCache] = None,
-               count: Optional[jax.Array] = None):
-    """x: (B, L, D) -> ((B, L, D), updated LayerCache or None). The FFN's residual is the block input x."""
+               count: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+               cache_segment_ids: Optional[jax.Array] = None):
+    """x: (B, L, D) -> ((B, L, D), updated LayerCache or None). The FFN's residual is the block input x.
+
+    segment_ids (B, L), cache_segment_ids (B, C): document ids for the attention (MovingAverageGatedAttention)."""
     x = constrain(x, BTD)
-    y, cache = self.mega(x, inv_freq, cache, count)
+    y, cache = self.mega(x, inv_freq, cache, count, segment_ids, cache_segment_ids)
     return constrain(self.nffn(constrain(y, BTD), x), BTD), cache

@@ -373,6 +373,19 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
   return out, new_k, new_v, end % c, jax.lax.dynamic_slice_in_dim(segf, start, c, axis=1)
 
 
+def next_cache_segment_ids(cache_segment_ids: jax.Array, segment_ids: jax.Array, count: jax.Array,
+                           chunk_size: int) -> jax.Array:
+  """The cache slots' ids after `attention_with_cache` appends segment_ids (B, L) to a chunk holding `count`
+  tokens whose ids are cache_segment_ids (B, C): (B, C) int32, slot for slot like its new cache_k (for a model
+  whose layers share one set of ids)."""
+  b, l = segment_ids.shape
+  c = chunk_size
+  buf = jnp.zeros((b, (-(-l // c) + 1) * c), jnp.int32)
+  buf = jax.lax.dynamic_update_slice_in_dim(buf, cache_segment_ids.astype(jnp.int32), 0, axis=1)
+  buf = jax.lax.dynamic_update_slice_in_dim(buf, segment_ids.astype(jnp.int32), count, axis=1)
+  return jax.lax.dynamic_slice_in_dim(buf, ((count + l) // c) * c, c, axis=1)
+
+
 def _decode_step(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
                  count: jax.Array, chunk_size: int, drop: Optional[AttentionDropout], segments=None):
   """`attention_with_cache` for one new token (L = 1), the decoding step.

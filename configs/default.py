@@ -66,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.tokenizer_path = ""  # sentencepiece: the .model file (e.g. Llama-2's tokenizer.model)
   d.add_eos = True  # append the tokenizer's EOS id after each document when it has one (bytes: none)
   d.worker_count = 0  # grain worker processes (0 = in the main process)
+  # carry: CEMA / norm / attention state flows across the documents packed in a window (official) | reset: the
+  # model restarts at every document start and the loss skips predicting a document's first token
+  d.document_boundaries = "carry"
 
   # ---------------- batch and schedule ----------------
   c.seed = 0  # parameter init, data order and dropout all derive from it

@@ -14,10 +14,12 @@ import numpy as np
 from flax import nnx
 
 from megalodon_jax.config import MegalodonConfig, rope_inv_freq
+from megalodon_jax.nn import documents
 from megalodon_jax.nn.attention import LayerCache
 from megalodon_jax.nn.block import MegalodonBlock
 from megalodon_jax.nn.init import truncated_normal
 from megalodon_jax.nn.layers import Buffer, Embed, Linear, TimestepNorm
+from megalodon_jax.ops.attention import next_cache_segment_ids
 from megalodon_jax.ops.partitioning import constrain
 from megalodon_jax.ops.timestep_norm import NormState
 
@@ -50,11 +52,14 @@ class Cache(NamedTuple):
 
   layers: one LayerCache per block.  final_norm: the output TimestepNorm's state.
   count: () int32, tokens of the current attention chunk already in the KV caches (0 ≤ count < chunk_size).
+  segment_ids: (B, C) int32 document ids of the KV cache slots, shared by every layer (only read when a call
+  passes positions; `init_cache` makes zeros).
   Its size does not grow with the stream: KV of at most one chunk, CEMA and norm states per layer.
   """
   layers: tuple[LayerCache, ...]
   final_norm: NormState
   count: jax.Array
+  segment_ids: Optional[jax.Array] = None
 
 
 class MegalodonLM(nnx.Module):
@@ -93,48 +98,64 @@ class MegalodonLM(nnx.Module):
             norm=blk.mega.timenorm.initial_state(batch_size),
             cema=jnp.zeros((batch_size, c.model_dim, c.cema_ndim, 2), jnp.float32),
         ) for blk in self.layers)
-    return Cache(layers, self.final_norm.initial_state(batch_size), jnp.zeros((), jnp.int32))
+    return Cache(layers, self.final_norm.initial_state(batch_size), jnp.zeros((), jnp.int32),
+                 jnp.zeros((batch_size, c.chunk_size), jnp.int32))
 
   @_under_matmul_precision
-  def __call__(self, input_ids: jax.Array, cache: Optional[Cache] = None):
+  def __call__(self, input_ids: jax.Array, cache: Optional[Cache] = None, *,
+               positions: Optional[jax.Array] = None):
     """Forward pass.
 
     Args:
       input_ids: (B, L) integer token ids in [0, vocab_size).
       cache: None for a stand-alone sequence, or the Cache returned by `init_cache` / a previous call.
+      positions: optional (B, L) int index of each token in its document, for packed rows
+        (data.document_boundaries="reset"): where it is 0 a document starts and the model restarts (CEMA and
+        TimestepNorm state, attention), as if each document ran alone (nn/documents.py). None: no boundaries.
+        With a cache, a document may continue across calls.
     Returns:
       logits (B, L, V_out) float32; with a cache, `(logits, new_cache)`.
     """
     if cache is None:
-      return self.head(self.features(input_ids))
-    self._check_inputs(input_ids, cache)
+      return self.head(self.features(input_ids, positions=positions))
+    self._check_inputs(input_ids, cache, positions)
     c = self.config
     x, inv_freq = self._embed(input_ids)
+    cache_ids = cache.segment_ids
+    docs = None
+    if positions is not None:
+      if cache_ids is None:  # a Cache built without the field: no cached ids yet
+        cache_ids = jnp.zeros((input_ids.shape[0], c.chunk_size), jnp.int32)
+      docs = documents.from_positions(positions, cache_ids, cache.count)
     new_layers = []
     for block, layer_cache in zip(self.layers, cache.layers):
-      x, layer_cache = block(x, inv_freq, layer_cache, cache.count)
+      x, layer_cache = block(x, inv_freq, layer_cache, cache.count, docs)
       new_layers.append(layer_cache)
-    x, norm_state = self.final_norm(x, cache.final_norm)
+    x, norm_state = self.final_norm(x, cache.final_norm, resets=None if docs is None else docs.resets)
     logits = self.head(x)
-    return logits, Cache(tuple(new_layers), norm_state, (cache.count + input_ids.shape[1]) % c.chunk_size)
+    if docs is not None:  # the ids of the slots every layer just wrote into its KV cache
+      cache_ids = next_cache_segment_ids(cache_ids, docs.segment_ids, cache.count, c.chunk_size)
+    count = (cache.count + input_ids.shape[1]) % c.chunk_size
+    return logits, Cache(tuple(new_layers), norm_state, count, cache_ids)
 
   @_under_matmul_precision
-  def features(self, input_ids: jax.Array) -> jax.Array:
+  def features(self, input_ids: jax.Array, *, positions: Optional[jax.Array] = None) -> jax.Array:
     """The final-norm output of a stand-alone sequence, the LM head's input: (B, L) ids -> (B, L, D) float32.
 
     `head(features(ids))` are the logits; training applies the head to a few positions at a time so that the
     (B, L, V) logits never exist whole (training/loss.py).
     """
-    self._check_inputs(input_ids, None)
+    self._check_inputs(input_ids, None, positions)
     c = self.config
     x, inv_freq = self._embed(input_ids)
+    docs = None if positions is None else documents.from_positions(positions)
     if c.scan_layers and c.num_layers > 1:
-      x = _scan_blocks(list(self.layers), x, inv_freq, c.remat_policy)
+      x = _scan_blocks(list(self.layers), x, inv_freq, c.remat_policy, docs)
     else:
       run = _remat_block(c.remat_policy)
       for block in self.layers:
-        x, _ = run(block, x, inv_freq)
-    x, _ = self.final_norm(x, None)
+        x, _ = run(block, x, inv_freq, docs)
+    x, _ = self.final_norm(x, None, resets=None if docs is None else docs.resets)
     return constrain(x, ("batch", "length", "embed"))
 
   def _embed(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -156,7 +177,8 @@ class MegalodonLM(nnx.Module):
       logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab"))
 
-  def _check_inputs(self, input_ids: jax.Array, cache: Optional[Cache]) -> None:
+  def _check_inputs(self, input_ids: jax.Array, cache: Optional[Cache],
+                    positions: Optional[jax.Array] = None) -> None:
     c = self.config
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
@@ -164,6 +186,10 @@ class MegalodonLM(nnx.Module):
       raise TypeError(f"input_ids must be integers; got dtype {input_ids.dtype}")
     if input_ids.shape[1] == 0:
       raise ValueError("input_ids has length 0; pass at least one token")
+    if positions is not None and (positions.shape != input_ids.shape or
+                                  not jnp.issubdtype(positions.dtype, jnp.integer)):
+      raise ValueError(f"positions must be integers shaped like input_ids {tuple(input_ids.shape)}; got "
+                       f"{positions.dtype} {tuple(positions.shape)}")
     if cache is not None:
       if len(cache.layers) != c.num_layers:
         raise ValueError(f"cache has {len(cache.layers)} layers; the model has num_layers={c.num_layers}")
@@ -183,14 +209,15 @@ class MegalodonLM(nnx.Module):
 
 def _remat_block(policy: str):
   """Calls a block, under `nnx.remat` with the configured policy unless it is "none"."""
-  def run(block, x, inv_freq):
-    return block(x, inv_freq)
+  def run(block, x, inv_freq, docs=None):
+    return block(x, inv_freq, docs=docs)
   if policy == "none":
     return run
   return nnx.remat(run, policy=_REMAT_POLICIES[policy])
 
 
-def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str) -> jax.Array:
+def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
+                 docs: Optional[documents.Documents] = None) -> jax.Array:
   """All blocks as one `lax.scan`, so the block is traced and compiled once whatever the depth.
 
   Parameters stay stored per block (checkpoints, conversion and sharding rules are the same with or without
@@ -198,7 +225,7 @@ def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str) -
   parameters and returns their gradients through the stack. The only state a call updates, the dropout RNG
   counters, is written back to each block.
 
-  x: (B, L, D) activations -> (B, L, D).
+  x: (B, L, D) activations -> (B, L, D); docs: optional document boundaries (every block).
   """
   splits = [nnx.split(b) for b in blocks]
   graphdef = splits[0][0]
@@ -209,7 +236,7 @@ def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str) -
 
   def body(h, state):
     block = nnx.merge(graphdef, state)
-    h, _ = block(h, inv_freq)
+    h, _ = block(h, inv_freq, docs=docs)
     return h, nnx.state(block, nnx.RngState)
 
   if policy != "none":

@@ -26,11 +26,13 @@ def _cache_bytes(cache) -> int:
 
 def _expected_cache_bytes(c: MegalodonConfig, batch: int) -> int:
   """Bytes of the cache by its definition (docs/streaming.md#unlimited-context): one chunk of K and V, the CEMA
-  state, norm statistics."""
+  state, norm statistics; once for the model: the chunk's document ids."""
   kv = batch * c.chunk_size * c.num_heads * (c.z_head_dim + c.v_head_dim) * 4
   cema = batch * c.model_dim * c.cema_ndim * 2 * 4
   norm = batch * (2 * c.norm_num_groups * 4 + 2 * 4)  # mean, var float32; the count's two int32 words
-  return c.num_layers * (kv + cema + norm) + norm + 4  # + the final norm and the chunk position
+  segment_ids = batch * c.chunk_size * 4  # int32, shared by every layer
+  # + the final norm, the chunk position and the cached slots' document ids
+  return c.num_layers * (kv + cema + norm) + norm + 4 + segment_ids
 
 
 def _nll(logits, ids):

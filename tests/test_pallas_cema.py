@@ -105,6 +105,61 @@ def test_values_and_gradients_match_float64_reference(case):
 
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_document_resets_match_float64_reference(backend):
+  """resets (B, L): at t = 0, at a sequence-tile start (16), inside tiles, consecutive steps and the last step;
+  values, final state and every gradient (the backward kernel stops the adjoint at a reset) against the float64
+  reference's autodiff with the same resets. Row 1 has none, so h0 reaches it."""
+  rng = np.random.default_rng(50 + len(backend))
+  batch, length, dim, nstate = 2, 37, 40, 3
+  x = jnp.asarray(rng.normal(size=(batch, length, dim)), jnp.float32)
+  planes = _random_planes(rng, dim, nstate)
+  h0 = jnp.asarray(rng.normal(size=(batch, dim, nstate, 2)), jnp.float32)
+  cot_y = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  cot_h = jnp.asarray(rng.normal(size=h0.shape), jnp.float32)
+  resets = np.zeros((batch, length), bool)
+  resets[0, [0, 16, 21, 22, 23, 36]] = True
+  kernel = functools.partial(cema_scan, block_sizes=SMALL, backend=backend, resets=jnp.asarray(resets))
+  (y, h), grads = _values_and_grads(kernel, x, planes, h0, cot_y, cot_h)
+  with jax.enable_x64(True):
+    f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))  # pylint: disable=unnecessary-lambda-assignment
+    ref = functools.partial(cema_scan_reference, dtype=jnp.float64, resets=jnp.asarray(resets))
+    want = jax.tree.map(np.asarray, _values_and_grads(ref, f64(x), tuple(f64(a) for a in planes), f64(h0),
+                                                      f64(cot_y), f64(cot_h)))
+  (y_ref, h_ref), grads_ref = want
+  assert _rel_err(y, y_ref) <= F32_TOL and _rel_err(h, h_ref) <= F32_TOL
+  names = ["x", "p", "q_re", "q_im", "g_re", "g_im", "omega", "h0"]
+  for name, g, g_ref in zip(names, jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    err = _rel_err(g, g_ref)
+    assert err <= F32_TOL, f"{backend}: d{name} relative error {err:.3g}"
+  assert not np.any(np.asarray(grads[2])[0]) and np.any(np.asarray(grads[2])[1])  # h0 cut off by the reset at 0
+  # The reference itself restarts: a state entering step 16 of row 0 does not reach it.
+  y_plain, _ = cema_scan_reference(x, *planes, h0)
+  assert _rel_err(y_plain, y_ref) > 1e-2
+
+
+def test_sharded_scan_with_resets_equals_unsharded():
+  """resets split over the batch axes like x under shard_map (interpret mode), values and gradients."""
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  rng = np.random.default_rng(43)
+  batch, length, dim, nstate = 4, 24, 256, 4
+  planes = _random_planes(rng, dim, nstate)
+  x = jnp.asarray(rng.normal(size=(batch, length, dim)), jnp.float32)
+  h0 = jnp.asarray(rng.normal(size=(batch, dim, nstate, 2)), jnp.float32)
+  cot_y = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  cot_h = jnp.asarray(rng.normal(size=h0.shape), jnp.float32)
+  resets = jnp.asarray(rng.uniform(size=(batch, length)) < 0.2)
+  fn = functools.partial(cema_scan, block_sizes=SMALL, resets=resets)
+  want = _values_and_grads(fn, x, planes, h0, cot_y, cot_h)
+  with jax.set_mesh(mesh):
+    got = _values_and_grads(functools.partial(fn, mesh=mesh, batch_axes=("data", "fsdp"), channel_axes="tensor"),
+                            x, planes, h0, cot_y, cot_h)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert _rel_err(g, w) <= 1e-6
+  with pytest.raises(ValueError, match=r"resets must be \(B, L\)"):
+    cema_scan(x, *planes, resets=resets[:, 1:])
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_bfloat16_input_within_2e_2(backend):
   """bfloat16 x (TPU: 16-step groups for the packed (16, 128) tiles, whole sequence tiles, a partial channel tile)."""
   rng = np.random.default_rng(10 + len(backend))
@@ -234,13 +289,15 @@ def test_kernels_lower_to_mosaic_and_triton(backend, platform):
   args = (_abstract((batch, length, dim), jnp.bfloat16), [_abstract((dim, nstate))] * 5, _abstract((dim,)),
           _abstract((batch, dim, nstate, 2)))
 
-  def grads(x, planes, omega, h0):
-    fn = functools.partial(cema_scan, block_sizes=BlockSizes(seq_tile=128), backend=backend, interpret=False)
+  def grads(x, planes, omega, h0, resets=None):
+    fn = functools.partial(cema_scan, block_sizes=BlockSizes(seq_tile=128), backend=backend, interpret=False,
+                           resets=resets)
     return jax.grad(lambda *a: jnp.sum(fn(a[0], *a[1], *a[2:])[0]), argnums=(0, 1, 2, 3))(x, planes, omega, h0)
 
-  text = jax.jit(grads).trace(*args).lower(lowering_platforms=(platform,)).as_text()
   target = "tpu_custom_call" if backend == "tpu" else "__gpu$xla.gpu.triton"
-  assert text.count(f"@{target}") == 2  # the forward and the backward kernel
+  for extra in [(), (_abstract((batch, length), jnp.bool_),)]:  # without and with document resets
+    text = jax.jit(grads).trace(*args, *extra).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count(f"@{target}") == 2  # the forward and the backward kernel
 
 
 def test_lowering_rejects_illegal_blocks():

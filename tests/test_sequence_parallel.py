@@ -67,6 +67,41 @@ def test_cema_op_matches_one_device_values_state_and_gradients(impl):
     assert _rel(got, want) <= RTOL
 
 
+@pytest.mark.parametrize("impl", ["chunked", "sequential"])
+def test_cema_op_with_document_resets_matches_one_device(impl):
+  """Resets split over 4 sequence slices of 12 steps: row 0 resets at a slice start (12) and inside a slice (30),
+  row 1 twice inside one slice (25, 27), row 2 at t = 0, row 3 never. Values, final state and gradients (x, the
+  raw parameters, h0) equal the one-device run with the same resets."""
+  args = _cema_inputs()
+  resets = np.zeros((4, 48), bool)
+  resets[0, [12, 30]] = resets[1, [25, 27]] = resets[2, 0] = True
+  resets = jnp.asarray(resets)
+
+  def loss(par, x, alpha, delta, theta, gamma, omega, h0):
+    coeffs = cema_ops.cema_coefficients(alpha, delta, theta, gamma)
+    y, h = (sp.cema if par else cema_ops.cema)(x, coeffs, omega, h0, impl=impl, return_state=True, resets=resets)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.square(h)), (y, h)
+
+  grad = jax.value_and_grad(loss, argnums=tuple(range(1, 8)), has_aux=True)
+  (l0, aux0), g0 = jax.jit(grad, static_argnums=0)(False, *args)
+  mesh = _mesh((2, 4, 1, 1))
+  with jax.set_mesh(mesh):
+    x = jax.device_put(args[0], NamedSharding(mesh, P("data", "sequence")))
+    (l1, aux1), g1 = jax.jit(grad, static_argnums=0)(True, x, *args[1:])
+  for got, want in [(l1, l0), *zip(aux1, aux0), *zip(g1, g0)]:
+    assert _rel(got, want) <= RTOL
+  # The resets matter: without them the one-device output differs.
+  y_plain, _ = cema_ops.cema(args[0], cema_ops.cema_coefficients(*args[1:5]), args[5], args[6], impl=impl)
+  assert _rel(y_plain, aux0[0]) > 1e-2
+  # cema_carry alone: a slice holding a reset (keep 0) passes on only its local state.
+  local = jax.random.normal(jax.random.key(1), (3, 2, 2, 2, 2))
+  h_in, h_out = sp.cema_carry(jnp.ones((2, 2)), jnp.zeros((2, 2)), local, jnp.ones((2, 2, 2, 2)), jnp.int32(1),
+                              keep=jnp.asarray([[1.0, 1.0], [0.0, 1.0], [1.0, 1.0]]))
+  np.testing.assert_allclose(h_in, 1.0 + local[0], rtol=1e-6)
+  np.testing.assert_allclose(h_out[0], local[1, 0], rtol=1e-6)
+  np.testing.assert_allclose(h_out[1], 1.0 + local[0, 1] + local[1, 1], rtol=1e-6)
+
+
 def test_timestep_norm_op_matches_one_device_with_a_carried_state_and_padding():
   b, l, d, g = 4, 48, 16, 4
   x = jax.random.normal(jax.random.key(1), (b, l, d)) * 3 + 1
@@ -82,6 +117,33 @@ def test_timestep_norm_op_matches_one_device_with_a_carried_state_and_padding():
   (l0, (y0, s0)), g0 = jax.jit(grad, static_argnums=0)(False, x, w, bias)
   mesh = _mesh((2, 4, 1, 1))
   with jax.set_mesh(mesh):
+    (l1, (y1, s1)), g1 = jax.jit(grad, static_argnums=0)(True, x, w, bias)
+  np.testing.assert_array_equal(tsn.total_count(s1), tsn.total_count(s0))
+  for got, want in [(l1, l0), (y1, y0), (s1.mean, s0.mean), (s1.var, s0.var), *zip(g1, g0)]:
+    assert _rel(got, want) <= RTOL
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_timestep_norm_op_with_document_resets_matches_one_device(padded):
+  b, l, d, g = 4, 48, 16, 4  # slices of 12 on a sequence axis of 4
+  x = jax.random.normal(jax.random.key(3), (b, l, d)) * 2 - 1
+  w, bias = jax.random.normal(jax.random.key(4), (d,)) * 0.1, jnp.full((d,), -0.1)
+  resets = jnp.zeros((b, l), bool)
+  resets = resets.at[0, [0, 12, 30]].set(True)  # a reset at the first step and at a slice start
+  resets = resets.at[1, [5, 7, 40]].set(True)  # two in one slice
+  resets = resets.at[3, 47].set(True)  # on the very last step; row 2 has none
+  mask = jnp.zeros((b, l), bool).at[1, 20:30].set(True) if padded else None
+  state = tsn.initial_state(b, 5, jnp.full((g,), 0.5), jnp.zeros((g,)))
+  prior = tsn.initial_state(b, 0, jnp.zeros((g,)), jnp.zeros((g,)))
+
+  def loss(par, x, w, bias):
+    fn = sp.timestep_norm if par else tsn.timestep_norm
+    y, st = fn(x, w, bias, state, num_groups=g, eps=1e-5, mask=mask, resets=resets, prior=prior)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(st.mean) + jnp.sum(st.var), (y, st)
+
+  grad = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)
+  (l0, (y0, s0)), g0 = jax.jit(grad, static_argnums=0)(False, x, w, bias)
+  with jax.set_mesh(_mesh((2, 4, 1, 1))):
     (l1, (y1, s1)), g1 = jax.jit(grad, static_argnums=0)(True, x, w, bias)
   np.testing.assert_array_equal(tsn.total_count(s1), tsn.total_count(s0))
   for got, want in [(l1, l0), (y1, y0), (s1.mean, s0.mean), (s1.var, s0.var), *zip(g1, g0)]:

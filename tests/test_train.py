@@ -113,10 +113,30 @@ def straight_run(tmp_path_factory, data_dir):
   return losses(workdir)
 
 
+RESET = ("--config.data.document_boundaries=reset",)
+
+
+@pytest.fixture(scope="module")
+def straight_reset_run(tmp_path_factory, data_dir):
+  workdir = str(tmp_path_factory.mktemp("straight_reset"))
+  proc = subprocess.run(_cli(workdir, f"--config.data.data_dir={data_dir}", *RESUME_OVERRIDES, *RESET), cwd=REPO,
+                        env=_env(), capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return losses(workdir)
+
+
+def test_document_resets_train_differently_and_resume_exactly(tmp_path, data_dir, straight_run, straight_reset_run):
+  """document_boundaries=reset: the same tokens give other losses (the model restarts at each document and skips
+  first-token targets), and a run killed with SIGKILL resumes bit for bit (the packer's state is unchanged)."""
+  assert set(straight_reset_run) == set(straight_run)
+  assert straight_reset_run != straight_run
+  test_resume_after_kill_is_bitwise_exact(tmp_path, data_dir, straight_reset_run, signal.SIGKILL, extra=RESET)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_resume_after_kill_is_bitwise_exact(tmp_path, data_dir, straight_run, sig):
+def test_resume_after_kill_is_bitwise_exact(tmp_path, data_dir, straight_run, sig, extra=()):
   workdir = str(tmp_path / "run")
-  cmd = _cli(workdir, f"--config.data.data_dir={data_dir}", *RESUME_OVERRIDES)
+  cmd = _cli(workdir, f"--config.data.data_dir={data_dir}", *RESUME_OVERRIDES, *extra)
   proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
   ckpt_dir = os.path.join(workdir, "checkpoints")

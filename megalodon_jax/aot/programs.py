@@ -56,7 +56,7 @@ def train_program(run: _Run) -> Program:
   chips = len(run.devices)
   flops = flops_lib.train_step_flops(run.model_cfg, cfg.batch_size, cfg.seq_len, causal_attention=True) / chips
   # With a sequence axis a chip holds a slice of a sequence: seqs_per_chip is then a fraction.
-  return Program("train_step", run.train_step, (run.abstract_state, {"inputs": batch, "targets": batch}), flops,
+  return Program("train_step", run.train_step, (run.abstract_state, {k: batch for k in run.batch_keys}), flops,
                  {"batch": cfg.batch_size, "seq_len": cfg.seq_len, "seqs_per_chip": cfg.batch_size / shards,
                   "grad_accum_steps": cfg.grad_accum_steps})
 

@@ -3,10 +3,15 @@
 Packing (GPT style): each document is tokenized, the tokenizer's EOS is appended when `data.add_eos` is set and the
 tokenizer has one (the byte tokenizer has none: documents simply follow each other), the documents are concatenated
 in order and the stream is cut into non-overlapping windows of `seq_len + 1` tokens. A window `w` gives
-`inputs = w[:-1]` and `targets = w[1:]`. Windows cross document boundaries and nothing marks them: the model keeps
-its CEMA, normalisation and attention state across the separator, so a document's first tokens are predicted with
-the previous document in context. That is the standard practice for packed LM training and what the official
-Megalodon training does.
+`inputs = w[:-1]` and `targets = w[1:]`. Windows cross document boundaries. `data.document_boundaries` says what
+the model does there:
+- "carry" (default, the official training): nothing marks them; the model keeps its CEMA, normalisation and
+  attention state across the separator, so a document's first tokens are predicted with the previous document in
+  context. Batches hold only `inputs` and `targets`.
+- "reset": batches also hold, per input token, `segment_ids` (1, 2, ... numbering the documents of the window) and
+  `positions` (the token's index in its document; 0 marks a document start, where the model restarts its state),
+  and `target_mask` (0 where the target is the first token of the next document, which the loss skips). The
+  tokens are the same as with "carry".
 
 Training: documents are sharded per process (process p reads documents p, p + P, p + 2P, ... of the split: disjoint
 and together covering), shuffled with a seed-derived key and reshuffled every epoch (grain's ShuffleMapDataset uses
@@ -69,17 +74,32 @@ class _Tokenize:
     return ids.astype(np.int32, copy=False)
 
 
+def window_batch(window: np.ndarray, positions: Optional[np.ndarray]) -> Batch:
+  """One packed window (seq_len + 1,) as a training example; `positions` (same shape, index of each token in its
+  document) adds the "reset" features: segment_ids, positions and target_mask, all (seq_len,) int32."""
+  out = {"inputs": window[:-1], "targets": window[1:]}
+  if positions is not None:
+    starts = positions == 0
+    starts[0] = True  # the window's first document is segment 1 wherever it began
+    segment_ids = np.cumsum(starts, dtype=np.int32)
+    out.update(segment_ids=segment_ids[:-1], positions=positions[:-1].astype(np.int32),
+               target_mask=(positions[1:] != 0).astype(np.int32))
+  return out
+
+
 class _PackIterator(grain.DatasetIterator):
-  """Concatenates 1-D token arrays and cuts them into windows; yields {"inputs", "targets"}: (seq_len,) int32.
+  """Concatenates 1-D token arrays and cuts them into windows; yields {"inputs", "targets"}: (seq_len,) int32, plus
+  the "reset" features of `window_batch` when `with_positions`.
 
   State: `parent` = the parent's state just before the current document, `offset` = its tokens already used
   (offset 0 means no current document: `parent` is then the parent's live state).
   """
 
-  def __init__(self, parent: grain.DatasetIterator, window: int, max_empty: int):
+  def __init__(self, parent: grain.DatasetIterator, window: int, max_empty: int, with_positions: bool = False):
     super().__init__(parent)
     self._window = window
     self._max_empty = max_empty
+    self._with_positions = with_positions
     self._doc = np.zeros((0,), np.int32)
     self._doc_state = None
     self._offset = 0
@@ -94,16 +114,18 @@ class _PackIterator(grain.DatasetIterator):
     raise DataError(f"the training documents produce no tokens ({self._max_empty + 1} empty documents in a row)")
 
   def __next__(self) -> Batch:
-    pieces, need = [], self._window
+    pieces, positions, need = [], [], self._window
     while need:
       if self._offset == self._doc.size:
         self._next_doc()
       take = min(need, self._doc.size - self._offset)
       pieces.append(self._doc[self._offset:self._offset + take])
+      if self._with_positions:
+        positions.append(np.arange(self._offset, self._offset + take, dtype=np.int32))
       self._offset += take
       need -= take
     w = np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy()
-    return {"inputs": w[:-1], "targets": w[1:]}
+    return window_batch(w, np.concatenate(positions) if self._with_positions else None)
 
   def get_state(self) -> dict[str, Any]:
     if self._offset == self._doc.size:
@@ -123,13 +145,14 @@ class _PackIterator(grain.DatasetIterator):
 
 class _PackIterDataset(grain.IterDataset):
 
-  def __init__(self, parent: grain.IterDataset, window: int, max_empty: int):
+  def __init__(self, parent: grain.IterDataset, window: int, max_empty: int, with_positions: bool = False):
     super().__init__(parent)
     self._window = window
     self._max_empty = max_empty
+    self._with_positions = with_positions
 
   def __iter__(self) -> _PackIterator:
-    return _PackIterator(self._parent.__iter__(), self._window, self._max_empty)
+    return _PackIterator(self._parent.__iter__(), self._window, self._max_empty, self._with_positions)
 
   def __str__(self) -> str:
     return f"_PackIterDataset(window={self._window})"
@@ -168,7 +191,8 @@ class TrainIterator:
     if not isinstance(state, dict) or state.get("version") != _STATE_VERSION or "position" not in state:
       raise DataError(f"not a data iterator state of this version: {str(state)[:200]}")
     saved = state.get("data", {})
-    diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
+    diff = {k: (saved.get(k), self._fingerprint.get(k)) for k in {**saved, **self._fingerprint}
+            if saved.get(k) != self._fingerprint.get(k)}
     if set(diff) == {"process_index"}:
       raise DataError(f"this data iterator state was saved by process {saved.get('process_index')}, not by process "
                       f"{self._fingerprint['process_index']}: each process reads its own documents, so each must "
@@ -217,11 +241,13 @@ def make_train_iterator(data_cfg: Any, *, seq_len: int, batch_size: int, seed: i
   docs = docs.map(_Tokenize(tokenizer, sources.field(data_cfg, "add_eos")))
   # A few threads tokenize ahead; grain keeps their output in order, so batches do not depend on timing.
   stream = docs.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
-  windows = _PackIterDataset(stream, seq_len + 1, max_empty=shard_len)
+  reset = sources.field(data_cfg, "document_boundaries") == "reset"
+  windows = _PackIterDataset(stream, seq_len + 1, max_empty=shard_len, with_positions=reset)
   batches = windows.batch(local_batch, drop_remainder=True)
   fingerprint = {"source": source.description, "documents": len(source),
                  "tokenizer": f"{type(tokenizer).__name__}(vocab={tokenizer.vocab_size}, eos={tokenizer.eos_id})",
                  "add_eos": bool(sources.field(data_cfg, "add_eos")), "seed": int(seed),
+                 **({"document_boundaries": "reset"} if reset else {}),  # absent for carry: old states still load
                  "process_index": int(process_index), "process_count": int(process_count)}
   return TrainIterator(batches, fingerprint)
 
@@ -253,12 +279,21 @@ def make_eval_batches(data_cfg: Any, *, seq_len: int, batch_size: int, num_batch
       break
     pieces.append(tokenize(source[i]))
     total += pieces[-1].size
+  reset = sources.field(data_cfg, "document_boundaries") == "reset"
   n_batches = min(num_batches, total // (batch_size * window))
   if n_batches == 0:
     name = f"data.eval_split={split!r}" if key == "eval_split" else f"split={split!r}"
     raise DataError(f"{name} has {total} tokens, fewer than one evaluation batch needs: {batch_size * window} "
                     f"(batch_size {batch_size} x (seq_len + 1) {window}); lower batch_size or seq_len, or hold out "
                     f"more documents (data.validation_percent for stdlib / text_files / jsonl)")
-  tokens = np.concatenate(pieces)[:n_batches * batch_size * window].reshape(n_batches, batch_size, window)
-  local = tokens[:, process_index * local_batch:(process_index + 1) * local_batch]
-  return [{"inputs": np.ascontiguousarray(w[:, :-1]), "targets": np.ascontiguousarray(w[:, 1:])} for w in local]
+  shape, size = (n_batches, batch_size, window), n_batches * batch_size * window
+  tokens = np.concatenate(pieces)[:size].reshape(shape)
+  positions = np.concatenate([np.arange(p.size, dtype=np.int32) for p in pieces])[:size].reshape(shape) \
+      if reset else None
+  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  out = []
+  for b in range(n_batches):
+    examples = [window_batch(tokens[b, r], None if positions is None else positions[b, r].copy())
+                for r in range(rows.start, rows.stop)]
+    out.append({k: np.stack([e[k] for e in examples]) for k in examples[0]})
+  return out

@@ -36,11 +36,12 @@ except ImportError:  # not on Windows: prepare without the lock
 log = logging.getLogger(__name__)
 
 DATASETS = ("stdlib", "text_files", "jsonl", "enwik8", "tfds")
+DOCUMENT_BOUNDARIES = ("carry", "reset")
 
 # Config fields and the defaults used when an object lacks one (configs/default.py has the same values).
 _DEFAULTS = dict(dataset="stdlib", path="", manual_dir="", name="", text_key="text", data_dir="", train_split="train",
                  eval_split="validation", validation_percent=5, max_documents=0, tokenizer="bytes", tokenizer_path="",
-                 add_eos=True, worker_count=0)
+                 add_eos=True, worker_count=0, document_boundaries="carry")
 
 tfds.disable_progress_bar()
 
@@ -83,6 +84,9 @@ def _plan(data_cfg: Any) -> _Plan:
   if workers != 0:
     raise DataError(f"data.worker_count={workers!r}: only 0 is supported (documents are tokenized and packed in the "
                     f"main process, which keeps up with training on the datasets here)")
+  if field(data_cfg, "document_boundaries") not in DOCUMENT_BOUNDARIES:
+    raise DataError(f"data.document_boundaries={field(data_cfg, 'document_boundaries')!r}: use 'carry' (state flows "
+                    f"across packed documents, the official training) or 'reset' (the model restarts at each)")
   if not isinstance(field(data_cfg, "add_eos"), bool):
     raise DataError(f"data.add_eos={field(data_cfg, 'add_eos')!r}: must be True or False")
   for key in ("train_split", "eval_split"):

@@ -12,6 +12,7 @@ from flax import nnx
 
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.nn.cema import ComplexEMA
+from megalodon_jax.nn.documents import Documents
 from megalodon_jax.nn.layers import Linear, RMSNorm, TimestepNorm
 from megalodon_jax.ops import attention as attn_ops
 from megalodon_jax.ops.partitioning import constrain
@@ -73,7 +74,7 @@ class MovingAverageGatedAttention(nnx.Module):
     self.dtype = dt
 
   def __call__(self, x: jax.Array, inv_freq: jax.Array, cache: Optional[LayerCache] = None,
-               count: Optional[jax.Array] = None):
+               count: Optional[jax.Array] = None, docs: Optional[Documents] = None):
     """Attention sub-layer.
 
     Args:
@@ -81,14 +82,19 @@ class MovingAverageGatedAttention(nnx.Module):
       inv_freq: (dz/2,) float32 RoPE frequencies.
       cache: this layer's LayerCache to continue a stream, or None for a stand-alone sequence.
       count: () int32 tokens already in the current chunk (with a cache).
+      docs: document boundaries of packed rows (nn/documents.py), or None: TimestepNorm and CEMA restart at
+        `docs.resets`, attention never crosses a document (`docs.segment_ids`; with a cache the cached slots' ids
+        are `docs.cache_segment_ids`, the model's Cache.segment_ids, which the layer does not return).
     Returns:
       y = x + h: (B, L, D) in the compute dtype, and the updated LayerCache (None without a cache).
     """
     b, l, _ = x.shape
     h = self.num_heads
-    xn, norm_state = self.timenorm(x, None if cache is None else cache.norm)
+    resets = None if docs is None else docs.resets
+    segment_ids = None if docs is None else docs.segment_ids
+    xn, norm_state = self.timenorm(x, None if cache is None else cache.norm, resets=resets)
     c, cema_state = self.cema(constrain(xn, BTD), None if cache is None else cache.cema,
-                              return_state=cache is not None)
+                              return_state=cache is not None, resets=resets)
     mx = constrain(self.hidden_dropout(self.rmsnorm(constrain(c, BTD)).astype(self.dtype)), BTD)
 
     q, k = attn_ops.normalized_qk(self.wz(mx), self.gamma[...], self.beta[...], h, self.norm_eps)
@@ -103,10 +109,13 @@ class MovingAverageGatedAttention(nnx.Module):
     positions = (offset + jnp.arange(l)) % self.chunk_size
     q, k = attn_ops.rope(q, inv_freq, positions), attn_ops.rope(k, inv_freq, positions)
     if cache is None:
-      out = attn_ops.chunked_causal_attention(q, k, v, self.chunk_size, **drop)
+      out = attn_ops.chunked_causal_attention(q, k, v, self.chunk_size, segment_ids=segment_ids, **drop)
       new_cache = None
     else:
-      out, ck, cv, _ = attn_ops.attention_with_cache(q, k, v, cache.k, cache.v, count, self.chunk_size, **drop)
+      out, ck, cv, *_ = attn_ops.attention_with_cache(q, k, v, cache.k, cache.v, count, self.chunk_size,
+                                                      segment_ids=segment_ids,
+                                                      cache_segment_ids=None if docs is None else
+                                                      docs.cache_segment_ids, **drop)
       new_cache = LayerCache(ck, cv, norm_state, cema_state)
     out = constrain(out, BTHD)
     a = self.hidden_dropout(out.reshape(b, l, -1) * r)

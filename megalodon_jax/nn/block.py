@@ -9,6 +9,7 @@ from flax import nnx
 
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.nn.attention import LayerCache, MovingAverageGatedAttention
+from megalodon_jax.nn.documents import Documents
 from megalodon_jax.nn.ffn import NormalizedFeedForward
 from megalodon_jax.ops.partitioning import constrain
 
@@ -23,8 +24,10 @@ class MegalodonBlock(nnx.Module):
     self.nffn = NormalizedFeedForward(config, layer_id, rngs=rngs)
 
   def __call__(self, x: jax.Array, inv_freq: jax.Array, cache: Optional[LayerCache] = None,
-               count: Optional[jax.Array] = None):
-    """x: (B, L, D) -> ((B, L, D), updated LayerCache or None). The FFN's residual is the block input x."""
+               count: Optional[jax.Array] = None, docs: Optional[Documents] = None):
+    """x: (B, L, D) -> ((B, L, D), updated LayerCache or None). The FFN's residual is the block input x.
+
+    docs: document boundaries of packed rows (nn/documents.py); only the attention unit holds state to restart."""
     x = constrain(x, BTD)
-    y, cache = self.mega(x, inv_freq, cache, count)
+    y, cache = self.mega(x, inv_freq, cache, count, docs)
     return constrain(self.nffn(constrain(y, BTD), x), BTD), cache

@@ -51,11 +51,16 @@ class ComplexEMA(nnx.Module):
   def coefficients(self) -> cema_ops.CEMACoeffs:
     return cema_ops.cema_coefficients(self.alpha[...], self.delta[...], self.theta[...], self.gamma[...])
 
-  def __call__(self, x: jax.Array, h0: Optional[jax.Array] = None, return_state: bool = False):
+  def __call__(self, x: jax.Array, h0: Optional[jax.Array] = None, return_state: bool = False,
+               resets: Optional[jax.Array] = None):
     """x: (B, L, D) -> (y (B, L, D) float32, final state (B, D, N, 2) float32 or None).
+
+    resets: optional (B, L) bool, True where a packed document starts; the state restarts there
+    (docs/model.md#cema). None: the plain recurrence.
 
     Under a mesh whose `sequence` axis splits L, each slice runs `impl` locally and the state is carried across the
     slices (ops/sequence_parallel.py); the result is the same.
     """
     fn = sp.cema if sp.sequence_mesh(x.shape[1]) is not None else cema_ops.cema
-    return fn(x, self.coefficients(), self.omega[...], h0, impl=self.impl, return_state=return_state)
+    return fn(x, self.coefficients(), self.omega[...], h0, impl=self.impl, return_state=return_state,
+              resets=resets)

@@ -103,14 +103,18 @@ class TimestepNorm(nnx.Module):
   def initial_state(self, batch_size: int) -> tsn.NormState:
     return tsn.initial_state(batch_size, self.prior_count[...], self.prior_mean[...], self.prior_logv[...])
 
-  def __call__(self, x: jax.Array, state: Optional[tsn.NormState] = None, mask: Optional[jax.Array] = None):
+  def __call__(self, x: jax.Array, state: Optional[tsn.NormState] = None, mask: Optional[jax.Array] = None,
+               resets: Optional[jax.Array] = None):
     """x: (B, L, D) -> (y (B, L, D) in x.dtype, NormState after the last step).
 
-    Under a mesh whose `sequence` axis splits L, the statistics are carried across the slices
-    (ops/sequence_parallel.py); the result is the same.
+    resets: optional (B, L) bool, True where a packed document starts: the statistics restart there from the
+    priors, as for a fresh stream. Under a mesh whose `sequence` axis splits L, the statistics are carried across
+    the slices (ops/sequence_parallel.py); the result is the same.
     """
     if state is None:
       state = self.initial_state(x.shape[0])
     fn = sp.timestep_norm if sp.sequence_mesh(x.shape[1]) is not None else tsn.timestep_norm
-    return fn(x, self.weight[...], self.bias[...], state, num_groups=self.num_groups, eps=self.eps,
-                             mask=mask)
+    if resets is None:
+      return fn(x, self.weight[...], self.bias[...], state, num_groups=self.num_groups, eps=self.eps, mask=mask)
+    return fn(x, self.weight[...], self.bias[...], state, num_groups=self.num_groups, eps=self.eps, mask=mask,
+              resets=resets, prior=self.initial_state(x.shape[0]))

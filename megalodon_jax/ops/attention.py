@@ -113,8 +113,8 @@ def _softmax_attend(scores: jax.Array, allowed: jax.Array, v: jax.Array, einsum_
 
 
 def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int, *,
-                             dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
-                             drop_key: bool = False, impl: str = "xla",
+                             segment_ids: Optional[jax.Array] = None, dropout_rate: float = 0.0,
+                             dropout_rng: Optional[jax.Array] = None, drop_key: bool = False, impl: str = "xla",
                              chunk_loop: Optional[bool] = None) -> jax.Array:
   """Block-diagonal causal attention over chunks of `chunk_size` (the last one may be partial).
 
@@ -122,6 +122,10 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_siz
     q, k: (B, L, H, dz) already rotated with chunk-local positions.
     v: (B, L, H, dv).
     chunk_size: C. A sequence with L ≤ C is one chunk.
+    segment_ids: optional (B, L) int32 document ids of packed rows: query i then sees key j only when
+      segment_ids[b, i] == segment_ids[b, j] (besides same chunk and j ≤ i), so attention never crosses a document
+      boundary. A query always sees itself, so no row is empty. None: no document mask (exactly the code without
+      this argument).
     dropout_rate, dropout_rng, drop_key: attention dropout; DropKey masks logits before the softmax,
       otherwise probabilities are dropped and rescaled after it.
     impl: "xla" (this function) or "pallas" (the kernel; interpret mode on CPU). Both draw the same dropout
@@ -137,17 +141,33 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_siz
   if impl == "pallas":
     from pallas_kernels.chunked_attention import chunked_attention  # pylint: disable=import-outside-toplevel
     # Chunk parallelism: the kernel also splits the length over `sequence` when every shard holds whole chunks.
-    return chunked_attention(q, k, v, chunk_size, length_axes=_LENGTH_AXES,
+    return chunked_attention(q, k, v, chunk_size, segment_ids=segment_ids, length_axes=_LENGTH_AXES,
                              **_pallas_options(dropout_rate, dropout_rng, drop_key))
+  if segment_ids is not None:
+    segment_ids = _check_segment_ids(segment_ids, q.shape[:2], "segment_ids")
   drop = attention_dropout.make(dropout_rate, dropout_rng, drop_key, q.shape[0], q.shape[2])
   split = _sequence_split(q.shape, chunk_size)
   if split is not None:
-    return _xla_over_slices(q, k, v, chunk_size, split, drop, chunk_loop)
-  return _xla_chunked(q, k, v, chunk_size, drop, chunk_loop)
+    return _xla_over_slices(q, k, v, chunk_size, split, drop, chunk_loop, segment_ids)
+  return _xla_chunked(q, k, v, chunk_size, drop, chunk_loop, segment_ids)
+
+
+def _check_segment_ids(ids: jax.Array, shape, name: str) -> jax.Array:
+  """ids as int32, after checking they are (B, L) for q's (B, L)."""
+  if tuple(ids.shape) != tuple(shape):
+    raise ValueError(f"{name} must be (batch, length) = {tuple(shape)}; got shape {tuple(ids.shape)}")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise TypeError(f"{name} must be integers; got dtype {ids.dtype}")
+  return ids.astype(jnp.int32)
+
+
+def _same_segment(q_ids: jax.Array, k_ids: jax.Array) -> jax.Array:
+  """(…, Tq, 1) == (…, 1, Tk): which keys share the query's document."""
+  return q_ids[..., :, None] == k_ids[..., None, :]
 
 
 def _xla_chunked(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int, drop: Optional[AttentionDropout],
-                 chunk_loop: Optional[bool]) -> jax.Array:
+                 chunk_loop: Optional[bool], segment_ids: Optional[jax.Array] = None) -> jax.Array:
   """`chunked_causal_attention` in XLA on whole (or slice-local) arrays; dropout hashes positions 0…L-1."""
   b, l, h, dz = q.shape
   dv = v.shape[-1]
@@ -161,10 +181,13 @@ def _xla_chunked(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int, drop
   kc = k.reshape(b, nc, c, h, dz)
   vc = v.reshape(b, nc, c, h, dv)
   causal = jnp.tril(jnp.ones((c, c), dtype=bool))
+  segc = None
+  if segment_ids is not None:  # padded ids (0) belong to padded rows only, which the causal mask already hides
+    segc = jnp.pad(segment_ids, ((0, 0), (0, pad))).reshape(b, nc, c)
   if chunk_loop is None:
     chunk_loop = current_platform() != "cpu"
   if chunk_loop and nc > 1:
-    out = _chunk_loop(qc, kc, vc, causal, drop)
+    out = _chunk_loop(qc, kc, vc, causal, drop, segc)
   else:
     scores = jnp.einsum("bnqhd,bnkhd->bnhqk", qc, kc, preferred_element_type=jnp.float32)
     keep = None
@@ -172,7 +195,8 @@ def _xla_chunked(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int, drop
       pos = (jnp.arange(nc) * c)[:, None] + jnp.arange(c)[None, :]  # (M, C) sequence positions
       keep = attention_dropout.keep_mask(drop, drop.bh[:, None, :, None, None], pos[None, :, None, :, None],
                                          pos[None, :, None, None, :])
-    out = _softmax_attend(scores, causal, vc, "bnhqk,bnkhd->bnqhd", drop, keep)
+    allowed = causal if segc is None else causal & _same_segment(segc, segc)[:, :, None]  # (B, M, 1, C, C)
+    out = _softmax_attend(scores, allowed, vc, "bnhqk,bnkhd->bnqhd", drop, keep)
   return out.reshape(b, nc * c, h, dv)[:, :l].astype(v.dtype)
 
 
@@ -194,7 +218,7 @@ def _sequence_split(shape, chunk_size: int):
   return mesh, fit(_BATCH_AXES, shape[0]), fit(_HEAD_AXES, shape[2])
 
 
-def _xla_over_slices(q, k, v, chunk_size, split, drop: Optional[AttentionDropout], chunk_loop):
+def _xla_over_slices(q, k, v, chunk_size, split, drop: Optional[AttentionDropout], chunk_loop, segment_ids=None):
   """The XLA attention on each length slice under `shard_map`: chunks never cross a slice, so nothing moves.
 
   Without it XLA would gather the whole length for the chunk loop's scan. Dropout hashes the global batch and
@@ -203,9 +227,11 @@ def _xla_over_slices(q, k, v, chunk_size, split, drop: Optional[AttentionDropout
   """
   mesh, bax, hax = split
   spec = P(bax or None, "sequence", hax or None, None)
+  id_args = () if segment_ids is None else (segment_ids,)  # split like q's batch and length
   heads_total = q.shape[2]
 
-  def body(q, k, v, *seeds):
+  def body(q, k, v, *rest):
+    ids, seeds = rest[:len(id_args)], rest[len(id_args):]
     local = None
     if seeds:
       mix = jax.lax.axis_index("sequence").astype(jnp.int32) * jnp.int32(attention_dropout.SLICE_SEED_STEP)
@@ -213,16 +239,19 @@ def _xla_over_slices(q, k, v, chunk_size, split, drop: Optional[AttentionDropout
       h_off = jax.lax.axis_index(hax) * q.shape[2] if hax else 0
       bh = attention_dropout.head_coordinates(q.shape[0], q.shape[2], b_off, h_off, heads_total)
       local = AttentionDropout(drop.rate, drop.drop_key, seeds[0] + jnp.stack([jnp.int32(0), mix]), bh)
-    return _xla_chunked(q, k, v, chunk_size, local, chunk_loop)
+    return _xla_chunked(q, k, v, chunk_size, local, chunk_loop, ids[0] if ids else None)
 
   seeds = () if drop is None else (drop.seeds,)
-  return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec) + (P(),) * len(seeds), out_specs=spec,
-                       check_vma=False)(q, k, v, *seeds)
+  in_specs = (spec, spec, spec) + (P(bax or None, "sequence"),) * len(id_args) + (P(),) * len(seeds)
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=spec,
+                       check_vma=False)(q, k, v, *id_args, *seeds)
 
 
 def _chunk_loop(qc: jax.Array, kc: jax.Array, vc: jax.Array, causal: jax.Array,
-                drop: Optional[AttentionDropout]) -> jax.Array:
+                drop: Optional[AttentionDropout], segc: Optional[jax.Array] = None) -> jax.Array:
   """Attention of each chunk in turn: qc, kc (B, M, C, H, dz), vc (B, M, C, H, dv) -> (B, M, C, H, dv) float32.
+
+  segc: optional (B, M, C) int32 document ids (`chunked_causal_attention`'s segment_ids by chunk).
 
   The body is rematerialised (`jax.checkpoint`), so the backward pass saves only each chunk's q, k, v (which
   exist anyway) and recomputes its scores, instead of stacking every chunk's scores and probabilities. The dropout
@@ -231,19 +260,21 @@ def _chunk_loop(qc: jax.Array, kc: jax.Array, vc: jax.Array, causal: jax.Array,
   c = qc.shape[2]
 
   @jax.checkpoint
-  def one(q, k, v, index):
+  def one(q, k, v, index, *seg):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     keep = None
     if drop is not None:
       pos = index * c + jnp.arange(c)
       keep = attention_dropout.keep_mask(drop, drop.bh[:, :, None, None], pos[:, None], pos[None, :])
-    return _softmax_attend(scores, causal, v, "bhqk,bkhd->bqhd", drop, keep)
+    allowed = causal if not seg else causal & _same_segment(seg[0], seg[0])[:, None]  # (B, 1, C, C)
+    return _softmax_attend(scores, allowed, v, "bhqk,bkhd->bqhd", drop, keep)
 
   def body(_, xs):
     return None, one(*xs)
 
   moved = [jnp.moveaxis(t, 1, 0) for t in (qc, kc, vc)]
-  _, out = jax.lax.scan(body, None, (*moved, jnp.arange(qc.shape[1])))
+  seg = () if segc is None else (jnp.moveaxis(segc, 1, 0),)
+  _, out = jax.lax.scan(body, None, (*moved, jnp.arange(qc.shape[1]), *seg))
   return jnp.moveaxis(out, 0, 1)
 
 
@@ -254,7 +285,8 @@ def _decode_kernel_takes(chunk_size: int) -> bool:
 
 
 def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-                         count: jax.Array, chunk_size: int, *, dropout_rate: float = 0.0,
+                         count: jax.Array, chunk_size: int, *, segment_ids: Optional[jax.Array] = None,
+                         cache_segment_ids: Optional[jax.Array] = None, dropout_rate: float = 0.0,
                          dropout_rng: Optional[jax.Array] = None, drop_key: bool = False, impl: str = "xla"):
   """Chunked causal attention continuing a stream whose current chunk already holds `count` tokens.
 
@@ -268,22 +300,34 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
     cache_k: (B, C, H, dz), cache_v: (B, C, H, dv): slots [0, count) hold the current chunk's earlier tokens.
     count: () int32, 0 ≤ count < C.
     chunk_size: C.
+    segment_ids: optional (B, L) int32 document ids of the new tokens (as `chunked_causal_attention`); a query sees
+      only cached and new keys of its own document. Ids live in one space along the whole stream (e.g. a running
+      document counter), so a cached token of an earlier document never matches a later one.
+    cache_segment_ids: (B, C) int32 ids of the cache slots (slots [0, count) matter), required with segment_ids.
     impl: "xla" or "pallas" (the kernel's decode call for L ≤ C, its prefill call on the frame otherwise). A
       chunk size the decode kernel cannot tile (not a multiple of 16) takes the XLA path for L ≤ C, chosen at
       trace time; it computes the same attention with the same dropout masks.
   Returns:
-    out: (B, L, H, dv) in v.dtype; new cache_k, cache_v (same shapes) and new count = (count + L) mod C.
+    out: (B, L, H, dv) in v.dtype; new cache_k, cache_v (same shapes) and new count = (count + L) mod C; with
+    segment_ids, a fifth value: the new cache_segment_ids (B, C) int32, slot for slot like the new cache_k.
   """
   b, l, h, _ = q.shape
   c = chunk_size
   count = jnp.asarray(count, jnp.int32)
+  seg = None
+  if segment_ids is not None:
+    if cache_segment_ids is None:
+      raise ValueError("attention_with_cache: segment_ids needs cache_segment_ids (the cache slots' ids)")
+    seg = _check_segment_ids(segment_ids, (b, l), "segment_ids")
+    cache_seg = _check_segment_ids(cache_segment_ids, (b, c), "cache_segment_ids")
   if impl == "pallas":
     _check_pallas_dropout(dropout_rate, drop_key)
     if l <= c and not _decode_kernel_takes(c):
       impl = "xla"
   if l == 1 and impl != "pallas":
     drop = attention_dropout.make(dropout_rate, dropout_rng, drop_key, b, h)
-    return _decode_step(q, k, v, cache_k, cache_v, count, c, drop)
+    return _decode_step(q, k, v, cache_k, cache_v, count, c, drop,
+                        None if seg is None else (seg, cache_seg))
   # Frame length: room for the cached prefix and the new tokens, plus one chunk so the slice that becomes the
   # next cache (starting at the last chunk boundary) never runs off the end.
   frame = (-(-l // c) + 1) * c
@@ -294,14 +338,19 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
     return jax.lax.dynamic_update_slice_in_dim(buf, new, count, axis=1)
 
   kf, vf = place(cache_k, k), place(cache_v, v)
+  # Frame ids: zeros past the new tokens, where only keys after every query lie.
+  segf = None if seg is None else place(cache_seg, seg)
   if l <= c and impl == "pallas":
     from pallas_kernels.chunked_attention import chunked_attention_decode  # pylint: disable=import-outside-toplevel
-    out = chunked_attention_decode(q, kf, vf, count, c, **_pallas_options(dropout_rate, dropout_rng, drop_key))
+    out = chunked_attention_decode(q, kf, vf, count, c, q_segment_ids=seg, kv_segment_ids=segf,
+                                   **_pallas_options(dropout_rate, dropout_rng, drop_key))
   elif l <= c:
     # Short input: only the L real query rows, against the whole frame; cost O(L·(C + L)).
     qpos = count + jnp.arange(l)
     kpos = jnp.arange(frame)
     allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] // c == qpos[:, None] // c)
+    if seg is not None:
+      allowed = allowed & _same_segment(seg, segf)[:, None]  # (B, 1, L, F)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, kf, preferred_element_type=jnp.float32)
     drop = attention_dropout.make(dropout_rate, dropout_rng, drop_key, b, h)
     keep = None
@@ -312,31 +361,52 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
   else:
     # Long input: ordinary chunked attention over the frame (queries placed like keys), then cut out the rows.
     qf = place(jnp.zeros_like(cache_k, dtype=q.dtype), q)
-    out = chunked_causal_attention(qf, kf, vf, c, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                                   drop_key=drop_key, impl=impl)
+    out = chunked_causal_attention(qf, kf, vf, c, segment_ids=segf, dropout_rate=dropout_rate,
+                                   dropout_rng=dropout_rng, drop_key=drop_key, impl=impl)
     out = jax.lax.dynamic_slice_in_dim(out, count, l, axis=1)
   end = count + l
   start = (end // c) * c
   new_k = jax.lax.dynamic_slice_in_dim(kf, start, c, axis=1).astype(cache_k.dtype)
   new_v = jax.lax.dynamic_slice_in_dim(vf, start, c, axis=1).astype(cache_v.dtype)
-  return out, new_k, new_v, end % c
+  if seg is None:
+    return out, new_k, new_v, end % c
+  return out, new_k, new_v, end % c, jax.lax.dynamic_slice_in_dim(segf, start, c, axis=1)
+
+
+def next_cache_segment_ids(cache_segment_ids: jax.Array, segment_ids: jax.Array, count: jax.Array,
+                           chunk_size: int) -> jax.Array:
+  """The cache slots' ids after `attention_with_cache` appends segment_ids (B, L) to a chunk holding `count`
+  tokens whose ids are cache_segment_ids (B, C): (B, C) int32, slot for slot like its new cache_k (for a model
+  whose layers share one set of ids)."""
+  b, l = segment_ids.shape
+  c = chunk_size
+  buf = jnp.zeros((b, (-(-l // c) + 1) * c), jnp.int32)
+  buf = jax.lax.dynamic_update_slice_in_dim(buf, cache_segment_ids.astype(jnp.int32), 0, axis=1)
+  buf = jax.lax.dynamic_update_slice_in_dim(buf, segment_ids.astype(jnp.int32), count, axis=1)
+  return jax.lax.dynamic_slice_in_dim(buf, ((count + l) // c) * c, c, axis=1)
 
 
 def _decode_step(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-                 count: jax.Array, chunk_size: int, drop: Optional[AttentionDropout]):
+                 count: jax.Array, chunk_size: int, drop: Optional[AttentionDropout], segments=None):
   """`attention_with_cache` for one new token (L = 1), the decoding step.
 
   One token never crosses a chunk boundary (count < C), so its key and value are written into the cache in place
   and the query attends over the C cache slots; this avoids building and zero-filling the (B, 2C) frame of the
   general path on every generated token. Cache slots are frame positions, so dropout draws the frame path's mask.
+  segments: None, or (segment_ids (B, 1), cache_segment_ids (B, C)) int32; the token's id is written in place too.
   """
   new_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), count, axis=1)
   new_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), count, axis=1)
   kpos = jnp.arange(chunk_size)
   allowed = (kpos <= count)[None, :]  # (1, C): the chunk's tokens so far, this one included
+  if segments is not None:
+    new_seg = jax.lax.dynamic_update_slice_in_dim(segments[1], segments[0], count, axis=1)
+    allowed = allowed & _same_segment(segments[0], new_seg)[:, None]  # (B, 1, 1, C)
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, new_k.astype(q.dtype), preferred_element_type=jnp.float32)
   keep = None
   if drop is not None:
     keep = attention_dropout.keep_mask(drop, drop.bh[:, :, None, None], count[None, None], kpos[None, :])
   out = _softmax_attend(scores, allowed, new_v.astype(v.dtype), "bhqk,bkhd->bqhd", drop, keep)
-  return out.astype(v.dtype), new_k, new_v, (count + 1) % chunk_size
+  if segments is None:
+    return out.astype(v.dtype), new_k, new_v, (count + 1) % chunk_size
+  return out.astype(v.dtype), new_k, new_v, (count + 1) % chunk_size, new_seg

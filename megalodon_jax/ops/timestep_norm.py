@@ -103,6 +103,18 @@ def chan_merge(a, b):
   return n, mean, var
 
 
+def _step_summaries(x: jax.Array, num_groups: int, mask: Optional[jax.Array]):
+  """Per-step (count, mean, var) of `x` (B, L, D): each (B, L, G) float32; padded steps have count 0."""
+  b, l, d = x.shape
+  xf = x.astype(jnp.float32).reshape(b, l, num_groups, d // num_groups)
+  step_mean = jnp.mean(xf, axis=-1)
+  step_var = jnp.mean(jnp.square(xf - step_mean[..., None]), axis=-1)
+  step_n = jnp.ones((b, l, 1), jnp.float32)
+  if mask is not None:
+    step_n = jnp.where(mask[..., None], 0.0, step_n)
+  return jnp.broadcast_to(step_n, step_mean.shape), step_mean, step_var
+
+
 def local_prefix(x: jax.Array, num_groups: int, mask: Optional[jax.Array] = None):
   """The inclusive prefix of per-step (count, mean, var) summaries of `x` from an empty state.
 
@@ -111,15 +123,37 @@ def local_prefix(x: jax.Array, num_groups: int, mask: Optional[jax.Array] = None
   Returns:
     (n, mean, var), each (B, L, G) float32: the statistics of steps 0..t alone (no carried state).
   """
-  b, l, d = x.shape
-  xf = x.astype(jnp.float32).reshape(b, l, num_groups, d // num_groups)
-  step_mean = jnp.mean(xf, axis=-1)
-  step_var = jnp.mean(jnp.square(xf - step_mean[..., None]), axis=-1)
-  step_n = jnp.ones((b, l, 1), jnp.float32)
+  return jax.lax.associative_scan(chan_merge, _step_summaries(x, num_groups, mask), axis=1)
+
+
+def segmented_merge(a, b):
+  """`chan_merge` that restarts at flagged elements: (flag, summary) pairs; a flagged right side drops the left."""
+  fa, sa = a[0], a[1:]
+  fb, sb = b[0], b[1:]
+  merged = chan_merge(sa, sb)
+  return (fa | fb,) + tuple(jnp.where(fb, y, m) for y, m in zip(sb, merged))
+
+
+def reset_prefix(x: jax.Array, num_groups: int, resets: jax.Array, prior, mask: Optional[jax.Array] = None):
+  """Per-step statistics that restart from `prior` at every reset step (document boundaries).
+
+  Args:
+    x: (B, L, D).  num_groups: G.  resets: (B, L) bool, True where a new document starts.
+    prior: (count, mean, var), each (B, G) float32: what a fresh stream starts from (`state_summary` of the
+      `initial_state`).  mask: optional (B, L) bool padding (a reset on a padded step is ignored).
+  Returns:
+    seen: (B, L, 1) bool, a reset at or before step t in this piece; and (n, mean, var) (B, L, G) float32: the
+    statistics since the last reset (prior included) where `seen`, else of steps 0..t alone (the caller merges
+    its carried state into those).
+  """
   if mask is not None:
-    step_n = jnp.where(mask[..., None], 0.0, step_n)
-  step_n = jnp.broadcast_to(step_n, step_mean.shape)
-  return jax.lax.associative_scan(chan_merge, (step_n, step_mean, step_var), axis=1)
+    resets = resets & ~mask
+  n, m, v = _step_summaries(x, num_groups, mask)
+  flag = resets[..., None]
+  started = chan_merge(tuple(a[:, None] for a in prior), (n, m, v))  # a reset step: prior, then the step
+  elems = (jnp.broadcast_to(flag, n.shape),) + tuple(jnp.where(flag, s, e) for s, e in zip(started, (n, m, v)))
+  seen, n, m, v = jax.lax.associative_scan(segmented_merge, elems, axis=1)
+  return seen[..., :1], (n, m, v)
 
 
 def state_summary(state: NormState):
@@ -134,7 +168,8 @@ def valid_steps(x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
   return jnp.full((b,), l, jnp.int32) if mask is None else jnp.sum(~mask, axis=1, dtype=jnp.int32)
 
 
-def cumulative_stats(x: jax.Array, state: NormState, num_groups: int, mask: Optional[jax.Array] = None):
+def cumulative_stats(x: jax.Array, state: NormState, num_groups: int, mask: Optional[jax.Array] = None,
+                     resets: Optional[jax.Array] = None, prior: Optional[NormState] = None):
   """Per-step cumulative statistics.
 
   Args:
@@ -142,6 +177,9 @@ def cumulative_stats(x: jax.Array, state: NormState, num_groups: int, mask: Opti
     state: statistics carried in (see NormState).
     num_groups: G; groups are contiguous feature slices of D // G.
     mask: optional (B, L) bool, True = padded step (merged with weight 0).
+    resets: optional (B, L) bool, True where a document starts: the statistics restart from `prior` there
+      (document_boundaries="reset"), as if the document were a stream of its own.
+    prior: the NormState a fresh stream starts from (`initial_state`); required with `resets`.
   Returns:
     mean, var: (B, L, G) float32 statistics including step t; and the NormState after the last step.
   """
@@ -153,12 +191,29 @@ def cumulative_stats(x: jax.Array, state: NormState, num_groups: int, mask: Opti
     empty = jnp.zeros((b, 0, num_groups), jnp.float32)
     return empty, empty, NormState(state.count, state.mean.astype(jnp.float32), state.var.astype(jnp.float32),
                                    state.count_hi)
-  prefix = local_prefix(x, num_groups, mask)
   init = jax.tree.map(lambda a: a[:, None, :], state_summary(state))
-  _, mean, var = chan_merge(init, prefix)
-  lo, hi = _add_count(state, valid_steps(x, mask))
-  new_state = NormState(lo, mean[:, -1], var[:, -1], hi)
-  return mean, var, new_state
+  if resets is None:
+    prefix = local_prefix(x, num_groups, mask)
+    _, mean, var = chan_merge(init, prefix)
+    lo, hi = _add_count(state, valid_steps(x, mask))
+    return mean, var, NormState(lo, mean[:, -1], var[:, -1], hi)
+  if prior is None:
+    raise ValueError("cumulative_stats: resets need the prior state a document starts from")
+  seen, prefix = reset_prefix(x, num_groups, resets, state_summary(prior), mask)
+  _, carried_mean, carried_var = chan_merge(init, prefix)
+  mean = jnp.where(seen, prefix[1], carried_mean)
+  var = jnp.where(seen, prefix[2], carried_var)
+  # The count: the prior's plus the real steps from the last reset on, or, without a reset, the state's plus all.
+  live = resets if mask is None else resets & ~mask
+  real = jnp.ones(x.shape[:2], jnp.int32) if mask is None else (~mask).astype(jnp.int32)
+  steps = jnp.arange(x.shape[1])
+  last = jnp.max(jnp.where(live, steps, -1), axis=1)  # -1: no reset in this piece
+  any_reset = last >= 0
+  since = jnp.sum(jnp.where(steps >= last[:, None], real, 0), axis=1)
+  base = NormState(jnp.where(any_reset, prior.count, state.count), state.mean, state.var,
+                   jnp.where(any_reset, prior.count_hi, state.count_hi))
+  lo, hi = _add_count(base, since)
+  return mean, var, NormState(lo, mean[:, -1], var[:, -1], hi)
 
 
 def normalize(x: jax.Array, mean: jax.Array, var: jax.Array, weight: jax.Array, bias: jax.Array, eps: float,
@@ -175,7 +230,8 @@ def normalize(x: jax.Array, mean: jax.Array, var: jax.Array, weight: jax.Array, 
 
 
 def timestep_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, state: NormState, *, num_groups: int,
-                  eps: float, mask: Optional[jax.Array] = None):
+                  eps: float, mask: Optional[jax.Array] = None, resets: Optional[jax.Array] = None,
+                  prior: Optional[NormState] = None):
   """TimestepNorm forward (the official `group_timestep_norm_fwd`).
 
   Args:
@@ -185,8 +241,9 @@ def timestep_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, state: NormS
     num_groups: G.
     eps: added to the variance inside the square root.
     mask: optional (B, L) bool, True = padded: output 0 there and the state is not updated.
+    resets, prior: document starts and the state they restart from (see `cumulative_stats`).
   Returns:
     y: (B, L, D) in x.dtype, and the NormState after the last step.
   """
-  mean, var, new_state = cumulative_stats(x, state, num_groups, mask)
+  mean, var, new_state = cumulative_stats(x, state, num_groups, mask, resets, prior)
   return normalize(x, mean, var, weight, bias, eps, mask), new_state

@@ -13,25 +13,31 @@ no device ever gathers another's features. The sum is over the whole global sequ
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(logits: jax.Array, targets: jax.Array,
+                  weights: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """Summed next-token cross-entropy in float32.
 
   Args:
     logits: (B, L, V) float32.
     targets: (B, L) int32 token ids in [0, V).
+    weights: optional (B, L) 0/1 (any number type): which targets count. document_boundaries="reset" gives 0 to
+      the first token of a document, which the model cannot predict from the previous one.
   Returns:
     (loss_sum () float32 in nats, token_count () float32).
   """
   logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return jnp.sum(log_z - target_logit), jnp.asarray(targets.size, jnp.float32)
+  if weights is None:
+    return jnp.sum(log_z - target_logit), jnp.asarray(targets.size, jnp.float32)
+  w = weights.astype(jnp.float32)
+  return jnp.sum((log_z - target_logit) * w), jnp.sum(w)
 
 
 def piece_length(seq_len: int, max_piece: int) -> int:
@@ -54,7 +60,7 @@ def _sequence_shards(length: int) -> int:
 
 
 def chunked_lm_loss(head: Callable[[jax.Array], jax.Array], features: jax.Array, targets: jax.Array,
-                    max_piece: int) -> tuple[jax.Array, jax.Array]:
+                    max_piece: int, weights: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """Summed cross-entropy of `head(features)` against `targets`, `max_piece` positions at a time.
 
   Args:
@@ -62,6 +68,7 @@ def chunked_lm_loss(head: Callable[[jax.Array], jax.Array], features: jax.Array,
     features: (B, L, D) the head's input.
     targets: (B, L) int32.
     max_piece: positions per piece (the largest divisor of L not above it is used); <= 0: the whole length at once.
+    weights: optional (B, L) 0/1 target weights (see `cross_entropy`).
   Returns:
     (loss_sum () float32 in nats, token_count () float32).
   """
@@ -69,19 +76,23 @@ def chunked_lm_loss(head: Callable[[jax.Array], jax.Array], features: jax.Array,
   shards = _sequence_shards(length)
   size = piece_length(length // shards, max_piece)
   if size * shards == length:
-    return cross_entropy(head(features), targets)
+    return cross_entropy(head(features), targets, weights)
   pieces = length // (size * shards)
-  d = features.shape[-1]
-  # (B, S, P, T, ...) -> (P, B, S·T, ...): piece p of every slice; slice s keeps its own positions on its device.
-  xs = jnp.moveaxis(features.reshape(b, shards, pieces, size, d), 2, 0).reshape(pieces, b, shards * size, d)
-  ts = jnp.moveaxis(targets.reshape(b, shards, pieces, size), 2, 0).reshape(pieces, b, shards * size)
+
+  def split(a):  # (B, S, P, T, ...) -> (P, B, S·T, ...): piece p of every slice, each slice on its own device
+    return jnp.moveaxis(a.reshape(b, shards, pieces, size, *a.shape[2:]), 2, 0).reshape(
+        pieces, b, shards * size, *a.shape[2:])
+
+  xs, ts = split(features), split(targets)
 
   @jax.checkpoint  # recompute the piece's logits in the backward pass instead of saving them
-  def piece_loss(x, t):
-    return cross_entropy(head(x), t)[0]
+  def piece_loss(x, t, *w):
+    return cross_entropy(head(x), t, *w)[0]
 
   def body(total, xt):
     return total + piece_loss(*xt), None
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (xs, ts))
-  return total, jnp.asarray(targets.size, jnp.float32)
+  scanned = (xs, ts) if weights is None else (xs, ts, split(weights))
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), scanned)
+  count = jnp.asarray(targets.size, jnp.float32) if weights is None else jnp.sum(weights.astype(jnp.float32))
+  return total, count

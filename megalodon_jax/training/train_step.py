@@ -30,14 +30,22 @@ TrainState = dict[str, Any]
 DEFAULT_LOSS_PIECE = 2048
 
 
-def _loss_fn(params: nnx.State, graphdef: nnx.GraphDef, buffers: nnx.State, rng_vars: nnx.State, inputs: jax.Array,
-             targets: jax.Array, dropout_key: jax.Array, loss_piece: int) -> tuple[jax.Array, jax.Array]:
-  """Mean token loss of one micro-batch (B, L) and its summed loss (for exact accumulation)."""
+def batch_loss(model: nnx.Module, batch: dict[str, jax.Array], loss_piece: int) -> tuple[jax.Array, jax.Array]:
+  """(loss_sum, token_count) of a batch: {"inputs", "targets"} (B, L) int32, plus, for
+  document_boundaries="reset", "positions" (the model restarts where it is 0) and "target_mask" (which targets count).
+  """
+  features = model.features(batch["inputs"], positions=batch.get("positions"))
+  return chunked_lm_loss(model.head, features, batch["targets"], loss_piece, batch.get("target_mask"))
+
+
+def _loss_fn(params: nnx.State, graphdef: nnx.GraphDef, buffers: nnx.State, rng_vars: nnx.State,
+             batch: dict[str, jax.Array], dropout_key: jax.Array, loss_piece: int):
+  """Mean token loss of one micro-batch (B, L), with its summed loss and token count (for exact accumulation)."""
   model = merge_model(graphdef, params, buffers, rng_vars)
   if _has_dropout(model):
     nnx.reseed(model, dropout=dropout_key)
-  loss_sum, count = chunked_lm_loss(model.head, model.features(inputs), targets, loss_piece)
-  return loss_sum / count, loss_sum
+  loss_sum, count = batch_loss(model, batch, loss_piece)
+  return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count)  # a micro-batch may count no target
 
 
 def _has_dropout(model: nnx.Module) -> bool:
@@ -60,9 +68,10 @@ def make_train_step(graphdef: nnx.GraphDef, rng_vars: nnx.State, tx: optax.Gradi
                                                                       tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (new_state, metrics)` (not yet jitted).
 
-  batch: {"inputs": (B, L) int32, "targets": (B, L) int32}, B divisible by `grad_accum_steps`; the micro-batches
-  are consecutive slices of B/grad_accum_steps rows, their gradients averaged (a token-weighted mean, as every
-  micro-batch has the same token count) and applied in one update.
+  batch: {"inputs": (B, L) int32, "targets": (B, L) int32} (plus "positions" and "target_mask" with
+  document_boundaries="reset", see `batch_loss`), B divisible by `grad_accum_steps`; the micro-batches are
+  consecutive slices of B/grad_accum_steps rows, their gradients combined as a token-weighted mean (a plain mean
+  when every micro-batch counts all its tokens) and applied in one update.
 
   A non-finite loss or gradient leaves params and optimizer state unchanged (the step counter still advances)
   so the state the loop holds, and therefore any checkpoint, is always the last good one; the loop stops on
@@ -78,26 +87,30 @@ def make_train_step(graphdef: nnx.GraphDef, rng_vars: nnx.State, tx: optax.Gradi
   def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
     params, buffers, step = state["params"], state["buffers"], state["step"]
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-    inputs, targets = batch["inputs"], batch["targets"]
+    weighted = "target_mask" in batch  # token counts differ between micro-batches
     if grad_accum_steps == 1:
-      (_, loss_sum), grads = grad_fn(params, graphdef, buffers, rng_vars, inputs, targets, key, loss_piece)
-      loss = loss_sum / targets.size
+      (_, (loss_sum, count)), grads = grad_fn(params, graphdef, buffers, rng_vars, batch, key, loss_piece)
+      loss = loss_sum / count
     else:
-      b = inputs.shape[0] // grad_accum_steps
-      micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, b, *x.shape[1:]), (inputs, targets))
+      b = batch["inputs"].shape[0] // grad_accum_steps
+      micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, b, *x.shape[1:]), batch)
 
       def accumulate(carry, xs):
-        g_acc, l_acc = carry
-        (i, t), k = xs
-        (_, l_sum), g = grad_fn(params, graphdef, buffers, rng_vars, i, t, k, loss_piece)
-        g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g)
-        return (g_acc, l_acc + l_sum), None
+        g_acc, l_acc, n_acc = carry
+        m, k = xs
+        (_, (l_sum, n)), g = grad_fn(params, graphdef, buffers, rng_vars, m, k, loss_piece)
+        # A micro-batch's mean-loss gradient weighs by its token count when counts differ.
+        g_acc = jax.tree.map(lambda a, x: a + (x.astype(jnp.float32) * n if weighted else x.astype(jnp.float32)),
+                             g_acc, g)
+        return (g_acc, l_acc + l_sum, n_acc + n), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       keys = jax.random.split(key, grad_accum_steps)
-      (g_sum, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), (micro, keys))
-      grads = jax.tree.map(lambda g, p: (g / grad_accum_steps).astype(p.dtype), g_sum, params)
-      loss = loss_sum / targets.size
+      start = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+      (g_sum, loss_sum, count), _ = jax.lax.scan(accumulate, start, (micro, keys))
+      norm = jnp.maximum(count, 1.0) if weighted else grad_accum_steps
+      grads = jax.tree.map(lambda g, p: (g / norm).astype(p.dtype), g_sum, params)
+      loss = loss_sum / count
 
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state["opt_state"], params)
@@ -119,7 +132,7 @@ def make_eval_step(graphdef: nnx.GraphDef, rng_vars: nnx.State,
   def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict:
     model = merge_model(graphdef, state["params"], state["buffers"], rng_vars)
     model.eval()
-    loss_sum, count = chunked_lm_loss(model.head, model.features(batch["inputs"]), batch["targets"], loss_piece)
+    loss_sum, count = batch_loss(model, batch, loss_piece)
     return {"loss_sum": loss_sum, "tokens": count}
 
   return eval_step

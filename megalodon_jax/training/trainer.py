@@ -92,7 +92,7 @@ class _Run:
     # Dropout RNG variables are rebuilt from the seed at every step; only their structure matters here.
     self.rng_vars = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if a.dtype == jnp.uint32
                                  else jax.random.key(0), abs_rngs)
-    batch_sh = {"inputs": self.batch_sharding, "targets": self.batch_sharding}
+    batch_sh = {k: self.batch_sharding for k in self.batch_keys}
     self.train_step = jax.jit(ts.make_train_step(self.graphdef, self.rng_vars, self.tx, self.schedule,
                                                  cfg.grad_accum_steps, cfg.loss_piece),
                               in_shardings=(self.state_shardings, batch_sh), out_shardings=(self.state_shardings, repl),
@@ -122,8 +122,17 @@ class _Run:
     """(process_index, process_count) the data iterators split the batch rows by."""
     return (0, 1) if self.shared_rows else (jax.process_index(), jax.process_count())
 
+  @property
+  def batch_keys(self) -> tuple[str, ...]:
+    """The (B, L) int32 arrays a step takes: tokens and targets, and with document_boundaries="reset" the document
+    positions (the model restarts where they are 0) and the target mask (data/pipeline.py)."""
+    if self.cfg.data.get("document_boundaries", "carry") == "reset":
+      return ("inputs", "targets", "positions", "target_mask")
+    return ("inputs", "targets")
+
   def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """The (B, L) global arrays from this process's rows (or, with shared rows, from the whole global batch)."""
+    batch = {k: batch[k] for k in self.batch_keys}  # the packer's segment_ids are derived again in the model
     if self.shared_rows:
       return {k: jax.make_array_from_callback(np.shape(v), self.batch_sharding,
                                               lambda index, v=np.asarray(v, np.int32): v[index])

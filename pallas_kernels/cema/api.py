@@ -78,38 +78,39 @@ def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def _kernel_forward(plan: _Plan, x, coef, omega, h0):
+def _kernel_forward(plan: _Plan, x, coef, omega, h0, keep):
   if plan.backend == "tpu":
     return tpu.forward(x, coef, omega, h0, seq_tile=plan.seq_tile, channel_tile=plan.channel_tile,
-                       group=plan.group, vmem_limit=plan.vmem_limit_bytes, interpret=plan.interpret)
+                       group=plan.group, vmem_limit=plan.vmem_limit_bytes, interpret=plan.interpret, keep=keep)
   return gpu.forward(x, coef, omega, h0, channel_tile=plan.channel_tile, group=plan.group,
-                     num_warps=plan.num_warps, interpret=plan.interpret)
+                     num_warps=plan.num_warps, interpret=plan.interpret, keep=keep)
 
 
-def _kernel_backward(plan: _Plan, x, dy, coef, omega, s0):
+def _kernel_backward(plan: _Plan, x, dy, coef, omega, s0, keep):
   if plan.backend == "tpu":
     return tpu.backward(x, dy, coef, omega, s0, seq_tile=plan.seq_tile, channel_tile=plan.channel_tile,
-                        group=plan.group, vmem_limit=plan.vmem_limit_bytes, interpret=plan.interpret)
+                        group=plan.group, vmem_limit=plan.vmem_limit_bytes, interpret=plan.interpret, keep=keep)
   return gpu.backward(x, dy, coef, omega, s0, channel_tile=plan.channel_tile, group=plan.group,
-                      num_warps=plan.num_warps, interpret=plan.interpret)
+                      num_warps=plan.num_warps, interpret=plan.interpret, keep=keep)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(plan: _Plan, x, coef, omega, h0):
-  return _kernel_forward(plan, x, coef, omega, h0)
+def _scan(plan: _Plan, x, coef, omega, h0, keep):
+  """keep: None, or (B, L, 1) float32, 0 where a document starts (not differentiated)."""
+  return _kernel_forward(plan, x, coef, omega, h0, keep)
 
 
-def _scan_fwd(plan: _Plan, x, coef, omega, h0):
-  return _kernel_forward(plan, x, coef, omega, h0), (x, coef, omega, h0)
+def _scan_fwd(plan: _Plan, x, coef, omega, h0, keep):
+  return _kernel_forward(plan, x, coef, omega, h0, keep), (x, coef, omega, h0, keep)
 
 
 def _scan_bwd(plan: _Plan, residuals, cotangents):
   """Gradients from one reverse-time kernel pass (derivation in recurrence.py); the rest is O(B·D·N) algebra."""
-  x, coef, omega, h0 = residuals
+  x, coef, omega, h0, keep = residuals
   dy, dlast = cotangents
   dy = dy.astype(jnp.float32)
   s0 = jnp.stack([dlast[:, 0], -dlast[:, 1]], axis=1)  # conj(∂L/∂h_last)
-  dx, out = _kernel_backward(plan, x, dy, coef, omega, s0)
+  dx, out = _kernel_backward(plan, x, dy, coef, omega, s0, keep)
   k = rec.BwdCarry(*(out[:, i] for i in range(rec.NUM_BWD_PLANES)))  # each (B, N, D)
   p, h0r, h0i = coef[rec.P], h0[:, 0], h0[:, 1]
 
@@ -125,13 +126,13 @@ def _scan_bwd(plan: _Plan, residuals, cotangents):
   # A reduction, not an einsum: on TPU a default-precision dot would round the inputs to bfloat16.
   domega = jnp.sum(dy * x.astype(jnp.float32), axis=(0, 1)).reshape(omega.shape)
   dh0 = jnp.stack([k.s_re, -k.s_im], axis=1)
-  return dx, dcoef, domega, dh0
+  return dx, dcoef, domega, dh0, (None if keep is None else jnp.zeros_like(keep))
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def _check_inputs(x, planes, omega, h0) -> None:
+def _check_inputs(x, planes, omega, h0, resets) -> None:
   if x.ndim != 3 or not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x must be a (batch, length, channels) float array, got {x.dtype}{list(x.shape)}")
   batch, length, dim = x.shape
@@ -145,6 +146,8 @@ def _check_inputs(x, planes, omega, h0) -> None:
     raise ValueError(f"omega must have D = {dim} entries, got shape {omega.shape}")
   if h0 is not None and h0.shape != (batch, dim, shape[1], 2):
     raise ValueError(f"h0 must be (B, D, N, 2) = {(batch, dim, shape[1], 2)}, got {h0.shape}")
+  if resets is not None and resets.shape != (batch, length):
+    raise ValueError(f"resets must be (B, L) = {(batch, length)}, got {resets.shape}")
 
 
 def _resolve(backend: Optional[str], interpret) -> tuple[str, Any]:
@@ -185,9 +188,11 @@ def _shard_plan(mesh, batch: int, dim: int, batch_axes, channel_axes):
   return mesh, batch_axes, channel_axes
 
 
-def _scan_local(x, planes, omega, h0, *, bs: BlockSizes, backend: str, interpret):
+def _scan_local(x, planes, omega, h0, resets, *, bs: BlockSizes, backend: str, interpret):
   """The kernel call on whole (or one shard's) arrays: layouts in, kernel, layouts out."""
   batch, _, dim = x.shape
+  # Resets as the decay multiplier a_t (0 at a document start, else 1), one per (row, step): (B, L, 1) float32.
+  keep = None if resets is None else jnp.where(resets, 0.0, 1.0).astype(jnp.float32)[..., None]
   nstate = planes[0].shape[1]
   coef = jnp.swapaxes(jnp.stack([a.astype(jnp.float32) for a in planes]), 1, 2)  # (5, N, D)
   om = omega.reshape(1, dim).astype(jnp.float32)
@@ -199,7 +204,7 @@ def _scan_local(x, planes, omega, h0, *, bs: BlockSizes, backend: str, interpret
   if backend == "tpu":
     group = max(bs.group, 16) if x.dtype.itemsize < 4 else bs.group
     plan = _Plan("tpu", interpret, bs.seq_tile, bs.channel_tile, group, 0, bs.vmem_limit_bytes)
-    y, last = _scan(plan, x, coef, om, state)
+    y, last = _scan(plan, x, coef, om, state, keep)
   else:
     # Triton: channels padded to whole tiles, N to a power of two; zero coefficients keep the padding at zero.
     tile = min(bs.gpu_channel_tile, _next_pow2(dim))
@@ -207,7 +212,7 @@ def _scan_local(x, planes, omega, h0, *, bs: BlockSizes, backend: str, interpret
     xp = jnp.pad(x, ((0, 0), (0, 0), (0, pad_d))) if pad_d else x
     plan = _Plan("gpu", interpret, 0, tile, bs.group, bs.gpu_num_warps, None)
     y, last = _scan(plan, xp, jnp.pad(coef, ((0, 0), (0, pad_n), (0, pad_d))), jnp.pad(om, ((0, 0), (0, pad_d))),
-                    jnp.pad(state, ((0, 0), (0, 0), (0, pad_n), (0, pad_d))))
+                    jnp.pad(state, ((0, 0), (0, 0), (0, pad_n), (0, pad_d))), keep)
     y, last = y[..., :dim], last[:, :, :nstate, :dim]
   return y, jnp.transpose(last, (0, 3, 2, 1))
 
@@ -216,10 +221,12 @@ def cema_scan(x: jax.Array, p: jax.Array, q_re: jax.Array, q_im: jax.Array, g_re
               omega: jax.Array, h0: Optional[jax.Array] = None, *, block_sizes: Optional[BlockSizes] = None,
               backend: Optional[str] = None, interpret: Any = None, mesh=None,
               batch_axes: Optional[Sequence[str] | str] = None,
-              channel_axes: Optional[Sequence[str] | str] = None) -> tuple[jax.Array, jax.Array]:
-  """CEMA over a sequence with a Pallas kernel; differentiable in every array argument.
+              channel_axes: Optional[Sequence[str] | str] = None,
+              resets: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+  """CEMA over a sequence with a Pallas kernel; differentiable in every float array argument.
 
-  h_t = q h_{t-1} + p u_t,  y_t = Re Σ_n g_n h_{t,n} + ω u_t  per channel (see `reference.cema_scan_reference`).
+  h_t = q h_{t-1} + p u_t,  y_t = Re Σ_n g_n h_{t,n} + ω u_t  per channel (see `reference.cema_scan_reference`);
+  with resets, h_t = p u_t where a document starts (the decay into that step is 0, in the backward too).
 
   Args:
     x: (B, L, D) input, any float dtype (bfloat16 halves the kernel's input traffic); computed in float32.
@@ -235,11 +242,13 @@ def cema_scan(x: jax.Array, p: jax.Array, q_re: jax.Array, q_im: jax.Array, g_re
       in context), batch rows and channels split, the sequence whole on every shard (the recurrence runs along it).
       Mosaic kernels cannot be partitioned by XLA, so a sharded caller must name its axes here. Without axes the
       kernel sees the whole arrays.
+    resets: optional (B, L) bool, True where a new document starts at step t; split over the batch axes like x.
+      None runs the kernels without the extra input.
   Returns:
     y: (B, L, D) float32 and the state after the last step, (B, D, N, 2) float32.
   """
   planes = (p, q_re, q_im, g_re, g_im)
-  _check_inputs(x, planes, omega, h0)
+  _check_inputs(x, planes, omega, h0, resets)
   bs = block_sizes or BlockSizes()
   backend, interpret = _resolve(backend, interpret)
   batch, _, dim = x.shape
@@ -247,14 +256,17 @@ def cema_scan(x: jax.Array, p: jax.Array, q_re: jax.Array, q_im: jax.Array, g_re
   local = functools.partial(_scan_local, bs=bs, backend=backend, interpret=interpret)
   mesh, batch_axes, channel_axes = _shard_plan(mesh, batch, dim, batch_axes, channel_axes)
   if mesh is None:
-    return local(x, planes, omega, h0)
+    return local(x, planes, omega, h0, resets)
   bax, cax = batch_axes or None, channel_axes or None
   seq, plane, state = P(bax, None, cax), P(cax, None), P(bax, cax, None, None)
+  # Optional arrays travel as a dict, so an absent one is simply not an argument of the shard_map.
+  optional = {k: v for k, v in (("h0", h0), ("resets", resets)) if v is not None}
+  specs = {"h0": state, "resets": P(bax, None)}
+
+  def body(x_, planes_, omega_, opt):
+    return local(x_, planes_, omega_, opt.get("h0"), opt.get("resets"))
+
   # Coefficients replicated over the batch axes: shard_map's transpose sums their per-shard cotangents over those
   # axes. check_vma=False: pallas_call carries no varying-manual-axes typing for its outputs.
-  if h0 is None:
-    body = lambda x_, planes_, omega_: local(x_, planes_, omega_, None)  # pylint: disable=unnecessary-lambda-assignment
-    return jax.shard_map(body, mesh=mesh, in_specs=(seq, (plane,) * 5, P(cax)), out_specs=(seq, state),
-                         check_vma=False)(x, planes, omega)
-  return jax.shard_map(local, mesh=mesh, in_specs=(seq, (plane,) * 5, P(cax), state), out_specs=(seq, state),
-                       check_vma=False)(x, planes, omega, h0)
+  return jax.shard_map(body, mesh=mesh, in_specs=(seq, (plane,) * 5, P(cax), {k: specs[k] for k in optional}),
+                       out_specs=(seq, state), check_vma=False)(x, planes, omega, optional)

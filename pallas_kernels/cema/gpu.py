@@ -41,15 +41,31 @@ def _store_rows(ref, start, rows: list[jax.Array]) -> None:
     ref[pl.ds(start + k, 1), :] = row.astype(ref.dtype)
 
 
-def _forward_kernel(x_ref, coef_ref, omega_ref, h0_ref, y_ref, hlast_ref, *, seq_len: int, group: int):
-  """x_ref, y_ref: (L, Dt).  coef_ref: (5, N, Dt).  omega_ref: (1, Dt).  h0_ref, hlast_ref: (2, N, Dt) f32."""
+def _split_keep(refs, resets: bool):
+  """(x_ref, keep_ref or None, the other refs): the keep input, when there is one, follows x."""
+  if resets:
+    return refs[0], refs[1], refs[2:]
+  return refs[0], None, refs[1:]
+
+
+def _keep_rows(keep_ref, start, count: int) -> list:
+  """The (1, 1) float32 keep factors of a group's steps, or Nones without resets."""
+  return [None] * count if keep_ref is None else _load_rows(keep_ref, start, count)
+
+
+def _forward_kernel(*refs, seq_len: int, group: int, resets: bool):
+  """refs: x_ref, [keep_ref,] coef_ref, omega_ref, h0_ref, y_ref, hlast_ref.
+
+  x_ref, y_ref: (L, Dt).  keep_ref: (L, 1) f32, 0 at a document start.  coef_ref: (5, N, Dt).  omega_ref: (1, Dt).
+  h0_ref, hlast_ref: (2, N, Dt) f32."""
+  x_ref, keep_ref, (coef_ref, omega_ref, h0_ref, y_ref, hlast_ref) = _split_keep(refs, resets)
   coefs = rec.load_coefs(coef_ref, omega_ref)
 
   def group_fn(start, count, state):
-    u = _load_rows(x_ref, start, count)
+    u, keep = _load_rows(x_ref, start, count), _keep_rows(keep_ref, start, count)
     ys = []
     for k in range(count):
-      state, y = rec.forward_step(coefs, state, u[k])
+      state, y = rec.forward_step(coefs, state, u[k], keep[k])
       ys.append(y)
     _store_rows(y_ref, start, ys)
     return state
@@ -59,17 +75,22 @@ def _forward_kernel(x_ref, coef_ref, omega_ref, h0_ref, y_ref, hlast_ref, *, seq
   hlast_ref[1] = hi
 
 
-def _backward_kernel(x_ref, dy_ref, coef_ref, omega_ref, s0_ref, dx_ref, out_ref, *, seq_len: int, group: int):
-  """Reverse time. x_ref, dy_ref, dx_ref: (L, Dt).  s0_ref: (2, N, Dt).  out_ref: (11, N, Dt) `BwdCarry` planes."""
+def _backward_kernel(*refs, seq_len: int, group: int, resets: bool):
+  """Reverse time. refs: x_ref, [keep_ref,] dy_ref, coef_ref, omega_ref, s0_ref, dx_ref, out_ref.
+
+  x_ref, dy_ref, dx_ref: (L, Dt).  keep_ref: (L, 1) f32.  s0_ref: (2, N, Dt).  out_ref: (11, N, Dt) `BwdCarry`
+  planes."""
+  x_ref, keep_ref, (dy_ref, coef_ref, omega_ref, s0_ref, dx_ref, out_ref) = _split_keep(refs, resets)
   coefs = rec.load_coefs(coef_ref, omega_ref)
   zeros = jnp.zeros_like(coefs.p)
   carry = rec.BwdCarry(s0_ref[0], s0_ref[1], *([zeros] * (rec.NUM_BWD_PLANES - 2)))
 
   def group_fn(start, count, carry):
     u, dy = _load_rows(x_ref, start, count), _load_rows(dy_ref, start, count)
+    keep = _keep_rows(keep_ref, start, count)
     dx = [None] * count
     for k in reversed(range(count)):
-      carry, dx[k] = rec.backward_step(coefs, carry, u[k], dy[k])
+      carry, dx[k] = rec.backward_step(coefs, carry, u[k], dy[k], keep[k])
     _store_rows(dx_ref, start, dx)
     return carry
 
@@ -84,19 +105,28 @@ def _check(dim: int, nstate: int, channel_tile: int) -> None:
                      "power of two; pad them (api.cema_scan does)")
 
 
+def _keep_inputs(keep, length: int):
+  """BlockSpecs and arguments of the optional keep input (B, L, 1): the whole sequence per program."""
+  if keep is None:
+    return [], []
+  return [pl.BlockSpec((None, length, 1), lambda b, i: (b, 0, 0))], [keep]
+
+
 def forward(x: jax.Array, coef: jax.Array, omega: jax.Array, h0: jax.Array, *, channel_tile: int, group: int,
-            num_warps: int, interpret) -> tuple[jax.Array, jax.Array]:
+            num_warps: int, interpret, keep=None) -> tuple[jax.Array, jax.Array]:
   """x: (B, L, D) any float.  coef: (5, N, D) f32.  omega: (1, D) f32.  h0: (B, 2, N, D) f32.
+  keep: optional (B, L, 1) float32, 0 where a document starts.
   Returns y (B, L, D) float32 and the last state (B, 2, N, D) float32."""
   batch, length, dim = x.shape
   nstate = coef.shape[1]
   _check(dim, nstate, channel_tile)
   seq_block = pl.BlockSpec((None, length, channel_tile), lambda b, i: (b, 0, i))
   state_block = pl.BlockSpec((None, 2, nstate, channel_tile), lambda b, i: (b, 0, 0, i))
+  keep_specs, keep_args = _keep_inputs(keep, length)
   return pl.pallas_call(
-      functools.partial(_forward_kernel, seq_len=length, group=group),
+      functools.partial(_forward_kernel, seq_len=length, group=group, resets=keep is not None),
       grid=(batch, dim // channel_tile),
-      in_specs=[seq_block,
+      in_specs=[seq_block, *keep_specs,
                 pl.BlockSpec((rec.NUM_COEF_PLANES, nstate, channel_tile), lambda b, i: (0, 0, i)),
                 pl.BlockSpec((1, channel_tile), lambda b, i: (0, i)),
                 state_block],
@@ -106,21 +136,22 @@ def forward(x: jax.Array, coef: jax.Array, omega: jax.Array, h0: jax.Array, *, c
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="cema_scan_fwd",
-  )(x, coef, omega, h0)
+  )(x, *keep_args, coef, omega, h0)
 
 
 def backward(x: jax.Array, dy: jax.Array, coef: jax.Array, omega: jax.Array, s0: jax.Array, *, channel_tile: int,
-             group: int, num_warps: int, interpret) -> tuple[jax.Array, jax.Array]:
-  """x: (B, L, D) any float.  dy: (B, L, D) f32.  s0: (B, 2, N, D) f32.
+             group: int, num_warps: int, interpret, keep=None) -> tuple[jax.Array, jax.Array]:
+  """x: (B, L, D) any float.  dy: (B, L, D) f32.  s0: (B, 2, N, D) f32.  keep: optional (B, L, 1) float32.
   Returns dx (B, L, D) in x.dtype and the carries (B, 11, N, D) float32 (`recurrence.BwdCarry` planes)."""
   batch, length, dim = x.shape
   nstate = coef.shape[1]
   _check(dim, nstate, channel_tile)
   seq_block = pl.BlockSpec((None, length, channel_tile), lambda b, i: (b, 0, i))
+  keep_specs, keep_args = _keep_inputs(keep, length)
   return pl.pallas_call(
-      functools.partial(_backward_kernel, seq_len=length, group=group),
+      functools.partial(_backward_kernel, seq_len=length, group=group, resets=keep is not None),
       grid=(batch, dim // channel_tile),
-      in_specs=[seq_block, seq_block,
+      in_specs=[seq_block, *keep_specs, seq_block,
                 pl.BlockSpec((rec.NUM_COEF_PLANES, nstate, channel_tile), lambda b, i: (0, 0, i)),
                 pl.BlockSpec((1, channel_tile), lambda b, i: (0, i)),
                 pl.BlockSpec((None, 2, nstate, channel_tile), lambda b, i: (b, 0, 0, i))],
@@ -130,4 +161,4 @@ def backward(x: jax.Array, dy: jax.Array, coef: jax.Array, omega: jax.Array, s0:
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="cema_scan_bwd",
-  )(x, dy, coef, omega, s0)
+  )(x, *keep_args, dy, coef, omega, s0)

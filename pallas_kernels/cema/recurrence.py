@@ -17,6 +17,9 @@ so that every gradient is a product of the input u with a reverse-time state, ac
 kernel; the forward states are never stored or recomputed. With the carries after the last (earliest) step,
 S = q σ_0, Z = q ζ_0, X = ξ_{-1}, and the accumulators A_p = Σ u Re σ, A_c = Σ u ζ, A_q = Σ u ξ:
   du_t = Re Σ_n p σ_t + ω dy_t,  dp = A_p,  dg = conj(p A_c + h0 Z),  dq = conj(p A_q + h0 X),  dh0 = conj(S).
+Document resets (docs/model.md#cema): a step t where a document starts has decay a_t q with a_t = 0 (else 1), so
+h_t = a_t q h_{t-1} + p u_t; in reverse σ_t = g dy_t + a_{t+1} q σ_{t+1}, ζ_t = dy_t + a_{t+1} q ζ_{t+1} and
+ξ_{t-1} = a_t (σ_t + q ξ_t), and the formulas above hold unchanged with these carries (`backward_step`'s keep).
 """
 
 from __future__ import annotations
@@ -74,16 +77,26 @@ def _cmul(ar, ai, br, bi):
   return ar * br - ai * bi, ar * bi + ai * br
 
 
-def forward_step(c: Coefs, state: tuple[jax.Array, jax.Array], u: jax.Array):
-  """One forward step. state: (hr, hi) each (N, Dt); u: (1, Dt) float32. Returns (new state, y row (1, Dt))."""
+def forward_step(c: Coefs, state: tuple[jax.Array, jax.Array], u: jax.Array, keep: jax.Array | None = None):
+  """One forward step. state: (hr, hi) each (N, Dt); u: (1, Dt) float32. Returns (new state, y row (1, Dt)).
+
+  keep: optional (1, 1) float32, 0 where a document starts at this step (the state entering it is dropped), else 1.
+  """
   hr, hi = state
+  if keep is not None:
+    hr, hi = keep * hr, keep * hi
   hr, hi = c.q_re * hr - c.q_im * hi + c.p * u, c.q_re * hi + c.q_im * hr
   y = jnp.sum(c.g_re * hr - c.g_im * hi, axis=0, keepdims=True) + c.omega * u
   return (hr, hi), y
 
 
-def backward_step(c: Coefs, k: BwdCarry, u: jax.Array, dy: jax.Array):
-  """One reverse-time step at t. k: carries entering t (from t + 1); u, dy: (1, Dt) float32. Returns (carry, du row)."""
+def backward_step(c: Coefs, k: BwdCarry, u: jax.Array, dy: jax.Array, keep: jax.Array | None = None):
+  """One reverse-time step at t. k: carries entering t (from t + 1); u, dy: (1, Dt) float32. Returns (carry, du row).
+
+  keep: optional (1, 1) float32 a_t, 0 where a document starts at t. The forward decay into t is a_t q, so the
+  carries handed to t - 1 (S = a_t q σ_t, Z = a_t q ζ_t, ξ_{t-1} = a_t (σ_t + q ξ_t)) are scaled by a_t: the adjoint
+  does not flow through a reset. The accumulators use this step's own values and are not scaled.
+  """
   sr, si = c.g_re * dy + k.s_re, c.g_im * dy + k.s_im  # σ_t
   zr, zi = dy + k.z_re, k.z_im  # ζ_t
   du = jnp.sum(c.p * sr, axis=0, keepdims=True) + c.omega * dy
@@ -95,6 +108,8 @@ def backward_step(c: Coefs, k: BwdCarry, u: jax.Array, dy: jax.Array):
       k.acc_p + u * sr,
       k.acc_c_re + u * zr, k.acc_c_im + u * zi,
       k.acc_q_re + u * k.x_re, k.acc_q_im + u * k.x_im)  # ξ_t: the carry before this step's update
+  if keep is not None:
+    new = new._replace(**{f: keep * getattr(new, f) for f in BwdCarry._fields[:6]})
   return new, du
 
 

@@ -44,10 +44,28 @@ def _run_tile(j, ntiles: int, seq_tile: int, seq_len: int, first_is_last: bool, 
   pl.when(jnp.logical_not(partial))(lambda: run(seq_tile))
 
 
-def _forward_kernel(x_ref, coef_ref, omega_ref, h0_ref, y_ref, hlast_ref, state_ref, *, seq_len: int,
-                    seq_tile: int, ntiles: int, group: int):
-  """x_ref, y_ref: (seq_tile, Dt).  coef_ref: (5, N, Dt).  omega_ref: (1, Dt).  h0_ref, hlast_ref, state_ref:
-  (2, N, Dt) float32 [re, im]."""
+def _split_keep(refs, resets: bool):
+  """(x_ref, keep_ref or None, the other refs): the keep input, when there is one, follows x."""
+  if resets:
+    return refs[0], refs[1], refs[2:]
+  return refs[0], None, refs[1:]
+
+
+def _keep_rows(keep_ref, start, count: int):
+  """The (count, 1) float32 keep factors of a group's steps, or None without resets."""
+  return None if keep_ref is None else keep_ref[pl.ds(start, count), :]
+
+
+def _row(keep, k: int):
+  return None if keep is None else keep[k:k + 1]
+
+
+def _forward_kernel(*refs, seq_len: int, seq_tile: int, ntiles: int, group: int, resets: bool):
+  """refs: x_ref, [keep_ref,] coef_ref, omega_ref, h0_ref, y_ref, hlast_ref, state_ref.
+
+  x_ref, y_ref: (seq_tile, Dt).  keep_ref: (seq_tile, 1) float32, 0 at a document start.  coef_ref: (5, N, Dt).
+  omega_ref: (1, Dt).  h0_ref, hlast_ref, state_ref: (2, N, Dt) float32 [re, im]."""
+  x_ref, keep_ref, (coef_ref, omega_ref, h0_ref, y_ref, hlast_ref, state_ref) = _split_keep(refs, resets)
   j = pl.program_id(2)
 
   @pl.when(j == 0)
@@ -58,9 +76,10 @@ def _forward_kernel(x_ref, coef_ref, omega_ref, h0_ref, y_ref, hlast_ref, state_
 
   def group_fn(start, count, state):
     u = x_ref[pl.ds(start, count), :].astype(jnp.float32)
+    keep = _keep_rows(keep_ref, start, count)
     rows = []
     for k in range(count):
-      state, y = rec.forward_step(coefs, state, u[k:k + 1])
+      state, y = rec.forward_step(coefs, state, u[k:k + 1], _row(keep, k))
       rows.append(y)
     y_ref[pl.ds(start, count), :] = rec.stack_rows(rows).astype(y_ref.dtype)
     return state
@@ -77,10 +96,12 @@ def _forward_kernel(x_ref, coef_ref, omega_ref, h0_ref, y_ref, hlast_ref, state_
     hlast_ref[...] = state_ref[...]
 
 
-def _backward_kernel(x_ref, dy_ref, coef_ref, omega_ref, s0_ref, dx_ref, out_ref, carry_ref, *, seq_len: int,
-                     seq_tile: int, ntiles: int, group: int):
-  """Reverse time. x_ref, dy_ref, dx_ref: (seq_tile, Dt).  s0_ref: (2, N, Dt) conj(∂L/∂h_last).  out_ref,
-  carry_ref: (11, N, Dt) float32, the `recurrence.BwdCarry` planes."""
+def _backward_kernel(*refs, seq_len: int, seq_tile: int, ntiles: int, group: int, resets: bool):
+  """Reverse time. refs: x_ref, [keep_ref,] dy_ref, coef_ref, omega_ref, s0_ref, dx_ref, out_ref, carry_ref.
+
+  x_ref, dy_ref, dx_ref: (seq_tile, Dt).  keep_ref: (seq_tile, 1) float32.  s0_ref: (2, N, Dt) conj(∂L/∂h_last).
+  out_ref, carry_ref: (11, N, Dt) float32, the `recurrence.BwdCarry` planes."""
+  x_ref, keep_ref, (dy_ref, coef_ref, omega_ref, s0_ref, dx_ref, out_ref, carry_ref) = _split_keep(refs, resets)
   j = pl.program_id(2)
 
   @pl.when(j == 0)
@@ -94,9 +115,10 @@ def _backward_kernel(x_ref, dy_ref, coef_ref, omega_ref, s0_ref, dx_ref, out_ref
   def group_fn(start, count, carry):
     u = x_ref[pl.ds(start, count), :].astype(jnp.float32)
     dy = dy_ref[pl.ds(start, count), :].astype(jnp.float32)
+    keep = _keep_rows(keep_ref, start, count)
     rows = [None] * count
     for k in reversed(range(count)):
-      carry, rows[k] = rec.backward_step(coefs, carry, u[k:k + 1], dy[k:k + 1])
+      carry, rows[k] = rec.backward_step(coefs, carry, u[k:k + 1], dy[k:k + 1], _row(keep, k))
     dx_ref[pl.ds(start, count), :] = rec.stack_rows(rows).astype(dx_ref.dtype)
     return carry
 
@@ -113,57 +135,68 @@ def _backward_kernel(x_ref, dy_ref, coef_ref, omega_ref, s0_ref, dx_ref, out_ref
     out_ref[...] = carry_ref[...]
 
 
+def _keep_inputs(keep, lt: int, index_map):
+  """BlockSpecs and arguments of the optional keep input (B, L, 1): a (lt, 1) block per sequence tile."""
+  if keep is None:
+    return [], []
+  return [pl.BlockSpec((None, lt, 1), index_map)], [keep]
+
+
 def _tiles(length: int, dim: int, seq_tile: int, channel_tile: int) -> tuple[int, int]:
   """Block sizes: the full dim where it fits in one tile (always a legal block), else the configured tile."""
   return min(seq_tile, length), (dim if dim <= channel_tile else channel_tile)
 
 
-def _vmem_estimate(tiles, *, length: int, dim: int, nstate: int, x_dtype, backward: bool) -> int:
+def _vmem_estimate(tiles, *, length: int, dim: int, nstate: int, x_dtype, backward: bool, resets: bool) -> int:
   """Bytes of VMEM one kernel needs: double-buffered blocks, the carried scratch, and the coefficient and carry
   planes the loop keeps live (they spill to VMEM when they outgrow the vector registers)."""
   lt, dt = _tiles(length, dim, tiles["seq_tile"], tiles["channel_tile"])
   f32 = jnp.float32
   plane = vmem.tile_bytes((nstate, dt), f32)
   seq_in = vmem.tile_bytes((lt, dt), x_dtype)
+  keep = vmem.tile_bytes((lt, 1), f32) if resets else 0  # the (lt, 1) keep block pads to whole lanes
   seq_f32 = vmem.tile_bytes((lt, dt), f32)
   coefs = rec.NUM_COEF_PLANES * plane + vmem.tile_bytes((1, dt), f32)
   if backward:  # x, dy in; dx out; coef, omega, s0 in; carries out; carry scratch
-    blocks = 2 * seq_in + seq_f32 + coefs + 2 * plane + rec.NUM_BWD_PLANES * plane
+    blocks = 2 * seq_in + keep + seq_f32 + coefs + 2 * plane + rec.NUM_BWD_PLANES * plane
     return 2 * blocks + rec.NUM_BWD_PLANES * plane + (rec.NUM_COEF_PLANES + 2 * rec.NUM_BWD_PLANES) * plane
-  blocks = seq_in + seq_f32 + coefs + 4 * plane  # x in, y out, coef, omega, h0 in, h_last out
+  blocks = seq_in + keep + seq_f32 + coefs + 4 * plane  # x in, y out, coef, omega, h0 in, h_last out
   return 2 * blocks + 2 * plane + (rec.NUM_COEF_PLANES + 4) * plane
 
 
 def _params(kernel: str, x, *, length: int, dim: int, nstate: int, seq_tile: int, channel_tile: int,
-            vmem_limit, interpret, backward: bool):
+            vmem_limit, interpret, backward: bool, resets: bool):
   """CompilerParams of a native kernel after the VMEM check (interpret mode has no VMEM to run out of)."""
   limit = None
   if not interpret:
     estimate = functools.partial(_vmem_estimate, length=length, dim=dim, nstate=nstate, x_dtype=x.dtype,
-                                 backward=backward)
+                                 backward=backward, resets=resets)
     limit = vmem.vmem_limit_bytes(kernel, estimate, {"seq_tile": seq_tile, "channel_tile": channel_tile},
                                   vmem.device_kind(x), vmem_limit)
   return pltpu.CompilerParams(dimension_semantics=_SEMANTICS, vmem_limit_bytes=limit)
 
 
 def forward(x: jax.Array, coef: jax.Array, omega: jax.Array, h0: jax.Array, *, seq_tile: int, channel_tile: int,
-            group: int, interpret, vmem_limit=None) -> tuple[jax.Array, jax.Array]:
+            group: int, interpret, vmem_limit=None, keep=None) -> tuple[jax.Array, jax.Array]:
   """x: (B, L, D) any float.  coef: (5, N, D) f32.  omega: (1, D) f32.  h0: (B, 2, N, D) f32.
-  vmem_limit: BlockSizes.vmem_limit_bytes.
+  vmem_limit: BlockSizes.vmem_limit_bytes.  keep: optional (B, L, 1) float32, 0 where a document starts.
   Returns y (B, L, D) float32 and the last state (B, 2, N, D) float32."""
   batch, length, dim = x.shape
   nstate = coef.shape[1]
   params = _params("cema_scan_fwd", x, length=length, dim=dim, nstate=nstate, seq_tile=seq_tile,
-                   channel_tile=channel_tile, vmem_limit=vmem_limit, interpret=interpret, backward=False)
+                   channel_tile=channel_tile, vmem_limit=vmem_limit, interpret=interpret, backward=False,
+                   resets=keep is not None)
   lt, dt = _tiles(length, dim, seq_tile, channel_tile)
   ntiles = pl.cdiv(length, lt)
   seq_block = pl.BlockSpec((None, lt, dt), lambda b, i, j: (b, j, i))
   state_block = pl.BlockSpec((None, 2, nstate, dt), lambda b, i, j: (b, 0, 0, i))
-  kernel = functools.partial(_forward_kernel, seq_len=length, seq_tile=lt, ntiles=ntiles, group=group)
+  kernel = functools.partial(_forward_kernel, seq_len=length, seq_tile=lt, ntiles=ntiles, group=group,
+                             resets=keep is not None)
+  keep_specs, keep_args = _keep_inputs(keep, lt, lambda b, i, j: (b, j, 0))
   return pl.pallas_call(
       kernel,
       grid=(batch, pl.cdiv(dim, dt), ntiles),
-      in_specs=[seq_block,
+      in_specs=[seq_block, *keep_specs,
                 pl.BlockSpec((rec.NUM_COEF_PLANES, nstate, dt), lambda b, i, j: (0, 0, i)),
                 pl.BlockSpec((1, dt), lambda b, i, j: (0, i)),
                 state_block],
@@ -174,26 +207,30 @@ def forward(x: jax.Array, coef: jax.Array, omega: jax.Array, h0: jax.Array, *, s
       compiler_params=params,
       interpret=interpret,
       name="cema_scan_fwd",
-  )(x, coef, omega, h0)
+  )(x, *keep_args, coef, omega, h0)
 
 
 def backward(x: jax.Array, dy: jax.Array, coef: jax.Array, omega: jax.Array, s0: jax.Array, *, seq_tile: int,
-             channel_tile: int, group: int, interpret, vmem_limit=None) -> tuple[jax.Array, jax.Array]:
+             channel_tile: int, group: int, interpret, vmem_limit=None, keep=None) -> tuple[jax.Array, jax.Array]:
   """x: (B, L, D) any float.  dy: (B, L, D) f32.  s0: (B, 2, N, D) f32.  vmem_limit: BlockSizes.vmem_limit_bytes.
+  keep: optional (B, L, 1) float32, 0 where a document starts.
   Returns dx (B, L, D) in x.dtype and the carries (B, 11, N, D) float32 (`recurrence.BwdCarry` planes)."""
   batch, length, dim = x.shape
   nstate = coef.shape[1]
   params = _params("cema_scan_bwd", x, length=length, dim=dim, nstate=nstate, seq_tile=seq_tile,
-                   channel_tile=channel_tile, vmem_limit=vmem_limit, interpret=interpret, backward=True)
+                   channel_tile=channel_tile, vmem_limit=vmem_limit, interpret=interpret, backward=True,
+                   resets=keep is not None)
   lt, dt = _tiles(length, dim, seq_tile, channel_tile)
   ntiles = pl.cdiv(length, lt)
   # Grid step j visits time tile ntiles - 1 - j: the recurrence runs from the end of the sequence.
   seq_block = pl.BlockSpec((None, lt, dt), lambda b, i, j: (b, ntiles - 1 - j, i))
-  kernel = functools.partial(_backward_kernel, seq_len=length, seq_tile=lt, ntiles=ntiles, group=group)
+  kernel = functools.partial(_backward_kernel, seq_len=length, seq_tile=lt, ntiles=ntiles, group=group,
+                             resets=keep is not None)
+  keep_specs, keep_args = _keep_inputs(keep, lt, lambda b, i, j: (b, ntiles - 1 - j, 0))
   return pl.pallas_call(
       kernel,
       grid=(batch, pl.cdiv(dim, dt), ntiles),
-      in_specs=[seq_block, seq_block,
+      in_specs=[seq_block, *keep_specs, seq_block,
                 pl.BlockSpec((rec.NUM_COEF_PLANES, nstate, dt), lambda b, i, j: (0, 0, i)),
                 pl.BlockSpec((1, dt), lambda b, i, j: (0, i)),
                 pl.BlockSpec((None, 2, nstate, dt), lambda b, i, j: (b, 0, 0, i))],
@@ -204,4 +241,4 @@ def backward(x: jax.Array, dy: jax.Array, coef: jax.Array, omega: jax.Array, s0:
       compiler_params=params,
       interpret=interpret,
       name="cema_scan_bwd",
-  )(x, dy, coef, omega, s0)
+  )(x, *keep_args, dy, coef, omega, s0)

@@ -9,7 +9,8 @@ mesh the call goes through `jax.shard_map` over the batch and head axes the call
 its DropKey mask with global coordinates, so the result does not depend on the sharding. `chunked_attention` may
 also split the length (chunk parallelism) over `length_axes` when every shard holds whole chunks: attention never
 crosses a chunk, so the shards need no communication (their DropKey streams are decorrelated by the slice index:
-same distribution, different draws from an unsplit call).
+same distribution, different draws from an unsplit call). Optional segment ids (document ids of packed rows)
+restrict every query to the keys of its own document; they are split like the batch and length of q.
 """
 
 from __future__ import annotations
@@ -74,18 +75,25 @@ def _seeds(dropout_rate: float, dropout_rng) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------------- custom VJP
 
+def _pair(ids):
+  """Prefill: queries and keys share rows, so both sides of the document mask read the same ids."""
+  return None if ids is None else (ids, ids)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attend(geo, interpret, scalars, q, k, v):
-  return _KERNELS[geo.backend].forward(scalars, q, k, v, geo=geo, save_stats=False, interpret=interpret)
+def _attend(geo, interpret, scalars, q, k, v, ids):
+  return _KERNELS[geo.backend].forward(scalars, q, k, v, geo=geo, save_stats=False, interpret=interpret,
+                                       segment_ids=_pair(ids))
 
 
-def _attend_fwd(geo, interpret, scalars, q, k, v):
-  o, m, l = _KERNELS[geo.backend].forward(scalars, q, k, v, geo=geo, save_stats=True, interpret=interpret)
-  return o, (scalars, q, k, v, o, m, l)
+def _attend_fwd(geo, interpret, scalars, q, k, v, ids):
+  o, m, l = _KERNELS[geo.backend].forward(scalars, q, k, v, geo=geo, save_stats=True, interpret=interpret,
+                                          segment_ids=_pair(ids))
+  return o, (scalars, q, k, v, ids, o, m, l)
 
 
 def _attend_bwd(geo, interpret, res, do):
-  scalars, q, k, v, o, m, l = res
+  scalars, q, k, v, ids, o, m, l = res
   bsz, rows = o.shape[:2]
   hg, h, g = geo.value_heads, geo.heads, geo.groups
   if geo.backend == "tpu":
@@ -94,17 +102,19 @@ def _attend_bwd(geo, interpret, res, do):
     delta = jnp.sum(do.astype(jnp.float32).reshape(bsz, rows, hg, -1) * o.astype(jnp.float32).reshape(
         bsz, rows, hg, -1), axis=-1).transpose(0, 2, 1)  # (B, H·G, rows)
   dq, dk, dv = _KERNELS[geo.backend].backward(scalars, q, k, v, do.astype(v.dtype), m, l, delta, geo=geo,
-                                              interpret=interpret)
+                                              interpret=interpret, segment_ids=_pair(ids))
   if g > 1:  # value groups of a head each contributed a partial dq / dk
     dq = dq.reshape(bsz, rows, h, g, -1).sum(axis=3).reshape(bsz, rows, -1)
     dk = dk.reshape(bsz, rows, h, g, -1).sum(axis=3).reshape(bsz, rows, -1)
-  return None, dq.astype(q.dtype), dk.astype(k.dtype), dv
+  return None, dq.astype(q.dtype), dk.astype(k.dtype), dv, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def _prefill_local(q, k, v, seeds, b_off, h_off, *, chunk_size, rate, blocks, backend, interpret, heads_total):
+def _prefill_local(q, k, v, *rest, chunk_size, rate, blocks, backend, interpret, heads_total):
+  """rest: [segment ids (B, L)], seeds, b_off, h_off."""
+  ids, (seeds, b_off, h_off) = (rest[0], rest[1:]) if len(rest) == 4 else (None, rest)
   b, l, h, dz = q.shape
   dv = v.shape[-1]
   heads_plan = layout.head_plan(dz, dv, backend, blocks)
@@ -113,48 +123,56 @@ def _prefill_local(q, k, v, seeds, b_off, h_off, *, chunk_size, rate, blocks, ba
   scalars = jnp.stack([jnp.int32(0), seeds[0], seeds[1], b_off, h_off]).astype(jnp.int32)
   out = _attend(geo, interpret, scalars, layout.prefill_to_kernel(q, plan, heads_plan.dz_pad),
                 layout.prefill_to_kernel(k, plan, heads_plan.dz_pad),
-                layout.prefill_to_kernel(v, plan, heads_plan.dv_pad))
+                layout.prefill_to_kernel(v, plan, heads_plan.dv_pad),
+                None if ids is None else layout.prefill_ids_to_kernel(ids, plan))
   return layout.prefill_from_kernel(out, plan, h, dv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _decode(geo, interpret, heads_plan, scalars, q, kf, vf):
+def _decode(geo, interpret, heads_plan, scalars, q, kf, vf, ids):
   t, h = q.shape[1], q.shape[2]
+  kernel_ids = None
+  if ids is not None:
+    kernel_ids = (layout.rows_ids_to_kernel(ids[0], geo.q_rows), layout.rows_ids_to_kernel(ids[1], geo.k_rows))
   out = _KERNELS[geo.backend].forward(
       scalars, layout.rows_to_kernel(q, geo.q_rows, heads_plan.dz_pad),
       layout.rows_to_kernel(kf, geo.k_rows, heads_plan.dz_pad),
-      layout.rows_to_kernel(vf, geo.k_rows, heads_plan.dv_pad), geo=geo, save_stats=False, interpret=interpret)
+      layout.rows_to_kernel(vf, geo.k_rows, heads_plan.dv_pad), geo=geo, save_stats=False, interpret=interpret,
+      segment_ids=kernel_ids)
   return layout.rows_from_kernel(out, t, h, heads_plan.dv)
 
 
-def _decode_reference(geo, scalars, q, kf, vf):
+def _decode_reference(geo, scalars, ids, q, kf, vf):
   rate = geo.drop_threshold / (1 << dropkey.THRESHOLD_BITS)
+  q_ids, kv_ids = (None, None) if ids is None else ids
   return reference.decode_attention_reference(q, kf, vf, scalars[0], geo.chunk, dropout_rate=rate,
                                               seeds=scalars[1:3], batch_offset=scalars[3],
-                                              head_offset=scalars[4], heads_total=geo.heads_total)
+                                              head_offset=scalars[4], heads_total=geo.heads_total,
+                                              q_segment_ids=q_ids, kv_segment_ids=kv_ids)
 
 
-def _decode_fwd(geo, interpret, heads_plan, scalars, q, kf, vf):
-  return _decode(geo, interpret, heads_plan, scalars, q, kf, vf), (scalars, q, kf, vf)
+def _decode_fwd(geo, interpret, heads_plan, scalars, q, kf, vf, ids):
+  return _decode(geo, interpret, heads_plan, scalars, q, kf, vf, ids), (scalars, q, kf, vf, ids)
 
 
 def _decode_bwd(geo, interpret, heads_plan, res, do):
-  scalars, q, kf, vf = res
-  _, vjp = jax.vjp(lambda *a: _decode_reference(geo, scalars, *a), q, kf, vf)
-  return (None, *vjp(do))
+  scalars, q, kf, vf, ids = res
+  _, vjp = jax.vjp(lambda *a: _decode_reference(geo, scalars, ids, *a), q, kf, vf)
+  return (None, *vjp(do), None)
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)
 
 
-def _decode_local(q, kf, vf, offset, seeds, b_off, h_off, *, chunk_size, rate, blocks, backend, interpret,
-                  heads_total):
+def _decode_local(q, kf, vf, *rest, chunk_size, rate, blocks, backend, interpret, heads_total):
+  """rest: [query ids (B, T), key frame ids (B, F)], offset, seeds, b_off, h_off."""
+  ids, (offset, seeds, b_off, h_off) = (rest[:2], rest[2:]) if len(rest) == 6 else (None, rest)
   _, t, h, dz = q.shape
   heads_plan = layout.head_plan(dz, vf.shape[-1], backend, blocks)
   geo = layout.decode_geometry(t, kf.shape[1], h, heads_total, chunk_size, heads_plan, blocks, backend,
                                dropkey.threshold(rate))
   scalars = jnp.stack([jnp.asarray(offset, jnp.int32), seeds[0], seeds[1], b_off, h_off]).astype(jnp.int32)
-  return _decode(geo, interpret, heads_plan, scalars, q, kf, vf)
+  return _decode(geo, interpret, heads_plan, scalars, q, kf, vf, ids)
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -195,15 +213,17 @@ def _length_axes(mesh, length: int, chunk_size: int, length_axes, used) -> tuple
 
 
 def _run_sharded(local: Callable, arrays: Sequence[jax.Array], replicated: Sequence[jax.Array], mesh, batch_axes,
-                 head_axes, heads_total: int, length_axes: tuple[str, ...] = ()):
-  """Calls local(*arrays, *replicated, b_off, h_off, heads_total=...) per shard; arrays are (B, T, H, d).
+                 head_axes, heads_total: int, length_axes: tuple[str, ...] = (), ids: Sequence[jax.Array] = ()):
+  """Calls local(*arrays, *ids, *replicated, b_off, h_off, heads_total=...) per shard; arrays are (B, T, H, d),
+  ids (B, T) segment ids (split like the arrays' batch and length).
 
   With `length_axes` the last replicated array must be the (2,) DropKey seeds: each length slice mixes its index
   into them.
   """
   if mesh is None:
-    return local(*arrays, *replicated, jnp.int32(0), jnp.int32(0), heads_total=heads_total)
+    return local(*arrays, *ids, *replicated, jnp.int32(0), jnp.int32(0), heads_total=heads_total)
   spec = P(batch_axes or None, length_axes or None, head_axes or None, None)
+  id_spec = P(batch_axes or None, length_axes or None)
 
   def body(*xs):
     if length_axes:  # a different DropKey stream per slice (odd multiplier: distinct for every slice index)
@@ -214,14 +234,27 @@ def _run_sharded(local: Callable, arrays: Sequence[jax.Array], replicated: Seque
     h_off = jax.lax.axis_index(head_axes) * h_local if head_axes else jnp.int32(0)
     return local(*xs, b_off.astype(jnp.int32), h_off.astype(jnp.int32), heads_total=heads_total)
 
-  in_specs = (spec,) * len(arrays) + (P(),) * len(replicated)
+  in_specs = (spec,) * len(arrays) + (id_spec,) * len(ids) + (P(),) * len(replicated)
   # check_vma=False: pallas_call carries no varying-manual-axes typing for its outputs.
-  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(*arrays, *replicated)
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(*arrays, *ids,
+                                                                                             *replicated)
 
 
 # ---------------------------------------------------------------------------------------------- public API
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int, *, dropout_rate: float = 0.0,
+def _check_ids(ids, shape, what: str, name: str):
+  """ids as int32 after checking they are (B, T) integers; None stays None."""
+  if ids is None:
+    return None
+  if tuple(ids.shape) != tuple(shape):
+    raise ValueError(f"{what}: {name} must be (batch, length) = {tuple(shape)}; got shape {tuple(ids.shape)}")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"{what}: {name} must be integers; got {ids.dtype}")
+  return ids.astype(jnp.int32)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int, *,
+                      segment_ids: Optional[jax.Array] = None, dropout_rate: float = 0.0,
                       dropout_rng: Optional[jax.Array] = None, block_sizes: Optional[BlockSizes] = None,
                       backend: Optional[str] = None, interpret: Any = None, mesh=None,
                       batch_axes: Optional[Sequence[str] | str] = None,
@@ -233,6 +266,8 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int,
     q, k: (B, L, H, dz), already rotated, logits unscaled; v: (B, L, H, dv). One dtype (float32, bfloat16 or
       float16); the softmax runs in float32.
     chunk_size: C ≥ 1; the last chunk may be partial.
+    segment_ids: optional (B, L) int32 document ids: query i sees key j only when their ids are equal (besides
+      same chunk and j ≤ i); a query always sees itself. Split like q's batch and length under shard_map.
     dropout_rate, dropout_rng: DropKey (dropped logits -> -1e30 before the softmax), mask from dropkey.py.
     block_sizes: tiles; default `BlockSizes.get_default(backend)`.
     backend: "tpu" | "gpu" | None (from the default platform; "gpu" in interpret mode on CPU).
@@ -258,13 +293,16 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int,
   length_axes = _length_axes(given_mesh, q.shape[1], chunk_size, length_axes, batch_axes + head_axes)
   if length_axes and mesh is None:
     mesh = given_mesh
+  ids = _check_ids(segment_ids, q.shape[:2], "chunked_attention", "segment_ids")
   local = functools.partial(_prefill_local, chunk_size=chunk_size, rate=dropout_rate, blocks=blocks,
                             backend=backend, interpret=interpret)
-  return _run_sharded(local, (q, k, v), (seeds,), mesh, batch_axes, head_axes, q.shape[2], length_axes)
+  return _run_sharded(local, (q, k, v), (seeds,), mesh, batch_axes, head_axes, q.shape[2], length_axes,
+                      () if ids is None else (ids,))
 
 
 def chunked_attention_decode(q: jax.Array, k_frame: jax.Array, v_frame: jax.Array, offset, chunk_size: int, *,
-                             dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
+                             q_segment_ids: Optional[jax.Array] = None,
+                             kv_segment_ids: Optional[jax.Array] = None, dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
                              block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None,
                              interpret: Any = None, mesh=None, batch_axes: Optional[Sequence[str] | str] = None,
                              head_axes: Optional[Sequence[str] | str] = None) -> jax.Array:
@@ -276,6 +314,9 @@ def chunked_attention_decode(q: jax.Array, k_frame: jax.Array, v_frame: jax.Arra
     q: (B, T, H, dz) with T ≤ chunk_size; k_frame: (B, F, H, dz); v_frame: (B, F, H, dv); F a multiple of
       chunk_size, which must be a multiple of 16 (`decode_supports_chunk_size`).
     offset: () int32, may be traced; 0 ≤ offset and offset + T ≤ F.
+    q_segment_ids, kv_segment_ids: optional (B, T) and (B, F) int32 document ids of the queries and of the frame
+      (both or neither): query t sees frame key j only when their ids are equal. The frame ids at the queries'
+      own positions must be the queries' ids (a query always sees itself).
     other arguments: as `chunked_attention` (DropKey hashes frame positions).
   Returns:
     (B, T, H, dv) in v.dtype. Differentiable (the backward pass is the reference's).
@@ -292,9 +333,17 @@ def chunked_attention_decode(q: jax.Array, k_frame: jax.Array, v_frame: jax.Arra
   seeds = _seeds(dropout_rate, dropout_rng)
   mesh, batch_axes, head_axes = _shard_plan(mesh, q.shape[0], q.shape[2], batch_axes, head_axes)
 
-  def local(q_, kf_, vf_, offset_, seeds_, b_off, h_off, *, heads_total):
-    return _decode_local(q_, kf_, vf_, offset_, seeds_, b_off, h_off, chunk_size=chunk_size, rate=dropout_rate,
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("chunked_attention_decode: pass both q_segment_ids and kv_segment_ids, or neither")
+  ids = ()
+  if q_segment_ids is not None:
+    ids = (_check_ids(q_segment_ids, q.shape[:2], "chunked_attention_decode", "q_segment_ids"),
+           _check_ids(kv_segment_ids, k_frame.shape[:2], "chunked_attention_decode", "kv_segment_ids"))
+
+  def local(q_, kf_, vf_, *rest, heads_total):
+    return _decode_local(q_, kf_, vf_, *rest, chunk_size=chunk_size, rate=dropout_rate,
                          blocks=blocks, backend=backend, interpret=interpret, heads_total=heads_total)
 
   offset = jnp.asarray(offset, jnp.int32)
-  return _run_sharded(local, (q, k_frame, v_frame), (offset, seeds), mesh, batch_axes, head_axes, q.shape[2])
+  return _run_sharded(local, (q, k_frame, v_frame), (offset, seeds), mesh, batch_axes, head_axes, q.shape[2],
+                      ids=ids)

@@ -196,3 +196,20 @@ def rows_from_kernel(y: jax.Array, t: int, heads: int, d: int) -> jax.Array:
   """(B, rows, H·width) -> (B, t, H, d)."""
   b, rows = y.shape[:2]
   return y.reshape(b, rows, heads, -1)[:, :t, :, :d]
+
+
+def prefill_ids_to_kernel(ids: jax.Array, plan: PrefillPlan) -> jax.Array:
+  """(B, L) int32 segment ids -> (B, nc·ck), padded with 0: padded rows sit after every real query of their chunk
+  (the causal mask hides them as keys) and their own outputs are cut off, so their ids do not matter."""
+  b, l = ids.shape
+  c, nc, ck = plan.chunk, plan.num_chunks, plan.chunk_k
+  if nc * c != l or ck != c:
+    ids = jnp.pad(ids, ((0, 0), (0, nc * c - l))).reshape(b, nc, c)
+    ids = jnp.pad(ids, ((0, 0), (0, 0), (0, ck - c)))
+  return ids.reshape(b, nc * ck)
+
+
+def rows_ids_to_kernel(ids: jax.Array, rows: int) -> jax.Array:
+  """(B, T) int32 segment ids -> (B, rows), padded with 0 at the end (padded query rows are cut off)."""
+  t = ids.shape[1]
+  return ids if rows == t else jnp.pad(ids, ((0, 0), (0, rows - t)))

@@ -35,13 +35,14 @@ def _attend(scores, allowed, v, einsum_pv, keep):
 
 
 def chunked_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int, *,
-                                dropout_rate: float = 0.0, seeds: Optional[jax.Array] = None,
+                                segment_ids: Optional[jax.Array] = None, dropout_rate: float = 0.0, seeds: Optional[jax.Array] = None,
                                 batch_offset=0, head_offset=0, heads_total: Optional[int] = None) -> jax.Array:
   """Block-diagonal causal attention over chunks of min(chunk_size, L).
 
   Args:
     q, k: (B, L, H, dz); v: (B, L, H, dv); one float dtype.
     chunk_size: C.
+    segment_ids: optional (B, L) int32 document ids; a query sees only keys with its own id.
     dropout_rate: DropKey rate; seeds: (2,) int32 (`dropkey.seeds_from_key`), required when the rate is > 0.
     batch_offset, head_offset, heads_total: global coordinates of this shard for the hash (defaults: unsharded).
   Returns:
@@ -58,6 +59,9 @@ def chunked_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, chunk_
   scores = jnp.einsum("bnqhd,bnkhd->bnhqk", qc, kc, preferred_element_type=jnp.float32)
   pos = jnp.arange(c, dtype=jnp.int32)
   causal = pos[None, :] <= pos[:, None]
+  if segment_ids is not None:
+    seg = jnp.pad(jnp.asarray(segment_ids, jnp.int32), ((0, 0), (0, pad))).reshape(b, nc, 1, c)
+    causal = causal & (seg[..., :, None] == seg[..., None, :])  # (B, M, 1, C, C)
   keep = None
   if dropout_rate > 0.0:
     start = (jnp.arange(nc, dtype=jnp.int32) * c)[None, :, None, None, None]
@@ -69,7 +73,9 @@ def chunked_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, chunk_
 
 def decode_attention_reference(q: jax.Array, k_frame: jax.Array, v_frame: jax.Array, offset, chunk_size: int, *,
                                dropout_rate: float = 0.0, seeds: Optional[jax.Array] = None,
-                               batch_offset=0, head_offset=0, heads_total: Optional[int] = None) -> jax.Array:
+                               batch_offset=0, head_offset=0, heads_total: Optional[int] = None,
+                               q_segment_ids: Optional[jax.Array] = None,
+                               kv_segment_ids: Optional[jax.Array] = None) -> jax.Array:
   """Queries at frame positions offset…offset+T-1 against a key frame that starts on a chunk boundary.
 
   Query t sees the frame keys of its own chunk up to its own position. This is the short-input case of the
@@ -78,6 +84,7 @@ def decode_attention_reference(q: jax.Array, k_frame: jax.Array, v_frame: jax.Ar
     q: (B, T, H, dz); k_frame: (B, F, H, dz); v_frame: (B, F, H, dv); F a multiple of chunk_size.
     offset: () int32, frame position of q[:, 0]; may be traced.
     other arguments: as `chunked_attention_reference`, with frame positions in the hash.
+    q_segment_ids (B, T), kv_segment_ids (B, F): optional int32 document ids (both or neither).
   Returns:
     (B, T, H, dv) in v.dtype.
   """
@@ -86,6 +93,9 @@ def decode_attention_reference(q: jax.Array, k_frame: jax.Array, v_frame: jax.Ar
   qpos = jnp.asarray(offset, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
   kpos = jnp.arange(frame, dtype=jnp.int32)
   allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] // chunk_size == qpos[:, None] // chunk_size)
+  if q_segment_ids is not None:
+    q_ids, k_ids = jnp.asarray(q_segment_ids, jnp.int32), jnp.asarray(kv_segment_ids, jnp.int32)
+    allowed = allowed & (q_ids[:, None, :, None] == k_ids[:, None, None, :])  # (B, 1, T, F)
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_frame, preferred_element_type=jnp.float32)
   keep = None
   if dropout_rate > 0.0:

@@ -77,10 +77,14 @@ def tile_positions(coords: TileCoords, bq: int, bk: int):
   return q_pos, k_pos
 
 
-def masked_scores(s: jax.Array, coords: TileCoords, seeds, drop_threshold: int, causal: bool = True):
-  """Applies DropKey and (if `causal`) the chunk-causal mask to the float32 score tile s (bq, bk).
+def masked_scores(s: jax.Array, coords: TileCoords, seeds, drop_threshold: int, causal: bool = True,
+                  segments=None):
+  """Applies DropKey, (if `causal`) the chunk-causal mask and (if `segments`) the document mask to the float32
+  score tile s (bq, bk).
 
-  `causal=False` is for tiles that `needs_causal_mask` clears: every key visible to every row.
+  `causal=False` is for tiles that `needs_causal_mask` clears: every key of the chunk visible to every row.
+  segments: None, or (query ids, key ids) int32 broadcasting to (bq, bk) (a column and a row): a key is visible
+  only to queries of its own document. It applies to every tile, causal or not.
   Returns:
     (masked scores, keep) where keep is the DropKey keep mask (None without dropout).
   """
@@ -92,12 +96,15 @@ def masked_scores(s: jax.Array, coords: TileCoords, seeds, drop_threshold: int, 
     qh, kh = q_pos - coords.hash_shift, k_pos - coords.hash_shift
     keep = dropkey.keep_mask(seeds, coords.bh, qh, kh, drop_threshold)
     s = jnp.where(keep, s, DROP_VALUE)
+  same = None if segments is None else segments[0] == segments[1]
   if not causal:
-    return s, keep
+    return (s if same is None else jnp.where(same, s, MASK_VALUE)), keep
   # A query tile spans at most two chunks, so each row's chunk start is one of two values (no vector division).
   next_chunk = coords.q_chunk0 + coords.chunk
   row_chunk = jnp.where(q_pos >= next_chunk, next_chunk, coords.q_chunk0)
   valid = (k_pos <= q_pos) & (k_pos >= row_chunk)
+  if same is not None:
+    valid = valid & same
   return jnp.where(valid, s, MASK_VALUE), keep
 
 

@@ -41,6 +41,35 @@ def _lanes(x: jax.Array) -> jax.Array:
   return jnp.broadcast_to(x, (x.shape[0], TPU_LANES))
 
 
+SUBLANES = 8
+
+
+def ids_to_kernel(segment_ids, block_k: int):
+  """(query ids, key ids) (B, rows) int32 -> the TPU id layouts: queries lane-replicated (B, rows, 128) (a
+  (bq, 128) block), keys sublane-replicated per key tile (B, rows / bk, 8, bk) (an (8, bk) block whose two dims
+  are the array's own, so any tile width is a legal block)."""
+  q_ids, k_ids = segment_ids
+  b, rows = k_ids.shape
+  q_lanes = jnp.broadcast_to(q_ids[:, :, None], (*q_ids.shape, TPU_LANES))
+  k_rows = jnp.broadcast_to(k_ids.reshape(b, rows // block_k, 1, block_k), (b, rows // block_k, SUBLANES, block_k))
+  return q_lanes, k_rows
+
+
+def _tile_segments(id_refs, bk: int):
+  """(query ids (bq, bk), key ids (1, bk)) of the current tile from the id blocks, or None."""
+  if id_refs is None:
+    return None
+  q_ids = id_refs[0][...]  # (bq, 128): every lane holds the row's id
+  q_ids = q_ids[:, :bk] if bk <= TPU_LANES else jnp.concatenate([q_ids] * (bk // TPU_LANES), axis=1)
+  return q_ids, id_refs[1][0:1, :]
+
+
+def _id_specs(bq: int, bk: int, q_index, k_index):
+  """BlockSpecs of the two id layouts (`ids_to_kernel`): q_index / k_index map grid indices to the tile index."""
+  return [pl.BlockSpec((None, bq, TPU_LANES), lambda b, hg, x, t, sc: (b, q_index(x, t, sc), 0)),
+          pl.BlockSpec((None, None, SUBLANES, bk), lambda b, hg, x, t, sc: (b, k_index(x, t, sc), 0, 0))]
+
+
 def _when_visited(visited, masked, step) -> None:
   """Runs step(causal=True) on visited tiles that cross the diagonal and step(causal=False) on the others, so
   only diagonal tiles pay for the mask."""
@@ -48,7 +77,7 @@ def _when_visited(visited, masked, step) -> None:
   pl.when(visited & jnp.logical_not(masked))(lambda: step(False))
 
 
-def _vmem_need(kernel: str, tiles, *, dz: int, dtype, grad_dtype) -> int:
+def _vmem_need(kernel: str, tiles, *, dz: int, dtype, grad_dtype, segmented: bool = False) -> int:
   """Bytes of VMEM `kernel` ("fwd", "fwd_stats", "dq", "dkv") needs with tiles {"block_q…": bq, "block_k…": bk,
   "block_v": bv}: double-buffered blocks + scratch (the two terms Mosaic reports as its scoped allocation), plus
   in-kernel temporaries.
@@ -57,7 +86,8 @@ def _vmem_need(kernel: str, tiles, *, dz: int, dtype, grad_dtype) -> int:
   and two float32 (rows, bv) matmul results (doubled for float32 inputs, whose HIGHEST-precision matmuls keep split
   copies of their operands), is fitted to be an upper bound of what XLA:TPU reported on v5e at the default tiles
   (dz = 256, bv = 1024: forward ≤ 6 / ≤ 8 MiB, dq ≤ 6 / 12.1-14 MiB, dk/dv 6.6-8 / 14.8-15 MiB for bf16 / f32;
-  jax 0.10.2, libtpu 0.0.42.1), so the estimate errs on the large side by a few MiB.
+  jax 0.10.2, libtpu 0.0.42.1), so the estimate errs on the large side by a few MiB. Segment ids add their two
+  id blocks ((bq, 128) and (8, bk) int32) and two (bq, bk) temporaries (the widened query ids and the mask).
   """
   suffix = "" if kernel.startswith("fwd") else "_bwd"
   bq, bk, bv = tiles["block_q" + suffix], tiles["block_k" + suffix], tiles["block_v"]
@@ -74,12 +104,15 @@ def _vmem_need(kernel: str, tiles, *, dz: int, dtype, grad_dtype) -> int:
   else:
     blocks = q + k + v + o + 3 * stat + vmem.tile_bytes((bk, dz), grad_dtype) + v  # … dk and dv out
     scratch = vmem.tile_bytes((bk, dz), f32) + vmem.tile_bytes((bk, bv), f32)
+  if segmented:
+    blocks += vmem.tile_bytes((bq, TPU_LANES), jnp.int32) + vmem.tile_bytes((SUBLANES, bk), jnp.int32)
   split = 2 if jnp.dtype(dtype) == jnp.float32 else 1
-  temps = 8 * bq * bk * 4 + 2 * split * max(bq, bk) * bv * 4
+  temps = (10 if segmented else 8) * bq * bk * 4 + 2 * split * max(bq, bk) * bv * 4
   return 2 * blocks + scratch + temps
 
 
-def _compiler_params(kernel: str, geo: Geometry, x, *, backward: bool, grad_dtype=None, interpret=False):
+def _compiler_params(kernel: str, geo: Geometry, x, *, backward: bool, grad_dtype=None, interpret=False,
+                     segmented: bool = False):
   """CompilerParams of one kernel; natively compiled kernels first pass the VMEM check (vmem.py)."""
   limit = None
   if not interpret:
@@ -87,7 +120,8 @@ def _compiler_params(kernel: str, geo: Geometry, x, *, backward: bool, grad_dtyp
       tiles = {"block_q_bwd": geo.block_q_bwd, "block_k_bwd": geo.block_k_bwd, "block_v": geo.bv}
     else:
       tiles = {"block_q": geo.block_q, "block_k": geo.block_k, "block_v": geo.bv}
-    need = functools.partial(_vmem_need, kernel, dz=geo.dz, dtype=x.dtype, grad_dtype=grad_dtype or x.dtype)
+    need = functools.partial(_vmem_need, kernel, dz=geo.dz, dtype=x.dtype, grad_dtype=grad_dtype or x.dtype,
+                             segmented=segmented)
     limit = vmem.vmem_limit_bytes(f"chunked_attention_{kernel}", need, tiles, vmem.device_kind(x),
                                   geo.vmem_limit_bytes)
   return pltpu.CompilerParams(dimension_semantics=_SEMANTICS, vmem_limit_bytes=limit)
@@ -95,12 +129,14 @@ def _compiler_params(kernel: str, geo: Geometry, x, *, backward: bool, grad_dtyp
 
 # ---------------------------------------------------------------------------------------------------- forward
 
-def _fwd_kernel(sc_ref, q_ref, k_ref, v_ref, o_ref, *rest, geo: Geometry, nkv: int, save_stats: bool):
+def _fwd_kernel(sc_ref, q_ref, k_ref, v_ref, *rest, geo: Geometry, nkv: int, save_stats: bool, segmented: bool):
   """One (batch, value head, query tile) program, visited once per key tile t.
 
-  Refs: sc (5,) int32 SMEM; q (bq, dz); k (bk, dz); v (bk, bv); o (bq, bv); [m_out, l_out (bq, 128) f32];
-  scratch m, l (bq, 128) f32 and acc (bq, bv) f32.
+  Refs: sc (5,) int32 SMEM; q (bq, dz); k (bk, dz); v (bk, bv); [query ids (bq, 128), key ids (8, bk) int32];
+  o (bq, bv); [m_out, l_out (bq, 128) f32]; scratch m, l (bq, 128) f32 and acc (bq, bv) f32.
   """
+  id_refs = rest[:2] if segmented else None
+  o_ref, *rest = rest[2:] if segmented else rest
   if save_stats:
     m_out, l_out, m_sc, l_sc, acc_sc = rest
   else:
@@ -121,7 +157,8 @@ def _fwd_kernel(sc_ref, q_ref, k_ref, v_ref, o_ref, *rest, geo: Geometry, nkv: i
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     precision = tile.precision_for(q.dtype)
     coords = tile.make_coords(q0, j * bk, q_chunk0, geo, b, hg, b_off, h_off)
-    s, _ = tile.masked_scores(tile.matmul_nt(q, k, precision), coords, seeds, geo.drop_threshold, causal)
+    s, _ = tile.masked_scores(tile.matmul_nt(q, k, precision), coords, seeds, geo.drop_threshold, causal,
+                              _tile_segments(id_refs, bk))
     m, l, acc = tile.online_softmax_step(_col(m_sc), _col(l_sc), acc_sc[...], s, v, precision)
     m_sc[...], l_sc[...], acc_sc[...] = _lanes(m), _lanes(l), acc
 
@@ -136,7 +173,7 @@ def _fwd_kernel(sc_ref, q_ref, k_ref, v_ref, o_ref, *rest, geo: Geometry, nkv: i
       l_out[...] = l_sc[...]
 
 
-def forward(scalars, q, k, v, *, geo: Geometry, save_stats: bool, interpret=False):
+def forward(scalars, q, k, v, *, geo: Geometry, save_stats: bool, interpret=False, segment_ids=None):
   """Forward kernel.
 
   Args:
@@ -144,6 +181,7 @@ def forward(scalars, q, k, v, *, geo: Geometry, save_stats: bool, interpret=Fals
     q: (B, q_rows, H·dz); k: (B, k_rows, H·dz); v: (B, k_rows, H·G·bv); one dtype.
     geo: the call's Geometry.
     save_stats: also return the row max m and row sum l, (B, H·G, q_rows, 128) float32 lane-replicated.
+    segment_ids: None or (query ids (B, q_rows), key ids (B, k_rows)) int32: the document mask.
   Returns:
     o (B, q_rows, H·G·bv) in q.dtype [, m, l].
   """
@@ -161,6 +199,10 @@ def forward(scalars, q, k, v, *, geo: Geometry, save_stats: bool, interpret=Fals
       pl.BlockSpec((None, bk, geo.dz), lambda b, hg, i, t, sc: (b, kv_tile(i, t, sc), lax.div(hg, G))),
       pl.BlockSpec((None, bk, geo.bv), lambda b, hg, i, t, sc: (b, kv_tile(i, t, sc), hg)),
   ]
+  ids = ()
+  if segment_ids is not None:
+    ids = ids_to_kernel(segment_ids, bk)
+    in_specs += _id_specs(bq, bk, lambda i, t, sc: i, kv_tile)
   out_shape = [jax.ShapeDtypeStruct((bsz, geo.q_rows, geo.value_heads * geo.bv), q.dtype)]
   out_specs = [pl.BlockSpec((None, bq, geo.bv), lambda b, hg, i, t, sc: (b, i, hg))]
   if save_stats:
@@ -173,18 +215,22 @@ def forward(scalars, q, k, v, *, geo: Geometry, save_stats: bool, interpret=Fals
       out_specs=out_specs,
       scratch_shapes=[pltpu.VMEM((bq, TPU_LANES), jnp.float32), pltpu.VMEM((bq, TPU_LANES), jnp.float32),
                       pltpu.VMEM((bq, geo.bv), jnp.float32)])
-  kernel = functools.partial(_fwd_kernel, geo=geo, nkv=nkv, save_stats=save_stats)
-  params = _compiler_params("fwd_stats" if save_stats else "fwd", geo, q, backward=False, interpret=interpret)
+  kernel = functools.partial(_fwd_kernel, geo=geo, nkv=nkv, save_stats=save_stats, segmented=bool(ids))
+  params = _compiler_params("fwd_stats" if save_stats else "fwd", geo, q, backward=False, interpret=interpret,
+                            segmented=bool(ids))
   out = pl.pallas_call(kernel, out_shape=out_shape, grid_spec=grid_spec, compiler_params=params,
-                       interpret=interpret, name="chunked_attention_fwd")(scalars, q, k, v)
+                       interpret=interpret, name="chunked_attention_fwd")(scalars, q, k, v, *ids)
   return tuple(out) if save_stats else out[0]
 
 
 # ---------------------------------------------------------------------------------------------------- backward
 
-def _dq_kernel(sc_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dq_ref, dq_sc, *, geo: Geometry,
-               nkv: int):
-  """dq of one (batch, value head, query tile); refs as in `_fwd_kernel`, plus do (bq, bv), delta (bq, 128)."""
+def _dq_kernel(sc_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, *rest, geo: Geometry, nkv: int,
+               segmented: bool):
+  """dq of one (batch, value head, query tile); refs as in `_fwd_kernel`, plus do (bq, bv), delta (bq, 128),
+  [the id blocks], out dq and scratch dq (bq, dz) f32."""
+  id_refs = rest[:2] if segmented else None
+  dq_ref, dq_sc = rest[2:] if segmented else rest
   bq, bk = geo.block_q_bwd, geo.block_k_bwd
   b, hg, i, t = (pl.program_id(a) for a in range(4))
   _, seeds, b_off, h_off = tile.scalars_unpack(sc_ref, False)
@@ -199,7 +245,8 @@ def _dq_kernel(sc_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dq_ref,
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     precision = tile.precision_for(q.dtype)
     coords = tile.make_coords(q0, j * bk, q_chunk0, geo, b, hg, b_off, h_off)
-    s, keep = tile.masked_scores(tile.matmul_nt(q, k, precision), coords, seeds, geo.drop_threshold, causal)
+    s, keep = tile.masked_scores(tile.matmul_nt(q, k, precision), coords, seeds, geo.drop_threshold, causal,
+                                 _tile_segments(id_refs, bk))
     _, ds = tile.grad_tiles(s, keep, do_ref[...], v, _col(m_ref), _col(l_ref), _col(d_ref), precision)
     dq_sc[...] += tile.matmul_nn(ds.astype(k.dtype), k, precision)
 
@@ -210,9 +257,13 @@ def _dq_kernel(sc_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dq_ref,
     dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(sc_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dk_ref, dv_ref, dk_sc, dv_sc, *,
-                geo: Geometry, nqv: int):
-  """dk and dv of one (batch, value head, key tile), visited once per query tile t of the key tile's chunk."""
+def _dkv_kernel(sc_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, *rest, geo: Geometry, nqv: int,
+                segmented: bool):
+  """dk and dv of one (batch, value head, key tile), visited once per query tile t of the key tile's chunk.
+
+  Refs after delta: [the id blocks], out dk, dv, scratch dk (bk, dz), dv (bk, bv) f32."""
+  id_refs = rest[:2] if segmented else None
+  dk_ref, dv_ref, dk_sc, dv_sc = rest[2:] if segmented else rest
   bq, bk = geo.block_q_bwd, geo.block_k_bwd
   b, hg, j, t = (pl.program_id(a) for a in range(4))
   _, seeds, b_off, h_off = tile.scalars_unpack(sc_ref, False)
@@ -228,7 +279,8 @@ def _dkv_kernel(sc_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref, dk_ref
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     precision = tile.precision_for(q.dtype)
     coords = tile.make_coords(i * bq, k0, chunk0, geo, b, hg, b_off, h_off)
-    s, keep = tile.masked_scores(tile.matmul_nt(q, k, precision), coords, seeds, geo.drop_threshold, causal)
+    s, keep = tile.masked_scores(tile.matmul_nt(q, k, precision), coords, seeds, geo.drop_threshold, causal,
+                                 _tile_segments(id_refs, bk))
     p, ds = tile.grad_tiles(s, keep, do, v, _col(m_ref), _col(l_ref), _col(d_ref), precision)
     dv_sc[...] += tile.matmul_tn(p.astype(do.dtype), do, precision)
     dk_sc[...] += tile.matmul_tn(ds.astype(q.dtype), q, precision)
@@ -278,7 +330,7 @@ def delta(do, o, *, geo: Geometry, interpret=False):
       interpret=interpret, name="chunked_attention_delta")(do, o)
 
 
-def backward(scalars, q, k, v, do, m, l, delta, *, geo: Geometry, interpret=False):
+def backward(scalars, q, k, v, do, m, l, delta, *, geo: Geometry, interpret=False, segment_ids=None):
   """Backward kernels (prefill geometry: queries and keys on the same rows).
 
   Args:
@@ -288,6 +340,7 @@ def backward(scalars, q, k, v, do, m, l, delta, *, geo: Geometry, interpret=Fals
     dq, dk: (B, rows, H·G·dz), one partial per value group (the caller sums the G groups of a head), float32
       when G > 1, else q.dtype;
     dv: (B, rows, H·G·bv) in v.dtype.
+  segment_ids: as for `forward` (prefill: both are the rows' ids).
   """
   if geo.dynamic_offset:
     raise NotImplementedError("the TPU backward kernels cover prefill geometry only")
@@ -313,18 +366,24 @@ def backward(scalars, q, k, v, do, m, l, delta, *, geo: Geometry, interpret=Fals
     return pl.BlockSpec((None, bk, width), lambda b, hg, i, t, sc: (b, kv_tile(i, t), lax.div(hg, G) if by_head
                                                                      else hg))
 
+  ids, dq_ids, dkv_ids = (), [], []
+  if segment_ids is not None:
+    ids = ids_to_kernel(segment_ids, bk)
+    dq_ids = _id_specs(bq, bk, lambda i, t, sc: i, lambda i, t, sc: kv_tile(i, t))
+    dkv_ids = _id_specs(bq, bk, lambda j, t, sc: q_tile(j, t), lambda j, t, sc: j)
   stat_q = pl.BlockSpec((None, None, bq, TPU_LANES), lambda b, hg, i, t, sc: (b, hg, i, 0))
   dq_call = pl.pallas_call(
-      functools.partial(_dq_kernel, geo=geo, nkv=nkv),
+      functools.partial(_dq_kernel, geo=geo, nkv=nkv, segmented=bool(ids)),
       out_shape=jax.ShapeDtypeStruct((bsz, rows, HG * geo.dz), grad_dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(bsz, HG, rows // bq, nkv),
           in_specs=[qside(geo.dz, True), kside(geo.dz, True), kside(geo.bv, False), qside(geo.bv, False),
-                    stat_q, stat_q, stat_q],
+                    stat_q, stat_q, stat_q, *dq_ids],
           out_specs=pl.BlockSpec((None, bq, geo.dz), lambda b, hg, i, t, sc: (b, i, hg)), scratch_shapes=scratch_q),
-      compiler_params=_compiler_params("dq", geo, q, backward=True, grad_dtype=grad_dtype, interpret=interpret),
+      compiler_params=_compiler_params("dq", geo, q, backward=True, grad_dtype=grad_dtype, interpret=interpret,
+                                       segmented=bool(ids)),
       interpret=interpret, name="chunked_attention_dq")
-  dq = dq_call(scalars, q, k, v, do, m, l, delta)
+  dq = dq_call(scalars, q, k, v, do, m, l, delta, *ids)
 
   def q_of_k(width, by_head):  # query-row tensor when the grid's third axis walks key tiles (dk/dv)
     return pl.BlockSpec((None, bq, width), lambda b, hg, j, t, sc: (b, q_tile(j, t), lax.div(hg, G) if by_head
@@ -335,16 +394,17 @@ def backward(scalars, q, k, v, do, m, l, delta, *, geo: Geometry, interpret=Fals
 
   stat_k = pl.BlockSpec((None, None, bq, TPU_LANES), lambda b, hg, j, t, sc: (b, hg, q_tile(j, t), 0))
   dkv_call = pl.pallas_call(
-      functools.partial(_dkv_kernel, geo=geo, nqv=nqv),
+      functools.partial(_dkv_kernel, geo=geo, nqv=nqv, segmented=bool(ids)),
       out_shape=[jax.ShapeDtypeStruct((bsz, rows, HG * geo.dz), grad_dtype),
                  jax.ShapeDtypeStruct((bsz, rows, HG * geo.bv), v.dtype)],
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(bsz, HG, rows // bk, nqv),
           in_specs=[q_of_k(geo.dz, True), k_of_k(geo.dz, True), k_of_k(geo.bv, False), q_of_k(geo.bv, False),
-                    stat_k, stat_k, stat_k],
+                    stat_k, stat_k, stat_k, *dkv_ids],
           out_specs=[k_of_k(geo.dz, False), k_of_k(geo.bv, False)],
           scratch_shapes=[pltpu.VMEM((bk, geo.dz), jnp.float32), pltpu.VMEM((bk, geo.bv), jnp.float32)]),
-      compiler_params=_compiler_params("dkv", geo, q, backward=True, grad_dtype=grad_dtype, interpret=interpret),
+      compiler_params=_compiler_params("dkv", geo, q, backward=True, grad_dtype=grad_dtype, interpret=interpret,
+                                       segmented=bool(ids)),
       interpret=interpret, name="chunked_attention_dkv")
-  dk, dv = dkv_call(scalars, q, k, v, do, m, l, delta)
+  dk, dv = dkv_call(scalars, q, k, v, do, m, l, delta, *ids)
   return dq, dk, dv

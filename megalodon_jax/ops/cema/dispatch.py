@@ -22,7 +22,7 @@ from megalodon_jax.ops.cema.pallas import cema_pallas
 from megalodon_jax.ops.cema.sequential import cema_sequential
 from pallas_kernels.platform import current_platform
 
-# name -> fn(x, coeffs, omega, h0, return_state) -> (y, state or None)
+# name -> fn(x, coeffs, omega, h0, return_state, *, resets=None) -> (y, state or None)
 IMPLEMENTATIONS: dict[str, Callable] = {
     "fft": cema_fft,
     "associative_scan": cema_associative_scan,
@@ -50,7 +50,7 @@ def default_impl(length: int, backend: Optional[str] = None) -> str:
 
 
 def cema(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[jax.Array] = None, *,
-         impl: str = "auto", return_state: bool = False):
+         impl: str = "auto", return_state: bool = False, resets: Optional[jax.Array] = None):
   """Runs CEMA over a sequence.
 
   Args:
@@ -60,6 +60,9 @@ def cema(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[jax.Ar
     h0: optional (B, D, N, 2) float32 initial state (real, imag); None means zeros.
     impl: "auto" or one of the names of `IMPLEMENTATIONS` (module docstring).
     return_state: also return the state after the last step.
+    resets: optional (B, L) bool, True where a new document starts at step t (packed training windows): there the
+      state restarts, h_t = p u_t (the decay into t is 0; docs/model.md#cema), and so does the final state's
+      history. The first document of a row continues from h0. None runs the plain recurrence unchanged.
   Returns:
     y: (B, L, D) float32, and the final state (B, D, N, 2) float32 (None unless return_state).
   """
@@ -67,4 +70,8 @@ def cema(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[jax.Ar
     impl = default_impl(x.shape[1])
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"unknown CEMA implementation {impl!r}; choose one of {['auto', *IMPLEMENTATIONS]}")
-  return IMPLEMENTATIONS[impl](x, coeffs, omega, h0, return_state)
+  if resets is None:
+    return IMPLEMENTATIONS[impl](x, coeffs, omega, h0, return_state)
+  if resets.shape != x.shape[:2]:
+    raise ValueError(f"resets must be (B, L) = {x.shape[:2]}, got {resets.shape}")
+  return IMPLEMENTATIONS[impl](x, coeffs, omega, h0, return_state, resets=resets.astype(bool))

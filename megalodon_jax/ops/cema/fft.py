@@ -7,6 +7,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from megalodon_jax.ops.cema.chunked import cema_chunked
 from megalodon_jax.ops.cema.coefficients import CEMACoeffs
 from megalodon_jax.ops.cema.final_state import final_state_blocked
 from megalodon_jax.ops.cema.powers import cema_kernel, initial_state_contribution
@@ -28,15 +29,22 @@ def fft_causal_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def cema_fft(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[jax.Array] = None,
-             return_state: bool = False):
+             return_state: bool = False, *, resets: Optional[jax.Array] = None):
   """CEMA via FFT convolution; the final state, if asked for, from `final_state_blocked`.
+
+  With resets the recurrence is no longer one convolution (the kernel restarts at every document start, a
+  different Toeplitz matrix per row), so this runs the block-parallel path, `cema_chunked(..., resets=resets)`,
+  which is exact and keeps O(B·L·D) memory; per-document FFTs would need dynamic shapes.
 
   Args:
     x: (B, L, D) any float dtype.  coeffs: (D, N) float32 fields.  omega: (D, 1) or (D,).
     h0: optional (B, D, N, 2) float32.  return_state: also return h_{L-1}.
+    resets: optional (B, L) bool, True where a document starts (docs/model.md#cema).
   Returns:
     y (B, L, D) float32 and the final state (B, D, N, 2) float32 or None.
   """
+  if resets is not None:
+    return cema_chunked(x, coeffs, omega, h0, return_state, resets=resets)
   length = x.shape[1]
   u = x.astype(jnp.float32)
   y = fft_causal_conv(u, cema_kernel(coeffs, length))

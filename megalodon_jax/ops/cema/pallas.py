@@ -10,7 +10,7 @@ from megalodon_jax.ops.cema.coefficients import CEMACoeffs
 
 
 def cema_pallas(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[jax.Array] = None,
-                return_state: bool = False):
+                return_state: bool = False, *, resets: Optional[jax.Array] = None):
   """CEMA with the Pallas scan kernel.
 
   Under a mesh the kernel runs in `shard_map` over the ambient mesh's batch axes ("data", "fsdp"), as the Pallas
@@ -19,6 +19,7 @@ def cema_pallas(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional
   Args:
     x: (B, L, D) any float dtype.  coeffs: (D, N) float32 fields.  omega: (D, 1) or (D,).
     h0: optional (B, D, N, 2) float32.  return_state: also return h_{L-1}.
+    resets: optional (B, L) bool, True where a document starts; split over the batch axes like x.
   Returns:
     y (B, L, D) float32 and the final state (B, D, N, 2) float32 or None.
   """
@@ -29,5 +30,5 @@ def cema_pallas(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional
   # Axes already manual (inside the chunk-parallel shard_map, ops/sequence_parallel.py) are split by the caller.
   batch_axes = tuple(a for a in ("data", "fsdp") if a in names and a not in mesh.manual_axes)
   y, state = cema_scan(x, coeffs.p, coeffs.q_re, coeffs.q_im, coeffs.g_re, coeffs.g_im, omega.reshape(-1), h0,
-                       batch_axes=batch_axes)
+                       batch_axes=batch_axes, resets=resets)
   return y, (state if return_state else None)

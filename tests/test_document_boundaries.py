@@ -1,0 +1,135 @@
+"""document_boundaries="reset" through the whole model: a packed window of several documents gives the logits,
+loss and gradients of running each document separately from an empty state (the independent reference: the
+model's plain no-boundary path, itself checked against the official fixtures), for every CEMA implementation and
+both attention paths (Pallas in interpret mode). Float32, 1e-5 relative."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from megalodon_jax.config import MegalodonConfig
+from megalodon_jax.model import MegalodonLM
+from megalodon_jax.ops.cema import IMPLEMENTATIONS
+from megalodon_jax.training.loss import chunked_lm_loss
+
+TINY = dict(num_layers=2, model_dim=32, z_dim=16, value_dim=32, ffn_hidden_dim=64, vocab_size=64, norm_num_groups=4,
+            cema_ndim=4, num_heads=2, chunk_size=16, dtype="float32", matmul_precision="highest")
+# Document lengths of two packed rows of 48 tokens (chunks of 16). Attention chunks are fixed by the window (as in
+# the official model), so a document run alone has the same chunks only if it starts at a chunk start or ends
+# inside the chunk it starts in; every document here does one or the other (docs/model.md#attention). Row 0:
+# boundaries inside chunks and at chunk starts, 1-token documents; row 1: a document from a chunk start (16) over
+# a chunk boundary (32), boundaries inside chunks.
+LENGTHS = [[5, 11, 1, 1, 14, 16], [3, 13, 20, 2, 10]]
+L = 48
+
+
+def _rel(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def packed_positions() -> np.ndarray:
+  rows = []
+  for lengths in LENGTHS:
+    assert sum(lengths) == L
+    rows.append(np.concatenate([np.arange(n) for n in lengths]))
+  return np.stack(rows).astype(np.int32)
+
+
+def spans(r):
+  start = 0
+  for n in LENGTHS[r]:
+    yield start, start + n
+    start += n
+
+
+def build(cema_impl="sequential", attention_impl="xla", **kw):
+  model = MegalodonLM(MegalodonConfig(**TINY, cema_impl=cema_impl, attention_impl=attention_impl, **kw),
+                      rngs=nnx.Rngs(3))
+  model.eval()
+  # Non-zero norm weights and priors so that every restarted quantity matters.
+  for blk in model.layers:
+    blk.mega.timenorm.weight[...] = jax.random.normal(jax.random.key(1), blk.mega.timenorm.weight.shape) * 0.1
+  return model
+
+
+IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, L)), jnp.int32)
+# Each position's next token (the last one wraps around; its target is masked as if a new document followed).
+TARGETS = jnp.concatenate([IDS[:, 1:], IDS[:, :1]], axis=1)
+
+
+def separately(model) -> np.ndarray:
+  out = np.zeros((2, L, TINY["vocab_size"]), np.float64)
+  for r in range(2):
+    for a, b in spans(r):
+      out[r, a:b] = np.asarray(model(IDS[r:r + 1, a:b]))[0]
+  return out
+
+
+CASES = [(impl, "xla") for impl in IMPLEMENTATIONS] + [("chunked", "pallas"), ("pallas", "pallas")]
+
+
+@pytest.mark.parametrize("cema_impl,attention_impl", CASES)
+def test_packed_logits_equal_each_document_alone(cema_impl, attention_impl):
+  model = build(cema_impl, attention_impl)
+  packed = model(IDS, positions=jnp.asarray(packed_positions()))
+  assert _rel(packed, separately(model)) <= 1e-5
+  assert _rel(model(IDS), packed) > 1e-3  # without boundaries the later documents see the earlier ones
+
+
+def _target_mask():
+  pos = packed_positions()
+  nxt = np.concatenate([pos[:, 1:], np.zeros((2, 1), np.int32)], axis=1)  # the next token's position (0: new doc)
+  return jnp.asarray(nxt != 0, jnp.int32)
+
+
+@pytest.mark.parametrize("cema_impl,attention_impl", [("chunked", "xla"), ("fft", "xla"), ("pallas", "pallas")])
+def test_packed_loss_and_gradients_equal_the_documents_summed(cema_impl, attention_impl):
+  """The masked loss skips each document's first target (predicted from the previous document); its sum and
+  gradients equal those of the documents run alone, each predicting only its own next tokens."""
+  model = build(cema_impl, attention_impl)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  positions = jnp.asarray(packed_positions())
+  mask = _target_mask()
+
+  def packed_loss(params):
+    m = nnx.merge(graphdef, params, rest)
+    return chunked_lm_loss(m.head, m.features(IDS, positions=positions), TARGETS, 16, mask)[0]
+
+  def separate_loss(params):
+    m = nnx.merge(graphdef, params, rest)
+    total = 0.0
+    for r in range(2):
+      for a, b in spans(r):
+        if b - a > 1:  # a document's own targets: tokens a+1..b-1 predicted from a..b-2
+          total = total + chunked_lm_loss(m.head, m.features(IDS[r:r + 1, a:b - 1]), IDS[r:r + 1, a + 1:b], 0)[0]
+    return total
+
+  assert int(jnp.sum(mask)) == sum(b - a - 1 for r in range(2) for a, b in spans(r))
+  v0, g0 = jax.value_and_grad(packed_loss)(params)
+  v1, g1 = jax.value_and_grad(separate_loss)(params)
+  assert _rel(v0, v1) <= 1e-5
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree_util.tree_leaves_with_path(g1)):
+    assert _rel(a, b) <= 1e-5, jax.tree_util.keystr(path)
+
+
+def test_streaming_across_a_boundary_equals_the_full_forward():
+  model = build("chunked", "xla")
+  positions = jnp.asarray(packed_positions())
+  full = model(IDS, positions=positions)
+  cache, outs, start = model.init_cache(2), [], 0
+  for n in (3, 1, 13, 15, 16):  # pieces ending exactly at, just before and just after document boundaries
+    logits, cache = model(IDS[:, start:start + n], cache=cache, positions=positions[:, start:start + n])
+    outs.append(logits)
+    start += n
+  assert _rel(jnp.concatenate(outs, axis=1), full) <= 1e-5
+
+
+def test_carry_path_is_unchanged_and_all_continuations_equal_no_boundaries():
+  model = build("chunked", "xla")
+  plain = model(IDS)
+  # A window that starts mid-document and never restarts: positions without a 0 give the no-boundary result.
+  cont = jnp.asarray(np.arange(5, 5 + L)[None].repeat(2, 0), jnp.int32)
+  assert _rel(model(IDS, positions=cont), plain) <= 1e-6

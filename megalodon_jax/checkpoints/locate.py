@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any, Optional
 
-from megalodon_jax.checkpoints import layout
+from megalodon_jax.checkpoints import layout, tokenizer_copy
 from megalodon_jax.config import EXECUTION_FIELDS, ConfigError, MegalodonConfig
 from megalodon_jax.errors import ConvertError
 
@@ -31,12 +31,14 @@ class CheckpointInfo:
   params_path: the folder to hand to `params.load_params`.
   step: the training step (None when unknown, e.g. imported weights).
   train_config: the training config (JSON) saved with a train.py step; None for a params-only checkpoint.
+  tokenizer_model: the SentencePiece model's bytes the checkpoint carries (checkpoints/tokenizer_copy.py), or None.
   """
   kind: str
   params_path: str
   config: MegalodonConfig
   step: Optional[int]
   train_config: Optional[dict] = None
+  tokenizer_model: Optional[bytes] = None
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -89,7 +91,8 @@ def locate_checkpoint(path: str, step: Optional[int] = None) -> CheckpointInfo:
     saved_step = side.get("step")
     if step is not None and step != saved_step:
       raise ConvertError(f"{root} holds one params checkpoint (step {saved_step}); --step {step} does not apply")
-    return CheckpointInfo("params", root, _config(side.get("model"), side.get("execution"), sidecar), saved_step)
+    return CheckpointInfo("params", root, _config(side.get("model"), side.get("execution"), sidecar), saved_step,
+                          tokenizer_model=tokenizer_copy.read_copy(root))
   if kind == "step":
     name = os.path.basename(root)
     if step is not None and (not name.isdigit() or int(name) != step):
@@ -103,7 +106,8 @@ def locate_checkpoint(path: str, step: Optional[int] = None) -> CheckpointInfo:
     train_config = train_config if isinstance(train_config, dict) else None
     execution = train_config.get("model") if train_config is not None else None
     saved_step = meta.get("step", int(name) if name.isdigit() else None)
-    return CheckpointInfo("step", root, _config(meta.get("model"), execution, meta_path), saved_step, train_config)
+    return CheckpointInfo("step", root, _config(meta.get("model"), execution, meta_path), saved_step, train_config,
+                          tokenizer_copy.embedded(meta, meta_path))
   if kind == "workdir":
     return locate_checkpoint(layout.checkpoints_dir(root), step)
   steps = layout.finished_steps(root)

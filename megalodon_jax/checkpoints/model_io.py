@@ -17,12 +17,12 @@ from typing import Any, Iterator, Optional
 import jax
 from flax import nnx
 
-from megalodon_jax.checkpoints import layout
-from megalodon_jax.errors import ConvertError
+from megalodon_jax.checkpoints import layout, tokenizer_copy
 from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
 from megalodon_jax.checkpoints.model_state import merge_model, split_model
 from megalodon_jax.checkpoints.params import load_params, save_params
 from megalodon_jax.config import MegalodonConfig
+from megalodon_jax.errors import ConvertError
 from megalodon_jax.model import MegalodonLM
 
 
@@ -112,11 +112,12 @@ def check_output(out: str, *, overwrite: bool) -> None:
 
 
 def save_params_checkpoint(out: str, model: MegalodonLM, *, step: Optional[int] = None, source: Optional[str] = None,
-                           overwrite: bool = False) -> None:
+                           overwrite: bool = False, tokenizer_model: Optional[bytes] = None) -> None:
   """Writes `model`'s params as a params-only Orbax checkpoint plus its config sidecar, atomically.
 
   Layout of `out`: the files of `params.save_params(out, params)` (`_METADATA`, `manifest.ocdbt`, ...; the
-  nnx.Param state as nested dicts, exactly `state["params"]` of a train.py checkpoint) and `megalodon_config.json`.
+  nnx.Param state as nested dicts, exactly `state["params"]` of a train.py checkpoint) and `megalodon_config.json`,
+  plus `tokenizer.model` when `tokenizer_model` (a SentencePiece model's bytes) is given.
 
   Raises:
     ConvertError: see `atomic_output`.
@@ -129,3 +130,5 @@ def save_params_checkpoint(out: str, model: MegalodonLM, *, step: Optional[int] 
     save_params(tmp, params)
     with open(os.path.join(tmp, layout.CONFIG_FILE), "w", encoding="utf-8") as f:
       json.dump(sidecar, f, indent=2)
+    if tokenizer_model is not None:
+      tokenizer_copy.write_copy(tmp, tokenizer_model)

@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 
 import jax
 
-from megalodon_jax.checkpoints import layout, model_io
+from megalodon_jax.checkpoints import layout, model_io, tokenizer_copy
+from megalodon_jax.checkpoints.locate import locate_checkpoint
 from megalodon_jax.convert import hf, torch_files
 from megalodon_jax.convert.official import from_official_state_dict, to_official_state_dict
 from megalodon_jax.errors import ConvertError, StateDictError, exit_on_error
@@ -65,6 +66,7 @@ def to_pytorch(args: argparse.Namespace) -> None:
   if args.model_parallel > 1 and args.format != "official":
     raise ConvertError(f"--model-parallel applies to --format official only (got --format {args.format})")
   model_io.check_output(args.out, overwrite=args.overwrite)  # fail before the (slow) restore
+  tokenizer_model = locate_checkpoint(args.checkpoint, args.step).tokenizer_model
   model, config, step = model_io.load_checkpoint(args.checkpoint, step=args.step, device=_cpu())
   tensors = to_official_state_dict(model)
   if args.format == "hf":
@@ -81,6 +83,8 @@ def to_pytorch(args: argparse.Namespace) -> None:
       files = torch_files.write_safetensors(tmp, tensors, config)
     else:
       files = torch_files.write_hf(tmp, tensors, config, args.dtype)
+    if tokenizer_model is not None:  # the SentencePiece model the run trained with, beside the config
+      files = [*files, os.path.basename(tokenizer_copy.write_copy(tmp, tokenizer_model))]
   print(f"wrote {os.path.abspath(args.out)}: {', '.join(files)} ({args.format}, {args.dtype}, step {step}, "
         f"{config.num_params():,} parameters)")
 
@@ -90,7 +94,9 @@ def from_pytorch(args: argparse.Namespace) -> None:
   tensors, config = torch_files.read_official(args.torch, args.config)
   with jax.default_device(_cpu()):
     model = from_official_state_dict(tensors, config)
-  model_io.save_params_checkpoint(args.out, model, source=os.path.abspath(args.torch), overwrite=args.overwrite)
+  torch_dir = args.torch if os.path.isdir(args.torch) else os.path.dirname(os.path.abspath(args.torch))
+  model_io.save_params_checkpoint(args.out, model, source=os.path.abspath(args.torch), overwrite=args.overwrite,
+                                  tokenizer_model=tokenizer_copy.read_copy(torch_dir))
   print(f"wrote {os.path.abspath(args.out)}: params-only Orbax checkpoint + {layout.CONFIG_FILE} "
         f"({config.num_params():,} parameters); train with --config.init_from={os.path.abspath(args.out)}")
 

@@ -12,6 +12,10 @@ the model does there:
   `positions` (the token's index in its document; 0 marks a document start, where the model restarts its state),
   and `target_mask` (0 where the target is the first token of the next document, which the loss skips). The
   tokens are the same as with "carry".
+This packer, not grain's `ConcatThenSplitIterDataset`: grain's packer emits segment ids and positions too, but it
+passes documents that fill a window on their own ahead of the buffer, which reorders the stream (carry batches
+would change, and with them every existing run's data order). Ours keeps the stream order, and its state (the
+document in progress and its offset) already resumes exactly, with or without the extra features.
 
 Training: documents are sharded per process (process p reads documents p, p + P, p + 2P, ... of the split: disjoint
 and together covering), shuffled with a seed-derived key and reshuffled every epoch (grain's ShuffleMapDataset uses

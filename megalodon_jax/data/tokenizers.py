@@ -55,13 +55,20 @@ class ByteTokenizer:
 
 
 class SentencePieceTokenizer:
-  """A SentencePiece `.model` file (e.g. Llama-2's tokenizer.model); EOS is the model's `</s>` when it has one."""
+  """A SentencePiece `.model` file (e.g. Llama-2's tokenizer.model); EOS is the model's `</s>` when it has one.
 
-  def __init__(self, path: str):
+  Built from a file `path`, or from the model's bytes (`model_proto`: the copy a checkpoint carries).
+  """
+
+  def __init__(self, path: str = "", *, model_proto: Optional[bytes] = None):
     import sentencepiece as spm  # pylint: disable=import-outside-toplevel  # only runs that use it pay the import
 
     self.path = path
-    self._sp = spm.SentencePieceProcessor(model_file=path)
+    self._proto = model_proto
+    if model_proto is not None:
+      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    else:
+      self._sp = spm.SentencePieceProcessor(model_file=path)
     self.vocab_size: int = int(self._sp.vocab_size())
     eos = int(self._sp.eos_id())
     self.eos_id: Optional[int] = eos if eos >= 0 else None
@@ -75,15 +82,19 @@ class SentencePieceTokenizer:
   def decode(self, ids: Ids) -> str:
     return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
+  def model_bytes(self) -> bytes:
+    """The serialized SentencePiece model (what a `.model` file holds), for the copies checkpoints carry."""
+    return self._sp.serialized_model_proto()
+
   def __getstate__(self) -> dict[str, Any]:
-    # The processor is a C++ object; rebuild it from the file (grain worker processes pickle the pipeline).
-    return {"path": self.path}
+    # The processor is a C++ object; rebuild it from the file or bytes (grain worker processes pickle the pipeline).
+    return {"path": self.path, "proto": self._proto}
 
   def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__init__(state["path"])
+    self.__init__(state["path"], model_proto=state.get("proto"))
 
   def __repr__(self) -> str:
-    return f"SentencePieceTokenizer({self.path!r})"
+    return f"SentencePieceTokenizer({self.path or '<stored model>'!r})"
 
 
 def check_tokenizer_config(data_cfg: Any) -> None:

@@ -7,7 +7,9 @@ Accepted checkpoints:
   `consolidated.pth` / `model.safetensors`), or a `.safetensors` file with official or megalodon-hf keys, converted
   in memory (`convert.torch_files.read_official`); `params.json` / `config.json` beside it, or `config_path`.
 
-Tokenizer: a train.py step folder records its data config (`data.tokenizer`, `data.tokenizer_path`) in the `meta`
+Tokenizer: a checkpoint that carries a SentencePiece model (a train.py step's `meta` item, `tokenizer.model` in a
+params-only checkpoint or beside PyTorch files; checkpoints/tokenizer_copy.py) uses that copy. Otherwise a train.py
+step folder records its data config (`data.tokenizer`, `data.tokenizer_path`) in the `meta`
 item; the `tokenizer` / `tokenizer_path` arguments override it. Other checkpoints record none: then the
 arguments are needed, except for a 256-token vocabulary, where the byte tokenizer is assumed.
 """
@@ -21,11 +23,11 @@ from typing import Any, Optional
 
 import jax
 
-from megalodon_jax.checkpoints import layout
+from megalodon_jax.checkpoints import layout, tokenizer_copy
 from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
 from megalodon_jax.checkpoints.model_io import load_checkpoint
 from megalodon_jax.config import MegalodonConfig
-from megalodon_jax.data.tokenizers import TOKENIZERS, Tokenizer, make_tokenizer
+from megalodon_jax.data.tokenizers import TOKENIZERS, SentencePieceTokenizer, Tokenizer, make_tokenizer
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.model import MegalodonLM
 
@@ -57,19 +59,28 @@ def _is_torch(path: str) -> bool:
   return has_torch and layout.folder_kind(path) == "steps"  # no Orbax item, step folder or workdir
 
 
-def _training_data_config(path: str, step: Optional[int]) -> Optional[dict]:
-  """The `data` section of the training config saved with a train.py step (None for other checkpoints)."""
-  train_config = locate_checkpoint(path, step).train_config
-  data = train_config.get("data") if train_config is not None else None
-  return data if isinstance(data, dict) else None
+def _training_data_config(path: str, step: Optional[int]) -> tuple[Optional[dict], Optional[bytes]]:
+  """The `data` section of the training config saved with a train.py step (None for other checkpoints), and the
+  SentencePiece model the checkpoint carries (None if none)."""
+  info = locate_checkpoint(path, step)
+  data = info.train_config.get("data") if info.train_config is not None else None
+  return (data if isinstance(data, dict) else None), info.tokenizer_model
 
 
 def resolve_tokenizer(config: MegalodonConfig, data_config: Optional[dict], tokenizer: Optional[str],
-                      tokenizer_path: Optional[str]) -> tuple[Tokenizer, list]:
-  """The tokenizer from flags over stored settings; checks it against the model's vocabulary."""
+                      tokenizer_path: Optional[str], stored_model: Optional[bytes] = None) -> tuple[Tokenizer, list]:
+  """The tokenizer from flags over stored settings; checks it against the model's vocabulary.
+
+  stored_model: a SentencePiece model's bytes that came with the checkpoint (checkpoints/tokenizer_copy.py): used
+  unless the flags name another tokenizer or file, so a run directory or export works wherever it is copied.
+  """
   stored = dict(data_config or {})
   notes = []
   name = tokenizer or stored.get("tokenizer")
+  if stored_model is not None and not tokenizer_path and name in (None, "sentencepiece"):
+    tok = SentencePieceTokenizer(model_proto=stored_model)
+    notes.append("tokenizer: the SentencePiece model stored with the checkpoint")
+    return _check_vocab(tok, "sentencepiece", config), notes
   path = tokenizer_path or (stored.get("tokenizer_path") if name == stored.get("tokenizer") else "") or ""
   if tokenizer_path and not name:
     name = "sentencepiece"
@@ -82,10 +93,14 @@ def resolve_tokenizer(config: MegalodonConfig, data_config: Optional[dict], toke
   if name not in TOKENIZERS:
     raise InferenceError(f"--tokenizer={name!r} is unknown; use one of {TOKENIZERS}")
   tok = make_tokenizer(types.SimpleNamespace(tokenizer=name, tokenizer_path=path))
+  return _check_vocab(tok, name, config), notes
+
+
+def _check_vocab(tok: Tokenizer, name: str, config: MegalodonConfig) -> Tokenizer:
   if tok.vocab_size > config.vocab_size:
     raise InferenceError(f"the {name} tokenizer has {tok.vocab_size} tokens but the model's vocabulary has only "
                          f"{config.vocab_size}: they do not belong together")
-  return tok, notes
+  return tok
 
 
 def load_model(path: str, *, step: Optional[int] = None, config_path: Optional[str] = None,
@@ -121,10 +136,12 @@ def load_model(path: str, *, step: Optional[int] = None, config_path: Optional[s
     with jax.default_device(device or jax.devices()[0]):
       model = from_official_state_dict(tensors, config)
     loaded_step, kind, data_config = None, "pytorch", None
+    stored_model = tokenizer_copy.read_copy(full if os.path.isdir(full) else os.path.dirname(full))
   else:
     if config_path is not None:
       raise InferenceError("--config applies to PyTorch checkpoints only (an Orbax checkpoint records its config)")
     model, config, loaded_step = load_checkpoint(full, step=step, device=device, **execution)
-    kind, data_config = "orbax", _training_data_config(full, step)
-  tok, notes = resolve_tokenizer(config, data_config, tokenizer, tokenizer_path)
+    kind = "orbax"
+    data_config, stored_model = _training_data_config(full, step)
+  tok, notes = resolve_tokenizer(config, data_config, tokenizer, tokenizer_path, stored_model)
   return Loaded(model, config, tok, loaded_step, full, kind, data_config, notes)

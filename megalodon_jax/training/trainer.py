@@ -24,6 +24,7 @@ from flax import nnx
 from megalodon_jax import data as data_lib
 from megalodon_jax import flops as flops_lib
 from megalodon_jax.checkpoints import layout as ckpt_layout
+from megalodon_jax.checkpoints import tokenizer_copy
 from megalodon_jax.checkpoints.manager import Checkpointer
 from megalodon_jax.checkpoints.model_state import split_model
 from megalodon_jax.checkpoints.params import load_params
@@ -57,6 +58,9 @@ class _Run:
     self.devices = list(devices) if devices is not None else jax.devices()
     config_lib.validate(cfg, len(self.devices), check_inputs=workdir is not None)
     self.tokenizer = data_lib.make_tokenizer(cfg.data) if vocab_size is None else None
+    # A SentencePiece model's bytes: the run directory and every checkpoint carry a copy (tokenizer_copy.py).
+    self.tokenizer_model = (self.tokenizer.model_bytes()
+                            if isinstance(self.tokenizer, data_lib.SentencePieceTokenizer) else None)
     self.model_cfg = config_lib.model_config(cfg, vocab_size or self.tokenizer.vocab_size)
     self.ckpt_dir = ckpt_layout.checkpoints_dir(workdir) if workdir is not None else None
     if self.ckpt_dir is not None and os.path.exists(self.ckpt_dir):
@@ -153,6 +157,8 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None) -
   run = _Run(cfg, workdir, devices)
   if run.is_main:
     os.makedirs(workdir, exist_ok=True)
+    if run.tokenizer_model is not None:  # before config.json: a run dir of another tokenizer is refused untouched
+      tokenizer_copy.write_copy(workdir, run.tokenizer_model, what=f"the run directory {workdir}")
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
   log.info("model: %s parameters; mesh %s", f"{run.model_cfg.num_params():,}", dict(run.mesh.shape))
@@ -340,8 +346,9 @@ def _own_data_state(saved: dict, ckpt_dir: str, step: int) -> dict:
 
 
 def _meta(run: _Run, step: int) -> dict[str, Any]:
-  return {"step": step, "config": json.loads(run.cfg.to_json_best_effort()), "jax_version": jax.__version__,
+  meta = {"step": step, "config": json.loads(run.cfg.to_json_best_effort()), "jax_version": jax.__version__,
           "mesh": {k: int(v) for k, v in run.mesh.shape.items()}, "model": run.model_cfg.official_kwargs()}
+  return tokenizer_copy.embed(meta, run.tokenizer_model)
 
 
 def _log_compile(compiled: Any, seconds: float) -> None:

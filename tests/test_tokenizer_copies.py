@@ -1,0 +1,103 @@
+"""Portable SentencePiece tokenizers: the model file is copied into the run directory, every checkpoint and every
+export, and generation from a moved run (the original file gone) and from exports uses that copy."""
+
+import importlib
+import os
+import shutil
+
+import jax
+import pytest
+import sentencepiece as spm
+
+from megalodon_jax import generate as generate_cli
+from megalodon_jax.checkpoints import tokenizer_copy
+from megalodon_jax.convert import cli as convert_cli
+from megalodon_jax.errors import CheckpointError
+from megalodon_jax.inference.loading import load_model
+from megalodon_jax.training import trainer
+
+TEXT = "def main(argv):\n    return parse(argv)"
+
+
+def _train_sp(prefix, lines, vocab):
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab,
+                                 model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+  return str(prefix) + ".model"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A 2-step tiny run with a SentencePiece tokenizer trained here; returns (workdir, model path, reference ids)."""
+  root = tmp_path_factory.mktemp("sp_run")
+  lines = [f"def f{i}(x):\n    return x * {i} + parse(argv)" for i in range(400)]
+  sp_path = _train_sp(root / "sp", lines, 96)
+  cfg = importlib.import_module("configs.tiny").get_config()
+  cfg.update_from_flattened_dict({
+      "data.tokenizer": "sentencepiece", "data.tokenizer_path": sp_path, "data.data_dir": str(root / "tfds"),
+      "data.max_documents": 30, "model.num_layers": 1, "model.chunk_size": 16, "seq_len": 32, "batch_size": 2,
+      "total_steps": 2, "optimizer.warmup_steps": 1, "eval_every": 0, "num_samples": 0, "checkpoint_every": 2,
+      "tensorboard": False, "progress_bar": "off", "async_checkpointing": False, "log_every": 1})
+  workdir = str(root / "run")
+  trainer.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
+  ref = spm.SentencePieceProcessor(model_file=sp_path).encode(TEXT)
+  return workdir, sp_path, ref, cfg
+
+
+def test_run_directory_and_checkpoints_carry_the_model(run, tmp_path):
+  workdir, sp_path, ref, _ = run
+  with open(sp_path, "rb") as f:
+    original = f.read()
+  copy = tokenizer_copy.read_copy(workdir)
+  assert copy is not None and spm.SentencePieceProcessor(model_proto=copy).encode(TEXT) == ref
+  assert spm.SentencePieceProcessor(model_proto=original).serialized_model_proto() == copy
+  # Moved elsewhere, with the original file gone: generation uses the copy in the step's meta item.
+  moved = str(tmp_path / "elsewhere")
+  shutil.copytree(workdir, moved)
+  os.remove(os.path.join(moved, tokenizer_copy.TOKENIZER_FILE))  # the meta item alone must suffice
+  hidden = sp_path + ".hidden"
+  os.rename(sp_path, hidden)
+  try:
+    loaded = load_model(moved)
+    assert loaded.tokenizer.encode(TEXT).tolist() == ref
+    assert any("stored with the checkpoint" in n for n in loaded.notes)
+    assert generate_cli.main(["--checkpoint", moved, "--prompt", TEXT, "--max_new_tokens", "3",
+                              "--temperature", "0"]) == 0
+  finally:
+    os.rename(hidden, sp_path)
+
+
+def test_exports_carry_the_model(run, tmp_path):
+  workdir, _, ref, _ = run
+  out = str(tmp_path / "torch")
+  assert convert_cli.main(["to-pytorch", "--checkpoint", workdir, "--out", out]) == 0
+  assert tokenizer_copy.read_copy(out) == tokenizer_copy.read_copy(workdir)
+  assert load_model(out).tokenizer.encode(TEXT).tolist() == ref  # PyTorch files: the copy beside them
+  back = str(tmp_path / "back")
+  assert convert_cli.main(["from-pytorch", "--torch", out, "--out", back]) == 0
+  assert tokenizer_copy.read_copy(back) == tokenizer_copy.read_copy(workdir)
+  assert load_model(back).tokenizer.encode(TEXT).tolist() == ref
+  # An explicit --tokenizer_path still wins over the stored copy.
+  other = _train_sp(tmp_path / "other", [f"word{i} other text" for i in range(200)], 40)
+  assert load_model(back, tokenizer_path=other).tokenizer.encode(TEXT).tolist() == \
+      spm.SentencePieceProcessor(model_file=other).encode(TEXT)
+
+
+def test_a_run_directory_of_another_tokenizer_is_refused(run, tmp_path):
+  workdir, _, _, cfg = run
+  target = str(tmp_path / "reuse")
+  shutil.copytree(workdir, target)
+  with open(os.path.join(target, tokenizer_copy.TOKENIZER_FILE), "wb") as f:
+    f.write(b"not the same model")
+  before = sorted(os.listdir(target))
+  with pytest.raises(CheckpointError, match="another tokenizer model"):
+    trainer.train_and_evaluate(cfg, target, devices=jax.devices()[:1])
+  assert sorted(os.listdir(target)) == before
+
+
+def test_damaged_stored_copy_is_reported():
+  meta = tokenizer_copy.embed({"step": 1}, b"\x00model bytes")
+  assert tokenizer_copy.embedded(meta, "m") == b"\x00model bytes"
+  meta["tokenizer_model"]["sha256"] = "0" * 64
+  with pytest.raises(CheckpointError, match="damaged"):
+    tokenizer_copy.embedded(meta, "m")
+  assert tokenizer_copy.embedded({"step": 1}, "m") is None

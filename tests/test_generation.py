@@ -112,7 +112,9 @@ def test_compiles_once_per_shape_bucket():
 
   Counted by the jitted programs' own caches, on a model structure that no other test compiles.
   """
-  gen = Generator(MegalodonLM(CFG.replace(num_layers=1), rngs=nnx.Rngs(0)), prefill_piece=16, block_size=5)
+  # ffn_hidden_dim=40: a structure of its own, so no earlier test (in this file or another) compiled it.
+  gen = Generator(MegalodonLM(CFG.replace(num_layers=1, ffn_hidden_dim=40), rngs=nnx.Rngs(0)), prefill_piece=16,
+                  block_size=5)
   decode_programs = generation._decode._cache_size  # pylint: disable=protected-access
   prefill_programs = generation._prefill._cache_size  # pylint: disable=protected-access
   decode0, prefill0 = decode_programs(), prefill_programs()

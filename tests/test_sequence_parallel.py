@@ -176,7 +176,8 @@ def _loss_and_grads(parts, inputs, targets, mesh=None, loss_piece=8):
   key = jax.random.key(0)
 
   def loss(p, b, i, t):
-    return ts._loss_fn(p, graphdef, b, rng_vars, i, t, key, loss_piece)[0]  # pylint: disable=protected-access
+    batch = {"inputs": i, "targets": t}
+    return ts._loss_fn(p, graphdef, b, rng_vars, batch, key, loss_piece)[0]  # pylint: disable=protected-access
 
   fn = jax.value_and_grad(loss)
   if mesh is None:

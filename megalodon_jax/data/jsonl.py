@@ -18,16 +18,13 @@ import contextlib
 import gzip
 import io
 import json
-import logging
 from typing import IO, Iterator, Sequence
 
-import tensorflow_datasets as tfds
 
 from megalodon_jax.data import text_files
 from megalodon_jax.errors import DataError
 from megalodon_jax.data.text_files import DocFile, DocumentSet
 
-log = logging.getLogger(__name__)
 
 
 def jsonl_documents(path: str, validation_percent: float, max_documents: int, text_key: str) -> DocumentSet:
@@ -92,30 +89,14 @@ def held_out_count(records: int, validation_percent: float) -> int:
   return min(max(round(records * validation_percent / 100), 1), records - 1)
 
 
-class MegalodonJsonl(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Writes the records of a jsonl DocumentSet as array_record: features `text` and `name` ("<file>:<line>")."""
+class MegalodonJsonl(text_files.DocumentFilesBuilder, skip_registration=True):
+  """Writes the records of a jsonl DocumentSet as array_record: features `text` and `name` ("<file>:<line>").
+
+  The text_files builder with one example per record instead of one per file.
+  """
 
   name = "megalodon_jsonl"
-  VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "One example per JSONL record, file-hash or per-file position split."}
-  code_path = None  # see text_files._DocumentFilesBuilder
-
-  def __init__(self, *, documents: DocumentSet, **kwargs):
-    self._documents = documents
-    super().__init__(config=tfds.core.BuilderConfig(name=documents.config_name), **kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=f"jsonl: {len(self._documents.files)} files, field {self._documents.text_key!r}, one example per "
-                    f"record ({self._documents.rule} split).",
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "name": tfds.features.Text()}),
-        disable_shuffling=True,
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {s: self._generate_examples(files) for s in text_files.SPLITS if (files := self._documents.split(s))}
 
   def _generate_examples(self, files: Sequence[DocFile]) -> Iterator[tuple[int, dict[str, str]]]:
     key, percent, i = self._documents.text_key, self._documents.validation_percent, 0
@@ -129,12 +110,6 @@ class MegalodonJsonl(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       for number, text in records:
         yield i, {"text": text, "name": f"{f.name}:{number}"}
         i += 1
-
-  def _log_download_bytes(self) -> None:
-    log.info("preparing %s/%s in %s", self.name, self.builder_config_name, self.data_dir)
-
-  def _log_download_done(self) -> None:
-    log.info("prepared %s", self.data_dir)
 
 
 def make_builder(documents: DocumentSet, data_dir: str) -> MegalodonJsonl:

@@ -208,7 +208,7 @@ def text_files_documents(path: str, validation_percent: float, max_documents: in
   return DocumentSet(kind, stat_files(list(resolved.items()), max_documents), validation_percent, text_key=text_key)
 
 
-class _DocumentFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class DocumentFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Writes a DocumentSet as array_record: features `text` (the document) and `name` (its path)."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -247,19 +247,19 @@ class _DocumentFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
     log.info("prepared %s", self.data_dir)
 
 
-class MegalodonTextFiles(_DocumentFilesBuilder, skip_registration=True):
+class MegalodonTextFiles(DocumentFilesBuilder, skip_registration=True):
   """dataset="text_files": the files of `data.path`."""
 
   name = "megalodon_text_files"
 
 
-class MegalodonStdlib(_DocumentFilesBuilder, skip_registration=True):
+class MegalodonStdlib(DocumentFilesBuilder, skip_registration=True):
   """dataset="stdlib": this Python's standard-library sources."""
 
   name = "megalodon_stdlib"
 
 
-def make_builder(documents: DocumentSet, data_dir: str) -> _DocumentFilesBuilder:
+def make_builder(documents: DocumentSet, data_dir: str) -> DocumentFilesBuilder:
   """The builder for `documents` (stdlib / text_files; jsonl has its own, `jsonl.make_builder`)."""
   cls = MegalodonStdlib if documents.kind == "stdlib" else MegalodonTextFiles
   return cls(documents=documents, data_dir=data_dir, file_format="array_record")

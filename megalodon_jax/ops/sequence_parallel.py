@@ -196,19 +196,13 @@ def _reset_norm_slice(x, state, prior, resets, num_groups, mask, index):
   mean, var = jnp.where(seen, prefix[1], mean), jnp.where(seen, prefix[2], var)
   # The final count: the prior's plus the real steps from the last reset of the whole sequence, else the state's
   # plus all of them.
-  live = resets if mask is None else resets & ~mask
-  real = jnp.ones(x.shape[:2], jnp.int32) if mask is None else (~mask).astype(jnp.int32)
-  steps = jnp.arange(x.shape[1])
-  last_reset = jnp.max(jnp.where(live, steps, -1), axis=1)
-  since = jnp.sum(jnp.where(steps >= last_reset[:, None], real, 0), axis=1)  # whole slice if no reset
-  flags, since = jax.lax.all_gather((last_reset >= 0, since), SEQUENCE_AXIS)  # (S, B)
+  local = tsn.steps_since_reset(resets, mask)  # whole slice if no reset
+  flags, since = jax.lax.all_gather(local, SEQUENCE_AXIS)  # (S, B)
+  # Across slices: the slice of the last reset counts from that reset, every later slice whole.
   slices = jnp.arange(flags.shape[0])[:, None]
   last_slice = jnp.max(jnp.where(flags, slices, -1), axis=0)  # (B,)
   total = jnp.sum(jnp.where(slices >= last_slice[None], since, 0), axis=0)
-  any_reset = last_slice >= 0
-  base = tsn.NormState(jnp.where(any_reset, prior.count, state.count), state.mean, state.var,
-                       jnp.where(any_reset, prior.count_hi, state.count_hi))
-  lo, hi = tsn._add_count(base, total)  # pylint: disable=protected-access
+  lo, hi = tsn.count_after(state, prior, last_slice >= 0, total)
   outgoing = tuple(_take(c, index + 1) for c in carried[1:])
   return mean, var, tsn.NormState(lo, outgoing[1], outgoing[2], hi)
 

@@ -168,6 +168,25 @@ def valid_steps(x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
   return jnp.full((b,), l, jnp.int32) if mask is None else jnp.sum(~mask, axis=1, dtype=jnp.int32)
 
 
+def steps_since_reset(resets: jax.Array, mask: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """Per row of (B, L) `resets`: whether a (non-padded) reset occurs, and the real steps from the last one on
+  (all real steps when there is none): two (B,) arrays, bool and int32."""
+  live = resets if mask is None else resets & ~mask
+  real = jnp.ones(resets.shape, jnp.int32) if mask is None else (~mask).astype(jnp.int32)
+  steps = jnp.arange(resets.shape[1])
+  last = jnp.max(jnp.where(live, steps, -1), axis=1)  # -1: no reset
+  return last >= 0, jnp.sum(jnp.where(steps >= last[:, None], real, 0), axis=1)
+
+
+def count_after(state: NormState, prior: NormState, any_reset: jax.Array,
+                steps: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(low, high) count words after `steps` (B,) more steps on top of the prior's count where `any_reset`, else on
+  top of the state's."""
+  base = NormState(jnp.where(any_reset, prior.count, state.count), state.mean, state.var,
+                   jnp.where(any_reset, prior.count_hi, state.count_hi))
+  return _add_count(base, steps)
+
+
 def cumulative_stats(x: jax.Array, state: NormState, num_groups: int, mask: Optional[jax.Array] = None,
                      resets: Optional[jax.Array] = None, prior: Optional[NormState] = None):
   """Per-step cumulative statistics.
@@ -204,15 +223,8 @@ def cumulative_stats(x: jax.Array, state: NormState, num_groups: int, mask: Opti
   mean = jnp.where(seen, prefix[1], carried_mean)
   var = jnp.where(seen, prefix[2], carried_var)
   # The count: the prior's plus the real steps from the last reset on, or, without a reset, the state's plus all.
-  live = resets if mask is None else resets & ~mask
-  real = jnp.ones(x.shape[:2], jnp.int32) if mask is None else (~mask).astype(jnp.int32)
-  steps = jnp.arange(x.shape[1])
-  last = jnp.max(jnp.where(live, steps, -1), axis=1)  # -1: no reset in this piece
-  any_reset = last >= 0
-  since = jnp.sum(jnp.where(steps >= last[:, None], real, 0), axis=1)
-  base = NormState(jnp.where(any_reset, prior.count, state.count), state.mean, state.var,
-                   jnp.where(any_reset, prior.count_hi, state.count_hi))
-  lo, hi = _add_count(base, since)
+  any_reset, since = steps_since_reset(resets, mask)
+  lo, hi = count_after(state, prior, any_reset, since)
   return mean, var, NormState(lo, mean[:, -1], var[:, -1], hi)
 
 

@@ -20,10 +20,10 @@ from megalodon_jax.checkpoints.model_io import save_params_checkpoint
 from megalodon_jax.data.tokenizers import ByteTokenizer
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference.detokenize import TextStream
-from megalodon_jax.inference import generation
 from megalodon_jax.inference.generation import Generator, prefill_plan
 from megalodon_jax.inference.sampling import Sampler, filter_logits, sample_logits
 from megalodon_jax.model import MegalodonLM
+from tests.tracing import count_traces
 
 # dropout > 0: generation must switch it off (eval mode) to match the deterministic reference.
 # Byte vocabulary so that the CLI tests can use the same model (and its compiled programs) with the byte tokenizer.
@@ -110,26 +110,24 @@ def test_stop_ids_end_rows_independently(gen):
 def test_compiles_once_per_shape_bucket():
   """Prompt lengths, batch sizes inside one bucket, budgets, seeds and sampling settings reuse the programs.
 
-  Counted by the jitted programs' own caches, on a model structure that no other test compiles.
+  Counted as traces of the jitted programs, on a model structure that no other test traces.
   """
   # ffn_hidden_dim=40: a structure of its own, so no earlier test (in this file or another) compiled it.
   gen = Generator(MegalodonLM(CFG.replace(num_layers=1, ffn_hidden_dim=40), rngs=nnx.Rngs(0)), prefill_piece=16,
                   block_size=5)
-  decode_programs = generation._decode._cache_size  # pylint: disable=protected-access
-  prefill_programs = generation._prefill._cache_size  # pylint: disable=protected-access
-  decode0, prefill0 = decode_programs(), prefill_programs()
-  gen.generate(PROMPTS, max_new_tokens=3, sampler=Sampler(temperature=0.0))
-  # Batch bucket 4, prompt bucket 32, 4 stop slots, 5 steps: one decode program.
-  assert decode_programs() == decode0 + 1
-  # Batch 3-4 -> 4 rows, longest prompt 17-32 -> 32 columns: the same decode program as PROMPTS.
-  batches = [[[4] * 18, [5] * 30, [6] * 31, [7] * 22], [[8] * 19, [9] * 19, [1] * 32]]
-  gen.generate(batches[0], max_new_tokens=9, sampler=Sampler(0.5, 3, 0.7), seed=1)
-  gen.generate(batches[1], max_new_tokens=2, sampler=Sampler(1.0), stop_ids=[5, 6], seed=2)
-  assert decode_programs() == decode0 + 1
-  # Prefill: one program per distinct piece length (batch 4 throughout), each compiled once.
+  with count_traces("_decode", "_prefill") as traces:
+    gen.generate(PROMPTS, max_new_tokens=3, sampler=Sampler(temperature=0.0))
+    # Batch bucket 4, prompt bucket 32, 4 stop slots, 5 steps: one decode program.
+    assert traces["_decode"] == 1
+    # Batch 3-4 -> 4 rows, longest prompt 17-32 -> 32 columns: the same decode program as PROMPTS.
+    batches = [[[4] * 18, [5] * 30, [6] * 31, [7] * 22], [[8] * 19, [9] * 19, [1] * 32]]
+    gen.generate(batches[0], max_new_tokens=9, sampler=Sampler(0.5, 3, 0.7), seed=1)
+    gen.generate(batches[1], max_new_tokens=2, sampler=Sampler(1.0), stop_ids=[5, 6], seed=2)
+    assert traces["_decode"] == 1
+  # Prefill: one program per distinct piece length (batch 4 throughout), each traced once.
   pieces = {n for rows in [PROMPTS] + batches for n in prefill_plan(min(map(len, rows)) - 1, 8, 16)}
   assert pieces <= {16, 8, 4, 2, 1}
-  assert prefill_programs() == prefill0 + len(pieces)
+  assert traces["_prefill"] == len(pieces)
 
 
 def _np_filter(logits, temperature, top_k, top_p):

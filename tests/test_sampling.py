@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 from megalodon_jax.config import MegalodonConfig
-from megalodon_jax.inference import generation
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.model import MegalodonLM
 from megalodon_jax.training.trainer import sample_tokens
+from tests.tracing import count_traces
 
 CFG = MegalodonConfig(num_layers=2, model_dim=32, z_dim=16, value_dim=32, ffn_hidden_dim=64, chunk_size=4,
                       vocab_size=50, norm_num_groups=4, cema_ndim=4, dropout=0.2)
@@ -50,19 +50,18 @@ def test_samples_draw_from_the_temperature_softmax():
 def test_rows_draw_independently_and_temperature_does_not_recompile():
   model = MegalodonLM(CFG.replace(num_layers=1, vocab_size=47), rngs=nnx.Rngs(2))  # compiled by no other test
   prompt = np.array([[7, 8, 9]] * 4)
-  decode_programs = generation._decode._cache_size  # pylint: disable=protected-access
-  before = decode_programs()
-  out = sample_tokens(model, prompt, num_tokens=6, temperature=1.0, seed=5)
-  assert decode_programs() == before + 1
-  # One PRNG stream per row: equal prompts give different rows, and a row does not depend on the rows after it.
-  assert len({tuple(r) for r in out}) > 1
-  np.testing.assert_array_equal(sample_tokens(model, prompt[:1], num_tokens=6, temperature=1.0, seed=5), out[:1])
-  assert decode_programs() == before + 2  # batch bucket 1: its own program
-  # Other temperatures (greedy included), seeds and batch sizes inside the bucket reuse the compiled programs.
-  colder = sample_tokens(model, prompt, num_tokens=6, temperature=0.3, seed=5)
-  sample_tokens(model, prompt[:3], num_tokens=6, temperature=0.0, seed=6)
-  sample_tokens(model, prompt[:1], num_tokens=6, temperature=1.7, seed=7)
-  assert decode_programs() == before + 2
+  with count_traces("_decode") as traces:
+    out = sample_tokens(model, prompt, num_tokens=6, temperature=1.0, seed=5)
+    assert traces["_decode"] == 1
+    # One PRNG stream per row: equal prompts give different rows, and a row does not depend on the rows after it.
+    assert len({tuple(r) for r in out}) > 1
+    np.testing.assert_array_equal(sample_tokens(model, prompt[:1], num_tokens=6, temperature=1.0, seed=5), out[:1])
+    assert traces["_decode"] == 2  # batch bucket 1: its own program
+    # Other temperatures (greedy included), seeds and batch sizes inside the bucket reuse the compiled programs.
+    colder = sample_tokens(model, prompt, num_tokens=6, temperature=0.3, seed=5)
+    sample_tokens(model, prompt[:3], num_tokens=6, temperature=0.0, seed=6)
+    sample_tokens(model, prompt[:1], num_tokens=6, temperature=1.7, seed=7)
+    assert traces["_decode"] == 2
   assert not np.array_equal(colder, out)
 
 

@@ -102,7 +102,7 @@ def _check_ids(ids: Sequence[int], vocab_size: int, what: str) -> np.ndarray:
 
 
 # The jitted functions live at module level with the graphdef as a static argument, so every Generator of the same
-# model structure shares the compiled programs (one per shape bucket: see `_cache_size()` of each).
+# model structure shares the compiled programs (one per shape bucket).
 @functools.partial(jax.jit, static_argnums=0)
 def _prefill(graphdef: nnx.GraphDef, state, cache: Cache, ids: jax.Array) -> Cache:
   """ids: (B, L) int32 -> the cache after them (the unused logits are dropped by XLA)."""

@@ -36,10 +36,13 @@ def main(argv: list[str]) -> int:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-  # Multi-process (TPU pods, multi-host GPU): the cluster environment tells jax.distributed what to connect to.
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MEGALODON_DISTRIBUTED") == "1" or \
-      os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()
+  from megalodon_jax.errors import exit_on_error
+  from megalodon_jax.training import distributed
+
+  # Multi-process (TPU pods, multi-host GPU): the launcher's environment says what to connect to.
+  status = exit_on_error(lambda: distributed.initialize_from_environment() and 0)
+  if status:
+    return status
   absl_logging.set_verbosity(absl_logging.WARNING)  # jax's backend-probing INFO lines are noise here
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
@@ -48,7 +51,6 @@ def main(argv: list[str]) -> int:
   ours.propagate = False
   ours.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
 
-  from megalodon_jax.errors import exit_on_error
   from megalodon_jax.training import trainer
 
   workdir = _WORKDIR.value or _default_workdir()

@@ -325,3 +325,36 @@ def test_preemption_flag_sigterm():
   assert flag.requested and flag.check(4)
   flag.close()
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_preemption_flag_without_the_service_agrees_by_allgather(monkeypatch, caplog):
+  """Several processes but no jax preemption service: not silent, and the flag turns on for all processes at the
+  same agreement step (an all-gather every `agree_every` steps), here faked as two processes."""
+  from jax.experimental import multihost_utils
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  other_process_flag = [0]
+  gathered = []
+
+  def fake_allgather(x):
+    gathered.append(int(np.asarray(x)[0]))
+    return np.stack([np.asarray(x), np.asarray(other_process_flag, np.int32)])
+
+  monkeypatch.setattr(multihost_utils, "process_allgather", fake_allgather)
+  before = signal.getsignal(signal.SIGTERM)
+  with caplog.at_level("WARNING", logger="megalodon_jax"):
+    flag = PreemptionFlag(agree_every=4)
+  assert "preemption service is not running" in caplog.text
+  assert not flag.check(1) and not flag.check(4) and gathered == [0]  # only step 4 gathered
+  other_process_flag[0] = 1  # the other process got SIGTERM
+  assert not flag.check(5) and not flag.check(7)  # not an agreement step: both keep training
+  assert flag.check(8) and gathered == [0, 0]
+  flag.close()
+  flag = PreemptionFlag(agree_every=2)  # this process gets the SIGTERM: it waits for the agreement step too
+  other_process_flag[0] = 0
+  os.kill(os.getpid(), signal.SIGTERM)
+  deadline = time.time() + 2
+  while not flag._local and time.time() < deadline:  # pylint: disable=protected-access
+    time.sleep(0.01)
+  assert not flag.check(3) and flag.check(4) and gathered[-1] == 1
+  flag.close()
+  assert signal.getsignal(signal.SIGTERM) is before

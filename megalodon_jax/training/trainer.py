@@ -203,7 +203,7 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
   flops_per_step = flops_lib.train_step_flops(run.model_cfg, cfg.batch_size, cfg.seq_len, causal_attention=True)
   peak = flops_lib.peak_flops(run.devices[0].device_kind)
   tokens_per_step = cfg.batch_size * cfg.seq_len
-  preempt = PreemptionFlag()
+  preempt = PreemptionFlag(agree_every=cfg.log_every)  # without the preemption service: agree at log steps
 
   t0 = time.perf_counter()
   first_batch = run.global_batch(next(train_iter))

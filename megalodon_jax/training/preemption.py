@@ -12,25 +12,23 @@ import numpy as np
 log = logging.getLogger("megalodon_jax")
 
 
-def _preemption_service_available() -> bool:
-  """Whether jax.distributed runs with its preemption sync manager (`jax_enable_preemption_service`, on by default).
-
-  `multihost_utils.reached_preemption_sync_point` answers False forever when jax.distributed was not initialised
-  and raises when the service is off; neither may pass silently, so ask the distributed state directly."""
+def _distributed_state() -> Any:
   from jax._src import distributed  # pylint: disable=import-outside-toplevel
-  state = distributed.global_state
-  return state.client is not None and state.preemption_sync_manager is not None
+  return distributed.global_state
 
 
 class PreemptionFlag:
   """Turns SIGTERM (the preemption notice) into a flag the training loop polls between steps.
 
   Single process: a SIGTERM handler sets `requested`; `close()` restores the previous handler.
-  Multi-process with jax's preemption service: the service owns SIGTERM and picks one step at which every process
-  saves, so no handler is installed and `check(step)` must be called by every process at every step.
-  Multi-process without it (jax.distributed not initialised by us, or the service disabled): each process catches
-  its own SIGTERM and every `agree_every` steps all processes all-gather their flags, so they stop at the same
-  step; that all-gather waits for the device, which is why it is not done every step. A warning says so at start.
+  Several processes must stop at the same step, so `check(step)` must be called by every process at every step:
+  - with jax's preemption service (jax.distributed initialised, `jax_enable_preemption_service` on, the default):
+    the service owns SIGTERM and picks the step; no handler is installed here;
+  - without it: each process catches its own SIGTERM, and every `agree_every` steps the processes exchange their
+    flags, through the coordination service's key-value store when jax.distributed runs (host-only messages),
+    otherwise with a device all-gather. A warning says so at start, since this can lag up to `agree_every` steps.
+  (`multihost_utils.reached_preemption_sync_point` alone would be silent: it answers False forever when
+  jax.distributed was not initialised and raises every step when the service is off.)
   """
 
   def __init__(self, agree_every: int = 1):
@@ -39,15 +37,18 @@ class PreemptionFlag:
     self._installed = False
     self._local = False
     self._agree_every = max(1, int(agree_every))
-    multiprocess = jax.process_count() > 1
-    self._use_service = multiprocess and _preemption_service_available()
-    self._allgather = multiprocess and not self._use_service
-    if self._use_service:
-      return
-    if self._allgather:
-      log.warning("jax's preemption service is not running (jax.distributed not initialised by megalodon-jax, or "
-                  "jax_enable_preemption_service=False): SIGTERM on any process is agreed on by an all-gather every "
-                  "%d step(s) instead", self._agree_every)
+    self._mode = "single"
+    if jax.process_count() > 1:
+      state = _distributed_state()
+      if state.client is not None and state.preemption_sync_manager is not None:
+        self._mode = "service"
+        return
+      self._mode = "kv" if state.client is not None else "allgather"
+      self._client = state.client
+      self._last_key: Any = None
+      log.warning("jax's preemption service is not running (%s): a SIGTERM on any process is agreed on every %d "
+                  "step(s) instead", "jax_enable_preemption_service=False" if self._mode == "kv" else
+                  "jax.distributed was not initialised; set MEGALODON_DISTRIBUTED=1", self._agree_every)
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
       self._installed = True
@@ -57,23 +58,35 @@ class PreemptionFlag:
   def _handle(self, signum: int, frame: Any) -> None:
     del signum, frame
     self._local = True
-    if not self._allgather:
+    if self._mode == "single":
       self.requested = True
 
   def check(self, step: int) -> bool:
-    """True once a preemption was signalled (multi-process: at a step on which all processes agree).
-
-    Must be called by every process at every step (the service and the all-gather are collective)."""
+    """True once a preemption was signalled (several processes: at a step all of them agree on)."""
     if self.requested:
       return True
-    if self._use_service:
+    if self._mode == "service":
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       self.requested = bool(multihost_utils.reached_preemption_sync_point(step))
-    elif self._allgather and step % self._agree_every == 0:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      flags = multihost_utils.process_allgather(np.asarray([self._local], np.int32))
-      self.requested = bool(np.asarray(flags).any())
+    elif self._mode != "single" and step % self._agree_every == 0:
+      self.requested = self._agree(step)
     return self.requested
+
+  def _agree(self, step: int) -> bool:
+    if self._mode == "allgather":
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return bool(np.asarray(multihost_utils.process_allgather(np.asarray([self._local], np.int32))).any())
+    prefix = f"megalodon_jax/preemption/{step}/"
+    key = f"{prefix}{jax.process_index()}"
+    self._client.key_value_set(key, "1" if self._local else "0")
+    # Everyone's flag is in the store once all processes passed the barrier; a slow step (compile, eval, save)
+    # of another process is waited for, as its next collective would be.
+    self._client.wait_at_barrier(f"megalodon_jax/preemption/{step}", 3_600_000)
+    flags = [value for _, value in self._client.key_value_dir_get(prefix)]
+    if self._last_key is not None:
+      self._client.key_value_delete(self._last_key)
+    self._last_key = key
+    return "1" in flags
 
   def close(self) -> None:
     if self._installed:

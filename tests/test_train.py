@@ -85,6 +85,9 @@ def test_tiny_config_trains_and_writes_checkpoints_and_metrics(tmp_path, data_di
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   samples = [json.loads(line) for line in open(os.path.join(workdir, "samples.jsonl"))]
   assert {s["step"] for s in samples} == {100, 200}
+  summary = proc.stdout.strip().splitlines()[-1]  # the run's last line: what it did and where things are
+  assert summary.startswith("trained steps 0 -> 200 of 200 in ") and f"eval_loss {evals[200]:.4g}" in summary
+  assert f"TensorBoard {os.path.join(workdir, 'tensorboard')}" in summary
 
 
 def _wait_for(predicate, proc, timeout=300.0):
@@ -317,4 +320,9 @@ def test_cli_reports_bad_flags_and_configs_clearly(tmp_path):
   assert "--config.seq_len=100" in proc.stderr and "chunk_size" in proc.stderr
   proc = subprocess.run(_cli(str(tmp_path), "--config.no_such_key=1"), cwd=REPO, env=_env(), capture_output=True,
                         text=True, timeout=120, check=False)
-  assert proc.returncode != 0 and "no_such_key" in proc.stderr
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      "error: unknown config key --config.no_such_key; every field is in configs/default.py"]
+  proc = subprocess.run(_cli(str(tmp_path), "--config.optimizer.lrr=1"), cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 2 and "did you mean --config.optimizer.lr?" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)

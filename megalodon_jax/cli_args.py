@@ -40,10 +40,15 @@ def canonical_argv(argv: Sequence[str]) -> list[str]:
   return out
 
 
-def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-  """" (did you mean X?)" for the closest of `candidates` to `word` (difflib), or "" when none is close."""
-  close = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
-  return f" (did you mean {close[0]}?)" if close else ""
+def did_you_mean(word: str, candidates: Iterable[str], prefix: str = "") -> str:
+  """" (did you mean <prefix>X?)" for the closest of `candidates` to `word` (difflib), or "" when none is close.
+
+  Leading dashes are left out of the comparison (and `prefix` is only shown): a prefix every candidate shares
+  would make unrelated names look similar ("--no_such_key" vs "--log_every").
+  """
+  bare = {c.lstrip("-"): c for c in sorted(set(candidates))}
+  close = difflib.get_close_matches(word.lstrip("-"), list(bare), n=1, cutoff=0.6)
+  return f" (did you mean {prefix}{bare[close[0]]}?)" if close else ""
 
 
 def prog_name(script: str, module: str) -> str:

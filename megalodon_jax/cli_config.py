@@ -133,7 +133,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[tuple[st
       if negated in keys and isinstance(config_path.get_value(negated, cfg), bool):
         key, text = negated, "false"
     if key not in keys:
-      hint = did_you_mean(PREFIX + key, [PREFIX + k for k in keys])
+      hint = did_you_mean(key, keys, prefix=PREFIX)
       raise ConfigError(f"unknown config key {PREFIX}{key}{hint}; every field is in configs/default.py")
     current = config_path.get_value(key, cfg)
     value = parse_value(key, current, text)

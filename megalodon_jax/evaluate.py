@@ -1,4 +1,5 @@
-"""`python -m megalodon_jax.evaluate`: long-context perplexity of a checkpoint on text files or a data split.
+"""`megalodon-evaluate` (or `python -m megalodon_jax.evaluate`): long-context perplexity of a checkpoint on text
+files or a data split. Flags also accept kebab case (`--context-lengths`).
 
   python -m megalodon_jax.evaluate --checkpoint runs/tiny --split validation --context_lengths 64,256,1024 \\
       --output report.json --plot loss.png

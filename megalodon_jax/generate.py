@@ -1,4 +1,5 @@
-"""`python -m megalodon_jax.generate`: sample continuations of prompts from a checkpoint, streamed to stdout.
+"""`megalodon-generate` (or `python -m megalodon_jax.generate`): sample continuations of prompts from a checkpoint,
+streamed to stdout (statistics and notes go to stderr). Flags also accept kebab case (`--max-new-tokens`).
 
   python -m megalodon_jax.generate --checkpoint runs/tiny --prompt "def main(" --max_new_tokens 200
   python -m megalodon_jax.generate --checkpoint runs/tiny --prompt_lines prompts.txt --temperature 0.8 --top_p 0.9

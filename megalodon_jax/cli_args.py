@@ -5,7 +5,7 @@ Convention: flags are snake_case (`--max_new_tokens`, like the config fields the
 accepts its kebab-case spelling (`--max-new-tokens`): `Parser` rewrites the name part of each `--flag` argument
 before parsing, so `--help` lists one spelling. A bad argument ends the program with ONE line on stderr,
 
-    error: unrecognized argument --max_new_token (did you mean --max_new_tokens?) (see megalodon-generate --help)
+    error: unrecognized arguments: --max_new_token (did you mean --max_new_tokens?) (see megalodon-generate --help)
 
 and exit status 2 (`errors.EXIT_BAD_INPUT`), before any expensive work. No jax import: `--help` stays instant.
 """
@@ -100,14 +100,14 @@ class Parser(argparse.ArgumentParser):
     return ns
 
   def unrecognized(self, extras: Sequence[str], ns: Optional[argparse.Namespace] = None) -> str:
-    """The message for arguments no flag took: the first one, with the closest known flag of the parser (and of the
-    subcommand chosen in `ns`, if any)."""
-    first = next((a for a in extras if a.startswith("-")), extras[0])
+    """The message for arguments no flag took (argparse's wording), with the known flag closest to the first unknown
+    one: the parser's, the chosen subcommand's (in `ns`), or an extra hint."""
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    first = next((a for a in extras if a.startswith("-")), None)
+    if first is None:
+      return message
     hints = self.extra_hints() if callable(self.extra_hints) else self.extra_hints
-    known = [*self.known_flags(ns), *hints]
-    word = first.partition("=")[0]
-    what = "argument" if first.startswith("-") else "value"
-    return f"unrecognized {what} {first}" + (did_you_mean(word, known) if first.startswith("-") else "")
+    return message + did_you_mean(first.partition("=")[0], [*self.known_flags(ns), *hints])
 
   def known_flags(self, ns: Optional[argparse.Namespace] = None) -> list[str]:
     """Every `--flag` of this parser, plus those of the subcommand chosen in `ns`."""

@@ -102,16 +102,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   rest, overrides = cli_config.split_overrides(argv)
   args = build_parser().parse_args(rest)
 
-  def configure():
-    cfg, path = cli_config.load_config(args.config)
-    cli_config.apply_overrides(cfg, overrides)
-    return cfg, args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(path))[0])
+  run: dict = {}
 
-  loaded = []
-  status = exit_on_error(lambda: loaded.append(configure()) or 0)
+  def configure() -> int:  # ConfigError (unknown name, unloadable file, bad key or value): one line, status 2
+    run["cfg"], path = cli_config.load_config(args.config)
+    cli_config.apply_overrides(run["cfg"], overrides)
+    run["workdir"] = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(path))[0])
+    return 0
+
+  status = exit_on_error(configure)
   if status:
     return status
-  cfg, workdir = loaded[0]
+  cfg, workdir = run["cfg"], run["workdir"]
 
   def body() -> int:
     from megalodon_jax.training import run_summary  # pylint: disable=import-outside-toplevel

@@ -1,4 +1,5 @@
-"""`python -m megalodon_jax.evaluate`: long-context perplexity of a checkpoint on text files or a data split.
+"""`megalodon-evaluate` (or `python -m megalodon_jax.evaluate`): long-context perplexity of a checkpoint on text
+files or a data split. Flags also accept kebab case (`--context-lengths`).
 
   python -m megalodon_jax.evaluate --checkpoint runs/tiny --split validation --context_lengths 64,256,1024 \\
       --output report.json --plot loss.png
@@ -21,6 +22,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from megalodon_jax import cli_args
 from megalodon_jax.data.tokenizers import ByteTokenizer
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference import cli_common, documents, long_context
@@ -31,8 +33,8 @@ CONTEXT_DEFINITION = ("context_length L: the scored tokens of each document are 
                       "average); null = full context (the whole document so far)")
 
 
-def build_parser() -> cli_common.Parser:
-  p = cli_common.Parser(prog="python -m megalodon_jax.evaluate",
+def build_parser() -> cli_args.Parser:
+  p = cli_args.Parser(prog=cli_args.prog_name("megalodon-evaluate", "megalodon_jax.evaluate"),
                         description="Long-context evaluation (loss, perplexity, bits per byte) of a Megalodon "
                                     "checkpoint, streaming each document through the constant-memory cache.")
   cli_common.add_checkpoint_flags(p)

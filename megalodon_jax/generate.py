@@ -1,4 +1,5 @@
-"""`python -m megalodon_jax.generate`: sample continuations of prompts from a checkpoint, streamed to stdout.
+"""`megalodon-generate` (or `python -m megalodon_jax.generate`): sample continuations of prompts from a checkpoint,
+streamed to stdout (statistics and notes go to stderr). Flags also accept kebab case (`--max-new-tokens`).
 
   python -m megalodon_jax.generate --checkpoint runs/tiny --prompt "def main(" --max_new_tokens 200
   python -m megalodon_jax.generate --checkpoint runs/tiny --prompt_lines prompts.txt --temperature 0.8 --top_p 0.9
@@ -18,6 +19,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from megalodon_jax import cli_args
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference import cli_common
 from megalodon_jax.inference.detokenize import TextStream
@@ -25,8 +27,8 @@ from megalodon_jax.inference.generation import DEFAULT_BLOCK_SIZE, Generator
 from megalodon_jax.inference.sampling import Sampler
 
 
-def build_parser() -> cli_common.Parser:
-  p = cli_common.Parser(prog="python -m megalodon_jax.generate",
+def build_parser() -> cli_args.Parser:
+  p = cli_args.Parser(prog=cli_args.prog_name("megalodon-generate", "megalodon_jax.generate"),
                         description="Generate text from a Megalodon checkpoint with the constant-memory cache.")
   cli_common.add_checkpoint_flags(p)
   g = p.add_argument_group("prompts (at least one; all given are run as one batch)")

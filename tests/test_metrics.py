@@ -12,25 +12,17 @@ import struct
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
+from tqdm import tqdm
 
 from megalodon_jax.training import metrics as metrics_lib
-from megalodon_jax.training.metrics import MetricsLogger, format_eta, loss_metrics, read_metrics, throughput
-from megalodon_jax.training.progress import ProgressBar
+from megalodon_jax.training.metrics import MetricsLogger, loss_metrics, read_metrics, throughput
+from megalodon_jax.training.trainer import progress_bar
 
 
 class FakeTTY(io.StringIO):
 
   def isatty(self) -> bool:
     return True
-
-
-class FakeClock:
-
-  def __init__(self) -> None:
-    self.t = 0.0
-
-  def __call__(self) -> float:
-    return self.t
 
 
 # --- TFRecord / event-file reading, written from the format description, independent of tensorboardX's writer.
@@ -130,15 +122,6 @@ def test_throughput_against_hand_computed_values():
   with pytest.raises(ValueError):
     throughput(step_time_s=0.0, tokens_per_step=1, num_devices=1, flops_per_step=1.0, peak_flops_per_device=None)
 
-
-@pytest.mark.parametrize("seconds,text", [(0, "0:00"), (59.4, "0:59"), (723, "12:03"), (3600, "1:00:00"),
-                                          (3725.2, "1:02:05"), (100 * 3600, "100:00:00"), (math.inf, "--:--"),
-                                          (math.nan, "--:--"), (-1, "--:--")])
-def test_format_eta(seconds, text):
-  assert format_eta(seconds) == text
-
-
-# --- metrics.jsonl
 
 def test_jsonl_round_trip_with_non_finite_values(tmp_path):
   workdir = str(tmp_path / "run")
@@ -275,7 +258,7 @@ def test_tensorboard_off(tmp_path):
 def test_disabled_logger_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
   out, tty = io.StringIO(), FakeTTY()
-  bar = ProgressBar(10, stream=tty, clock=FakeClock())
+  bar = tqdm(total=10, file=tty, disable=True)
   logger = MetricsLogger(str(workdir), enabled=False, progress=bar, stream=out)
   logger.truncate_after(0)
   logger.log(1, {"loss": 1.0})
@@ -284,84 +267,42 @@ def test_disabled_logger_writes_nothing(tmp_path):
   assert not workdir.exists() and out.getvalue() == "" and tty.getvalue() == ""
 
 
-# --- progress bar
+# --- progress bar (tqdm)
 
-def test_progress_bar_renders_rate_and_eta():
-  tty, clock = FakeTTY(), FakeClock()
-  bar = ProgressBar(1000, initial_step=99, stream=tty, width=10, clock=clock)
-  assert bar.enabled
-  clock.t = 50.0
-  bar.update(100, loss=5.0)  # the first update (compilation): no rate yet
-  first = "step 100/1000 [>         ] 10% loss 5 ETA --:--"
-  assert tty.getvalue() == "\r" + first
-  clock.t = 150.0
-  bar.update(220, loss=3.2141)  # 120 steps in 100 s: 1.2 steps/s, 780 steps left = 650 s
-  second = "step 220/1000 [=>        ] 22% loss 3.214 1.2 steps/s ETA 10:50"
-  assert tty.getvalue() == "\r" + first + "\r" + second
-
-  clock.t = 150.3
-  bar.update(221, loss=3.0)  # within min_interval_s: skipped
-  assert tty.getvalue().count("\r") == 2
-
-  bar.write("step 221 | loss 3.0000")  # clears the bar, prints the line, redraws the bar
-  assert tty.getvalue().endswith("\r" + " " * len(second) + "\r" + "step 221 | loss 3.0000\n" + second)
-
-  clock.t = 150.4
-  bar.update(1000, loss=2.0)  # the last step is always drawn
-  last = "step 1000/1000 [==========] 100% loss 2 9.0 steps/s ETA 0:00"  # 900 steps / 100.4 s
-  padded = last + " " * (len(second) - len(last))  # covers the rest of the longer previous line
-  assert tty.getvalue().endswith("\r" + padded)
+@pytest.mark.parametrize("mode, tty, drawn", [("auto", True, True), ("auto", False, False), ("on", False, True),
+                                              ("off", True, False)])
+def test_progress_bar_modes(monkeypatch, mode, tty, drawn):
+  """config.progress_bar: auto draws only on a terminal, on always, off never; the bar goes to stderr."""
+  err = FakeTTY() if tty else io.StringIO()
+  monkeypatch.setattr("sys.stderr", err)
+  bar = progress_bar(mode, 100, 40)
+  assert bar.disable is not drawn
+  bar.update(2)
   bar.close()
-  assert tty.getvalue().endswith("\r" + padded + "\n")
-  bar.update(1000)  # ignored after close
-  assert tty.getvalue().endswith("\r" + padded + "\n")
-
-
-def test_progress_bar_slow_steps_and_padding():
-  tty, clock = FakeTTY(), FakeClock()
-  bar = ProgressBar(100, stream=tty, width=4, clock=clock)
-  bar.update(1, loss=123.456, grad_norm=0.5)
-  clock.t = 4000.0
-  bar.update(2)  # 1 step in 4000 s: shown as s/step; ETA over an hour as H:MM:SS
-  text = "step 2/100 [    ] 2% 4000.0 s/step ETA 108:53:20"
-  previous = "step 1/100 [    ] 1% loss 123.5 grad_norm 0.5 ETA --:--"
-  assert tty.getvalue() == "\r" + previous + "\r" + text + " " * (len(previous) - len(text))
-
-
-def test_progress_bar_disabled_prints_nothing():
-  plain = io.StringIO()  # not a TTY: auto-disabled
-  bar = ProgressBar(10, stream=plain, clock=FakeClock())
-  assert not bar.enabled
-  bar.update(5, loss=1.0)
-  bar.close()
-  assert plain.getvalue() == ""
-  tty = FakeTTY()
-  forced_off = ProgressBar(10, stream=tty, enabled=False, clock=FakeClock())
-  forced_off.update(10, loss=1.0)
-  assert tty.getvalue() == ""
-  forced_off.write("a line")  # lines written through a disabled bar are still printed, plainly
-  assert tty.getvalue() == "a line\n"
-  with pytest.raises(ValueError):
-    ProgressBar(0)
+  assert ("42/100" in err.getvalue()) is drawn and ("40/100" in err.getvalue()) is drawn  # resumed at step 40
 
 
 def test_logger_prints_through_active_bar(tmp_path):
-  tty, clock, out = FakeTTY(), FakeClock(), io.StringIO()
-  bar = ProgressBar(100, stream=tty, width=10, clock=clock)
-  logger = MetricsLogger(str(tmp_path), tensorboard=False, progress=bar, stream=out)
-  bar.update(10, loss=3.0)
-  line = "step 10/100 [>         ] 10% loss 3 ETA --:--"
+  tty = FakeTTY()
+  bar = tqdm(total=100, initial=10, file=tty, ncols=60, mininterval=0)
+  drawn = tty.getvalue()
+  assert drawn.startswith("\r") and "10/100" in drawn
+  logger = MetricsLogger(str(tmp_path), tensorboard=False, progress=bar, stream=tty)
   logger.log(10, {"loss": 3.0})
   logger.log_text(10, "sample_0", "abc")
+  after = tty.getvalue()[len(drawn):]
+  # Each line: the bar is erased ('\r', blanks, '\r'), the line printed whole, then the bar drawn again below it.
+  for line in ("step 10 | loss 3.0000\n", "step 10 | sample_0: abc\n"):
+    erase_at = after.index("\r" + " " * 10)
+    assert after[erase_at:].lstrip("\r ").startswith(line)
+    after = after[after.index(line) + len(line):]
+    assert after.startswith("\r") and "10/100" in after.split("\n")[0]
+  bar.close()
   logger.close()
-  assert out.getvalue() == ""
-  clear = "\r" + " " * len(line) + "\r"
-  assert tty.getvalue() == ("\r" + line + clear + "step 10 | loss 3.0000\n" + line + clear +
-                            "step 10 | sample_0: abc\n" + line)
-  # Off a TTY the same logger prints plain lines to its own stream.
+  # Without a drawn bar (a disabled one: off a terminal) the same logger prints plain lines to its own stream.
   out2 = io.StringIO()
   logger2 = MetricsLogger(str(tmp_path / "b"), tensorboard=False, stream=out2,
-                          progress=ProgressBar(100, stream=io.StringIO()))
+                          progress=tqdm(total=100, file=io.StringIO(), disable=None))
   logger2.log(10, {"loss": 3.0})
   assert out2.getvalue() == "step 10 | loss 3.0000\n"
   assert metrics_lib.METRICS_FILE == "metrics.jsonl"

@@ -85,6 +85,9 @@ def test_tiny_config_trains_and_writes_checkpoints_and_metrics(tmp_path, data_di
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   samples = [json.loads(line) for line in open(os.path.join(workdir, "samples.jsonl"))]
   assert {s["step"] for s in samples} == {100, 200}
+  summary = proc.stdout.strip().splitlines()[-1]  # the run's last line: what it did and where things are
+  assert summary.startswith("trained steps 0 -> 200 of 200 in ") and f"eval_loss {evals[200]:.4g}" in summary
+  assert f"TensorBoard {os.path.join(workdir, 'tensorboard')}" in summary
 
 
 def _wait_for(predicate, proc, timeout=300.0):
@@ -137,7 +140,7 @@ def test_document_resets_train_differently_and_resume_exactly(tmp_path, data_dir
 def test_resume_after_kill_is_bitwise_exact(tmp_path, data_dir, straight_run, sig, extra=()):
   workdir = str(tmp_path / "run")
   cmd = _cli(workdir, f"--config.data.data_dir={data_dir}", *RESUME_OVERRIDES, *extra)
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
   ckpt_dir = os.path.join(workdir, "checkpoints")
   # SIGKILL: after the step-10 checkpoint exists, between saves; SIGTERM: anywhere after step 8.
@@ -152,11 +155,16 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path, data_dir, straight_run, si
     assert rc == 0, proc.stderr.read()[-2000:]
     saved = Checkpointer(ckpt_dir, save_every=5, keep=3).latest_step()
     assert saved == stopped_at  # the preemption save is of the last completed step
+    assert proc.stdout.read().strip().splitlines()[-1].startswith(
+        f"preempted at step {stopped_at}: resume by re-running the same command; trained steps 0 -> {stopped_at} "
+        f"of 40")
   else:
     assert rc == -signal.SIGKILL
   proc2 = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, check=False)
   assert proc2.returncode == 0, proc2.stderr[-3000:]
   assert "resumed" in proc2.stderr
+  if sig == signal.SIGTERM:
+    assert proc2.stdout.strip().splitlines()[-1].startswith(f"trained steps {stopped_at} -> 40 of 40 in ")
   resumed = losses(workdir)
   assert sorted(resumed) == list(range(1, 41))  # each step exactly once after truncating the killed run's tail
   assert resumed == straight_run  # bitwise: same floats, step by step
@@ -317,4 +325,9 @@ def test_cli_reports_bad_flags_and_configs_clearly(tmp_path):
   assert "--config.seq_len=100" in proc.stderr and "chunk_size" in proc.stderr
   proc = subprocess.run(_cli(str(tmp_path), "--config.no_such_key=1"), cwd=REPO, env=_env(), capture_output=True,
                         text=True, timeout=120, check=False)
-  assert proc.returncode != 0 and "no_such_key" in proc.stderr
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      "error: unknown config key --config.no_such_key; every field is in configs/default.py"]
+  proc = subprocess.run(_cli(str(tmp_path), "--config.optimizer.lrr=1"), cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 2 and "did you mean --config.optimizer.lr?" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)

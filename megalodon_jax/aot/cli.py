@@ -1,37 +1,48 @@
-"""`python -m megalodon_jax.aot --config configs/<name>.py --topology <target> [--config.<key>=<value> ...]`
+"""`megalodon-aot --config <name or path> --topology <target> [--config.<key>=<value> ...]` (or
+`python -m megalodon_jax.aot ...`)
 
 Compiles, on this machine and without any accelerator, the train step exactly as train.py would run it and the
 generator's prefill and one-token decode steps, for a TPU slice or a GPU host, and prints what one chip needs.
 Exit status: 0 when every program fits (peak <= 90% of the chip's memory), 1 when one does not fit or fails to
 compile (the largest temporaries and what to change are printed), 2 for bad input (unknown topology, bad config).
 No data set or tokenizer file is read: shapes come from the config (model.vocab_size, or 256 for the byte
-tokenizer).
+tokenizer). `--config` and its overrides work as in megalodon-train (megalodon_jax/cli_config.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
+from typing import Optional, Sequence
 
-from absl import app, flags
-from ml_collections import config_flags
-
+from megalodon_jax import cli_args, cli_config
 from megalodon_jax.aot import topology as topo_lib
 from megalodon_jax.errors import EXIT_BAD_INPUT, ConfigError, exit_on_error
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "Target: a TPU slice (v5p-128, v5e-8, v6e-16, v4-32, v5p:4x4x4) "
-                                "or a GPU host (h100-8, a100-8).")
-_PROGRAMS = flags.DEFINE_list("programs", ["train_step", "prefill", "decode"], "Programs to compile.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object per program on stdout (the table goes to stderr).")
-_INFER_BATCH = flags.DEFINE_integer("infer_batch", None, "Sequences generated at once (default: one per chip along "
-                                    "mesh.data x mesh.fsdp).")
-_PREFILL_TOKENS = flags.DEFINE_integer("prefill_tokens", None, "Tokens per prefill call (default: the generator's "
-                                       "piece, about 4096).")
-_DUMP_DIR = flags.DEFINE_string("dump_dir", None, "Keep XLA's dumps (HLO, buffer assignment) in this folder.")
-_TOP = flags.DEFINE_integer("top", 8, "Largest temporaries to list for a program that does not fit.")
-flags.mark_flags_as_required(["config", "topology"])
+PROGRAMS = ("train_step", "prefill", "decode")
+
+
+def build_parser() -> cli_args.Parser:
+  p = cli_args.Parser(prog=cli_args.prog_name("megalodon-aot", "megalodon_jax.aot"),
+                      description="Compile the train step and the generator's prefill / decode for a TPU slice or a "
+                                  "GPU host without one, and report what one chip needs.",
+                      epilog="--config.KEY=VALUE overrides a field of the config, as in megalodon-train.")
+  p.add_argument("--config", required=True, metavar="NAME_OR_PATH",
+                 help="a shipped config's name (e.g. tiny) or a path to a config .py file")
+  p.add_argument("--topology", required=True,
+                 help="target: a TPU slice (v5p-128, v5e-8, v6e-16, v4-32, v5p:4x4x4) or a GPU host (h100-8, a100-8)")
+  p.add_argument("--programs", default=",".join(PROGRAMS), help="programs to compile, comma separated")
+  p.add_argument("--json", action="store_true",
+                 help="print one JSON object per program on stdout (the table goes to stderr)")
+  p.add_argument("--infer_batch", type=int, default=None,
+                 help="sequences generated at once (default: one per chip along mesh.data x mesh.fsdp)")
+  p.add_argument("--prefill_tokens", type=int, default=None,
+                 help="tokens per prefill call (default: the generator's piece, about 4096)")
+  p.add_argument("--dump_dir", default=None, help="keep XLA's dumps (HLO, buffer assignment) in this folder")
+  p.add_argument("--top", type=int, default=8, help="largest temporaries to list for a program that does not fit")
+  return p
 
 
 def _fail(message: str) -> int:
@@ -98,24 +109,28 @@ def _details(r) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-  """Exit status: 0 every program fits, 1 one does not, 2 bad flags or config."""
-  return exit_on_error(lambda: _main(argv), one_line=False)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Exit status: 0 every program fits, 1 one does not, 2 bad flags or config (flag errors and `--help` raise
+  SystemExit, as argparse does)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  rest, overrides = cli_config.split_overrides(argv)
+  args = build_parser().parse_args(rest)
+  return exit_on_error(lambda: _main(args, overrides), one_line=False)
 
 
-def _main(argv: list[str]) -> int:
-  if len(argv) > 1:
-    return _fail(f"unexpected arguments: {argv[1:]}")
-  problem = topo_lib.is_known(_TOPOLOGY.value)
+def _main(args: argparse.Namespace, overrides: list) -> int:
+  problem = topo_lib.is_known(args.topology)
   if problem:
     return _fail(problem)
-  unknown = sorted(set(_PROGRAMS.value) - {"train_step", "prefill", "decode"})
+  programs_wanted = [p for p in args.programs.replace(" ", "").split(",") if p]
+  unknown = sorted(set(programs_wanted) - set(PROGRAMS))
   if unknown:
     return _fail(f"--programs: unknown {unknown}; choose from train_step, prefill, decode")
-  if _TOPOLOGY.value.lower().startswith(("h100", "a100")):
+  cfg, _ = cli_config.load_config(args.config)  # ConfigError: exit_on_error -> 2
+  cli_config.apply_overrides(cfg, overrides)
+  if args.topology.lower().startswith(("h100", "a100")):
     from megalodon_jax.aot import gpu  # pylint: disable=import-outside-toplevel
     gpu.prepare_environment()  # before jax starts its backends
-  cfg = _CONFIG.value
   try:
     vocab = vocab_size_for(cfg)
   except ValueError as e:
@@ -124,28 +139,28 @@ def _main(argv: list[str]) -> int:
   import jax  # pylint: disable=import-outside-toplevel
   from megalodon_jax.aot import planner, programs  # pylint: disable=import-outside-toplevel
   from pallas_kernels.platform import target_platform  # pylint: disable=import-outside-toplevel
-  target = topo_lib.resolve(_TOPOLOGY.value)  # TopologyError, ConfigError, ShardingError: exit_on_error -> 2
+  target = topo_lib.resolve(args.topology)  # TopologyError, ConfigError, ShardingError: exit_on_error -> 2
   run = programs.build_run(cfg, list(target.devices), vocab)
 
   with jax.set_mesh(run.mesh), target_platform(target.platform):
     run.build()
     todo = []
-    if "train_step" in _PROGRAMS.value:
+    if "train_step" in programs_wanted:
       todo.append(programs.train_program(run))
-    if {"prefill", "decode"} & set(_PROGRAMS.value):
-      todo += [p for p in programs.inference_programs(run, _INFER_BATCH.value, _PREFILL_TOKENS.value)
-               if p.name in _PROGRAMS.value]
+    if {"prefill", "decode"} & set(programs_wanted):
+      todo += [p for p in programs.inference_programs(run, args.infer_batch, args.prefill_tokens)
+               if p.name in programs_wanted]
   reports = []
   for program in todo:
     with target_platform(target.platform):
       settings = _settings(cfg, run.model_cfg, program.shape["seq_len"])
-    dump = os.path.join(_DUMP_DIR.value, program.name) if _DUMP_DIR.value else None
-    report = planner.compile_program(program, target, run.mesh, settings, dump_dir=dump, top=_TOP.value)
+    dump = os.path.join(args.dump_dir, program.name) if args.dump_dir else None
+    report = planner.compile_program(program, target, run.mesh, settings, dump_dir=dump, top=args.top)
     reports.append(report)
-    if _JSON.value:
+    if args.json:
       print(json.dumps(report.as_json()), flush=True)
   table = _table(reports)
-  out = sys.stderr if _JSON.value else sys.stdout
+  out = sys.stderr if args.json else sys.stdout
   print(table, file=out)
   for r in reports:
     if not r.fits:
@@ -154,4 +169,4 @@ def _main(argv: list[str]) -> int:
 
 
 def run() -> None:
-  app.run(main)
+  sys.exit(main())

@@ -1,12 +1,14 @@
-"""`python -m megalodon_jax.convert`: JAX checkpoints ⇄ PyTorch files.
+"""`megalodon-convert` (or `python -m megalodon_jax.convert`): JAX checkpoints ⇄ PyTorch files.
 
   to-pytorch --checkpoint CKPT --out DIR [--format official|hf|safetensors] [--dtype float32|bfloat16]
-             [--model-parallel N] [--step S] [--overwrite]
+             [--model_parallel N] [--step S] [--overwrite]
   from-pytorch --torch PATH [--config params.json] --out DIR [--overwrite]
 
 CKPT is a train.py workdir, its checkpoints/ folder, a step folder, or a from-pytorch output folder. Output
 folders are written next to DIR under a temporary name and renamed into place at the end, so a failure never
-leaves a partial DIR behind. Bad input ends with one `error: ...` paragraph on stderr and exit status 2.
+leaves a partial DIR behind. Flags are snake_case and accept their kebab-case spelling (`--model-parallel`).
+Bad input ends with one `error: ...` paragraph on stderr and exit status 2. Conversion is host work: JAX runs on
+the CPU unless JAX_PLATFORMS says otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Optional, Sequence
 
 import jax
 
+from megalodon_jax import cli_args
 from megalodon_jax.checkpoints import layout, model_io, tokenizer_copy
 from megalodon_jax.checkpoints.locate import locate_checkpoint
 from megalodon_jax.convert import hf, torch_files
@@ -25,9 +28,9 @@ from megalodon_jax.convert.official import from_official_state_dict, to_official
 from megalodon_jax.errors import ConvertError, StateDictError, exit_on_error
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m megalodon_jax.convert",
-                                   description="Convert Megalodon checkpoints between JAX (Orbax) and PyTorch.")
+def build_parser() -> cli_args.Parser:
+  parser = cli_args.Parser(prog=cli_args.prog_name("megalodon-convert", "megalodon_jax.convert"),
+                           description="Convert Megalodon checkpoints between JAX (Orbax) and PyTorch.")
   sub = parser.add_subparsers(dest="command", required=True)
   to = sub.add_parser("to-pytorch", help="Orbax checkpoint -> official consolidated.pth / megalodon-hf / safetensors",
                       description="Export a train.py or from-pytorch checkpoint to PyTorch files (runs on CPU).")
@@ -36,10 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
   to.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
   to.add_argument("--format", choices=("official", "hf", "safetensors"), default="official",
                   help="official: consolidated.pth + params.json; hf: megalodon-hf model.safetensors + config.json; "
-                       "safetensors: model.safetensors with official keys + params.json (default: official)")
+                       "safetensors: model.safetensors with official keys + params.json")
   to.add_argument("--dtype", choices=tuple(torch_files.DTYPES), default="float32",
-                  help="dtype of the floating tensors (int64 buffers and rope.freqs are kept; default: float32)")
-  to.add_argument("--model-parallel", type=int, default=1, metavar="N",
+                  help="dtype of the floating tensors (int64 buffers and rope.freqs are kept)")
+  to.add_argument("--model_parallel", type=int, default=1, metavar="N",
                   help="official format only: write N tensor-parallel shards consolidated.{rank:02d}.pth")
   to.add_argument("--step", type=int, default=None, help="step to export (default: the latest finished one)")
   to.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (atomically)")
@@ -62,9 +65,9 @@ def _cpu() -> jax.Device:
 
 def to_pytorch(args: argparse.Namespace) -> None:
   if args.model_parallel < 1:
-    raise ConvertError(f"--model-parallel must be >= 1, got {args.model_parallel}")
+    raise ConvertError(f"--model_parallel must be >= 1, got {args.model_parallel}")
   if args.model_parallel > 1 and args.format != "official":
-    raise ConvertError(f"--model-parallel applies to --format official only (got --format {args.format})")
+    raise ConvertError(f"--model_parallel applies to --format official only (got --format {args.format})")
   model_io.check_output(args.out, overwrite=args.overwrite)  # fail before the (slow) restore
   tokenizer_model = locate_checkpoint(args.checkpoint, args.step).tokenizer_model
   model, config, step = model_io.load_checkpoint(args.checkpoint, step=args.step, device=_cpu())
@@ -111,3 +114,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   # one_line=False: a state-dict mismatch lists one offending key per line
   return exit_on_error(body, also=(OSError,), one_line=False)
+
+
+def run() -> int:
+  """The `megalodon-convert` console script: `main` on the CPU unless JAX_PLATFORMS chose a platform (jax is
+  imported already, but its backends start on first use, so the setting still applies)."""
+  if "JAX_PLATFORMS" not in os.environ:
+    jax.config.update("jax_platforms", "cpu")
+  return main()

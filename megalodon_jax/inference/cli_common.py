@@ -1,22 +1,15 @@
-"""Shared pieces of the inference command lines: one-line argument errors, checkpoint flags, error handling."""
+"""Shared pieces of the inference command lines: checkpoint flags, model loading, error handling (the argument
+parser itself is `megalodon_jax.cli_args.Parser`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, NoReturn
+from typing import Callable
 
 from megalodon_jax.config import MATMUL_PRECISIONS
-from megalodon_jax.errors import EXIT_BAD_INPUT, exit_on_error
+from megalodon_jax.errors import exit_on_error
 from megalodon_jax.inference.loading import Loaded, load_model
-
-
-class Parser(argparse.ArgumentParser):
-  """argparse with a one-line `error: ...` (no usage block) and exit status 2 on bad arguments."""
-
-  def error(self, message: str) -> NoReturn:
-    print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:

@@ -59,5 +59,6 @@ def initialize_from_environment() -> bool:
   if kwargs is None:
     return False
   import jax  # pylint: disable=import-outside-toplevel
-  jax.distributed.initialize(**kwargs)
+  if not jax.distributed.is_initialized():  # main() may run twice in one process (tests, notebooks)
+    jax.distributed.initialize(**kwargs)
   return True

@@ -21,9 +21,9 @@ import os
 import sys
 from typing import Any, Optional, TextIO
 
-from megalodon_jax.training.progress import ProgressBar, format_eta
+from tqdm import tqdm
 
-__all__ = ["MetricsLogger", "format_eta", "loss_metrics", "read_metrics", "throughput"]  # format_eta: from progress
+__all__ = ["MetricsLogger", "loss_metrics", "read_metrics", "throughput"]
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +179,15 @@ class MetricsLogger:
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
-               progress: Optional[ProgressBar] = None, stream: Optional[TextIO] = None):
+               progress: Optional[tqdm] = None, stream: Optional[TextIO] = None):
     """Creates `workdir` (if enabled); the files are opened on first use.
 
     Args:
       workdir: Run directory holding metrics.jsonl, samples.jsonl and tensorboard/.
       enabled: False on processes other than 0: every method is then a no-op and nothing touches the disk.
       tensorboard: Also write TensorBoard event files under workdir/tensorboard.
-      progress: The bar to print console lines above; its `write` is used while it is drawn.
+      progress: The tqdm bar to print console lines above (`tqdm.write` clears it, prints, redraws it) while it is
+        drawn; a disabled bar (off a terminal) changes nothing.
       stream: Console stream when no bar is drawn; None means `sys.stdout` at construction time.
     """
     self.enabled = enabled
@@ -265,8 +266,8 @@ class MetricsLogger:
     return self._writer
 
   def _print(self, line: str) -> None:
-    if self._progress is not None and self._progress.enabled:
-      self._progress.write(line)
+    if self._progress is not None and not self._progress.disable:
+      self._progress.write(line, file=self._stream)
     else:
       self._stream.write(line + "\n")
       self._stream.flush()

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any, Optional
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from megalodon_jax import data as data_lib
 from megalodon_jax import flops as flops_lib
@@ -37,7 +39,6 @@ from megalodon_jax.training import optimizer as opt_lib
 from megalodon_jax.training import train_step as ts
 from megalodon_jax.training.metrics import MetricsLogger, loss_metrics, throughput
 from megalodon_jax.training.preemption import PreemptionFlag
-from megalodon_jax.training.progress import ProgressBar
 
 log = logging.getLogger("megalodon_jax")
 
@@ -196,8 +197,7 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None) -
 def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.TrainState, start: int,
           train_iter: Any, eval_batches: list) -> dict[str, float]:
   byte_level = run.tokenizer.vocab_size == 256 and run.tokenizer.eos_id is None
-  bar = ProgressBar(cfg.total_steps, initial_step=start,
-                    enabled=None if cfg.progress_bar == "auto" else cfg.progress_bar == "on") if run.is_main else None
+  bar = progress_bar(cfg.progress_bar, cfg.total_steps, start) if run.is_main else None
   logger = MetricsLogger(workdir, enabled=run.is_main, tensorboard=cfg.tensorboard, progress=bar)
   logger.truncate_after(start)
   flops_per_step = flops_lib.train_step_flops(run.model_cfg, cfg.batch_size, cfg.seq_len, causal_attention=True)
@@ -213,6 +213,8 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
   if start == 0 and eval_batches:  # the untrained model's eval loss: the baseline the run improves on
     last = _evaluate(run, state, eval_batches, byte_level)
     logger.log(0, last)
+  if bar is not None:
+    bar.unpause()  # the rate (and ETA) counts from here: compilation and the baseline eval are not steps
 
   pending: Optional[tuple[int, Any]] = None  # (step, device metrics) not yet read back
   interval_start, interval_steps = time.perf_counter(), 0
@@ -233,7 +235,7 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
       if pending is not None:  # read the previous step's metrics while this one runs
         previous = check(pending)
         if bar is not None:
-          bar.update(pending[0], loss=previous["loss"])
+          _advance(bar, pending[0], previous["loss"])
       pending = (step, metrics)
       interval_steps += 1
       at_end = step == cfg.total_steps
@@ -253,7 +255,7 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
           _samples(run, cfg, state, eval_batches, logger, step)
         logger.log(step, last)
         if bar is not None:
-          bar.update(step, loss=host["loss"])
+          _advance(bar, step, host["loss"])
         interval_start, interval_steps = time.perf_counter(), 0
 
       if at_end or preempted or ckpt.should_save(step):
@@ -273,6 +275,18 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
     if bar is not None:
       bar.close()
   return last
+
+
+def progress_bar(mode: str, total_steps: int, start: int) -> tqdm:
+  """The loop's tqdm bar on stderr. mode (config `progress_bar`): "on", "off", or "auto" = only on a terminal
+  (tqdm's disable=None), so a log file or batch job never gets its '\\r'-redrawn lines."""
+  disable = {"auto": None, "on": False, "off": True}[mode]
+  return tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True, disable=disable, file=sys.stderr)
+
+
+def _advance(bar: tqdm, step: int, loss: float) -> None:
+  bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+  bar.update(step - bar.n)  # steps done so far, as the bar counts increments
 
 
 def _evaluate(run: _Run, state: ts.TrainState, batches: list, byte_level: bool) -> dict[str, float]:

@@ -1,0 +1,140 @@
+"""`megalodon-train` (or `python train.py`): train a Megalodon LM from a config.
+
+  megalodon-train --config tiny
+  megalodon-train --config configs/enwik8.py --config.total_steps=20000 --config.optimizer.lr=1e-3 --workdir runs/e8
+  python train.py --config configs/tiny.py --config.model.num_layers 4
+
+`--config` is a shipped config's name (tiny, default, enwik8, mega200m, mega1_3b, megalodon_7b) or a path to a
+config file; `--config.<key>=<value>` overrides any of its fields (see configs/default.py and cli_config.py).
+Re-running the same command resumes from the latest checkpoint in the workdir; a run that already reached
+total_steps says so in one line and exits 0. Every run ends with one summary line on stdout (steps, final losses,
+where the checkpoints, metrics and TensorBoard events are). Bad flags or config: one `error: ...` line on stderr and
+status 2, before anything is built; a diverged loss: status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+from tqdm import tqdm
+
+from megalodon_jax import cli_args, cli_config
+from megalodon_jax.errors import exit_on_error
+
+PROG = ("megalodon-train", "megalodon_jax.train_cli")
+
+
+def _config_flags() -> list[str]:
+  """`--config.<key>` for every field of the default config: hints for a flag that forgot its `config.`."""
+  try:
+    cfg, _ = cli_config.load_config("default")
+  except Exception:  # pylint: disable=broad-except  (only a hint: no shipped configs, no hint)
+    return []
+  return [cli_config.PREFIX + k for k in cli_config.config_keys(cfg)]
+
+
+def build_parser() -> cli_args.Parser:
+  names = ", ".join(cli_config.shipped_config_names()) or "none found"
+  shim = os.path.basename(sys.argv[0] if sys.argv else "") == "train.py"
+  p = cli_args.Parser(
+      prog="python train.py" if shim else cli_args.prog_name(*PROG), extra_hints=_config_flags,
+      description="Train (or resume) a Megalodon LM. Re-running the same command resumes from the workdir's latest "
+                  "checkpoint.",
+      epilog=f"--config.KEY=VALUE (or --config.KEY VALUE) overrides a field of the config, e.g. "
+             f"--config.total_steps=1000 --config.model.num_layers=4 --config.optimizer.lr=1e-3; every field and "
+             f"its default is in configs/default.py. Shipped configs: {names}.")
+  p.add_argument("--config", required=True, metavar="NAME_OR_PATH",
+                 help="a shipped config's name (e.g. tiny) or a path to a config .py file defining get_config()")
+  p.add_argument("--workdir", default=None,
+                 help="run directory: checkpoints/, metrics.jsonl, tensorboard/ (default: runs/<config name>)")
+  return p
+
+
+class _TqdmHandler(logging.StreamHandler):
+  """Writes log lines through tqdm, so they go above a drawn progress bar instead of through it."""
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      tqdm.write(self.format(record), file=self.stream)
+    except Exception:  # pylint: disable=broad-except  (logging must never raise)
+      self.handleError(record)
+
+
+def _setup_logging(jax) -> None:
+  """Our INFO lines (process 0; warnings elsewhere) on stderr, once even if main() runs twice in a process."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
+  absl_logging.set_verbosity(absl_logging.WARNING)  # jax's backend-probing INFO lines are noise here
+  ours = logging.getLogger("megalodon_jax")
+  if not any(isinstance(h, _TqdmHandler) for h in ours.handlers):
+    handler = _TqdmHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    ours.addHandler(handler)
+  ours.propagate = False
+  ours.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+
+
+def _start_jax():
+  import jax  # pylint: disable=import-outside-toplevel  (after flag parsing, so --help and bad flags are instant)
+
+  # Persistent compilation cache: a restarted or repeated run skips most of its compile time.
+  cache = os.environ.get("MEGALODON_JAX_CACHE", os.path.expanduser("~/.cache/megalodon-jax/xla"))
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  # Multi-process (TPU pods, multi-host GPU): the launcher's environment says what to connect to (ConfigError when
+  # it is malformed).
+  from megalodon_jax.training import distributed  # pylint: disable=import-outside-toplevel
+  distributed.initialize_from_environment()
+  _setup_logging(jax)
+  return jax
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the command line; returns the exit status (0 done or already finished, 1 diverged, 2 bad input).
+  `--help` and flag errors raise SystemExit (0 / 2) as argparse does."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  rest, overrides = cli_config.split_overrides(argv)
+  args = build_parser().parse_args(rest)
+
+  run: dict = {}
+
+  def configure() -> int:  # ConfigError (unknown name, unloadable file, bad key or value): one line, status 2
+    run["cfg"], path = cli_config.load_config(args.config)
+    cli_config.apply_overrides(run["cfg"], overrides)
+    run["workdir"] = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(path))[0])
+    return 0
+
+  status = exit_on_error(configure)
+  if status:
+    return status
+  cfg, workdir = run["cfg"], run["workdir"]
+
+  def body() -> int:
+    from megalodon_jax.training import run_summary  # pylint: disable=import-outside-toplevel
+    done = run_summary.already_finished(workdir, cfg.total_steps)
+    if done is not None:  # before jax.distributed, data preparation and any compile
+      print(done, flush=True)
+      return 0
+    jax = _start_jax()
+    from megalodon_jax.training import trainer  # pylint: disable=import-outside-toplevel
+    start = run_summary.latest_finished_step(workdir) or 0
+    t0 = time.perf_counter()
+    trainer.train_and_evaluate(cfg, workdir)
+    if jax.process_index() == 0:
+      print(run_summary.summary_line(workdir, start_step=start, end_step=run_summary.latest_finished_step(workdir),
+                                     total_steps=cfg.total_steps, tensorboard=cfg.tensorboard,
+                                     seconds=time.perf_counter() - t0), flush=True)
+    return 0
+
+  # Bad config, data or checkpoint: status 2; a diverged loss (NonFiniteLossError): status 1. Not one line: some
+  # checkpoint messages list one problem per line.
+  return exit_on_error(body, one_line=False)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

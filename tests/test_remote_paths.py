@@ -9,7 +9,9 @@ import os
 
 import jax
 import numpy as np
+import ml_collections
 import pytest
+import sentencepiece as spm
 from etils import epath
 from flax import nnx
 
@@ -22,7 +24,8 @@ from megalodon_jax.checkpoints.model_state import split_model
 from megalodon_jax.checkpoints.params import load_params
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.convert import cli as convert_cli
-from megalodon_jax.data import text_files
+from megalodon_jax.data import check_data_config, make_tokenizer, text_files
+from megalodon_jax.errors import DataError
 from megalodon_jax.model import MegalodonLM
 from megalodon_jax.training import trainer
 from megalodon_jax.training.metrics import read_metrics
@@ -142,6 +145,23 @@ def test_text_files_on_gcs_are_the_local_documents(fake_gcs, tmp_path):
       for part in ("", "head", "tail"):
         assert (text_files.read_part(dataclasses.replace(a, part=part), 20.0) ==
                 text_files.read_part(dataclasses.replace(b, part=part), 20.0))
+
+
+def test_sentencepiece_model_on_gcs_and_a_remote_data_dir_is_refused(fake_gcs, tmp_path):
+  prefix = tmp_path / "sp"
+  lines = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)]
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=40,
+                                 model_type="unigram", hard_vocab_limit=False, minloglevel=2)
+  epath.Path("gs://b/tok/sp.model").write_bytes((tmp_path / "sp.model").read_bytes())
+  sp = lambda path: ml_collections.ConfigDict(dict(tokenizer="sentencepiece", tokenizer_path=path))  # noqa: E731
+  remote, here = make_tokenizer(sp("gs://b/tok/sp.model")), make_tokenizer(sp(str(prefix) + ".model"))
+  text = "the lazy fox 17"
+  assert remote.vocab_size == here.vocab_size and list(remote.encode(text)) == list(here.encode(text))
+  assert remote.model_bytes() == (tmp_path / "sp.model").read_bytes()
+  with pytest.raises(DataError, match="data.tokenizer_path="):
+    make_tokenizer(sp("gs://b/tok/no.model"))
+  with pytest.raises(DataError, match="data.data_dir='gs://b/tfds': .* must be a local folder"):
+    check_data_config(ml_collections.ConfigDict(dict(dataset="stdlib", data_dir="gs://b/tfds")))
 
 
 # ------------------------------------------------------------------------------------------------ the tools

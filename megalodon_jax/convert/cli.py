@@ -7,7 +7,8 @@
 CKPT is a train.py workdir, its checkpoints/ folder, a step folder, or a from-pytorch output folder. Output
 folders are written next to DIR under a temporary name and renamed into place at the end, so a failure never
 leaves a partial DIR behind (on an object store, gs://..., they are written to a local temporary folder and uploaded
-at the end: see `model_io.atomic_output`). Any path may be a gs:// URL. Bad input ends with one `error: ...` paragraph on stderr and exit status 2.
+at the end: see `model_io.atomic_output`). Any path may be a gs:// URL. Bad input ends with one `error: ...`
+paragraph on stderr and exit status 2.
 """
 
 from __future__ import annotations

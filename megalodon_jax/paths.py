@@ -155,7 +155,8 @@ def _glob_regex(pattern: str) -> re.Pattern:
 
 def glob_files(pattern: PathLike) -> list[str]:
   """Paths matching a glob (`**` recurses); files and folders, sorted. Local patterns use the `glob` module;
-  remote ones list the folder before the first wildcard and match the names below it."""
+  remote ones list the folder before the first wildcard and match the names below it (like `glob`, wildcards skip
+  names starting with a dot unless the pattern spells the dot)."""
   text = os.fspath(pattern)
   if not is_remote(text):
     return sorted(globlib.glob(os.path.expanduser(text), recursive=True))
@@ -165,11 +166,14 @@ def glob_files(pattern: PathLike) -> list[str]:
   root = as_path(f"{scheme}://{base}")
   if not root.is_dir():
     return [text] if as_path(text).exists() else []
-  regex = _glob_regex(rest[len(base) + 1:])
+  tail = rest[len(base) + 1:]
+  regex, hidden_ok = _glob_regex(tail), "/." in "/" + tail
   found, pending = [], [root]
   while pending:
     folder = pending.pop()
     for entry in folder.iterdir():
+      if entry.name.startswith(".") and not hidden_ok:
+        continue
       rel = os.fspath(entry)[len(os.fspath(root)) + 1:]
       if regex.match(rel):
         found.append(os.fspath(entry))

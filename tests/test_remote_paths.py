@@ -24,7 +24,7 @@ from megalodon_jax.checkpoints.model_state import split_model
 from megalodon_jax.checkpoints.params import load_params
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.convert import cli as convert_cli
-from megalodon_jax.data import check_data_config, make_tokenizer, text_files
+from megalodon_jax.data import check_data_config, jsonl, make_tokenizer, text_files
 from megalodon_jax.errors import DataError
 from megalodon_jax.model import MegalodonLM
 from megalodon_jax.training import trainer
@@ -136,15 +136,27 @@ def test_text_files_on_gcs_are_the_local_documents(fake_gcs, tmp_path):
     (local / name).parent.mkdir(parents=True, exist_ok=True)
     (local / name).write_text(text)
     epath.Path(f"gs://b/corpus/{name}").write_text(text)
-  for pattern in ("{}/**/*.txt", "{}", "{}/sub/b.txt,{}/a.txt"):
+  for pattern in ("{}/**/*.txt", "{}/**/*", "{}", "{}/sub/b.txt,{}/a.txt"):
     here = text_files.text_files_documents(pattern.format(local, local), 20.0, 0)
     there = text_files.text_files_documents(pattern.format("gs://b/corpus", "gs://b/corpus"), 20.0, 0)
-    assert [f.name[len(str(local)):] for f in here.files] == [f.name[len("gs://b/corpus"):] for f in there.files]
+    names = [f.name[len(str(local)):] for f in here.files]
+    assert names == [f.name[len("gs://b/corpus"):] for f in there.files] and "/sub/.hidden" not in names
     for a, b in zip(here.files, there.files):  # the whole file, and both sides of the position rule's cut
       assert a.size == b.size
       for part in ("", "head", "tail"):
         assert (text_files.read_part(dataclasses.replace(a, part=part), 20.0) ==
                 text_files.read_part(dataclasses.replace(b, part=part), 20.0))
+
+
+def test_jsonl_files_on_gcs_decompress_like_local_ones(fake_gcs, tmp_path):
+  import gzip  # pylint: disable=import-outside-toplevel
+  import zstandard  # pylint: disable=import-outside-toplevel
+  raw = b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\n" for i in range(5))
+  for name, data in (("a.jsonl", raw), ("b.jsonl.gz", gzip.compress(raw)),
+                     ("c.jsonl.zst", zstandard.ZstdCompressor().compress(raw))):
+    epath.Path(f"gs://b/j/{name}").write_bytes(data)
+    with jsonl.open_lines(f"gs://b/j/{name}") as lines:
+      assert b"".join(lines) == raw, name
 
 
 def test_sentencepiece_model_on_gcs_and_a_remote_data_dir_is_refused(fake_gcs, tmp_path):

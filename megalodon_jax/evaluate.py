@@ -23,6 +23,7 @@ import sys
 from typing import Optional, Sequence
 
 from megalodon_jax import cli_args
+from megalodon_jax import paths as paths_lib
 from megalodon_jax.data.tokenizers import ByteTokenizer
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference import cli_common, documents, long_context
@@ -75,7 +76,7 @@ def _context_lengths(text: str) -> list[int]:
 
 
 def _check_output_path(path: Optional[str], flag: str) -> None:
-  if path is not None:
+  if path is not None and not paths_lib.is_remote(path):  # object stores have no folders to check
     parent = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
     if not os.path.isdir(parent):
       raise InferenceError(f"{flag} {path}: the folder {parent} does not exist")
@@ -124,12 +125,12 @@ def run(args) -> int:
   rep = long_context.report(results, byte_level=isinstance(tok, ByteTokenizer), settings=settings)
   text = json.dumps(rep, indent=2, allow_nan=True)
   if args.output:
-    with open(args.output, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+    paths_lib.as_path(args.output).write_text(text + "\n", encoding="utf-8")
   else:
     print(text)
   if args.plot:
-    long_context.plot(rep, args.plot)
+    with paths_lib.local_target(args.plot) as local:  # matplotlib writes local files
+      long_context.plot(rep, local)
   key = "bpb" if "bpb" in rep else "ppl"
   parts = [f"{'full' if r['context_length'] is None else r['context_length']}: {r[key]:.4f}"
            for r in rep["by_context_length"]]

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from megalodon_jax import cli_args
+from megalodon_jax import cli_args, paths
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference import cli_common
 from megalodon_jax.inference.detokenize import TextStream
@@ -61,8 +61,7 @@ def _parse_ids(text: str, flag: str) -> list[int]:
 
 def _read(path: str, flag: str) -> str:
   try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
+    return paths.as_path(path).read_text(encoding="utf-8")
   except (OSError, UnicodeDecodeError) as e:
     raise InferenceError(f"{flag} {path}: cannot read the prompt file ({type(e).__name__}: {e})") from None
 
@@ -141,12 +140,10 @@ def run(args) -> int:
   print(f"[{total} tokens in {seconds:.2f} s, {total / max(seconds, 1e-9):.1f} tokens/s including compilation]",
         file=sys.stderr)
   if args.output_jsonl:
-    with open(args.output_jsonl, "w", encoding="utf-8") as f:
-      for i, (prompt, text) in enumerate(zip(prompts, texts)):
-        prompt_text = prompt if isinstance(prompt, str) else tok.decode(prompt)
-        f.write(json.dumps({"index": i, "prompt": prompt_text, "completion": text,
-                            "tokens": counts[i], "finish_reason": reasons[i]},
-                           ensure_ascii=False) + "\n")
+    lines = [json.dumps({"index": i, "prompt": prompt if isinstance(prompt, str) else tok.decode(prompt),
+                         "completion": text, "tokens": counts[i], "finish_reason": reasons[i]}, ensure_ascii=False)
+             for i, (prompt, text) in enumerate(zip(prompts, texts))]
+    paths.as_path(args.output_jsonl).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
   return 0
 
 

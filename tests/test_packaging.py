@@ -17,8 +17,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 OWN = {"megalodon_jax", "pallas_kernels", "configs"}
 # Modules an extra provides; they may only be imported by the code that needs that extra.
 EXTRA_MODULES = {"torch": "torch", "safetensors": "torch", "matplotlib": "plot"}
-# Declared but never imported by name: jax loads jaxlib; TFDS reads array_record files through array-record.
-INDIRECT = {"jaxlib", "array-record"}
+# Declared but never imported by name: jax loads jaxlib; TFDS reads array_record files through array-record;
+# etils.epath opens gs:// paths through fsspec, which loads gcsfs.
+INDIRECT = {"jaxlib", "array-record", "gcsfs"}
 
 
 def _norm(name: str) -> str:

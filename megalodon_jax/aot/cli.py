@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from megalodon_jax import cli_args, cli_config
+from megalodon_jax import cli_args, cli_config, paths
 from megalodon_jax.aot import topology as topo_lib
 from megalodon_jax.errors import EXIT_BAD_INPUT, ConfigError, exit_on_error
 
@@ -58,7 +58,7 @@ def vocab_size_for(cfg) -> int:
   if cfg.data.tokenizer == "bytes":
     return 256
   path = cfg.data.tokenizer_path
-  if path and os.path.exists(os.path.expanduser(path)):
+  if path and paths.as_path(path).exists():
     from megalodon_jax import data  # pylint: disable=import-outside-toplevel
     return data.make_tokenizer(cfg.data).vocab_size
   raise ConfigError("the vocabulary size is unknown: set --config.model.vocab_size=<size> (32000 for the Llama-2 "

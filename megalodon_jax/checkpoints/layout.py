@@ -22,6 +22,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
+from megalodon_jax import paths
 from megalodon_jax.errors import CheckpointError
 
 log = logging.getLogger("megalodon_jax")
@@ -42,14 +43,13 @@ MOVE = "Move that step folder out of the way to resume from the previous step, o
 
 
 def as_path(directory: Any) -> epath.Path:
-  text = os.fspath(directory)
   # orbax wants absolute paths; URLs such as gs:// are left alone.
-  return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
+  return epath.Path(paths.abspath(directory))
 
 
 def checkpoints_dir(workdir: str) -> str:
   """A train.py workdir's checkpoint folder."""
-  return os.path.join(workdir, CHECKPOINTS_DIR)
+  return paths.join(workdir, CHECKPOINTS_DIR)
 
 
 def meta_file(step_dir: Any) -> str:

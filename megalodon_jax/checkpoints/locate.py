@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any, Optional
 
+from megalodon_jax import paths
 from megalodon_jax.checkpoints import layout, tokenizer_copy
 from megalodon_jax.config import EXECUTION_FIELDS, ConfigError, MegalodonConfig
 from megalodon_jax.errors import ConvertError
@@ -43,8 +44,7 @@ class CheckpointInfo:
 
 def _read_json(path: str, what: str) -> Any:
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(paths.as_path(path).read_text(encoding="utf-8"))
   except FileNotFoundError:
     raise ConvertError(f"{path} ({what}) is missing") from None
   except (OSError, ValueError) as e:
@@ -71,18 +71,18 @@ def locate_checkpoint(path: str, step: Optional[int] = None) -> CheckpointInfo:
   Raises:
     ConvertError: not a checkpoint, no finished step, the step does not exist, or no model config.
   """
-  root = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(root):
+  root = paths.abspath(path).rstrip("/") if paths.is_remote(path) else paths.abspath(path)
+  if not paths.as_path(root).exists():
     raise ConvertError(f"{root} does not exist")
-  if not os.path.isdir(root):
+  if not paths.as_path(root).is_dir():
     raise ConvertError(f"{root} is a file, not a checkpoint folder (expected a train.py workdir, its checkpoints/ "
                        f"folder, a step folder, or a from-pytorch output folder)")
   kind = layout.folder_kind(root)
   if kind == layout.STATE:
     return locate_checkpoint(os.path.dirname(root), step)  # a run's state/ item given directly
   if kind == "params":
-    sidecar = os.path.join(root, layout.CONFIG_FILE)
-    if not os.path.isfile(sidecar):
+    sidecar = paths.join(root, layout.CONFIG_FILE)
+    if not paths.as_path(sidecar).is_file():
       raise ConvertError(f"{root} is a params-only checkpoint without {layout.CONFIG_FILE}: the model config is "
                          f"unknown (only folders written by `python -m megalodon_jax.convert from-pytorch` carry it)")
     side = _read_json(sidecar, "model config")

@@ -11,12 +11,14 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from typing import Any, Iterator, Optional
 
 import jax
 from flax import nnx
 
+from megalodon_jax import paths
 from megalodon_jax.checkpoints import layout, tokenizer_copy
 from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
 from megalodon_jax.checkpoints.model_state import merge_model, split_model
@@ -76,9 +78,24 @@ def atomic_output(out: str, *, overwrite: bool = False) -> Iterator[str]:
   On success the temp folder becomes `out` (an existing `out` is first renamed aside, then deleted); on any
   exception the temp folder (and orbax leftovers next to it) is removed and `out` is untouched.
 
+  An object store (gs://...) cannot rename folders: there the temp folder is local, and on success the old `out`
+  (if any) is deleted and the new files are uploaded. A failure before the upload leaves `out` untouched; one
+  during the upload leaves a partial `out`, which a rerun with --overwrite replaces.
+
   Raises:
     ConvertError: `out` is a file, or a non-empty folder and `overwrite` is False (checked before yielding).
   """
+  if paths.is_remote(out):
+    check_output(out, overwrite=overwrite)
+    with tempfile.TemporaryDirectory(prefix="megalodon_out_") as staging:
+      tmp = os.path.join(staging, "out")
+      yield tmp
+      if not os.path.isdir(tmp):
+        raise RuntimeError(f"atomic_output: nothing was written to {tmp}")  # a converter bug
+      if paths.as_path(out).exists():
+        paths.as_path(out).rmtree()
+      paths.copy_tree(tmp, out)
+    return
   out = os.path.abspath(os.path.expanduser(out))
   check_output(out, overwrite=overwrite)
   parent, name = os.path.split(out)
@@ -103,6 +120,13 @@ def atomic_output(out: str, *, overwrite: bool = False) -> Iterator[str]:
 
 def check_output(out: str, *, overwrite: bool) -> None:
   """Refuses an output path that is a file, or a non-empty folder unless `overwrite`."""
+  if paths.is_remote(out):
+    p = paths.as_path(out)
+    if p.is_file():
+      raise ConvertError(f"--out {out} exists and is not a folder; remove it or choose another path")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+      raise ConvertError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    return
   out = os.path.abspath(os.path.expanduser(out))
   if os.path.lexists(out):
     if not os.path.isdir(out) or os.path.islink(out):
@@ -128,7 +152,6 @@ def save_params_checkpoint(out: str, model: MegalodonLM, *, step: Optional[int] 
              "execution": {k: getattr(config, k) for k in EXECUTION_FIELDS}, "step": step, "source": source}
   with atomic_output(out, overwrite=overwrite) as tmp:
     save_params(tmp, params)
-    with open(os.path.join(tmp, layout.CONFIG_FILE), "w", encoding="utf-8") as f:
-      json.dump(sidecar, f, indent=2)
+    paths.as_path(tmp).joinpath(layout.CONFIG_FILE).write_text(json.dumps(sidecar, indent=2), encoding="utf-8")
     if tokenizer_model is not None:
       tokenizer_copy.write_copy(tmp, tokenizer_model)

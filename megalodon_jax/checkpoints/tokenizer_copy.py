@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from typing import Any, Optional
 
+from megalodon_jax import paths
 from megalodon_jax.errors import CheckpointError
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -56,11 +56,10 @@ def embedded(meta: Any, where: str) -> Optional[bytes]:
 
 def read_copy(folder: str) -> Optional[bytes]:
   """`<folder>/tokenizer.model`'s bytes, or None when there is none."""
-  path = os.path.join(folder, TOKENIZER_FILE)
-  if not os.path.isfile(path):
+  path = paths.as_path(paths.join(folder, TOKENIZER_FILE))
+  if not path.is_file():
     return None
-  with open(path, "rb") as f:
-    return f.read()
+  return path.read_bytes()
 
 
 def write_copy(folder: str, model: bytes, *, what: str = "this folder") -> str:
@@ -70,7 +69,7 @@ def write_copy(folder: str, model: bytes, *, what: str = "this folder") -> str:
     CheckpointError: `folder` already holds a different tokenizer model (e.g. a run directory trained with
       another tokenizer): mixing them would silently change what the token ids mean.
   """
-  path = os.path.join(folder, TOKENIZER_FILE)
+  path = paths.join(folder, TOKENIZER_FILE)
   existing = read_copy(folder)
   if existing is not None:
     if existing != model:
@@ -78,9 +77,6 @@ def write_copy(folder: str, model: bytes, *, what: str = "this folder") -> str:
                             f"{sha256(model)[:12]}…): {what} was made with a different tokenizer. Use a new "
                             f"directory, or the tokenizer it was made with")
     return path
-  os.makedirs(folder, exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(model)
-  os.replace(tmp, path)
+  paths.makedirs(folder)
+  paths.write_bytes_atomic(path, model)
   return path

@@ -6,9 +6,10 @@
 
 CKPT is a train.py workdir, its checkpoints/ folder, a step folder, or a from-pytorch output folder. Output
 folders are written next to DIR under a temporary name and renamed into place at the end, so a failure never
-leaves a partial DIR behind. Flags are snake_case and accept their kebab-case spelling (`--model-parallel`).
-Bad input ends with one `error: ...` paragraph on stderr and exit status 2. Conversion is host work: JAX runs on
-the CPU unless JAX_PLATFORMS says otherwise.
+leaves a partial DIR behind (on an object store, gs://..., they are written to a local temporary folder and uploaded
+at the end: see `model_io.atomic_output`). Any path may be a gs:// URL. Flags are snake_case and accept their
+kebab-case spelling (`--model-parallel`). Bad input ends with one `error: ...` paragraph on stderr and exit
+status 2. Conversion is host work: JAX runs on the CPU unless JAX_PLATFORMS says otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Optional, Sequence
 
 import jax
 
-from megalodon_jax import cli_args
+from megalodon_jax import cli_args, paths
 from megalodon_jax.checkpoints import layout, model_io, tokenizer_copy
 from megalodon_jax.checkpoints.locate import locate_checkpoint
 from megalodon_jax.convert import hf, torch_files
@@ -88,7 +89,7 @@ def to_pytorch(args: argparse.Namespace) -> None:
       files = torch_files.write_hf(tmp, tensors, config, args.dtype)
     if tokenizer_model is not None:  # the SentencePiece model the run trained with, beside the config
       files = [*files, os.path.basename(tokenizer_copy.write_copy(tmp, tokenizer_model))]
-  print(f"wrote {os.path.abspath(args.out)}: {', '.join(files)} ({args.format}, {args.dtype}, step {step}, "
+  print(f"wrote {paths.abspath(args.out)}: {', '.join(files)} ({args.format}, {args.dtype}, step {step}, "
         f"{config.num_params():,} parameters)")
 
 
@@ -97,11 +98,12 @@ def from_pytorch(args: argparse.Namespace) -> None:
   tensors, config = torch_files.read_official(args.torch, args.config)
   with jax.default_device(_cpu()):
     model = from_official_state_dict(tensors, config)
-  torch_dir = args.torch if os.path.isdir(args.torch) else os.path.dirname(os.path.abspath(args.torch))
-  model_io.save_params_checkpoint(args.out, model, source=os.path.abspath(args.torch), overwrite=args.overwrite,
+  source = paths.abspath(args.torch)
+  torch_dir = source if paths.as_path(source).is_dir() else os.path.dirname(source)
+  model_io.save_params_checkpoint(args.out, model, source=source, overwrite=args.overwrite,
                                   tokenizer_model=tokenizer_copy.read_copy(torch_dir))
-  print(f"wrote {os.path.abspath(args.out)}: params-only Orbax checkpoint + {layout.CONFIG_FILE} "
-        f"({config.num_params():,} parameters); train with --config.init_from={os.path.abspath(args.out)}")
+  print(f"wrote {paths.abspath(args.out)}: params-only Orbax checkpoint + {layout.CONFIG_FILE} "
+        f"({config.num_params():,} parameters); train with --config.init_from={paths.abspath(args.out)}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

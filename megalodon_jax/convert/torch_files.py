@@ -10,11 +10,13 @@ import glob
 import json
 import os
 import re
+import tempfile
 from typing import Any, Mapping, Optional
 
 import ml_dtypes
 import numpy as np
 
+from megalodon_jax import paths
 from megalodon_jax.errors import ConvertError
 from megalodon_jax.config import ConfigError, MegalodonConfig, rope_inv_freq
 from megalodon_jax.convert import hf as hf_lib
@@ -143,6 +145,8 @@ def read_official(path: str, config_path: Optional[str] = None) -> tuple[dict[st
   Raises:
     ConvertError: unreadable files, missing config. StateDictError: any key/shape/dtype/buffer mismatch.
   """
+  if paths.is_remote(path) or (config_path is not None and paths.is_remote(config_path)):
+    return _read_remote(path, config_path)
   path = os.path.abspath(os.path.expanduser(path))
   kind, files = _source_files(path)
   if kind == "shards":
@@ -196,6 +200,25 @@ def validate_official(tensors: Mapping[str, np.ndarray], config: MegalodonConfig
   if problems:
     raise StateDictError(f"state dict does not match the config ({len(problems)} problems):\n  "
                          + "\n  ".join(problems))
+
+
+def _read_remote(path: str, config_path: Optional[str]) -> tuple[dict[str, np.ndarray], MegalodonConfig]:
+  """`read_official` of remote files (gs://...): torch and safetensors read local files, so the checkpoint's files
+  (a folder's top-level files, or the file and the configs beside it) are downloaded into a temporary folder."""
+  source = paths.as_path(path)
+  if not source.exists():
+    raise ConvertError(f"{path} does not exist")
+  with tempfile.TemporaryDirectory(prefix="megalodon_torch_") as tmp:
+    folder = source if source.is_dir() else source.parent
+    wanted = None if source.is_dir() else {source.name, PARAMS_JSON, HF_CONFIG_JSON}
+    for f in folder.iterdir():
+      if f.is_file() and (wanted is None or f.name in wanted):
+        f.copy(os.path.join(tmp, f.name))
+    local = tmp if source.is_dir() else os.path.join(tmp, source.name)
+    if config_path is None:
+      return read_official(local)
+    with paths.local_copy(config_path, suffix=".json") as local_config:
+      return read_official(local, local_config)
 
 
 def cast(tensors: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ import json
 from typing import IO, Iterator, Sequence
 
 
+from megalodon_jax import paths
 from megalodon_jax.data import text_files
 from megalodon_jax.errors import DataError
 from megalodon_jax.data.text_files import DocFile, DocumentSet
@@ -39,6 +40,18 @@ def jsonl_documents(path: str, validation_percent: float, max_documents: int, te
 def open_lines(path: str) -> Iterator[IO[bytes]]:
   """`path` as a binary stream of its decompressed bytes (by suffix: .gz, .zst / .zstd, or plain)."""
   lower = path.lower()
+  if paths.is_remote(path):  # through epath; the decompressors take the stream
+    with paths.as_path(path).open("rb") as raw:
+      if lower.endswith(".gz"):
+        with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+          yield f
+      elif lower.endswith((".zst", ".zstd")):
+        import zstandard  # pylint: disable=import-outside-toplevel
+        with zstandard.ZstdDecompressor().stream_reader(raw) as f:
+          yield io.BufferedReader(f)
+      else:
+        yield raw
+    return
   if lower.endswith(".gz"):
     with gzip.open(path, "rb") as f:
       yield f

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
+from megalodon_jax import paths
 from megalodon_jax.data import enwik8, jsonl, text_files
 from megalodon_jax.data.stdlib_corpus import stdlib_documents
 from megalodon_jax.data.tokenizers import check_tokenizer_config
@@ -80,6 +81,10 @@ def _plan(data_cfg: Any) -> _Plan:
   if dataset not in DATASETS:
     raise DataError(f"data.dataset={dataset!r} is unknown; use one of {DATASETS}")
   check_tokenizer_config(data_cfg)
+  if paths.is_remote(field(data_cfg, "data_dir")):
+    raise DataError(f"data.data_dir={field(data_cfg, 'data_dir')!r}: the prepared records are read with local file "
+                    f"IO (array_record), so it must be a local folder; data.path and data.tokenizer_path may be "
+                    f"gs:// URLs")
   workers = field(data_cfg, "worker_count")
   if workers != 0:
     raise DataError(f"data.worker_count={workers!r}: only 0 is supported (documents are tokenized and packed in the "

@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
+from megalodon_jax import paths
 from megalodon_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,12 @@ class DocFile:
 
 def read_part(f: DocFile, validation_percent: float) -> bytes:
   """The bytes of `f`: the whole file, or its head / tail under the position rule (see `line_cut`)."""
+  if paths.is_remote(f.path):  # no mmap of an object: read it whole (a file part needs the cut of the whole)
+    data = paths.as_path(f.path).read_bytes()
+    if not f.part or f.size == 0:
+      return data
+    cut = line_cut(data, validation_percent)
+    return data[:cut] if f.part == "head" else data[cut:]
   if not f.part or f.size == 0:
     with open(f.path, "rb") as fh:
       return fh.read()
@@ -161,6 +168,10 @@ def stat_files(named_paths: Sequence[tuple[str, str]], max_documents: int) -> tu
     ordered = ordered[:max_documents]
   out = []
   for name, path in ordered:
+    if paths.is_remote(path):
+      st = paths.as_path(path).stat()  # objects: whole seconds
+      out.append(DocFile(name, path, int(st.length), int(st.mtime) * 10**9))
+      continue
     st = os.stat(path)
     out.append(DocFile(name, path, st.st_size, st.st_mtime_ns))
   return tuple(out)
@@ -168,6 +179,8 @@ def stat_files(named_paths: Sequence[tuple[str, str]], max_documents: int) -> tu
 
 def expand(pattern: str) -> list[str]:
   """Regular files named by one `data.path` entry: a file, a folder (every non-hidden file under it) or a glob."""
+  if paths.is_remote(pattern):
+    return _expand_remote(pattern)
   pattern = os.path.expanduser(pattern)
   if any(c in pattern for c in _GLOB_CHARS):
     matches = glob.glob(pattern, recursive=True)
@@ -180,6 +193,21 @@ def expand(pattern: str) -> list[str]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git and the like are not documents
         out.extend(os.path.join(root, f) for f in files if not f.startswith("."))
     elif os.path.isfile(m):
+      out.append(m)
+  return out
+
+
+def _expand_remote(pattern: str) -> list[str]:
+  """`expand` for a URL (gs://...): the same rules through epath."""
+  if any(c in pattern for c in _GLOB_CHARS):
+    matches = paths.glob_files(pattern)
+  else:
+    matches = [pattern] if paths.as_path(pattern).exists() else []
+  out = []
+  for m in matches:
+    if paths.as_path(m).is_dir():
+      out.extend(paths.list_files(m, skip_hidden=True))
+    elif paths.as_path(m).is_file():
       out.append(m)
   return out
 
@@ -203,7 +231,7 @@ def text_files_documents(path: str, validation_percent: float, max_documents: in
     if not found:
       raise DataError(f"data.path: {p!r} matches no file")
     for f in found:
-      real = os.path.realpath(f)
+      real = f if paths.is_remote(f) else os.path.realpath(f)
       resolved[real] = real
   return DocumentSet(kind, stat_files(list(resolved.items()), max_documents), validation_percent, text_key=text_key)
 

@@ -7,6 +7,7 @@ from typing import Any, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
+from megalodon_jax import paths
 from megalodon_jax.errors import DataError
 
 TOKENIZERS = ("bytes", "sentencepiece")
@@ -65,10 +66,9 @@ class SentencePieceTokenizer:
 
     self.path = path
     self._proto = model_proto
-    if model_proto is not None:
-      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    else:
-      self._sp = spm.SentencePieceProcessor(model_file=path)
+    # Read through epath (the file may be on gs://) and loaded from the bytes: SentencePiece only opens local files.
+    data = model_proto if model_proto is not None else paths.as_path(path).read_bytes()
+    self._sp = spm.SentencePieceProcessor(model_proto=data)
     self.vocab_size: int = int(self._sp.vocab_size())
     eos = int(self._sp.eos_id())
     self.eos_id: Optional[int] = eos if eos >= 0 else None
@@ -103,11 +103,11 @@ def check_tokenizer_config(data_cfg: Any) -> None:
   if name not in TOKENIZERS:
     raise DataError(f"data.tokenizer={name!r} is unknown; use one of {TOKENIZERS}")
   if name == "sentencepiece":
-    path = os.path.expanduser(getattr(data_cfg, "tokenizer_path", "") or "")
+    path = getattr(data_cfg, "tokenizer_path", "") or ""
     if not path:
       raise DataError("data.tokenizer_path is empty; data.tokenizer='sentencepiece' needs the .model file, e.g. "
                       "--config.data.tokenizer_path=/path/to/tokenizer.model")
-    if not os.path.isfile(path):
+    if not paths.as_path(path).is_file():
       raise DataError(f"data.tokenizer_path={path!r} does not exist (or is not a file)")
 
 
@@ -120,7 +120,7 @@ def make_tokenizer(data_cfg: Any) -> Union[ByteTokenizer, SentencePieceTokenizer
   check_tokenizer_config(data_cfg)
   if data_cfg.tokenizer == "bytes":
     return ByteTokenizer()
-  path = os.path.expanduser(data_cfg.tokenizer_path)
+  path = os.fspath(paths.as_path(data_cfg.tokenizer_path))
   try:
     return SentencePieceTokenizer(path)
   except (OSError, RuntimeError) as e:

@@ -10,6 +10,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from megalodon_jax import paths as paths_lib
 from megalodon_jax.data import prepare
 from megalodon_jax.data import sources
 from megalodon_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer
@@ -21,6 +22,14 @@ def text_file_paths(spec: str) -> list[str]:
   out: list[str] = []
   for part in (p.strip() for p in spec.split(",")):
     if not part:
+      continue
+    if paths_lib.is_remote(part):  # gs://...: the same rules through epath
+      p = paths_lib.as_path(part)
+      found = (paths_lib.list_files(part) if p.is_dir() else [part] if p.is_file()
+               else [m for m in paths_lib.glob_files(part) if paths_lib.as_path(m).is_file()])
+      if not found:
+        raise InferenceError(f"--text_files: {part!r} matches no file")
+      out.extend(found)
       continue
     path = os.path.expanduser(part)
     if os.path.isdir(path):
@@ -41,8 +50,7 @@ def text_file_documents(paths: Sequence[str], tokenizer: Tokenizer) -> Iterator[
   """Token ids of each file's bytes (UTF-8 text), read one at a time."""
   for path in paths:
     try:
-      with open(path, "rb") as f:
-        data = f.read()
+      data = paths_lib.as_path(path).read_bytes()
     except OSError as e:
       raise InferenceError(f"--text_files: cannot read {path} ({type(e).__name__}: {e})") from None
     yield np.asarray(tokenizer.encode_bytes(data))

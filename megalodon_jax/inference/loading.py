@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import jax
 
+from megalodon_jax import paths
 from megalodon_jax.checkpoints import layout, tokenizer_copy
 from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
 from megalodon_jax.checkpoints.model_io import load_checkpoint
@@ -52,9 +53,10 @@ class Loaded:
 
 
 def _is_torch(path: str) -> bool:
-  if os.path.isfile(path):
+  p = paths.as_path(path)
+  if p.is_file():
     return path.endswith(TORCH_SUFFIXES)
-  names = os.listdir(path) if os.path.isdir(path) else []
+  names = [c.name for c in p.iterdir()] if p.is_dir() else []
   has_torch = any(n == "model.safetensors" or (n.startswith("consolidated") and n.endswith(".pth")) for n in names)
   return has_torch and layout.folder_kind(path) == "steps"  # no Orbax item, step folder or workdir
 
@@ -119,8 +121,8 @@ def load_model(path: str, *, step: Optional[int] = None, config_path: Optional[s
     InferenceError (bad path or tokenizer); ConvertError, StateDictError, CheckpointError (damaged or mismatching
     checkpoints); DataError (tokenizer file).
   """
-  full = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(full):
+  full = paths.abspath(path)
+  if not paths.as_path(full).exists():
     raise InferenceError(f"checkpoint {full} does not exist")
   if _is_torch(full):
     # Imported here: only PyTorch checkpoints need torch.
@@ -136,7 +138,7 @@ def load_model(path: str, *, step: Optional[int] = None, config_path: Optional[s
     with jax.default_device(device or jax.devices()[0]):
       model = from_official_state_dict(tensors, config)
     loaded_step, kind, data_config = None, "pytorch", None
-    stored_model = tokenizer_copy.read_copy(full if os.path.isdir(full) else os.path.dirname(full))
+    stored_model = tokenizer_copy.read_copy(full if paths.as_path(full).is_dir() else os.path.dirname(full))
   else:
     if config_path is not None:
       raise InferenceError("--config applies to PyTorch checkpoints only (an Orbax checkpoint records its config)")

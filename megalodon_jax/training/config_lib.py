@@ -9,9 +9,9 @@ message names the offending key as it is spelled on the command line (`--config.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
+from megalodon_jax import paths
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.errors import ConfigError
 
@@ -124,7 +124,7 @@ def validate(cfg: Any, num_devices: int, *, check_inputs: bool = True) -> None:
 
   if not check_inputs:
     return
-  if cfg.init_from and not os.path.exists(os.path.expanduser(cfg.init_from)):
+  if cfg.init_from and not paths.as_path(cfg.init_from).exists():
     _fail("init_from", cfg.init_from, "does not exist")
 
   from megalodon_jax import data  # local: the data package pulls in tensorflow_datasets

@@ -23,6 +23,8 @@ from typing import Any, Optional, TextIO
 
 from tqdm import tqdm
 
+from megalodon_jax import paths
+
 __all__ = ["MetricsLogger", "loss_metrics", "read_metrics", "throughput"]
 
 log = logging.getLogger(__name__)
@@ -120,8 +122,7 @@ def _from_json(value: Any) -> Any:
 def read_metrics(path: str) -> list[dict[str, Any]]:
   """Reads a metrics.jsonl back, non-finite strings as floats; a torn (unterminated, unparsable) last line is
   skipped, any other unparsable line raises ValueError."""
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
+  lines = paths.as_path(path).read_text(encoding="utf-8").split("\n")
   records = []
   for i, line in enumerate(lines):
     if not line.strip():
@@ -145,24 +146,22 @@ def _step_at_most(line: str, step: int, path: str) -> bool:
 
 
 def _truncate_jsonl(path: str, step: int) -> None:
-  """Drops records with step > `step` and unparsable lines, atomically (tmp + os.replace), if any need dropping."""
-  if not os.path.exists(path):
+  """Drops records with step > `step` and unparsable lines, atomically (tmp + os.replace; one object write on an
+  object store), if any need dropping."""
+  if not paths.as_path(path).exists():
     return
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = paths.as_path(path).read_text(encoding="utf-8")
   new = "".join(line + "\n" for line in text.split("\n") if line.strip() and _step_at_most(line, step, path))
   if new == text:
     return  # a clean file with nothing after `step`: no rewrite
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(new)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)  # atomic: a kill now leaves either the old or the new file, never half of one
+  paths.write_text_atomic(path, new)  # a kill now leaves either the old or the new file, never half of one
 
 
 def _open_append(path: str) -> TextIO:
   # A torn last line (killed mid-write, no truncate_after) would glue itself to the next record: cut it first.
+  if paths.is_remote(path):  # no append on object stores: the file is rewritten whole (paths.ObjectAppender)
+    text = paths.as_path(path).read_text(encoding="utf-8") if paths.as_path(path).exists() else ""
+    return paths.ObjectAppender(path, text[:text.rfind("\n") + 1])  # type: ignore[return-value]
   if os.path.exists(path) and os.path.getsize(path):
     with open(path, "rb+") as f:
       data = f.read()
@@ -176,6 +175,8 @@ class MetricsLogger:
 
   TensorBoard events are written by tensorboardX's background thread and reach the disk within a few seconds
   (`flush` on every log, `flush_secs` for what the thread writes later); metrics.jsonl is the durable record.
+  A remote workdir (gs://...) has no append: metrics.jsonl and samples.jsonl are uploaded whole, and the event files
+  written to a local staging folder are copied up, at most every 5 s and at `close` (paths.py).
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
@@ -198,8 +199,9 @@ class MetricsLogger:
     self._files: dict[str, TextIO] = {}
     self._writer: Any = None
     self._purge_step: Optional[int] = None
+    self._tb_folder: Optional[paths.SyncedFolder] = None  # TensorBoard's local stand-in for a remote workdir
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
+      paths.makedirs(workdir)
 
   def truncate_after(self, step: int) -> None:
     """Forgets everything logged after `step` (the restored checkpoint) by a previous, killed run.
@@ -211,7 +213,7 @@ class MetricsLogger:
       return
     self.close()  # files reopen on the next write; the purge marker only goes at the start of an event file
     for name in (METRICS_FILE, SAMPLES_FILE):
-      _truncate_jsonl(os.path.join(self.workdir, name), step)
+      _truncate_jsonl(paths.join(self.workdir, name), step)
     self._purge_step = step + 1
 
   def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -227,6 +229,7 @@ class MetricsLogger:
         if x is not None:  # None (unknown) and text are not scalars
           writer.add_scalar(k, x, int(step))
       writer.flush()
+      self._tb_folder.sync()
     self._print(" | ".join([f"step {step}"] + [_console_item(k, v) for k, v in metrics.items()]))
 
   def log_text(self, step: int, tag: str, text: str) -> None:
@@ -238,6 +241,7 @@ class MetricsLogger:
     if writer is not None:
       writer.add_text(tag, text, int(step))
       writer.flush()
+      self._tb_folder.sync()
     self._print(f"step {step} | {tag}: {text}")
 
   def close(self) -> None:
@@ -247,11 +251,13 @@ class MetricsLogger:
     if self._writer is not None:
       self._writer.close()
       self._writer = None
+      self._tb_folder.close()  # uploads the event files of a remote workdir
+      self._tb_folder = None
 
   def _append(self, name: str, record: dict[str, Any]) -> None:
     f = self._files.get(name)
     if f is None:
-      f = self._files[name] = _open_append(os.path.join(self.workdir, name))
+      f = self._files[name] = _open_append(paths.join(self.workdir, name))
     # ensure_ascii=False keeps generated text readable; allow_nan=False: _to_json already encoded non-finite values.
     f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
     f.flush()
@@ -261,7 +267,8 @@ class MetricsLogger:
       return None
     if self._writer is None:
       from tensorboardX import SummaryWriter  # deferred: a run without TensorBoard does not need it installed
-      self._writer = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR), purge_step=self._purge_step,
+      self._tb_folder = paths.SyncedFolder(paths.join(self.workdir, TENSORBOARD_DIR))
+      self._writer = SummaryWriter(self._tb_folder.local, purge_step=self._purge_step,
                                    flush_secs=5, filename_suffix=f".{os.getpid()}.{next(_EVENT_FILE_IDS)}")
     return self._writer
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from typing import Any, Optional
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from megalodon_jax import data as data_lib
 from megalodon_jax import flops as flops_lib
+from megalodon_jax import paths
 from megalodon_jax.checkpoints import layout as ckpt_layout
 from megalodon_jax.checkpoints import tokenizer_copy
 from megalodon_jax.checkpoints.manager import Checkpointer
@@ -64,7 +64,7 @@ class _Run:
                             if isinstance(self.tokenizer, data_lib.SentencePieceTokenizer) else None)
     self.model_cfg = config_lib.model_config(cfg, vocab_size or self.tokenizer.vocab_size)
     self.ckpt_dir = ckpt_layout.checkpoints_dir(workdir) if workdir is not None else None
-    if self.ckpt_dir is not None and os.path.exists(self.ckpt_dir):
+    if self.ckpt_dir is not None and paths.as_path(self.ckpt_dir).exists():
       ckpt_layout.check_directory(self.ckpt_dir)
     self.mesh = sharding.make_mesh(cfg.mesh, self.devices)
     # Rows shared by several processes (a `sequence` or `tensor` axis spanning hosts): every process then reads the
@@ -157,11 +157,10 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None) -
   """
   run = _Run(cfg, workdir, devices)
   if run.is_main:
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     if run.tokenizer_model is not None:  # before config.json: a run dir of another tokenizer is refused untouched
       tokenizer_copy.write_copy(workdir, run.tokenizer_model, what=f"the run directory {workdir}")
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+    paths.as_path(paths.join(workdir, "config.json")).write_text(cfg.to_json_best_effort(indent=2))
   log.info("model: %s parameters; mesh %s", f"{run.model_cfg.num_params():,}", dict(run.mesh.shape))
   data_lib.prepare(cfg.data)
   pidx, pcount = run.data_split()
@@ -181,16 +180,16 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None) -
       train_iter.set_state(_own_data_state(data_state, run.ckpt_dir, start))
       log.info("resumed from %s at step %d", run.ckpt_dir, start)
     elif cfg.init_from:
-      params = load_params(os.path.expanduser(cfg.init_from), run.abstract_state["params"])
+      params = load_params(paths.abspath(cfg.init_from), run.abstract_state["params"])
       state, start = run.from_params(params), 0
       log.info("initialised params from %s", cfg.init_from)
     else:
       state, start = run.fresh_state(), 0
     if run.is_main:
-      with open(os.path.join(workdir, "shardings.txt"), "w") as f:
-        f.write(f"# mesh {dict(run.mesh.shape)}; batches (B, L): {run.batch_sharding.spec} (B over data x fsdp, "
-                f"L over sequence: {cfg.seq_len // run.mesh.shape['sequence']} tokens per slice)\n")
-        f.write(sharding.describe(state["params"], run.param_shardings))
+      paths.as_path(paths.join(workdir, "shardings.txt")).write_text(
+          f"# mesh {dict(run.mesh.shape)}; batches (B, L): {run.batch_sharding.spec} (B over data x fsdp, "
+          f"L over sequence: {cfg.seq_len // run.mesh.shape['sequence']} tokens per slice)\n"
+          + sharding.describe(state["params"], run.param_shardings))
     return _loop(run, cfg, workdir, ckpt, state, start, train_iter, eval_batches)
 
 

@@ -235,9 +235,13 @@ class ObjectAppender:
     if self._dirty and time.monotonic() - self._uploaded_at >= self.min_interval_s:
       self._upload()
 
-  def close(self) -> None:
+  def sync(self) -> None:
+    """Uploads what is new now, whatever the interval."""
     if self._dirty:
       self._upload()
+
+  def close(self) -> None:
+    self.sync()
 
   def _upload(self) -> None:
     self.path.write_text(self._text)

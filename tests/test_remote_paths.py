@@ -243,3 +243,18 @@ def test_convert_exports_to_gcs_and_imports_back(fake_gcs, model, capsys):
   rc, _, err = _cli(convert_cli.main, capsys, "from-pytorch", "--torch", "gs://b/export_official/consolidated.pth",
                     "--config", "gs://b/export_official/params.json", "--out", "gs://b/imported_file")
   assert rc == 0, err
+
+
+def test_metrics_logger_sync_uploads_at_once(fake_gcs):
+  """Remote logs are uploaded at most every 5 s, except by `sync` (the trainer calls it at every checkpoint), so a
+  run killed after a checkpoint has its logs up to that checkpoint."""
+  from megalodon_jax.training.metrics import MetricsLogger
+  import io
+  logger = MetricsLogger("gs://b/logs", tensorboard=False, stream=io.StringIO())
+  remote = os.path.join(fake_gcs, "b", "logs", "metrics.jsonl")
+  logger.log(1, {"loss": 2.0})  # the first write uploads
+  logger.log(2, {"loss": 1.5})  # within 5 s: held back
+  assert [r["step"] for r in read_metrics(remote)] == [1]
+  logger.sync()
+  assert [r["step"] for r in read_metrics(remote)] == [1, 2]
+  logger.close()

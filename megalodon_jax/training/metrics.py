@@ -244,6 +244,15 @@ class MetricsLogger:
       self._tb_folder.sync()
     self._print(f"step {step} | {tag}: {text}")
 
+  def sync(self) -> None:
+    """Makes everything logged so far durable now: a remote workdir otherwise uploads at most every 5 s. The
+    trainer calls it at every checkpoint, so a run killed later resumes with its logs complete up to there."""
+    for f in self._files.values():
+      if isinstance(f, paths.ObjectAppender):
+        f.sync()
+    if self._tb_folder is not None:
+      self._tb_folder.sync(force=True)
+
   def close(self) -> None:
     """Flushes and closes every file; safe to call twice (a later `log` reopens them)."""
     for name in list(self._files):

@@ -263,6 +263,7 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
           pending = None
         ckpt.save(step, state, _all_data_states(train_iter.get_state()), _meta(run, step),
                   force=at_end or preempted)
+        logger.sync()
       if preempted:
         log.warning("SIGTERM received: saved the checkpoint of step %d; exiting", step)
         break

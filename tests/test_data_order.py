@@ -151,3 +151,16 @@ def test_version_1_state_says_how_to_continue(corpus):
   (it,) = processes(cfg, 1)
   with pytest.raises(data.DataError, match="version-1 data pipeline.*--config.init_from"):
     it.set_state(old)
+
+
+def test_a_row_of_only_empty_documents_stops(tmp_path):
+  (tmp_path / "files").mkdir()
+  for i in range(3):
+    (tmp_path / "files" / f"{i}.txt").write_text("")
+  cfg = default_config.get_config().data
+  cfg.update(dict(data_dir=str(tmp_path / "tfds"), dataset="text_files", path=str(tmp_path / "files"),
+                  validation_percent=0))
+  data.prepare(cfg)
+  it = data.make_train_iterator(cfg, seq_len=4, batch_size=2, seed=SEED)
+  with pytest.raises(data.DataError, match=r"no tokens: batch row 0 read 89 empty documents in a row"):
+    next(it)

@@ -24,9 +24,11 @@ from megalodon_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
 
-# Tokenize-ahead: threads shared by all rows of a process, and documents kept requested per row.
+# Tokenize-ahead: threads shared by all rows of a process; documents kept requested per row: at least
+# ROW_PREFETCH, and one more than the row's last window took (short documents), at most MAX_ROW_PREFETCH.
 READ_THREADS = 4
 ROW_PREFETCH = 2
+MAX_ROW_PREFETCH = 64
 
 
 def derive_seed(seed: int, purpose: str) -> int:
@@ -100,12 +102,13 @@ class RowPacker:
                with_positions: bool = False, prefetch: int = ROW_PREFETCH):
     self._reader, self._row, self._stride, self._window = reader, row, stride, window
     self._max_empty, self._with_positions, self._prefetch = max_empty, with_positions, prefetch
+    self._ahead = prefetch
     self._pending: collections.deque = collections.deque()  # futures of documents _started, _started + 1, ...
     self._started, self._doc, self._offset = 0, np.zeros((0,), np.int32), 0
 
   def request_ahead(self) -> None:
-    """Keeps the row's next `prefetch` documents requested (the trainer calls it for every row before packing)."""
-    while len(self._pending) < self._prefetch:
+    """Keeps the row's next documents requested (the iterator calls it for every row around each batch)."""
+    while len(self._pending) < self._ahead:
       k = self._started + len(self._pending)
       self._pending.append(self._reader.request(self._row + k * self._stride))
 
@@ -120,7 +123,7 @@ class RowPacker:
                     f"empty documents in a row")
 
   def next_window(self) -> Batch:
-    pieces, positions, need = [], [], self._window
+    pieces, positions, need, started = [], [], self._window, self._started
     while need:
       if self._offset == self._doc.size:
         self._next_doc()
@@ -130,6 +133,8 @@ class RowPacker:
         positions.append(np.arange(self._offset, self._offset + take, dtype=np.int32))
       self._offset += take
       need -= take
+    # Only how far ahead the row reads adapts (never what it reads): batches do not depend on it.
+    self._ahead = min(max(self._prefetch, self._started - started + 1), MAX_ROW_PREFETCH)
     w = np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy()
     return window_batch(w, np.concatenate(positions) if self._with_positions else None)
 

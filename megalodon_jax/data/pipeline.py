@@ -87,7 +87,7 @@ class TrainIterator:
     for row in self._rows:  # every row's next documents are tokenizing before the first row waits on its own
       row.request_ahead()
     examples = [row.next_window() for row in self._rows]
-    for row in self._rows:  # and the next batch's tokenize while the caller uses this one
+    for row in self._rows:  # the next batch's documents tokenize while the caller uses this one
       row.request_ahead()
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 

@@ -16,7 +16,7 @@ import sentencepiece as spm
 from configs import default as default_config
 from megalodon_jax import data
 from megalodon_jax.data import enwik8, sources
-from megalodon_jax.data.pipeline import document_order
+from megalodon_jax.data.row_streams import document_order, row_documents
 from megalodon_jax.data.stdlib_corpus import stdlib_documents
 from megalodon_jax.data.text_files import text_files_documents
 
@@ -57,6 +57,12 @@ def reference_batches(docs_tokens, order, seq_len, batch, count):
   assert stream.size >= need, "reference needs more documents"
   w = stream[:need].reshape(count, batch, seq_len + 1)
   return [{"inputs": x[:, :-1], "targets": x[:, 1:]} for x in w]
+
+
+def row_reference_batches(docs_tokens, order, seq_len, batch, count):
+  """The documented training rule: row r packs documents order[r], order[r + B], ... (B = batch) on its own."""
+  rows = [reference_batches(docs_tokens, order[r::batch], seq_len, 1, count) for r in range(batch)]
+  return [{k: np.concatenate([row[i][k] for row in rows]) for k in ("inputs", "targets")} for i in range(count)]
 
 
 def assert_batches_equal(got, want):
@@ -187,18 +193,15 @@ def test_concurrent_prepare_is_safe(tmp_path):
 # ---------------- training stream: order, packing, sharding, state ----------------
 
 
-def test_document_order_epochs_and_shards():
-  n, p = 23, 3
-  for proc in range(p):
-    shard = list(range(proc, n, p))
-    order = document_order(n, 3 * len(shard), seed=SEED, process_index=proc, process_count=p)
-    epochs = order.reshape(3, len(shard))
-    for e in epochs:
-      assert sorted(e) == shard  # each epoch is a permutation of this process's documents
-    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
-  firsts = [set(document_order(n, len(range(q, n, p)), seed=SEED, process_index=q, process_count=p))
-            for q in range(p)]
-  assert set.union(*firsts) == set(range(n)) and sum(map(len, firsts)) == n  # disjoint and covering
+def test_document_order_epochs_and_row_documents():
+  n, batch = 23, 4
+  order = document_order(n, 3 * n, seed=SEED)
+  epochs = order.reshape(3, n)
+  for e in epochs:
+    assert sorted(e) == list(range(n))  # each epoch is a permutation of the documents
+  assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
+  for row in range(batch):  # row r reads positions r, r + B, ... of the one global sequence
+    np.testing.assert_array_equal(row_documents(n, 12, seed=SEED, batch_size=batch, row=row), order[row::batch][:12])
   assert not np.array_equal(document_order(n, n, seed=1), document_order(n, n, seed=2))
 
 
@@ -207,17 +210,8 @@ def test_train_batches_equal_numpy_packing_across_epochs(small_corpus):
   seq_len, batch, count = 7, 3, 40  # about 4 epochs of this corpus
   it = data.make_train_iterator(cfg, seq_len=seq_len, batch_size=batch, seed=SEED)
   got = [next(it) for _ in range(count)]
-  order = document_order(len(docs), 10 * len(docs), seed=SEED)
-  assert_batches_equal(got, reference_batches(docs, order, seq_len, batch, count))
-
-
-def test_train_per_process_streams(small_corpus):
-  cfg, docs, _ = small_corpus
-  for proc in range(2):
-    it = data.make_train_iterator(cfg, seq_len=5, batch_size=4, seed=SEED, process_index=proc, process_count=2)
-    got = [next(it) for _ in range(10)]
-    order = document_order(len(docs), 20 * len(docs), seed=SEED, process_index=proc, process_count=2)
-    assert_batches_equal(got, reference_batches(docs, order, 5, 2, 10))
+  order = document_order(len(docs), 20 * len(docs), seed=SEED)
+  assert_batches_equal(got, row_reference_batches(docs, order, seq_len, batch, count))
 
 
 def test_iterator_state_resumes_bitwise_across_epochs(small_corpus):
@@ -233,10 +227,10 @@ def test_iterator_state_resumes_bitwise_across_epochs(small_corpus):
     resumed = data.make_train_iterator(cfg, **kw)
     resumed.set_state(state)
     assert_batches_equal([next(resumed) for _ in range(45 - step)], batches[step:])
-  # The position is in documents and tokens, so a changed batch size resumes at the same token.
-  wide = data.make_train_iterator(cfg, seq_len=7, batch_size=1, seed=SEED)
-  wide.set_state(states[5])
-  np.testing.assert_array_equal(next(wide)["inputs"][0], batches[5]["inputs"][0])
+  # Each row's position is in documents and tokens, so a changed seq_len resumes every row at the same token.
+  short = data.make_train_iterator(cfg, seq_len=3, batch_size=3, seed=SEED)
+  short.set_state(states[5])
+  np.testing.assert_array_equal(next(short)["inputs"], batches[5]["inputs"][:, :3])
 
 
 def test_set_state_rejects_other_data(small_corpus):
@@ -245,9 +239,11 @@ def test_set_state_rejects_other_data(small_corpus):
   other = data.make_train_iterator(cfg, seq_len=7, batch_size=2, seed=SEED + 1)
   with pytest.raises(data.DataError, match="seed"):
     other.set_state(state)
+  with pytest.raises(data.DataError, match="batch_size: saved 2, now 4"):
+    data.make_train_iterator(cfg, seq_len=7, batch_size=4, seed=SEED).set_state(state)
   proc1 = data.make_train_iterator(cfg, seq_len=7, batch_size=2, seed=SEED, process_index=1, process_count=2)
   proc0_state = data.make_train_iterator(cfg, seq_len=7, batch_size=2, seed=SEED, process_count=2).get_state()
-  with pytest.raises(data.DataError, match="saved by process 0, not by process 1"):
+  with pytest.raises(data.DataError, match=r"holds batch rows \[0, 1\), this process needs rows \[1, 2\)"):
     proc1.set_state(proc0_state)
   with pytest.raises(data.DataError, match="not a data iterator state"):
     other.set_state({"next_index": 3})
@@ -267,7 +263,8 @@ def test_sentencepiece_packing_appends_eos(tmp_path, small_corpus):
     docs = [np.asarray(ref.encode(t) + ([ref.eos_id()] if add_eos else []), np.int32) for t in texts]
     it = data.make_train_iterator(cfg, seq_len=6, batch_size=2, seed=SEED)
     got = [next(it) for _ in range(8)]
-    assert_batches_equal(got, reference_batches(docs, document_order(len(docs), 100, seed=SEED), 6, 2, 8))
+    order = document_order(len(docs), 100, seed=SEED)
+    assert_batches_equal(got, row_reference_batches(docs, order, 6, 2, 8))
     assert add_eos == any((b["inputs"] == ref.eos_id()).any() for b in got)
 
 
@@ -447,5 +444,5 @@ def test_call_argument_errors(small_corpus):
     data.make_train_iterator(cfg, seq_len=4, batch_size=6, seed=0, process_count=4)
   with pytest.raises(data.DataError, match="split='test'"):
     data.make_eval_batches(cfg, seq_len=4, batch_size=2, num_batches=1, split="test")
-  with pytest.raises(data.DataError, match="fewer than the 13 processes"):
-    data.make_train_iterator(cfg, seq_len=4, batch_size=13, seed=0, process_count=13)
+  with pytest.raises(data.DataError, match=r"process_index=2 is not in \[0, process_count=2\)"):
+    data.make_train_iterator(cfg, seq_len=4, batch_size=4, seed=0, process_index=2, process_count=2)

@@ -9,7 +9,7 @@ import pytest
 
 from configs import default as default_config
 from megalodon_jax import data
-from megalodon_jax.data.pipeline import document_order
+from megalodon_jax.data.row_streams import document_order
 
 SEED = 5
 
@@ -62,7 +62,9 @@ def test_reset_batches_mark_documents(corpus):
   seq_len, batch, count = 6, 3, 30  # several epochs, windows holding up to ~4 documents
   it = data.make_train_iterator(cfg, seq_len=seq_len, batch_size=batch, seed=SEED)
   got = [next(it) for _ in range(count)]
-  want = reference(docs, document_order(len(docs), 40 * len(docs), seed=SEED), seq_len, batch, count)
+  order = document_order(len(docs), 40 * len(docs), seed=SEED)
+  rows = [reference(docs, order[r::batch], seq_len, 1, count) for r in range(batch)]  # row r: documents r, r + B, ...
+  want = [{k: np.concatenate([row[i][k] for row in rows]) for k in rows[0][i]} for i in range(count)]
   for g, w in zip(got, want):
     assert set(g) == set(w)
     for k in w:

@@ -318,6 +318,21 @@ def test_corrupted_checkpoint_directory_fails_fast(tmp_path, data_dir):
     trainer.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
 
 
+def test_resume_from_a_version_1_data_state_fails_before_compiling(tmp_path, data_dir, monkeypatch):
+  """A checkpoint of the per-process-shard data pipeline cannot continue its data order: a CheckpointError naming
+  --config.init_from, raised before the training loop (where the step compiles)."""
+  cfg = small_config(data_dir, total_steps=3, checkpoint_every=3)
+  _run(cfg, tmp_path, jax.devices()[:1])
+  data_file = tmp_path / "checkpoints" / "3" / "data" / "metadata"
+  assert "rows" in json.loads(data_file.read_text())
+  data_file.write_text(json.dumps({"process_states": [{"version": 1, "data": {}, "position": {"offset": 0}}]}))
+  monkeypatch.setattr(trainer, "_loop", lambda *a: pytest.fail("reached the training loop"))
+  cfg.total_steps = 6
+  ckpt_dir = os.path.join(str(tmp_path), "checkpoints")
+  with pytest.raises(CheckpointError, match=rf"version-1 data pipeline.*--config.init_from={ckpt_dir}"):
+    trainer.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
+
+
 def test_cli_reports_bad_flags_and_configs_clearly(tmp_path):
   proc = subprocess.run(_cli(str(tmp_path), "--config.seq_len=100"), cwd=REPO, env=_env(), capture_output=True,
                         text=True, timeout=120, check=False)

@@ -8,7 +8,8 @@
 - `tfds`: a TFDS dataset already prepared in array_record format under `data.data_dir` (`data.name`).
 
 Order of use (the trainer's): `check_data_config` (cheap, before anything else), `prepare` (idempotent; builds the
-dataset once per set of inputs), then `make_train_iterator` and `make_eval_batches` (`pipeline.py`).
+dataset once per set of inputs), then `make_train_iterator` and `make_eval_batches` (`pipeline.py`; the training order:
+`row_streams.py`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from __future__ import annotations
 from typing import Any
 
 from megalodon_jax.data import sources
-from megalodon_jax.data.pipeline import TrainIterator, make_eval_batches, make_train_iterator
+from megalodon_jax.data.pipeline import TrainIterator, make_eval_batches, make_train_iterator, merge_states
 from megalodon_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, make_tokenizer
 from megalodon_jax.errors import DataError
 
 __all__ = [
     "ByteTokenizer", "DataError", "SentencePieceTokenizer", "Tokenizer", "TrainIterator", "check_data_config",
-    "make_eval_batches", "make_tokenizer", "make_train_iterator", "prepare",
+    "make_eval_batches", "make_tokenizer", "make_train_iterator", "merge_states", "prepare",
 ]
 
 

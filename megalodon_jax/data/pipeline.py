@@ -12,16 +12,21 @@ the model does there:
   `positions` (the token's index in its document; 0 marks a document start, where the model restarts its state),
   and `target_mask` (0 where the target is the first token of the next document, which the loss skips). The
   tokens are the same as with "carry".
-This packer, not grain's `ConcatThenSplitIterDataset`: grain's packer emits segment ids and positions too, but it
+Our packer, not grain's `ConcatThenSplitIterDataset`: grain's packer emits segment ids and positions too, but it
 passes documents that fill a window on their own ahead of the buffer, which reorders the stream (carry batches
 would change, and with them every existing run's data order). Ours keeps the stream order, and its state (the
 document in progress and its offset) already resumes exactly, with or without the extra features.
 
-Training: documents are sharded per process (process p reads documents p, p + P, p + 2P, ... of the split: disjoint
-and together covering), shuffled with a seed-derived key and reshuffled every epoch (grain's ShuffleMapDataset uses
-seed + epoch), repeated forever. The window stream continues across epochs (no tokens are dropped). The iterator is
-checkpointable: its state is the position of the next document in the grain pipeline plus the number of tokens of
-the current document already consumed.
+Training (row streams, row_streams.py): the split forms ONE document sequence, shuffled with a seed-derived key,
+reshuffled every epoch (grain's ShuffleMapDataset uses seed + epoch) and repeated forever. Global batch row r
+(0 <= r < B = batch_size) packs, as above, the documents at positions r, r + B, r + 2B, ... of that sequence, and
+its k-th window is row r of global batch k. Process p of P builds only its rows [p * b, (p + 1) * b) (b = B / P),
+so the global batches are the same for any process count (a run whose rows are shared by every process builds all
+B rows). Each row's stream continues across epochs (no tokens are dropped). Documents are tokenized ahead on a
+few threads shared by the process's rows; each row takes its own documents in order, so batches do not depend on
+timing. The iterator is checkpointable per row: a row's state is the number of its documents started and the
+tokens of the current one already used; `merge_states` joins every process's rows into one global state, from
+which a run with any process count dividing B continues the exact order.
 
 Evaluation: documents in stored order, no shuffle; the same windows on every call and for any process count
 (process p gets rows [p * b, (p + 1) * b) of each global batch of `batch_size` windows, b = batch_size / P).
@@ -29,7 +34,6 @@ Evaluation: documents in stored order, no shuffle; the same windows on every cal
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any, Optional
 
@@ -37,31 +41,13 @@ import grain
 import numpy as np
 
 from megalodon_jax.data import sources
+from megalodon_jax.data.row_streams import DocumentReader, RowPacker, global_documents, window_batch
 from megalodon_jax.data.tokenizers import Tokenizer, make_tokenizer
 from megalodon_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
 
-_STATE_VERSION = 1
-
-
-def derive_seed(seed: int, purpose: str) -> int:
-  """A 32-bit seed for `purpose` from the run seed (so runs with seeds s and s + 1 do not share epoch orders)."""
-  digest = hashlib.sha256(f"megalodon-data/{purpose}/{int(seed)}".encode()).digest()
-  return int.from_bytes(digest[:4], "little")
-
-
-def shuffled_shard(ds: grain.MapDataset, *, seed: int, process_index: int, process_count: int) -> grain.MapDataset:
-  """This process's documents of `ds`, reshuffled every epoch, repeated forever."""
-  return ds[process_index::process_count].shuffle(seed=derive_seed(seed, "shuffle")).repeat(None)
-
-
-def document_order(num_documents: int, count: int, *, seed: int, process_index: int = 0,
-                   process_count: int = 1) -> np.ndarray:
-  """The first `count` document indices the training stream of this process reads: (count,) int64."""
-  ds = shuffled_shard(grain.MapDataset.range(num_documents), seed=seed, process_index=process_index,
-                      process_count=process_count)
-  return np.asarray([ds[i] for i in range(count)], dtype=np.int64)
+_STATE_VERSION = 2
 
 
 class _Tokenize:
@@ -78,134 +64,100 @@ class _Tokenize:
     return ids.astype(np.int32, copy=False)
 
 
-def window_batch(window: np.ndarray, positions: Optional[np.ndarray]) -> Batch:
-  """One packed window (seq_len + 1,) as a training example; `positions` (same shape, index of each token in its
-  document) adds the "reset" features: segment_ids, positions and target_mask, all (seq_len,) int32."""
-  out = {"inputs": window[:-1], "targets": window[1:]}
-  if positions is not None:
-    starts = positions == 0
-    starts[0] = True  # the window's first document is segment 1 wherever it began
-    segment_ids = np.cumsum(starts, dtype=np.int32)
-    out.update(segment_ids=segment_ids[:-1], positions=positions[:-1].astype(np.int32),
-               target_mask=(positions[1:] != 0).astype(np.int32))
-  return out
-
-
-class _PackIterator(grain.DatasetIterator):
-  """Concatenates 1-D token arrays and cuts them into windows; yields {"inputs", "targets"}: (seq_len,) int32, plus
-  the "reset" features of `window_batch` when `with_positions`.
-
-  State: `parent` = the parent's state just before the current document, `offset` = its tokens already used
-  (offset 0 means no current document: `parent` is then the parent's live state).
-  """
-
-  def __init__(self, parent: grain.DatasetIterator, window: int, max_empty: int, with_positions: bool = False):
-    super().__init__(parent)
-    self._window = window
-    self._max_empty = max_empty
-    self._with_positions = with_positions
-    self._doc = np.zeros((0,), np.int32)
-    self._doc_state = None
-    self._offset = 0
-
-  def _next_doc(self) -> None:
-    for _ in range(self._max_empty + 1):
-      self._doc_state = self._parent.get_state()
-      self._doc = next(self._parent)
-      self._offset = 0
-      if self._doc.size:
-        return
-    raise DataError(f"the training documents produce no tokens ({self._max_empty + 1} empty documents in a row)")
-
-  def __next__(self) -> Batch:
-    pieces, positions, need = [], [], self._window
-    while need:
-      if self._offset == self._doc.size:
-        self._next_doc()
-      take = min(need, self._doc.size - self._offset)
-      pieces.append(self._doc[self._offset:self._offset + take])
-      if self._with_positions:
-        positions.append(np.arange(self._offset, self._offset + take, dtype=np.int32))
-      self._offset += take
-      need -= take
-    w = np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy()
-    return window_batch(w, np.concatenate(positions) if self._with_positions else None)
-
-  def get_state(self) -> dict[str, Any]:
-    if self._offset == self._doc.size:
-      return {"parent": self._parent.get_state(), "offset": 0}
-    return {"parent": self._doc_state, "offset": int(self._offset)}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state["parent"])
-    self._doc, self._offset = np.zeros((0,), np.int32), 0
-    if state["offset"]:
-      self._next_doc()
-      if state["offset"] >= self._doc.size:
-        raise DataError(f"iterator state offset {state['offset']} is past the end of its document "
-                        f"({self._doc.size} tokens): the data changed since the state was saved")
-      self._offset = int(state["offset"])
-
-
-class _PackIterDataset(grain.IterDataset):
-
-  def __init__(self, parent: grain.IterDataset, window: int, max_empty: int, with_positions: bool = False):
-    super().__init__(parent)
-    self._window = window
-    self._max_empty = max_empty
-    self._with_positions = with_positions
-
-  def __iter__(self) -> _PackIterator:
-    return _PackIterator(self._parent.__iter__(), self._window, self._max_empty, self._with_positions)
-
-  def __str__(self) -> str:
-    return f"_PackIterDataset(window={self._window})"
+OLD_STATE = ("this data-iterator state was written by the version-1 data pipeline (documents sharded per process); "
+             "the data order is now set per global batch row and cannot continue from it")
 
 
 class TrainIterator:
-  """Infinite iterator of training batches {"inputs", "targets"}: (batch_size / process_count, seq_len) int32.
+  """Infinite iterator of training batches {"inputs", "targets"}: (len(rows), seq_len) int32, the process's rows.
 
-  `get_state()` is a JSON-serializable dict; `set_state(state)` on an iterator built with the same data settings
-  continues with exactly the batches that would have followed. The state is per process (each reads its own
-  documents): a multi-process run must save every process's state and give each its own back.
+  `get_state()` is a JSON-serializable dict {"version": 2, "data": fingerprint, "rows": {"first": first row,
+  "states": [one per row]}}; `merge_states` joins the states of all processes into the global one (every row).
+  `set_state(state)` takes the states of this iterator's rows from any state that holds them (its own, or a
+  global one saved with any process count) and continues with exactly the batches that would have followed.
   """
 
-  def __init__(self, dataset: grain.IterDataset, fingerprint: dict[str, Any]):
-    self._dataset = dataset
-    self._iter = iter(dataset)
-    self._fingerprint = fingerprint
+  def __init__(self, reader: DocumentReader, rows: list[RowPacker], first_row: int, fingerprint: dict[str, Any]):
+    self._reader, self._rows, self._first, self._fingerprint = reader, rows, first_row, fingerprint
 
   def __iter__(self) -> TrainIterator:
     return self
 
   def __next__(self) -> Batch:
-    return next(self._iter)
+    for row in self._rows:  # every row's next documents are tokenizing before the first row waits on its own
+      row.request_ahead()
+    examples = [row.next_window() for row in self._rows]
+    for row in self._rows:  # the next batch's documents tokenize while the caller uses this one
+      row.request_ahead()
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+  def close(self) -> None:
+    """Stops the tokenize-ahead threads (the iterator is unusable afterwards)."""
+    self._reader.close()
 
   def get_state(self) -> dict[str, Any]:
-    # Round-trip through JSON so callers get plain lists/ints whatever grain returns.
+    # Round-trip through JSON so callers get plain lists/ints.
     return json.loads(json.dumps({"version": _STATE_VERSION, "data": self._fingerprint,
-                                  "position": self._iter.get_state()}))
+                                  "rows": {"first": self._first, "states": [r.get_state() for r in self._rows]}}))
 
   def set_state(self, state: dict[str, Any]) -> None:
-    """Continues from `state` (from `get_state` of a run with the same data settings).
+    """Continues from `state` (from `get_state` or `merge_states` of a run with the same data settings).
 
     Raises:
-      DataError: the state was saved for other data (dataset, files, tokenizer, seed or process layout).
+      DataError: a version-1 state, a state saved for other data (dataset, files, tokenizer, seed, batch_size,
+        document_boundaries), or one without the states of this iterator's rows.
     """
-    if not isinstance(state, dict) or state.get("version") != _STATE_VERSION or "position" not in state:
+    if isinstance(state, dict) and (state.get("version") == 1 or "process_states" in state):
+      raise DataError(f"{OLD_STATE}: start a new workdir with --config.init_from=<the old run's checkpoints dir> "
+                      f"(its weights; step, optimizer and data order start afresh)")
+    if not isinstance(state, dict) or state.get("version") != _STATE_VERSION or "rows" not in state:
       raise DataError(f"not a data iterator state of this version: {str(state)[:200]}")
     saved = state.get("data", {})
     diff = {k: (saved.get(k), self._fingerprint.get(k)) for k in {**saved, **self._fingerprint}
             if saved.get(k) != self._fingerprint.get(k)}
-    if set(diff) == {"process_index"}:
-      raise DataError(f"this data iterator state was saved by process {saved.get('process_index')}, not by process "
-                      f"{self._fingerprint['process_index']}: each process reads its own documents, so each must "
-                      f"restore the state its own get_state() returned")
     if diff:
       details = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
       raise DataError(f"the checkpoint's data position was recorded for other data ({details}); resume with the "
-                      f"same data.* settings, seed and process count, or start in a new workdir")
-    self._iter.set_state(state["position"])
+                      f"same data.* settings, seed and batch_size, or start in a new workdir")
+    first, states = _row_range(state)
+    lo, hi = self._first, self._first + len(self._rows)
+    if not first <= lo <= hi <= first + len(states):
+      raise DataError(f"the data state holds batch rows [{first}, {first + len(states)}), this process needs rows "
+                      f"[{lo}, {hi}): give it the global state (merge_states of every process's get_state())")
+    for row, row_state in zip(self._rows, states[lo - first:hi - first]):
+      row.set_state(row_state)
+
+
+def _row_range(state: dict[str, Any]) -> tuple[int, list]:
+  rows = state.get("rows")
+  if not (isinstance(rows, dict) and isinstance(rows.get("first"), int) and isinstance(rows.get("states"), list)):
+    raise DataError(f"not a data iterator state of this version: {str(state)[:200]}")
+  return rows["first"], rows["states"]
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+  """One state holding every batch row, from the `get_state()` of all processes (any order; rows that several
+  processes hold, as with shared rows, must agree).
+
+  Raises:
+    DataError: states of different data or versions, disagreeing or missing rows.
+  """
+  if not states:
+    raise DataError("no data iterator states to merge")
+  head = {k: v for k, v in states[0].items() if k != "rows"}
+  batch_size = head.get("data", {}).get("batch_size")
+  merged: dict[int, Any] = {}
+  for state in states:
+    if {k: v for k, v in state.items() if k != "rows"} != head:
+      raise DataError("the processes' data iterator states were recorded for different data or versions")
+    first, row_states = _row_range(state)
+    for r, row_state in enumerate(row_states, start=first):
+      if merged.setdefault(r, row_state) != row_state:
+        raise DataError(f"the processes disagree on the data state of batch row {r}")
+  if sorted(merged) != list(range(batch_size or 0)):
+    raise DataError(f"the data iterator states hold rows {sorted(merged)[:8]}..., not every row of the batch "
+                    f"of {batch_size}")
+  return {**head, "rows": {"first": 0, "states": [merged[r] for r in range(batch_size)]}}
 
 
 def _per_process_batch(batch_size: int, process_count: int, process_index: int) -> int:
@@ -225,35 +177,37 @@ def _check_seq_len(seq_len: int) -> None:
 
 def make_train_iterator(data_cfg: Any, *, seq_len: int, batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1) -> TrainIterator:
-  """The training batches of this process: {"inputs", "targets"}: (batch_size / process_count, seq_len) int32.
+  """The training batches of this process's rows [p * b, (p + 1) * b) of every global batch (b = batch_size /
+  process_count): {"inputs", "targets"}: (b, seq_len) int32, plus the "reset" features.
 
-  The dataset must be prepared (`prepare`).
+  Row r packs documents r, r + B, r + 2B, ... of the global sequence (row_streams.py), so the global batches are
+  the same for any process count. A split with fewer documents than rows is fine: the sequence repeats (every
+  epoch reshuffled), so a row simply reads later epochs' documents. The dataset must be prepared (`prepare`).
 
   Raises:
-    DataError: bad settings, unprepared data, or fewer training documents than processes.
+    DataError: bad settings, unprepared data or an empty split; from next(): a row that reads only empty documents
+      for 8 * N + 64 documents in a row (N = the split's documents).
   """
   _check_seq_len(seq_len)
   local_batch = _per_process_batch(batch_size, process_count, process_index)
   tokenizer = make_tokenizer(data_cfg)
   source = sources.open_split(data_cfg, sources.field(data_cfg, "train_split"), "train_split")
-  if len(source) < process_count:
-    raise DataError(f"data.train_split={sources.field(data_cfg, 'train_split')!r} has {len(source)} documents, "
-                    f"fewer than the {process_count} processes that each need their own")
-  shard_len = len(range(process_index, len(source), process_count))
-  docs = shuffled_shard(grain.MapDataset.source(source), seed=seed, process_index=process_index,
-                        process_count=process_count)
-  docs = docs.map(_Tokenize(tokenizer, sources.field(data_cfg, "add_eos")))
-  # A few threads tokenize ahead; grain keeps their output in order, so batches do not depend on timing.
-  stream = docs.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
+  if len(source) == 0:
+    raise DataError(f"data.train_split={sources.field(data_cfg, 'train_split')!r} has no documents")
+  docs = global_documents(grain.MapDataset.source(source), seed=seed)
+  reader = DocumentReader(docs.map(_Tokenize(tokenizer, sources.field(data_cfg, "add_eos"))))
   reset = sources.field(data_cfg, "document_boundaries") == "reset"
-  windows = _PackIterDataset(stream, seq_len + 1, max_empty=shard_len, with_positions=reset)
-  batches = windows.batch(local_batch, drop_remainder=True)
+  # A row with only empty documents for this long would loop forever; with a few non-empty documents, each of a
+  # row's draws is one of them with probability >= 1/N, so a row meets one well within 8N draws.
+  max_empty = 8 * len(source) + 64
+  first = process_index * local_batch
+  rows = [RowPacker(reader, r, batch_size, seq_len + 1, max_empty, with_positions=reset)
+          for r in range(first, first + local_batch)]
   fingerprint = {"source": source.description, "documents": len(source),
                  "tokenizer": f"{type(tokenizer).__name__}(vocab={tokenizer.vocab_size}, eos={tokenizer.eos_id})",
                  "add_eos": bool(sources.field(data_cfg, "add_eos")), "seed": int(seed),
-                 **({"document_boundaries": "reset"} if reset else {}),  # absent for carry: old states still load
-                 "process_index": int(process_index), "process_count": int(process_count)}
-  return TrainIterator(batches, fingerprint)
+                 **({"document_boundaries": "reset"} if reset else {}), "batch_size": int(batch_size)}
+  return TrainIterator(reader, rows, first, fingerprint)
 
 
 def make_eval_batches(data_cfg: Any, *, seq_len: int, batch_size: int, num_batches: int, process_index: int = 0,

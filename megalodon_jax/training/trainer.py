@@ -35,6 +35,7 @@ from megalodon_jax.inference.generation import Generator
 from megalodon_jax.inference.sampling import Sampler
 from megalodon_jax.model import MegalodonLM
 from megalodon_jax.training import config_lib, sharding
+from megalodon_jax.training import data_state as data_state_lib
 from megalodon_jax.training import optimizer as opt_lib
 from megalodon_jax.training import train_step as ts
 from megalodon_jax.training.metrics import MetricsLogger, loss_metrics, throughput
@@ -177,7 +178,7 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None) -
     start = ckpt.latest_step()
     if start is not None:
       state, data_state, _ = ckpt.restore(start, run.abstract_state)
-      train_iter.set_state(_own_data_state(data_state, run.ckpt_dir, start))
+      train_iter.set_state(data_state_lib.restored_data_state(data_state, run.ckpt_dir, start))
       log.info("resumed from %s at step %d", run.ckpt_dir, start)
     elif cfg.init_from:
       params = load_params(paths.abspath(cfg.init_from), run.abstract_state["params"])
@@ -261,7 +262,7 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
         if pending is not None:  # never save a state before its loss is known to be finite
           check(pending)
           pending = None
-        ckpt.save(step, state, _all_data_states(train_iter.get_state()), _meta(run, step),
+        ckpt.save(step, state, data_state_lib.gather_data_state(train_iter.get_state()), _meta(run, step),
                   force=at_end or preempted)
         logger.sync()
       if preempted:
@@ -332,31 +333,6 @@ def _samples(run: _Run, cfg: Any, state: ts.TrainState, batches: list, logger: M
   for i in range(out.shape[0]):
     text = run.tokenizer.decode(prompt[i]) + " ▶ " + run.tokenizer.decode(out[i])
     logger.log_text(step, f"sample_{i}", text)
-
-
-def _all_data_states(own: dict) -> dict:
-  """Every process's data-iterator state (each reads its own shard), gathered so process 0's save holds them all."""
-  if jax.process_count() == 1:
-    return {"process_states": [own]}
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  encoded = np.frombuffer(json.dumps(own).encode(), np.uint8)
-  lengths = multihost_utils.process_allgather(np.asarray([encoded.size], np.int32))
-  padded = np.zeros((int(lengths.max()),), np.uint8)
-  padded[:encoded.size] = encoded
-  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), -1)
-  return {"process_states": [json.loads(bytes(row[:int(n)]).decode())
-                             for row, n in zip(gathered, np.asarray(lengths).reshape(-1))]}
-
-
-def _own_data_state(saved: dict, ckpt_dir: str, step: int) -> dict:
-  states = saved.get("process_states")
-  if not isinstance(states, list) or len(states) != jax.process_count():
-    count = len(states) if isinstance(states, list) else "?"
-    raise CheckpointError(
-        f"{ckpt_dir}/{step}: the data-iterator state was saved by {count} process(es), this run has "
-        f"{jax.process_count()}; the data order cannot be resumed exactly. Resume with the same number of hosts, or "
-        f"start a new workdir with --config.init_from={ckpt_dir}")
-  return states[jax.process_index()]
 
 
 def _meta(run: _Run, step: int) -> dict[str, Any]:

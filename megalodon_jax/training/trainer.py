@@ -30,7 +30,7 @@ from megalodon_jax.checkpoints import tokenizer_copy
 from megalodon_jax.checkpoints.manager import Checkpointer
 from megalodon_jax.checkpoints.model_state import split_model
 from megalodon_jax.checkpoints.params import load_params
-from megalodon_jax.errors import CheckpointError, NonFiniteLossError
+from megalodon_jax.errors import NonFiniteLossError
 from megalodon_jax.inference.generation import Generator
 from megalodon_jax.inference.sampling import Sampler
 from megalodon_jax.model import MegalodonLM

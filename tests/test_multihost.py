@@ -3,12 +3,14 @@
 The processes find each other through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID on 127.0.0.1 and
 run their collectives over gloo. Reference: the same config trained in this (single) process on its 8 devices.
 One test walks the whole life of a pod run, because each launch costs two jax start-ups and compiles:
-train, SIGTERM to one process (both must save the same step and exit 0), re-run (resumes), compare every step.
+train, SIGTERM to one process (both must save the same step and exit 0), re-run (resumes), compare every step;
+the stopped run also resumes on one process (the data order does not depend on the host count).
 """
 
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -110,6 +112,12 @@ def test_two_processes_train_like_one_survive_sigterm_and_resume_exactly(tmp_pat
   # One checkpoint per saved step, written once for both processes (no per-process copies, no leftovers).
   assert sorted(os.listdir(ckpt_dir)) == sorted({"5", str(stopped_at)} - ({"5"} if stopped_at < 5 else set()))
 
+  # The stopped pod run resumes on one process as well (another host count, the same data order).
+  single_dir = str(tmp_path / "resumed_on_one_process")
+  shutil.copytree(workdir, single_dir)
+  trainer.train_and_evaluate(cfg, single_dir)
+  resumed_single = _losses(single_dir)
+
   results = _finish(_launch(workdir, data_dir))
   for rc, err in results:
     assert rc == 0, err[-3000:]
@@ -118,6 +126,9 @@ def test_two_processes_train_like_one_survive_sigterm_and_resume_exactly(tmp_pat
   assert sorted(pod) == list(range(1, TOTAL_STEPS + 1))  # each step once: the stopped run's tail was truncated
   # Same global batches and updates; only the all-reduce summation order (gloo vs in-process) may differ.
   np.testing.assert_allclose([pod[s] for s in sorted(pod)], [reference[s] for s in sorted(reference)],
+                             rtol=2e-5, atol=0)
+  assert sorted(resumed_single) == sorted(pod)
+  np.testing.assert_allclose([resumed_single[s] for s in sorted(pod)], [pod[s] for s in sorted(pod)],
                              rtol=2e-5, atol=0)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["total_steps"] == TOTAL_STEPS

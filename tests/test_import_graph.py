@@ -123,6 +123,36 @@ def test_no_cycle_among_subpackages():
     pytest.fail(f"import cycle {' -> '.join(cycle)}:\n{sites}")
 
 
+def module_graph() -> dict[tuple[str, str], list[int]]:
+  """{(module, imported module): [line, ...]} over every megalodon_jax module; `from a.b import name` points at the
+  deepest module of the package it names (a package's `__init__` is its own node)."""
+  modules = _modules(PACKAGE)
+  edges: dict[tuple[str, str], list[int]] = {}
+  for module, path in sorted(modules.items()):
+    for imported, line in _imports(module, path, set(modules)):
+      while imported not in modules and "." in imported:
+        imported = imported.rsplit(".", 1)[0]
+      if imported in modules and imported != module:
+        edges.setdefault((module, imported), []).append(line)
+  return edges
+
+
+def test_no_cycle_among_modules():
+  # Finer than the subpackage graph: also catches cycles inside one subpackage (ops.cema's dispatcher and its
+  # implementations, a package __init__ and the modules it re-exports).
+  edges = module_graph()
+  assert ("megalodon_jax.ops.cema.dispatch", "megalodon_jax.ops.cema.chunked") in edges  # the graph sees them
+  cycle = find_cycle(edges)
+  assert cycle is None, " -> ".join(cycle)
+
+
+def test_orbax_is_confined_to_checkpoints():
+  modules = _modules(PACKAGE)
+  users = {m for m, path in modules.items() for name, _ in _imports(m, path, set())
+           if name == "orbax" or name.startswith("orbax.")}
+  assert users and all(m.startswith(f"{PACKAGE}.checkpoints.") for m in users), sorted(users)
+
+
 def test_checkpoints_is_below_training_inference_convert():
   edges = package_graph()
   upward = {e: sites for e, sites in edges.items()

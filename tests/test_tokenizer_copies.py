@@ -12,7 +12,7 @@ import sentencepiece as spm
 from megalodon_jax import generate as generate_cli
 from megalodon_jax.checkpoints import tokenizer_copy
 from megalodon_jax.convert import cli as convert_cli
-from megalodon_jax.errors import CheckpointError
+from megalodon_jax.errors import CheckpointError, ConfigError
 from megalodon_jax.inference.loading import load_model
 from megalodon_jax.training import trainer
 
@@ -64,6 +64,26 @@ def test_run_directory_and_checkpoints_carry_the_model(run, tmp_path):
                               "--temperature", "0"]) == 0
   finally:
     os.rename(hidden, sp_path)
+
+
+def test_a_moved_run_resumes_training_with_its_copy(run, tmp_path, caplog):
+  workdir, sp_path, _, cfg = run
+  moved = str(tmp_path / "moved")
+  shutil.copytree(workdir, moved)
+  resumed = cfg.copy_and_resolve_references()
+  resumed.total_steps = 3
+  resumed.data.tokenizer_path = str(tmp_path / "gone" / "sp.model")  # the path of the machine the run came from
+  with caplog.at_level("INFO", logger="megalodon_jax"):
+    trainer.train_and_evaluate(resumed, moved, devices=jax.devices()[:1])
+  assert "using the run directory's copy" in caplog.text and "resumed from" in caplog.text
+  assert sorted(os.listdir(os.path.join(moved, "checkpoints"))) == ["2", "3"]
+  assert tokenizer_copy.read_copy(moved) == tokenizer_copy.read_copy(workdir)
+  assert resumed.data.tokenizer_path.endswith("gone/sp.model")  # the caller's config is left as it was
+  # Without a copy in the run directory the missing file is still an error, before anything is written.
+  bare = str(tmp_path / "bare")
+  with pytest.raises(ConfigError, match="does not exist"):
+    trainer.train_and_evaluate(resumed, bare, devices=jax.devices()[:1])
+  assert not os.path.exists(bare)
 
 
 def test_exports_carry_the_model(run, tmp_path):

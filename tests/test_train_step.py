@@ -63,6 +63,41 @@ def test_grad_accumulation_equals_one_big_batch():
   _assert_same_training(_setup(1)[2:], _setup(2)[2:])
 
 
+def _reset_batch():
+  """Packed documents (document_boundaries="reset"): positions restart at each document, and the mask drops the
+  targets that begin a document. Rows 0-1 hold short documents, rows 2-3 one document each, so the rows count
+  different numbers of targets; row 2 counts none at all."""
+  batch = _batch(5)
+  pos = np.stack([np.arange(16) % 3, np.arange(16) % 5, np.arange(16), np.arange(16)]).astype(np.int32)
+  mask = np.ones((4, 16), np.int32)
+  mask[:, :-1] = pos[:, 1:] != 0  # the next token starts a document
+  mask[2] = 0
+  return {**batch, "positions": jnp.asarray(pos), "target_mask": jnp.asarray(mask)}
+
+
+def test_grad_accumulation_with_document_resets_weighs_micro_batches_by_tokens():
+  batch = _reset_batch()  # one row per micro-batch: 11, 13, 0 and 16 counted targets
+  (_, _, s1, step1), (_, _, s2, step2) = _setup(1), _setup(4)
+  graphdef, rng_vars = _setup(1)[:2]
+  # The loss is the mean over counted targets of the whole batch (float64 reference), not a mean of micro-means.
+  model = merge_model(graphdef, s1["params"], s1["buffers"], rng_vars)
+  logits = np.asarray(model(batch["inputs"], positions=batch["positions"]), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+  mask = np.asarray(batch["target_mask"], bool)
+  want = nll[mask].mean()
+  for i in range(3):
+    s1, m1 = step1(s1, batch)
+    s2, m2 = step2(s2, batch)
+    if i == 0:
+      np.testing.assert_allclose(float(m1["loss"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=5e-5)
+
+
 @pytest.mark.parametrize("overrides", [dict(remat="full"), dict(scan_layers=True, remat="full", dropout=0.1)])
 def test_remat_and_scan_layers_train_like_the_plain_step(overrides):
   _assert_same_training(_setup(1, dropout=overrides.get("dropout", 0.0))[2:], _setup(1, **overrides)[2:])

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: compiled-memory accounting and a machine/version record."""
+"""Helpers shared by the benchmark scripts: one timing loop, compiled-memory accounting and a machine/version
+record."""
 
 from __future__ import annotations
 
@@ -38,6 +39,20 @@ def machine_info() -> dict:
   return info
 
 
+def time_runs(run, repeats: int, *, warmups: int = 1) -> list[float]:
+  """Wall seconds of `repeats` calls of `run()`, after `warmups` untimed ones; each call ends when what it returns is
+  ready (`jax.block_until_ready`), so asynchronous dispatch is not mistaken for speed. `run` may carry state from
+  call to call (a donated train state, a decode cache) through its closure."""
+  for _ in range(warmups):
+    jax.block_until_ready(run())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
 def compile_and_time(fn, inputs: tuple, result: dict, *, max_bytes: int, max_seconds: float, repeats: int,
                      fit_repeats: bool = False):
   """Compiles `fn` ahead of time, checks its buffers against `max_bytes`, then times it; fills `result`.
@@ -62,20 +77,15 @@ def compile_and_time(fn, inputs: tuple, result: dict, *, max_bytes: int, max_sec
   if result["memory"].get("total_bytes", 0) > max_bytes:
     result.update(status="skip", reason=f"needs {result['memory']['total_bytes'] / 2**20:.0f} MiB")
     return None
-  t0 = time.perf_counter()
-  jax.block_until_ready(compiled(*inputs))
-  first = time.perf_counter() - t0
+  run = lambda: compiled(*inputs)  # noqa: E731
+  (first,) = time_runs(run, 1, warmups=0)
   if first > max_seconds:
     runs = 0
   elif fit_repeats:
     runs = max(1, min(repeats, int(max_seconds / max(first, 1e-9))))
   else:
     runs = repeats
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*inputs))
-    times.append(time.perf_counter() - t0)
+  times = time_runs(run, runs, warmups=0)
   result["times_s"] = times or [first]
   result["median_ms"] = 1e3 * statistics.median(result["times_s"])
   result["status"] = "ok" if times else "slow"

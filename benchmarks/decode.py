@@ -33,7 +33,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from flax import nnx  # pylint: disable=wrong-import-position
 
-from benchmarks.common import machine_info, memory_bytes  # pylint: disable=wrong-import-position
+from benchmarks.common import machine_info, memory_bytes, time_runs  # pylint: disable=wrong-import-position
 from megalodon_jax.config import MegalodonConfig, preset  # pylint: disable=wrong-import-position
 from megalodon_jax.inference import generation  # pylint: disable=wrong-import-position
 from megalodon_jax.inference.sampling import Sampler  # pylint: disable=wrong-import-position
@@ -108,13 +108,14 @@ def bench_model(name: str, args) -> dict:
       decode = generation._decode.lower(gen.graphdef, gen.state, carry, *args_tail,  # pylint: disable=protected-access
                                         steps=args.block).compile()
       compiled_mem = memory_bytes(decode)
-    times = []
-    for i in range(args.repeats + 1):
-      t0 = time.perf_counter()
-      carry, tokens, _ = decode(gen.state, carry, *args_tail)
-      jax.block_until_ready(tokens)
-      if i:  # the first block warms up
-        times.append(time.perf_counter() - t0)
+    held = {"carry": carry}
+
+    def one_block():  # each block continues from the previous block's cache
+      held["carry"], tokens, _ = decode(gen.state, held["carry"], *args_tail)
+      return tokens
+
+    times = time_runs(one_block, args.repeats)
+    carry = held["carry"]
     row = {"position": position, "ms_per_token": 1e3 * statistics.median(times) / args.block,
            "cache_bytes": _cache_bytes(carry.cache), "compiled_decode_bytes": compiled_mem.get("total_bytes"),
            "rss_mib": _rss_mib(), "finite": bool(np.isfinite(np.asarray(carry.logits)).all())}

@@ -31,7 +31,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from flax import nnx  # pylint: disable=wrong-import-position
 
-from benchmarks.common import machine_info, memory_bytes  # pylint: disable=wrong-import-position
+from benchmarks.common import machine_info, memory_bytes, time_runs  # pylint: disable=wrong-import-position
 from megalodon_jax import flops as flops_lib  # pylint: disable=wrong-import-position
 from megalodon_jax.checkpoints.model_state import split_model  # pylint: disable=wrong-import-position
 from megalodon_jax.config import MegalodonConfig, preset  # pylint: disable=wrong-import-position
@@ -69,14 +69,14 @@ def run_case(seq_len: int, args) -> dict:
   result["compile_s"] = time.perf_counter() - t0
   result["memory"] = memory_bytes(compiled)
 
-  state, metrics = compiled(state, data)  # warm-up
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(args.repeats):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
+  held = {"state": state}
+
+  def one_step():  # the state is donated: each step consumes the previous one's output
+    held["state"], held["metrics"] = compiled(held["state"], data)
+    return held["metrics"]
+
+  times = time_runs(one_step, args.repeats)
+  metrics = held["metrics"]
   step_s = statistics.median(times)
   result.update(times_s=times, step_ms=1e3 * step_s, tokens_per_sec=result["tokens"] / step_s,
                 loss=float(metrics["loss"]))

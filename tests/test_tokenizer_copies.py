@@ -2,6 +2,7 @@
 export, and generation from a moved run (the original file gone) and from exports uses that copy."""
 
 import importlib
+import json
 import os
 import shutil
 
@@ -9,6 +10,7 @@ import jax
 import pytest
 import sentencepiece as spm
 
+from megalodon_jax import evaluate as evaluate_cli
 from megalodon_jax import generate as generate_cli
 from megalodon_jax.checkpoints import tokenizer_copy
 from megalodon_jax.convert import cli as convert_cli
@@ -62,6 +64,14 @@ def test_run_directory_and_checkpoints_carry_the_model(run, tmp_path):
     assert any("stored with the checkpoint" in n for n in loaded.notes)
     assert generate_cli.main(["--checkpoint", moved, "--prompt", TEXT, "--max_new_tokens", "3",
                               "--temperature", "0"]) == 0
+    # evaluate tokenizes its documents with the same copy: the token count is the SentencePiece one.
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text(TEXT)
+    out = tmp_path / "eval.json"
+    assert evaluate_cli.main(["--checkpoint", moved, "--text_files", str(docs / "*.txt"), "--no_eos",
+                              "--context_lengths", "16", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["tokens"] == len(ref) - 1
   finally:
     os.rename(hidden, sp_path)
 

@@ -33,6 +33,7 @@ ROWS = [
                                                                           "--config.batch_size=64"]),
     ("7b-256k-1seq", "configs/megalodon_7b.py", "v5p-128", "train_step", ["--config.seq_len=262144",
                                                                           "--config.batch_size=64"]),
+    ("7b-32k-reset", "configs/megalodon_7b.py", "v5p-128", "train_step", ["--config.data.document_boundaries=reset"]),
     ("7b-32k-16seq", "configs/megalodon_7b.py", "v5p-128", "train_step", ["--config.batch_size=1024"]),
     ("7b-32k-h100", "configs/megalodon_7b.py", "h100-64", "train_step", ["--config.batch_size=64"]),
 ]

@@ -13,7 +13,8 @@ Cases, B = 1, at the shipped model shapes:
   attention (q, k: (1, L, H, dz); v: (1, L, H, dv); L = 2 chunks):  mega200m H=1, mega1_3b H=2 (dz 256, dv 2048,
     chunk 2048); megalodon_7b H=4 (dz 256, dv 2048, chunk 4096). Programs: fwd (chunked_attention), fwd+bwd
     (grad of Σ o w.r.t. q, k, v: the fwd, dq and dk/dv kernels), decode (chunked_attention_decode, 1 query at a
-    traced offset in a one-chunk frame).
+    traced offset in a one-chunk frame); each again with document ids (segment_ids, "+seg": the kernels of
+    data.document_boundaries="reset").
   CEMA (x: (1, 8192, D); N = 16): D = 1024 / 2048 / 4096 for the three configs. Programs: fwd (cema_scan) and
     fwd+bwd (grad w.r.t. every input). No decode: a CEMA decoding step is the "sequential" jnp step, not a kernel.
   dtypes: bfloat16 and float32 inputs (the kernels compute in float32 either way).
@@ -60,7 +61,8 @@ ATTENTION = {"mega200m": (1, 256, 2048, 2048), "mega1_3b": (2, 256, 2048, 2048),
 CEMA_DIM = {"mega200m": 1024, "mega1_3b": 2048, "megalodon_7b": 4096}
 CEMA_NSTATE = 16
 CEMA_LEN = 8192
-PROGRAMS = {"attention": ("fwd", "fwd+bwd", "decode"), "cema": ("fwd", "fwd+bwd")}
+PROGRAMS = {"attention": ("fwd", "fwd+bwd", "decode", "fwd+seg", "fwd+bwd+seg", "decode+seg"),
+            "cema": ("fwd", "fwd+bwd")}
 KERNEL_PREFIXES = ("chunked_attention_", "cema_scan_")
 RESULTS = os.path.join(REPO_ROOT, "benchmarks", "results")
 
@@ -88,20 +90,30 @@ def _abstract(devices):
 
 
 def attention_program(config: str, dtype, program: str, spec):
-  """(fn, abstract args, shape text) of one attention case; q, k (1, L, H, dz), v (1, L, H, dv), L = 2 chunks."""
+  """(fn, abstract args, shape text) of one attention case; q, k (1, L, H, dz), v (1, L, H, dv), L = 2 chunks.
+  Programs ending in "+seg" also take (1, L) int32 document ids (data.document_boundaries="reset")."""
   heads, dz, dv, chunk = ATTENTION[config]
-  if program == "decode":
+  base, segments = program.removesuffix("+seg"), program.endswith("+seg")
+  if base == "decode":
     args = (spec((1, 1, heads, dz), dtype), spec((1, chunk, heads, dz), dtype), spec((1, chunk, heads, dv), dtype),
             spec((), jnp.int32))
-    return (lambda q, kf, vf, offset: chunked_attention_decode(q, kf, vf, offset, chunk)), args, \
-        f"T=1 frame={chunk} H={heads} dz={dz} dv={dv}"
+    shapes = f"T=1 frame={chunk} H={heads} dz={dz} dv={dv}"
+    if not segments:
+      return (lambda q, kf, vf, offset: chunked_attention_decode(q, kf, vf, offset, chunk)), args, shapes
+    args += (spec((1, 1), jnp.int32), spec((1, chunk), jnp.int32))
+    return (lambda q, kf, vf, offset, q_ids, kv_ids: chunked_attention_decode(
+        q, kf, vf, offset, chunk, q_segment_ids=q_ids, kv_segment_ids=kv_ids)), args, shapes + " segments"
   length = 2 * chunk
   args = (spec((1, length, heads, dz), dtype), spec((1, length, heads, dz), dtype),
           spec((1, length, heads, dv), dtype))
   shapes = f"L={length} C={chunk} H={heads} dz={dz} dv={dv}"
-  if program == "fwd":
-    return (lambda q, k, v: chunked_attention(q, k, v, chunk)), args, shapes
-  loss = lambda q, k, v: jnp.sum(chunked_attention(q, k, v, chunk).astype(jnp.float32))
+  if segments:
+    args += (spec((1, length), jnp.int32),)
+    shapes += " segments"
+  attend = lambda q, k, v, *ids: chunked_attention(q, k, v, chunk, segment_ids=ids[0] if ids else None)  # noqa: E731
+  if base == "fwd":
+    return attend, args, shapes
+  loss = lambda q, k, v, *ids: jnp.sum(attend(q, k, v, *ids).astype(jnp.float32))  # noqa: E731
   return jax.grad(loss, argnums=(0, 1, 2)), args, shapes
 
 
@@ -217,6 +229,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--configs", default=",".join(ATTENTION), help=f"comma-separated, from {list(ATTENTION)}")
   parser.add_argument("--dtypes", default="bfloat16,float32", help="input dtypes")
   parser.add_argument("--kernels", default="attention,cema", help="attention and/or cema")
+  parser.add_argument("--programs", default="", help="comma-separated subset of the programs (e.g. "
+                      "fwd+seg,decode+seg); default: all")
   parser.add_argument("--no-ptxas", action="store_true", help="skip the per-kernel ptxas -v register/spill report")
   parser.add_argument("--out", default=os.path.join(RESULTS, "pallas_gpu_compile"),
                       help="output path without extension (.json and .md are written); '' to write nothing")
@@ -237,6 +251,8 @@ def main(argv=None) -> int:
       for kernel in args.kernels.split(","):
         for dtype in args.dtypes.split(","):
           for program in PROGRAMS[kernel]:
+            if args.programs and program not in args.programs.split(","):
+              continue
             case = compile_case(Case(kind, config, kernel, dtype, program), devices, ptxas)
             cases.append(case)
             status = "ok" if case.compiled else f"FAILED {case.error[:100]}"

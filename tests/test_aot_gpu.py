@@ -49,6 +49,13 @@ cases = {
     "attention_fwd_bwd": (jax.grad(attn_loss, argnums=(0, 1, 2)), qkv),
     "attention_decode": (lambda q, kf, vf, t: chunked_attention_decode(q, kf, vf, t, C),
                          (S((1, 1, H, DZ)), S((1, C, H, DZ)), S((1, C, H, DV)), S((), jnp.int32))),
+    # Document ids (data.document_boundaries="reset"): the masks inside the same kernels.
+    "attention_segments_fwd_bwd": (jax.grad(lambda q, k, v, ids: jnp.sum(chunked_attention(
+        q, k, v, C, segment_ids=ids).astype(jnp.float32)), argnums=(0, 1, 2)), qkv + (S((1, L), jnp.int32),)),
+    "attention_segments_decode": (
+        lambda q, kf, vf, t, qi, ki: chunked_attention_decode(q, kf, vf, t, C, q_segment_ids=qi, kv_segment_ids=ki),
+        (S((1, 1, H, DZ)), S((1, C, H, DZ)), S((1, C, H, DV)), S((), jnp.int32), S((1, 1), jnp.int32),
+         S((1, C), jnp.int32))),
     "cema_fwd": (lambda *a: cema_scan(*a), cema_args),
     "cema_fwd_bwd": (jax.grad(lambda *a: jnp.sum(cema_scan(*a)[0]), argnums=tuple(range(7))), cema_args),
 }
@@ -136,6 +143,8 @@ def test_cuda_available_gives_a_reason():
     ("attention_fwd", ["chunked_attention_fwd"]),
     ("attention_fwd_bwd", ["chunked_attention_dkv", "chunked_attention_dq", "chunked_attention_fwd"]),
     ("attention_decode", ["chunked_attention_fwd"]),
+    ("attention_segments_fwd_bwd", ["chunked_attention_dkv", "chunked_attention_dq", "chunked_attention_fwd"]),
+    ("attention_segments_decode", ["chunked_attention_fwd"]),
     ("cema_fwd", ["cema_scan_fwd"]),
     # The gradient needs none of the forward kernel's outputs (its residuals are the inputs): XLA drops it.
     ("cema_fwd_bwd", ["cema_scan_bwd"]),

@@ -32,8 +32,8 @@ def _release_compiled_programs():
 
   Each XLA:CPU executable keeps several memory mappings alive, and the jit caches keep the executables. Over the
   whole suite one process reached Linux's default limit of 65530 mappings (`vm.max_map_count`) and XLA segfaulted
-  inside a compile (CI, stop 19). Clearing the caches per module keeps the count near a module's own need (a few
-  thousand); the persistent compilation cache makes the recompiles cheap.
+  inside a compile (in CI). Clearing the caches per module keeps the count near a module's own need (at most about
+  18,000 today); the persistent compilation cache makes the recompiles cheap.
   """
   yield
   jax.clear_caches()

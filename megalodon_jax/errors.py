@@ -33,6 +33,11 @@ class CheckpointError(MegalodonError, ValueError, RuntimeError):
   """A checkpoint, checkpoint directory or state dict cannot be used; the message names the path or keys."""
 
 
+class CheckpointDamagedError(CheckpointError):
+  """A checkpoint's files are missing, truncated or unreadable (not merely a different model or config): training
+  sets such a step aside and resumes from the previous one."""
+
+
 class ShardingError(MegalodonError, ValueError):
   """The mesh, the logical axis rules or the batch do not fit; the message names the config key and the fix."""
 

@@ -7,7 +7,9 @@
 `--config` is a shipped config's name (tiny, default, enwik8, mega200m, mega1_3b, megalodon_7b) or a path to a
 config file; `--config.<key>=<value>` overrides any of its fields (see configs/default.py and cli_config.py).
 Re-running the same command resumes from the latest checkpoint in the workdir; a run that already reached
-total_steps says so in one line and exits 0. Every run ends with one summary line on stdout (steps, final losses,
+total_steps says so in one line and exits 0. SIGTERM or Ctrl-C saves at the next step boundary and stops (status
+0 / 130); a second Ctrl-C stops at once without saving. One run at a time per workdir (a lock; a second run exits 2
+naming the holder). Every run ends with one summary line on stdout (steps, final losses,
 where the checkpoints, metrics and TensorBoard events are). Bad flags or config: one `error: ...` line on stderr and
 status 2, before anything is built; a diverged loss: status 1.
 """
@@ -81,6 +83,9 @@ def _setup_logging(jax) -> None:
 def _start_jax():
   import jax  # pylint: disable=import-outside-toplevel  (after flag parsing, so --help and bad flags are instant)
 
+  from megalodon_jax import platforms  # pylint: disable=import-outside-toplevel
+  platforms.skip_absent_tpu()  # no libtpu warnings on a machine without a TPU
+
   # Persistent compilation cache: a restarted or repeated run skips most of its compile time.
   cache = os.environ.get("MEGALODON_JAX_CACHE", os.path.expanduser("~/.cache/megalodon-jax/xla"))
   if cache:
@@ -120,20 +125,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if done is not None:  # before jax.distributed, data preparation and any compile
       print(done, flush=True)
       return 0
+    # The config, the data paths, init_from and the workdir are checked before jax's backends and jax.distributed
+    # start: a typo is reported at once, and a refused run creates nothing on disk.
+    from megalodon_jax.training import config_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    config_lib.validate(cfg, None)
+    workdir_lib.check_workdir(workdir)
     jax = _start_jax()
     from megalodon_jax.training import trainer  # pylint: disable=import-outside-toplevel
-    start = run_summary.latest_finished_step(workdir) or 0
+    from megalodon_jax.training.preemption import (  # pylint: disable=import-outside-toplevel
+        EXIT_INTERRUPTED, TrainingInterrupted)
+    started = {"step": run_summary.latest_finished_step(workdir) or 0}
     t0 = time.perf_counter()
-    trainer.train_and_evaluate(cfg, workdir)
+    status = 0
+    try:
+      trainer.train_and_evaluate(cfg, workdir, on_start=lambda step: started.update(step=step))
+    except TrainingInterrupted:
+      status = EXIT_INTERRUPTED  # saved: the summary line below says where to resume
+    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing trained, nothing to save
+      print(f"error: interrupted before training step {started['step'] + 1}; nothing new to save", file=sys.stderr,
+            flush=True)
+      return EXIT_INTERRUPTED
     if jax.process_index() == 0:
-      print(run_summary.summary_line(workdir, start_step=start, end_step=run_summary.latest_finished_step(workdir),
-                                     total_steps=cfg.total_steps, tensorboard=cfg.tensorboard,
-                                     seconds=time.perf_counter() - t0), flush=True)
-    return 0
+      print(run_summary.summary_line(workdir, start_step=started["step"],
+                                     end_step=run_summary.latest_finished_step(workdir), total_steps=cfg.total_steps,
+                                     tensorboard=cfg.tensorboard, seconds=time.perf_counter() - t0), flush=True)
+    return status
 
-  # Bad config, data or checkpoint: status 2; a diverged loss (NonFiniteLossError): status 1. Not one line: some
-  # checkpoint messages list one problem per line.
-  return exit_on_error(body, one_line=False)
+  # Bad config, data, workdir or checkpoint: one `error:` line, status 2; a diverged loss (NonFiniteLossError):
+  # status 1; Ctrl-C: status 130 after saving.
+  return exit_on_error(body, also=(OSError,))
 
 
 if __name__ == "__main__":

@@ -137,6 +137,8 @@ def _main(args: argparse.Namespace, overrides: list) -> int:
     return _fail(str(e))
 
   import jax  # pylint: disable=import-outside-toplevel
+  from megalodon_jax import platforms  # pylint: disable=import-outside-toplevel
+  platforms.skip_absent_tpu()  # the CPU backend only: TPU programs compile through libtpu's topologies
   from megalodon_jax.aot import planner, programs  # pylint: disable=import-outside-toplevel
   from pallas_kernels.platform import target_platform  # pylint: disable=import-outside-toplevel
   target = topo_lib.resolve(args.topology)  # TopologyError, ConfigError, ShardingError: exit_on_error -> 2

@@ -6,7 +6,8 @@ A train.py run keeps `WORKDIR/checkpoints/<step>/` with three orbax items:
   meta/   JSON item (`metadata`): config, versions, mesh shape, step, so tools can inspect a checkpoint without
           building the model
 and orbax's `_CHECKPOINT_METADATA`. A save in progress is written to `<step>.orbax-checkpoint-tmp` and renamed
-when complete; old steps are moved into `_to_delete/` before they are removed.
+when complete; old steps are moved into `_to_delete/` before they are removed. A step that fails to restore when
+training resumes is renamed `<step>.corrupt-<UTC time>` (kept for inspection, never listed as a step again).
 
 A params-only checkpoint (`params.save_params`) is one pytree item at the folder's root; written by
 `model_io.save_params_checkpoint` it also holds the sidecar `megalodon_config.json`.
@@ -17,13 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 from etils import epath
 
 from megalodon_jax import paths
-from megalodon_jax.errors import CheckpointError
+from megalodon_jax.errors import CheckpointDamagedError, CheckpointError
 
 log = logging.getLogger("megalodon_jax")
 
@@ -37,6 +38,7 @@ OCDBT_MANIFEST = "manifest.ocdbt"
 JSON_ITEM_FILE = "metadata"
 TMP_MARK = ocp.path.atomicity_types.TMP_DIR_SUFFIX  # ".orbax-checkpoint-tmp"
 TRASH = "_to_delete"
+DAMAGED_MARK = ".corrupt-"  # a step folder set aside by training: `<step>.corrupt-<UTC time>`, never restored
 CONFIG_FILE = "megalodon_config.json"
 PARAMS_FORMAT = "megalodon-jax params-only checkpoint"
 MOVE = "Move that step folder out of the way to resume from the previous step, or use a new workdir."
@@ -90,21 +92,21 @@ def read_json(path: epath.Path, what: str) -> Any:
   try:
     return json.loads(path.read_text())
   except FileNotFoundError:
-    raise CheckpointError(f"{path} ({what}) is missing: the checkpoint is corrupted. {MOVE}") from None
+    raise CheckpointDamagedError(f"{path} ({what}) is missing: the checkpoint is corrupted. {MOVE}") from None
   except (OSError, ValueError) as e:  # ValueError covers truncated JSON and bad UTF-8
-    raise CheckpointError(f"{path} ({what}) is unreadable or truncated: {e}. {MOVE}") from e
+    raise CheckpointDamagedError(f"{path} ({what}) is unreadable or truncated: {e}. {MOVE}") from e
 
 
 def check_item(item_dir: epath.Path) -> None:
   """Cheap file-level validation of one orbax item folder (no jax, no tensorstore)."""
   if not item_dir.is_dir():
-    raise CheckpointError(f"{item_dir} is missing: the checkpoint is incomplete or corrupted. {MOVE}")
+    raise CheckpointDamagedError(f"{item_dir} is missing: the checkpoint is incomplete or corrupted. {MOVE}")
   if item_dir.name == STATE or (item_dir / PYTREE_METADATA).exists():
     meta = read_json(item_dir / PYTREE_METADATA, "pytree metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("tree_metadata"), dict):
-      raise CheckpointError(f"{item_dir / PYTREE_METADATA} has no tree metadata: the checkpoint is corrupted. {MOVE}")
+      raise CheckpointDamagedError(f"{item_dir / PYTREE_METADATA} has no tree metadata: the checkpoint is corrupted. {MOVE}")
     if meta.get("use_ocdbt", False) and not (item_dir / OCDBT_MANIFEST).exists():
-      raise CheckpointError(f"{item_dir / OCDBT_MANIFEST} is missing: the array data is gone. {MOVE}")
+      raise CheckpointDamagedError(f"{item_dir / OCDBT_MANIFEST} is missing: the array data is gone. {MOVE}")
   else:
     read_json(item_dir / JSON_ITEM_FILE, "JSON item")
 
@@ -116,15 +118,18 @@ def check_step_dir(step_dir: epath.Path) -> None:
     check_item(step_dir / item)
 
 
-def check_directory(directory: str) -> None:
+def check_directory(directory: str, *, check_steps: bool = True) -> None:
   """Fails fast, before anything is compiled, when a run's checkpoint directory cannot be trusted.
 
   A missing directory is fine (a fresh run). Unfinished saves (`<step>.orbax-checkpoint-tmp`) and the `_to_delete/`
   folder are ignored: they are never restored.
 
+  check_steps: also check every finalized step's files (False: the trainer, which tries the steps newest first
+    and sets damaged ones aside).
+
   Raises:
-    CheckpointError: the path is not a directory, an entry named like a step is not a directory, or a finalized step
-      folder lacks an item or has unreadable metadata.
+    CheckpointError: the path is not a directory, an entry named like a step is not a directory, or (check_steps) a
+      finalized step folder lacks an item or has unreadable metadata.
   """
   root = as_path(directory)
   if not root.exists():
@@ -137,5 +142,39 @@ def check_directory(directory: str) -> None:
     elif entry.name.isdigit():
       if not entry.is_dir():
         raise CheckpointError(f"{entry} is named like a checkpoint step but is not a directory: remove it.")
-      if ocp.path.step.is_path_finalized(entry):  # commit-file filesystems (GCS): unmarked means unfinished
+      if check_steps and ocp.path.step.is_path_finalized(entry):  # commit-file filesystems (GCS): unmarked = unfinished
         check_step_dir(entry)
+
+
+def params_item(path: Any) -> tuple[epath.Path, Optional[str]]:
+  """Where the params of a checkpoint folder are: (orbax item folder, key of the params subtree or None).
+
+  Accepts a params-only checkpoint or a state/ item (the item itself), a run's step folder (its state item, key
+  "params"), a run's checkpoints/ folder or a train.py workdir (their latest finished step). Reads file metadata
+  only, so callers can check a path before anything is built.
+
+  Raises:
+    CheckpointError: the path does not exist or holds no params; a step's files are missing or unreadable.
+  """
+  root = as_path(path)
+  if not root.exists():
+    raise CheckpointError(f"{root} does not exist: expected a params checkpoint, a train.py workdir, its "
+                          f"checkpoints/ folder or one of its step folders.")
+  kind = folder_kind(root)
+  if kind in ("params", STATE):
+    item_dir, prefix = root, None
+  elif kind == "step":
+    check_step_dir(root)
+    item_dir, prefix = root / STATE, PARAMS_KEY
+  else:
+    steps_dir = root / CHECKPOINTS_DIR if kind == "workdir" else root
+    check_directory(str(steps_dir))
+    steps = finished_steps(steps_dir)
+    if not steps:
+      raise CheckpointError(f"{root} holds no checkpoint (no _METADATA, state/ or finished step folders"
+                            f"{' under checkpoints/' if kind == 'workdir' else ''}).")
+    check_step_dir(steps_dir / str(steps[-1]))
+    item_dir, prefix = steps_dir / str(steps[-1]) / STATE, PARAMS_KEY
+  check_item(item_dir)
+  return item_dir, prefix
+

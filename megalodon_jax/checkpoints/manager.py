@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 from megalodon_jax.checkpoints import layout, trees
-from megalodon_jax.errors import CheckpointError
+from megalodon_jax.errors import CheckpointDamagedError, CheckpointError
 
 log = logging.getLogger("megalodon_jax")
 
@@ -46,10 +46,12 @@ class Checkpointer:
     async_save: Write to disk in a background thread after the device-to-host copy.
     create: Create the directory if it does not exist (else a missing directory is a CheckpointError).
     read_only: Never write or delete (for tools that inspect a live run); unfinished saves are left alone.
+    check_steps: Check every finished step's files when opening (False: the caller restores the steps newest first
+      and sets damaged ones aside, see `set_aside`).
   """
 
   def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True, create: bool = True,
-               read_only: bool = False):
+               read_only: bool = False, check_steps: bool = True):
     for name, value in (("save_every", save_every), ("keep", keep)):
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -57,7 +59,7 @@ class Checkpointer:
     self.save_every, self.read_only = save_every, read_only
     if not self.directory.exists() and (read_only or not create):
       raise CheckpointError(f"checkpoint directory {self.directory} does not exist.")
-    layout.check_directory(str(self.directory))
+    layout.check_directory(str(self.directory), check_steps=check_steps)
     self._primary = jax.process_index() == 0
     self._purger: Optional[threading.Thread] = None
     if not read_only:
@@ -137,8 +139,20 @@ class Checkpointer:
     try:
       out = self._mgr.restore(step, args=args)
     except Exception as e:  # tensorstore/orbax errors on damaged data files
-      raise CheckpointError(f"restoring {step_dir} failed: {trees.short(e)}. {layout.MOVE}") from e
+      raise CheckpointDamagedError(f"step {step} in {self.directory} does not restore: {trees.damage(e)}. "
+                                   f"{layout.MOVE}") from e
     return out[layout.STATE], out[layout.DATA], out[layout.META]
+
+  def set_aside(self, step: int) -> str:
+    """Renames the finished step `step` to `<step>.corrupt-<UTC time>` (kept, never listed or restored again) and
+    returns the new path. Only the primary process renames; every process forgets the step."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = self.directory / f"{step}{layout.DAMAGED_MARK}{stamp}"
+    if self._primary and not self.read_only:
+      (self.directory / str(step)).rename(target)
+    self._mgr.reload()
+    self._last_saved = self.latest_step()
+    return str(target)
 
   def wait(self) -> None:
     """Blocks until every started save is on disk (and old steps are deleted); re-raises a failed save."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import orbax.checkpoint as ocp
 
@@ -30,32 +30,14 @@ def load_params(path: str, abstract_params: Any) -> Any:
   """Loads params onto the shardings of `abstract_params` (dtypes are cast to the abstract ones).
 
   Args:
-    path: A params-only checkpoint (`save_params`), a run's step folder (its state["params"] is used) or a run's
-      checkpoints/ folder (its latest finished step).
+    path: A params-only checkpoint (`save_params`), a run's step folder (its state["params"] is used), a run's
+      checkpoints/ folder or a train.py workdir (their latest finished step); see `layout.params_item`.
     abstract_params: Pytree of `jax.ShapeDtypeStruct` (or arrays) with target shardings.
 
   Raises:
     CheckpointError: the path does not exist, holds no params, is corrupted, or its shapes/keys differ.
   """
-  root = layout.as_path(path)
-  if not root.exists():
-    raise CheckpointError(f"{root} does not exist: init_from needs a params checkpoint, a run's step folder or a "
-                          f"run's checkpoints/ folder.")
-  prefix: Optional[str] = layout.PARAMS_KEY
-  kind = layout.folder_kind(root)
-  if kind in ("params", layout.STATE):
-    item_dir, prefix = root, None
-  elif kind == "step":
-    layout.check_step_dir(root)
-    item_dir = root / layout.STATE
-  else:
-    layout.check_directory(str(root))
-    steps = layout.finished_steps(root)
-    if not steps:
-      raise CheckpointError(f"{root} holds no checkpoint (no _METADATA, state/ or finished step folders).")
-    item_dir = root / str(steps[-1]) / layout.STATE
-    layout.check_step_dir(item_dir.parent)
-  layout.check_item(item_dir)
+  item_dir, prefix = layout.params_item(path)
   abstract = trees.abstract(abstract_params)
   expected, saved = trees.leaves(abstract), trees.saved_leaves(item_dir)
   key = layout.PARAMS_KEY + "/"

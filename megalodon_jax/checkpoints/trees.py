@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from megalodon_jax.errors import CheckpointError
+from megalodon_jax.errors import CheckpointDamagedError, CheckpointError
 from megalodon_jax.checkpoints.layout import MOVE
 
 MAX_LISTED = 8
@@ -35,7 +35,7 @@ def saved_leaves(item_dir: epath.Path) -> dict[str, Any]:
   try:
     return leaves(ocp.PyTreeCheckpointHandler().metadata(item_dir).tree)
   except Exception as e:  # orbax/tensorstore raise many types for damaged metadata
-    raise CheckpointError(f"cannot read the array metadata of {item_dir}: {short(e)}. {MOVE}") from e
+    raise CheckpointDamagedError(f"cannot read the array metadata of {item_dir}: {damage(e)}. {MOVE}") from e
 
 
 def _describe(x: Any) -> str:
@@ -70,4 +70,22 @@ def abstract(tree: Any) -> Any:
 def short(e: Exception, limit: int = 400) -> str:
   # tensorstore errors embed their whole JSON spec; the head names the file and the problem.
   text = f"{type(e).__name__}: {e}"
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def damage(e: BaseException, limit: int = 300) -> str:
+  """One line saying what failed in a damaged checkpoint read: the innermost error of the chain (TensorStore's own
+  status names the array and the file, e.g. 'OUT_OF_RANGE: Error reading "params...value/0.0" in OCDBT database at
+  local file ".../state/": ...'), without the JSON spec dump the outer orbax errors embed."""
+  chain, seen = [], set()
+  while e is not None and id(e) not in seen and len(chain) < 16:
+    seen.add(id(e))
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  text = ""
+  for err in reversed(chain):  # innermost first
+    text = " ".join(str(err).split(" See full TensorStore details")[0].split())
+    if text:
+      text = f"{type(err).__name__}: {text}" if not text.split(":")[0].isupper() else text
+      break
   return text if len(text) <= limit else text[:limit] + " ..."

@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Callable
 
+from megalodon_jax import platforms
 from megalodon_jax.config import MATMUL_PRECISIONS
 from megalodon_jax.errors import exit_on_error
 from megalodon_jax.inference.loading import Loaded, load_model
@@ -42,5 +43,6 @@ def load_from_args(args: argparse.Namespace) -> Loaded:
 
 def run_main(body: Callable[[], int]) -> int:
   """Runs `body`; bad input (a MegalodonError, or an unreadable file) becomes one `error: ...` line on stderr and
-  status 2."""
+  status 2. libtpu is kept quiet on machines without a TPU (platforms.py)."""
+  platforms.skip_absent_tpu()
   return exit_on_error(body, also=(OSError,))

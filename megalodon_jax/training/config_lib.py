@@ -9,11 +9,11 @@ message names the offending key as it is spelled on the command line (`--config.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 from megalodon_jax import paths
 from megalodon_jax.config import MegalodonConfig
-from megalodon_jax.errors import ConfigError
+from megalodon_jax.errors import CheckpointError, ConfigError
 
 PROGRESS_BAR = ("auto", "on", "off")
 
@@ -61,12 +61,23 @@ def model_config(cfg: Any, tokenizer_vocab_size: int) -> MegalodonConfig:
     raise ConfigError(str(e).replace("MegalodonConfig.", "--config.model.")) from None
 
 
-def validate(cfg: Any, num_devices: int, *, check_inputs: bool = True) -> None:
+def _fixed_mesh_devices(mesh_cfg: Any) -> int:
+  """The product of the mesh sizes other than -1 (1 for malformed sizes, which `mesh_shape` then reports)."""
+  total = 1
+  for axis in ("data", "sequence", "fsdp", "tensor"):
+    size = getattr(mesh_cfg, axis, 1)
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 1:
+      total *= size
+  return total
+
+
+def validate(cfg: Any, num_devices: Optional[int], *, check_inputs: bool = True) -> None:
   """Checks the whole training config without building anything expensive.
 
   Args:
     cfg: the ConfigDict.
-    num_devices: jax.device_count() (all processes).
+    num_devices: jax.device_count() (all processes); None before jax's backends start (the command line validates
+      first, so a typo is reported at once): the mesh is then checked as far as its fixed sizes allow.
     check_inputs: also check that the data and `init_from` exist (False when the run is only compiled).
   Raises:
     ConfigError: the first problem found, naming its key.
@@ -109,7 +120,9 @@ def validate(cfg: Any, num_devices: int, *, check_inputs: bool = True) -> None:
     raise ConfigError(f"--config.{key}: {msg}") from None
 
   try:
-    shape = sharding.mesh_shape(cfg.mesh, num_devices)
+    # Before the backends start the device count is unknown: check against the fixed sizes alone (a -1 axis counts
+    # 1), whose conditions the real mesh must meet too; the trainer checks again with the real count.
+    shape = sharding.mesh_shape(cfg.mesh, _fixed_mesh_devices(cfg.mesh) if num_devices is None else num_devices)
     sharding.check_rules(cfg.logical_axis_rules)
   except sharding.ShardingError as e:
     raise ConfigError(str(e)) from None
@@ -124,8 +137,12 @@ def validate(cfg: Any, num_devices: int, *, check_inputs: bool = True) -> None:
 
   if not check_inputs:
     return
-  if cfg.init_from and not paths.as_path(cfg.init_from).exists():
-    _fail("init_from", cfg.init_from, "does not exist")
+  if cfg.init_from:
+    from megalodon_jax.checkpoints import layout  # pylint: disable=import-outside-toplevel
+    try:
+      layout.params_item(paths.abspath(cfg.init_from))
+    except CheckpointError as e:
+      _fail("init_from", cfg.init_from, str(e))
 
   from megalodon_jax import data  # local: the data package pulls in tensorflow_datasets
   try:

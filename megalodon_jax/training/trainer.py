@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,16 +30,17 @@ from megalodon_jax.checkpoints import tokenizer_copy
 from megalodon_jax.checkpoints.manager import Checkpointer
 from megalodon_jax.checkpoints.model_state import split_model
 from megalodon_jax.checkpoints.params import load_params
-from megalodon_jax.errors import NonFiniteLossError
+from megalodon_jax.errors import CheckpointDamagedError, CheckpointError, NonFiniteLossError
 from megalodon_jax.inference.generation import Generator
 from megalodon_jax.inference.sampling import Sampler
 from megalodon_jax.model import MegalodonLM
-from megalodon_jax.training import config_lib, sharding
+from megalodon_jax.training import config_lib, process_lock, sharding
+from megalodon_jax.training import workdir as workdir_lib
 from megalodon_jax.training import data_state as data_state_lib
 from megalodon_jax.training import optimizer as opt_lib
 from megalodon_jax.training import train_step as ts
 from megalodon_jax.training.metrics import MetricsLogger, loss_metrics, throughput
-from megalodon_jax.training.preemption import PreemptionFlag
+from megalodon_jax.training.preemption import PreemptionFlag, TrainingInterrupted
 
 log = logging.getLogger("megalodon_jax")
 
@@ -66,7 +67,7 @@ class _Run:
     self.model_cfg = config_lib.model_config(cfg, vocab_size or self.tokenizer.vocab_size)
     self.ckpt_dir = ckpt_layout.checkpoints_dir(workdir) if workdir is not None else None
     if self.ckpt_dir is not None and paths.as_path(self.ckpt_dir).exists():
-      ckpt_layout.check_directory(self.ckpt_dir)
+      ckpt_layout.check_directory(self.ckpt_dir, check_steps=False)  # damaged steps: see _resume
     self.mesh = sharding.make_mesh(cfg.mesh, self.devices)
     # Rows shared by several processes (a `sequence` or `tensor` axis spanning hosts): every process then reads the
     # whole global batch (token ids: a few MiB) and places the parts its devices hold; otherwise each reads its rows.
@@ -165,17 +166,32 @@ def _tokenizer_from_the_run_directory(cfg: Any, workdir: str) -> Any:
   return cfg
 
 
-def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None) -> dict[str, float]:
+def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None, *,
+                       on_start: Optional[Callable[[int], None]] = None) -> dict[str, float]:
   """Trains (or resumes) the run described by `cfg` in `workdir`; returns the last logged metrics.
 
   devices: the devices of the mesh (default: all of `jax.devices()`); tests use subsets.
+  on_start: called with the step training starts from (0, or the step resumed from), before the first step.
 
   Raises:
-    config_lib.ConfigError, data_lib.DataError, CheckpointError: bad input, before any compile.
+    config_lib.ConfigError, data_lib.DataError, CheckpointError: bad input (another run holding the workdir
+      included), before any compile.
     NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    TrainingInterrupted: Ctrl-C (SIGINT) stopped the run after saving its step.
   """
   cfg = _tokenizer_from_the_run_directory(cfg, workdir)
+  workdir_lib.check_workdir(workdir)
   run = _Run(cfg, workdir, devices)
+  # One writer per workdir: process 0 holds the lock for the whole run, the other processes share its outcome.
+  lock = process_lock.hold(workdir, run.is_main)
+  try:
+    return _train(run, cfg, workdir, lock, on_start)
+  finally:
+    lock.release()
+
+
+def _train(run: _Run, cfg: Any, workdir: str, lock: Any, on_start: Optional[Callable[[int], None]]
+           ) -> dict[str, float]:
   if run.is_main:
     paths.makedirs(workdir)
     if run.tokenizer_model is not None:  # before config.json: a run dir of another tokenizer is refused untouched
@@ -193,28 +209,66 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None) -
   with jax.set_mesh(run.mesh):
     run.build()
     ckpt = Checkpointer(run.ckpt_dir, save_every=cfg.checkpoint_every, keep=cfg.checkpoint_keep,
-                        async_save=cfg.async_checkpointing)
-    start = ckpt.latest_step()
-    if start is not None:
-      state, data_state, _ = ckpt.restore(start, run.abstract_state)
-      train_iter.set_state(data_state_lib.restored_data_state(data_state, run.ckpt_dir, start))
-      log.info("resumed from %s at step %d", run.ckpt_dir, start)
-    elif cfg.init_from:
-      params = load_params(paths.abspath(cfg.init_from), run.abstract_state["params"])
-      state, start = run.from_params(params), 0
-      log.info("initialised params from %s", cfg.init_from)
-    else:
-      state, start = run.fresh_state(), 0
-    if run.is_main:
-      paths.as_path(paths.join(workdir, "shardings.txt")).write_text(
-          f"# mesh {dict(run.mesh.shape)}; batches (B, L): {run.batch_sharding.spec} (B over data x fsdp, "
-          f"L over sequence: {cfg.seq_len // run.mesh.shape['sequence']} tokens per slice)\n"
-          + sharding.describe(state["params"], run.param_shardings))
-    return _loop(run, cfg, workdir, ckpt, state, start, train_iter, eval_batches)
+                        async_save=cfg.async_checkpointing, check_steps=False)
+    try:
+      resumed = _resume(run, ckpt, train_iter)
+      if resumed is not None:
+        state, start = resumed
+      elif cfg.init_from:
+        params = load_params(paths.abspath(cfg.init_from), run.abstract_state["params"])
+        state, start = run.from_params(params), 0
+        log.info("initialised params from %s", cfg.init_from)
+      else:
+        state, start = run.fresh_state(), 0
+      if run.is_main:
+        paths.as_path(paths.join(workdir, "shardings.txt")).write_text(
+            f"# mesh {dict(run.mesh.shape)}; batches (B, L): {run.batch_sharding.spec} (B over data x fsdp, "
+            f"L over sequence: {cfg.seq_len // run.mesh.shape['sequence']} tokens per slice)\n"
+            + sharding.describe(state["params"], run.param_shardings))
+    except BaseException:
+      ckpt.close()  # an open manager's threads would print orbax's shutdown traceback at exit
+      raise
+    if on_start is not None:
+      on_start(start)
+    return _loop(run, cfg, workdir, ckpt, state, start, train_iter, eval_batches, lock)
+
+
+def _resume(run: _Run, ckpt: Checkpointer, train_iter: Any) -> Optional[tuple[ts.TrainState, int]]:
+  """(state, step) of the newest finished step that restores, with the data iterator moved to that step; None for
+  a new run.
+
+  A step whose files are damaged (CheckpointDamagedError: truncated or missing data, unreadable metadata) is
+  skipped; once an older step restores, each skipped step is renamed `<step>.corrupt-<time>` (kept, never listed
+  again) with a one-line warning, so generate, evaluate and convert no longer pick it either. The metrics log is
+  cut back to the step resumed from (`_loop`). If no step restores, nothing is renamed and the newest step's
+  problem is raised. A step that merely does not match the config (another model) is not damage: that error is
+  raised as it is.
+  """
+  skipped: list[tuple[int, CheckpointDamagedError]] = []
+  for step in reversed(ckpt_layout.finished_steps(run.ckpt_dir)):
+    try:
+      state, data_state, _ = ckpt.restore(step, run.abstract_state)
+    except CheckpointDamagedError as e:
+      skipped.append((step, e))
+      continue
+    train_iter.set_state(data_state_lib.restored_data_state(data_state, run.ckpt_dir, step))
+    for bad, error in skipped:
+      moved = ckpt.set_aside(bad)
+      log.warning("%s; renamed it %s and resumed from step %d", str(error).split(". " + ckpt_layout.MOVE)[0],
+                  moved, step)
+    process_lock.barrier("megalodon_jax/set_aside")  # every process sees the renamed folders before saving
+    log.info("resumed from %s at step %d", run.ckpt_dir, step)
+    return state, step
+  if skipped:
+    step, error = skipped[0]
+    raise CheckpointError(f"no checkpoint in {run.ckpt_dir} restores (steps {[s for s, _ in skipped]}); the newest: "
+                          f"{str(error).split(ckpt_layout.MOVE)[0].strip()} Move the damaged step folders out of "
+                          f"the way, or start a new --workdir (with --config.init_from to reuse weights).")
+  return None
 
 
 def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.TrainState, start: int,
-          train_iter: Any, eval_batches: list) -> dict[str, float]:
+          train_iter: Any, eval_batches: list, lock: Any) -> dict[str, float]:
   byte_level = run.tokenizer.vocab_size == 256 and run.tokenizer.eos_id is None
   bar = progress_bar(cfg.progress_bar, cfg.total_steps, start) if run.is_main else None
   logger = MetricsLogger(workdir, enabled=run.is_main, tensorboard=cfg.tensorboard, progress=bar)
@@ -222,7 +276,9 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
   flops_per_step = flops_lib.train_step_flops(run.model_cfg, cfg.batch_size, cfg.seq_len, causal_attention=True)
   peak = flops_lib.peak_flops(run.devices[0].device_kind)
   tokens_per_step = cfg.batch_size * cfg.seq_len
-  preempt = PreemptionFlag(agree_every=cfg.log_every)  # without the preemption service: agree at log steps
+  # SIGTERM and Ctrl-C save at the next step boundary; without the preemption service the processes agree at log
+  # steps. A second Ctrl-C ends the process at once: the lock is released first.
+  preempt = PreemptionFlag(agree_every=cfg.log_every, on_second_interrupt=lock.release)
 
   t0 = time.perf_counter()
   first_batch = run.global_batch(next(train_iter))
@@ -236,6 +292,7 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
     bar.unpause()  # the rate (and ETA) counts from here: compilation and the baseline eval are not steps
 
   pending: Optional[tuple[int, Any]] = None  # (step, device metrics) not yet read back
+  preempted = False
   interval_start, interval_steps = time.perf_counter(), 0
 
   def check(pending_metrics: tuple[int, Any]) -> dict[str, float]:
@@ -285,7 +342,8 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
                   force=at_end or preempted)
         logger.sync()
       if preempted:
-        log.warning("SIGTERM received: saved the checkpoint of step %d; exiting", step)
+        log.warning("%s: saved the checkpoint of step %d; exiting", "interrupted (Ctrl-C)" if preempt.interrupted
+                    else "SIGTERM received", step)
         break
   finally:
     ckpt.wait()
@@ -294,6 +352,8 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
     logger.close()
     if bar is not None:
       bar.close()
+  if preempt.interrupted and preempted:
+    raise TrainingInterrupted(step)
   return last
 
 

@@ -11,19 +11,21 @@ Every document streams through the model in segments with the constant-size cach
 only by host memory for its token ids. The JSON report (to --output, else stdout) holds the loss, perplexity and,
 for byte tokenizers, bits per byte over all scored tokens; the same by position bucket; and for each maximum
 context length (see `inference/long_context.py` for the definitions). A summary goes to stderr. Bad input ends
-with one `error: ...` line on stderr and exit status 2.
+with one `error: ...` line on stderr and exit status 2. `--output` and `--plot` never replace what is read: a
+folder, an input document, anything inside the checkpoint, or an existing file of its run directory is refused
+before the model loads (a new file such as runs/tiny/eval.json is fine).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from typing import Optional, Sequence
 
 from megalodon_jax import cli_args
 from megalodon_jax import paths as paths_lib
+from megalodon_jax.checkpoints import output_guard
 from megalodon_jax.data.tokenizers import ByteTokenizer
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference import cli_common, documents, long_context
@@ -75,11 +77,14 @@ def _context_lengths(text: str) -> list[int]:
   return values
 
 
-def _check_output_path(path: Optional[str], flag: str) -> None:
-  if path is not None and not paths_lib.is_remote(path):  # object stores have no folders to check
-    parent = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
-    if not os.path.isdir(parent):
-      raise InferenceError(f"{flag} {path}: the folder {parent} does not exist")
+def _check_outputs(args, text_files: Optional[list[str]]) -> None:
+  """--output and --plot are new files or files of ours: never a folder, an input document, the other output,
+  something inside the checkpoint, or an existing file of its run directory (checkpoints/output_guard.py)."""
+  inputs = [("read by --text_files", f) for f in text_files or ()]
+  output_guard.check_output_file(args.output, "--output", args.checkpoint, InferenceError, inputs)
+  if args.output is not None:
+    inputs.append(("written as --output", args.output))
+  output_guard.check_output_file(args.plot, "--plot", args.checkpoint, InferenceError, inputs)
 
 
 def run(args) -> int:
@@ -89,9 +94,8 @@ def run(args) -> int:
     value = getattr(args, flag)
     if value is not None and value < (2 if flag == "max_document_tokens" else 1):
       raise InferenceError(f"--{flag}={value} is too small")
-  _check_output_path(args.output, "--output")
-  _check_output_path(args.plot, "--plot")
   paths = documents.text_file_paths(args.text_files) if args.text_files is not None else None
+  _check_outputs(args, paths)
   window = NormWindow(args.window_truncate_chunks, args.window_step_chunks) if args.window else None
   if args.window and args.segment_len is not None:
     raise InferenceError("--segment_len does not apply with --window (its step is --window_step_chunks chunks)")

@@ -8,8 +8,11 @@ streamed to stdout (statistics and notes go to stderr). Flags also accept kebab 
 
 One prompt: its continuation is printed as it is produced (after every decode block). Several prompts: they run
 as one batch and each completion is printed, under a `=== completion i ===` header, as soon as it ends.
-`--output_jsonl` also writes {"index", "prompt", "completion", "tokens", "finish_reason"} per prompt. Bad input
-ends with one `error: ...` line on stderr and exit status 2.
+`--output_jsonl` also writes {"index", "prompt", "completion", "tokens", "finish_reason"} per prompt (a new file, or
+one outside the checkpoint's directory: it never replaces what is read). Prompts are UTF-8 text: a --prompt with
+bytes that are not (a shell's $'\\xff') or a prompt file that is not UTF-8 is refused, naming the byte offset. Bad
+input ends with one `error: ...` line on stderr and exit status 2 (prompts and the output path are checked before
+the model loads).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from typing import Optional, Sequence
 
 from megalodon_jax import cli_args, paths
+from megalodon_jax.checkpoints import output_guard
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference import cli_common
 from megalodon_jax.inference.detokenize import TextStream
@@ -59,16 +63,36 @@ def _parse_ids(text: str, flag: str) -> list[int]:
     raise InferenceError(f"{flag} {text!r}: expected comma-separated integer token ids") from None
 
 
+def _utf8_error(flag: str, what: str, offset: int, byte: int) -> InferenceError:
+  return InferenceError(f"{flag} {what}: byte {offset} (0x{byte:02x}) is not valid UTF-8; prompts are UTF-8 text "
+                        f"(pass token ids with --prompt_ids instead)")
+
+
+def _check_argv_text(text: str, flag: str, index: int) -> str:
+  """`text` from the command line, checked to be UTF-8: Python decodes argv bytes that are not with surrogate
+  escapes (U+DC80..U+DCFF), which no tokenizer can encode."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    offset = len(text[:e.start].encode("utf-8", errors="surrogateescape"))  # in the bytes the shell passed
+    raise _utf8_error(flag, f"#{index + 1}", offset, ord(text[e.start]) & 0xFF) from None
+  return text
+
+
 def _read(path: str, flag: str) -> str:
   try:
-    return paths.as_path(path).read_text(encoding="utf-8")
-  except (OSError, UnicodeDecodeError) as e:
+    data = paths.as_path(path).read_bytes()
+  except OSError as e:
     raise InferenceError(f"{flag} {path}: cannot read the prompt file ({type(e).__name__}: {e})") from None
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise _utf8_error(flag, path, e.start, data[e.start]) from None
 
 
 def _collect_prompts(args) -> list:
   """Prompt texts (str) and id lists, in flag order; checked before the (slow) model load."""
-  prompts: list = list(args.prompt)
+  prompts: list = [_check_argv_text(text, "--prompt", i) for i, text in enumerate(args.prompt)]
   prompts += [_read(path, "--prompt_file") for path in args.prompt_file]
   if args.prompt_lines is not None:
     lines = [line for line in _read(args.prompt_lines, "--prompt_lines").splitlines() if line.strip()]
@@ -86,6 +110,9 @@ def _collect_prompts(args) -> list:
 
 def run(args) -> int:
   prompts = _collect_prompts(args)
+  inputs = [("read by --prompt_file", f) for f in args.prompt_file]
+  inputs += [("read by --prompt_lines", args.prompt_lines)] if args.prompt_lines else []
+  output_guard.check_output_file(args.output_jsonl, "--output_jsonl", args.checkpoint, InferenceError, inputs)
   try:
     sampler = Sampler(args.temperature, args.top_k, args.top_p)
   except ValueError as e:

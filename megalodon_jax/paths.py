@@ -11,6 +11,8 @@ both kinds of path:
   - `SyncedFolder`: a local staging folder mirrored to a remote one (TensorBoard's own writer only writes locally).
   - `list_files` / `glob_files`: recursive listings (epath's `walk` returns bucket paths without their `gs://` on
     fsspec backends, and its `glob` refuses `**`).
+  - `canonical` / `overlap`: whether two paths name the same place, or one lies inside the other (writers use it
+    so an output never swallows what they read).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import contextlib
 import fnmatch
 import glob as globlib
 import os
+import posixpath
 import re
 import shutil
 import tempfile
 import time
 import uuid
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 from etils import epath
 
@@ -52,6 +55,34 @@ def abspath(path: PathLike) -> str:
   """An absolute local path (user expanded), or the URL unchanged."""
   text = os.fspath(path)
   return text if is_remote(text) else os.path.abspath(os.path.expanduser(text))
+
+
+def canonical(path: PathLike) -> str:
+  """The one spelling of `path` for comparisons: a local path made absolute with `~`, `..` and every symlink
+  resolved (`os.path.realpath`: a path that does not exist yet resolves its existing part); a URL with its scheme in
+  lower case and `.`/`..` segments, doubled and trailing slashes removed (an object store has no links)."""
+  text = os.fspath(path)
+  if not is_remote(text):
+    return os.path.realpath(os.path.expanduser(text))
+  scheme, rest = text.split("://", 1)
+  rest = posixpath.normpath("/" + rest).lstrip("/") if rest else ""  # "/" first: ".." stops at the root
+  return f"{scheme.lower()}://{rest}"
+
+
+def overlap(a: PathLike, b: PathLike) -> Optional[str]:
+  """How the places `a` and `b` relate, compared by `canonical`: "same", "inside" (`a` lies below the folder `b`),
+  "contains" (`b` lies below the folder `a`) or None (unrelated, or one local and one remote)."""
+  if is_remote(a) != is_remote(b):
+    return None
+  x, y = canonical(a), canonical(b)
+  if x == y:
+    return "same"
+  sep = "/" if is_remote(x) else os.sep
+  if x.startswith(y.rstrip(sep) + sep):
+    return "inside"
+  if y.startswith(x.rstrip(sep) + sep):
+    return "contains"
+  return None
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:

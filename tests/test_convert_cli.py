@@ -431,13 +431,25 @@ def test_existing_output_is_refused_or_replaced_atomically(run, official_dir, tm
   out.mkdir()
   (out / "keep.txt").write_text("precious")
   args = ["to-pytorch", "--checkpoint", run, "--out", str(out), "--format", "safetensors"]
-  assert cli.main(args) == 2
-  assert "--overwrite" in capsys.readouterr().err and os.listdir(out) == ["keep.txt"]
-  assert cli.main(args + ["--overwrite"]) == 0
+  for extra in ([], ["--overwrite"]):  # an entry no export writes: refused, with or without --overwrite
+    assert cli.main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert "keep.txt" in err and "--overwrite" in err and os.listdir(out) == ["keep.txt"]
+  (out / "keep.txt").unlink()
+  assert cli.main(args) == 0  # empty: written
   assert sorted(os.listdir(out)) == ["model.safetensors", "params.json"]
-  assert cli.main(["from-pytorch", "--torch", official_dir, "--out", str(out)]) == 2  # not empty now
-  assert cli.main(["from-pytorch", "--torch", official_dir, "--out", str(out), "--overwrite"]) == 0
-  assert os.path.isfile(out / layout.CONFIG_FILE) and not os.path.exists(out / "model.safetensors")
+  official = ["to-pytorch", "--checkpoint", run, "--out", str(out)]
+  assert cli.main(official) == 2 and "--overwrite" in capsys.readouterr().err  # an earlier export: needs --overwrite
+  assert cli.main(official + ["--overwrite"]) == 0  # another format replaces it whole
+  assert sorted(os.listdir(out)) == ["consolidated.pth", "params.json"]
+  # from-pytorch replaces only a params-only checkpoint
+  assert cli.main(["from-pytorch", "--torch", official_dir, "--out", str(out), "--overwrite"]) == 2
+  assert "consolidated.pth" in capsys.readouterr().err
+  assert sorted(os.listdir(out)) == ["consolidated.pth", "params.json"]
+  imported = tmp_path / "imported"
+  assert cli.main(["from-pytorch", "--torch", official_dir, "--out", str(imported)]) == 0
+  assert cli.main(["from-pytorch", "--torch", official_dir, "--out", str(imported), "--overwrite"]) == 0
+  assert os.path.isfile(imported / layout.CONFIG_FILE)
   no_leftovers(tmp_path)
 
 

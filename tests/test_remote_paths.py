@@ -6,6 +6,7 @@ test that leaves a local "gs:" folder behind (a gs:// path handed to `os`).
 import dataclasses
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -25,10 +26,11 @@ from megalodon_jax.checkpoints.params import load_params
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.convert import cli as convert_cli
 from megalodon_jax.data import check_data_config, jsonl, make_tokenizer, text_files
-from megalodon_jax.errors import DataError
+from megalodon_jax.errors import CheckpointError, DataError
 from megalodon_jax.model import MegalodonLM
 from megalodon_jax.training import trainer
 from megalodon_jax.training.metrics import read_metrics
+from megalodon_jax.training.workdir_lock import LOCK_FILE_NAME, WorkdirLock
 from test_metrics import _tensorboard_view
 from test_train import small_config
 
@@ -124,6 +126,42 @@ def test_trainer_workdir_on_gcs_resumes_exactly_and_init_from_reads_it(fake_gcs,
                              "gs://b/run2", devices=jax.devices()[:1])
   first = read_metrics("gs://b/run2/metrics.jsonl")[0]
   assert first["step"] == 0 and first["eval_loss"] == pytest.approx(evals(got)[8], rel=1e-6)
+  assert os.listdir(".") == []
+
+
+def test_trainer_on_gcs_takes_the_lock_and_sets_a_damaged_step_aside(fake_gcs, data_dir, straight_losses, caplog):
+  """The workdir lock and the damaged-step fallback on gs://: a held lock refuses the run (nothing written), a
+  stale one (another host, old heartbeat) is taken over, and a truncated newest step is renamed aside in the bucket
+  while the run resumes from the previous step and ends bit for bit like the uninterrupted run."""
+  workdir, root = "gs://b/held", local_path(fake_gcs, "gs://b/held")
+  cfg = _train_config(data_dir)
+  holder = WorkdirLock(workdir).acquire()  # a live run (this process)
+  with pytest.raises(CheckpointError, match=rf"in use by another training run \(host .*, pid {os.getpid()}, started "):
+    trainer.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
+  assert sorted(os.listdir(root)) == [LOCK_FILE_NAME]
+  holder.release()
+  epath.Path(f"{workdir}/{LOCK_FILE_NAME}").write_text(json.dumps(
+      {"format": 1, "host": "another-host", "pid": 1, "proc_start_ticks": None, "started_at": "2026-01-01T00:00:00Z",
+       "run_id": "0" * 32, "heartbeat": time.time() - 3600}))
+  with pytest.MonkeyPatch.context() as preempt:  # stopped after step 5, as by a SIGTERM
+    preempt.setattr(trainer.PreemptionFlag, "check", lambda self, step: step == 5)
+    trainer.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
+  assert "took over the lock" in caplog.text and "another-host" in caplog.text
+  step5 = os.path.join(root, "checkpoints", "5", "state")
+  data = [os.path.join(d, f) for d, _, fs in os.walk(step5) for f in fs if os.path.basename(d) == "d"]
+  victim = max(data, key=os.path.getsize)
+  with open(victim, "r+b") as f:
+    f.truncate(os.path.getsize(victim) // 3)
+
+  trainer.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
+  names = sorted(os.listdir(os.path.join(root, "checkpoints")))
+  aside = [n for n in names if n.startswith("5.corrupt-")]
+  assert len(aside) == 1 and os.path.isfile(os.path.join(root, "checkpoints", aside[0], "state", "_METADATA"))
+  assert "resumed from step 4" in caplog.text
+  got = read_metrics(os.path.join(root, "metrics.jsonl"))
+  loss = lambda records: {r["step"]: r["loss"] for r in records if "loss" in r}  # noqa: E731
+  assert sorted(loss(got)) == list(range(1, 9)) and loss(got) == loss(straight_losses)  # bitwise
+  assert not os.path.exists(os.path.join(root, LOCK_FILE_NAME))
   assert os.listdir(".") == []
 
 
@@ -230,13 +268,16 @@ def test_convert_exports_to_gcs_and_imports_back(fake_gcs, model, capsys):
     assert rc == 0, err
     _, abstract, _, _ = split_model(nnx.eval_shape(lambda: MegalodonLM(CFG, rngs=nnx.Rngs(1))))
     _assert_same_params(load_params(f"gs://b/imported_{fmt}", abstract), split_model(model)[1])
-  # A non-empty remote --out is refused, then replaced with --overwrite (nothing of the old folder is left).
+  # A remote --out holding a file no export writes is refused even with --overwrite (and the file is kept); an
+  # earlier export is refused, then replaced with --overwrite.
+  export = ("to-pytorch", "--checkpoint", "gs://b/params", "--out", "gs://b/export_official")
   epath.Path("gs://b/export_official/stale.txt").write_text("old")
-  rc, _, err = _cli(convert_cli.main, capsys, "to-pytorch", "--checkpoint", "gs://b/params", "--out",
-                    "gs://b/export_official")
+  rc, _, err = _cli(convert_cli.main, capsys, *export, "--overwrite")
+  assert rc == 2 and "stale.txt" in err and epath.Path("gs://b/export_official/stale.txt").read_text() == "old"
+  epath.Path("gs://b/export_official/stale.txt").unlink()
+  rc, _, err = _cli(convert_cli.main, capsys, *export)
   assert rc == 2 and "--overwrite" in err
-  rc, _, err = _cli(convert_cli.main, capsys, "to-pytorch", "--checkpoint", "gs://b/params", "--out",
-                    "gs://b/export_official", "--overwrite")
+  rc, _, err = _cli(convert_cli.main, capsys, *export, "--overwrite")
   assert rc == 0, err
   assert sorted(os.listdir(local_path(fake_gcs, "gs://b/export_official"))) == ["consolidated.pth", "params.json"]
   # --torch naming the file (its params.json is found beside it) and --config on gs:// too.

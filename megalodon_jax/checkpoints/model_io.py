@@ -10,6 +10,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -19,7 +20,7 @@ import jax
 from flax import nnx
 
 from megalodon_jax import paths
-from megalodon_jax.checkpoints import layout, tokenizer_copy
+from megalodon_jax.checkpoints import layout, output_guard, tokenizer_copy
 from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
 from megalodon_jax.checkpoints.model_state import merge_model, split_model
 from megalodon_jax.checkpoints.params import load_params, save_params
@@ -71,8 +72,19 @@ def load_checkpoint(path: str, *, step: Optional[int] = None, device: Optional[j
   return merge_model(graphdef, params, buffers, rng_vars), config, info.step
 
 
+# Every entry `save_params_checkpoint` writes: Orbax's params item (seen in its output: local and gs://, NumPy and
+# sharded jax arrays) and our sidecars. `--overwrite` of a from-pytorch output replaces these only.
+PARAMS_CHECKPOINT_ENTRIES = output_guard.KnownEntries(
+    re.compile(r"_METADATA|_CHECKPOINT_METADATA|_sharding|manifest\.ocdbt|commit_success\.txt|d/|array_metadatas/"
+               r"|ocdbt\.process_\d+/|"
+               + re.escape(layout.CONFIG_FILE) + "|" + re.escape(tokenizer_copy.TOKENIZER_FILE)),
+    "a params-only checkpoint (from-pytorch)",
+    f"Orbax's _METADATA, _CHECKPOINT_METADATA, _sharding, manifest.ocdbt, commit_success.txt, d/, array_metadatas/, "
+    f"ocdbt.process_N/, and {layout.CONFIG_FILE}, {tokenizer_copy.TOKENIZER_FILE}")
+
+
 @contextlib.contextmanager
-def atomic_output(out: str, *, overwrite: bool = False) -> Iterator[str]:
+def atomic_output(out: str, *, known: output_guard.KnownEntries, overwrite: bool = False) -> Iterator[str]:
   """Writes a folder atomically: yields a not-yet-existing temp sibling path to create and fill.
 
   On success the temp folder becomes `out` (an existing `out` is first renamed aside, then deleted); on any
@@ -83,10 +95,11 @@ def atomic_output(out: str, *, overwrite: bool = False) -> Iterator[str]:
   during the upload leaves a partial `out`, which a rerun with --overwrite replaces.
 
   Raises:
-    ConvertError: `out` is a file, or a non-empty folder and `overwrite` is False (checked before yielding).
+    ConvertError: `out` is a file, or a non-empty folder and `overwrite` is False, or a folder holding an entry
+      that `known` (what the caller writes) does not cover (see `check_output`; checked before yielding).
   """
   if paths.is_remote(out):
-    check_output(out, overwrite=overwrite)
+    check_output(out, overwrite=overwrite, known=known)
     with tempfile.TemporaryDirectory(prefix="megalodon_out_") as staging:
       tmp = os.path.join(staging, "out")
       yield tmp
@@ -97,7 +110,7 @@ def atomic_output(out: str, *, overwrite: bool = False) -> Iterator[str]:
       paths.copy_tree(tmp, out)
     return
   out = os.path.abspath(os.path.expanduser(out))
-  check_output(out, overwrite=overwrite)
+  check_output(out, overwrite=overwrite, known=known)
   parent, name = os.path.split(out)
   os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
@@ -118,21 +131,25 @@ def atomic_output(out: str, *, overwrite: bool = False) -> Iterator[str]:
     raise
 
 
-def check_output(out: str, *, overwrite: bool) -> None:
-  """Refuses an output path that is a file, or a non-empty folder unless `overwrite`."""
+def check_output(out: str, *, overwrite: bool, known: output_guard.KnownEntries) -> None:
+  """Refuses an output path that is a file, a folder holding any entry that `known` does not cover (so nothing
+  the writer did not create is ever deleted), or a non-empty folder unless `overwrite`."""
   if paths.is_remote(out):
     p = paths.as_path(out)
     if p.is_file():
       raise ConvertError(f"--out {out} exists and is not a folder; remove it or choose another path")
-    if p.is_dir() and any(p.iterdir()) and not overwrite:
-      raise ConvertError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-    return
-  out = os.path.abspath(os.path.expanduser(out))
-  if os.path.lexists(out):
+    non_empty = p.is_dir() and any(p.iterdir())
+  else:
+    out = os.path.abspath(os.path.expanduser(out))
+    if not os.path.lexists(out):
+      return
     if not os.path.isdir(out) or os.path.islink(out):
       raise ConvertError(f"--out {out} exists and is not a folder; remove it or choose another path")
-    if os.listdir(out) and not overwrite:
-      raise ConvertError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    non_empty = bool(os.listdir(out))
+  if non_empty:
+    output_guard.check_new_entries(out, "--out", known, ConvertError)  # first: --overwrite would not help
+    if not overwrite:
+      raise ConvertError(f"--out {out} exists and holds an earlier output; pass --overwrite to replace it")
 
 
 def save_params_checkpoint(out: str, model: MegalodonLM, *, step: Optional[int] = None, source: Optional[str] = None,
@@ -143,6 +160,9 @@ def save_params_checkpoint(out: str, model: MegalodonLM, *, step: Optional[int] 
   nnx.Param state as nested dicts, exactly `state["params"]` of a train.py checkpoint) and `megalodon_config.json`,
   plus `tokenizer.model` when `tokenizer_model` (a SentencePiece model's bytes) is given.
 
+  With `overwrite`, an existing `out` is replaced only when it holds nothing but these entries (an earlier params
+  checkpoint): `PARAMS_CHECKPOINT_ENTRIES`.
+
   Raises:
     ConvertError: see `atomic_output`.
   """
@@ -150,7 +170,7 @@ def save_params_checkpoint(out: str, model: MegalodonLM, *, step: Optional[int] 
   config = model.config
   sidecar = {"format": layout.PARAMS_FORMAT, "model": config.official_kwargs(),
              "execution": {k: getattr(config, k) for k in EXECUTION_FIELDS}, "step": step, "source": source}
-  with atomic_output(out, overwrite=overwrite) as tmp:
+  with atomic_output(out, overwrite=overwrite, known=PARAMS_CHECKPOINT_ENTRIES) as tmp:
     save_params(tmp, params)
     paths.as_path(tmp).joinpath(layout.CONFIG_FILE).write_text(json.dumps(sidecar, indent=2), encoding="utf-8")
     if tokenizer_model is not None:

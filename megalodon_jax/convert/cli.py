@@ -10,23 +10,44 @@ leaves a partial DIR behind (on an object store, gs://..., they are written to a
 at the end: see `model_io.atomic_output`). Any path may be a gs:// URL. Flags are snake_case and accept their
 kebab-case spelling (`--model-parallel`). Bad input ends with one `error: ...` paragraph on stderr and exit
 status 2. Conversion is host work: JAX runs on the CPU unless JAX_PLATFORMS says otherwise.
+
+What is read is never written over (checked before anything is loaded or created):
+- DIR may not be, contain, or lie inside what the command reads: for to-pytorch the whole run directory of CKPT
+  (a step folder's run is two levels up), for from-pytorch the --torch path and the --config file. Paths compare
+  after resolving symlinks (gs:// URLs as normalised strings): `checkpoints/output_guard.py`.
+- A non-empty DIR is replaced only with --overwrite, and only when every entry in it is one this kind of output
+  writes: for to-pytorch any file a to-pytorch export of any format writes (consolidated.pth, consolidated.NN.pth,
+  model.safetensors, params.json, config.json, tokenizer.model: so re-exporting in another format works), for
+  from-pytorch the entries of a params-only Orbax checkpoint (`model_io.PARAMS_CHECKPOINT_ENTRIES`). Any other
+  entry is named in the error and nothing is deleted. The earlier output is then replaced whole.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
 import jax
 
-from megalodon_jax import cli_args, paths
-from megalodon_jax.checkpoints import layout, model_io, tokenizer_copy
+from megalodon_jax import cli_args, paths, platforms
+from megalodon_jax.checkpoints import layout, model_io, output_guard, tokenizer_copy
 from megalodon_jax.checkpoints.locate import locate_checkpoint
 from megalodon_jax.convert import hf, torch_files
 from megalodon_jax.convert.official import from_official_state_dict, to_official_state_dict
 from megalodon_jax.errors import ConvertError, StateDictError, exit_on_error
+
+# Every file a to-pytorch export writes, whatever its format (torch_files.write_official / write_safetensors /
+# write_hf, and the tokenizer copy): --overwrite replaces a folder holding these only.
+EXPORT_ENTRIES = output_guard.KnownEntries(
+    re.compile(r"consolidated(\.\d{2,})?\.pth|model\.safetensors|" + re.escape(torch_files.PARAMS_JSON) + "|"
+               + re.escape(torch_files.HF_CONFIG_JSON) + "|" + re.escape(tokenizer_copy.TOKENIZER_FILE)),
+    "a to-pytorch export",
+    "consolidated.pth, consolidated.NN.pth, model.safetensors, params.json, config.json, tokenizer.model")
+OVERWRITE_HELP = ("replace an earlier output in --out (atomically): allowed only when every entry in it is one this "
+                  "command writes; anything else is named and nothing is deleted")
 
 
 def build_parser() -> cli_args.Parser:
@@ -37,7 +58,9 @@ def build_parser() -> cli_args.Parser:
                       description="Export a train.py or from-pytorch checkpoint to PyTorch files (runs on CPU).")
   to.add_argument("--checkpoint", required=True,
                   help="train.py workdir, its checkpoints/ folder, a step folder, or a from-pytorch output folder")
-  to.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+  to.add_argument("--out", required=True,
+                  help="output folder: new, empty, or an earlier to-pytorch export with --overwrite; never inside, "
+                       "containing or equal to the run directory of --checkpoint")
   to.add_argument("--format", choices=("official", "hf", "safetensors"), default="official",
                   help="official: consolidated.pth + params.json; hf: megalodon-hf model.safetensors + config.json; "
                        "safetensors: model.safetensors with official keys + params.json")
@@ -46,7 +69,9 @@ def build_parser() -> cli_args.Parser:
   to.add_argument("--model_parallel", type=int, default=1, metavar="N",
                   help="official format only: write N tensor-parallel shards consolidated.{rank:02d}.pth")
   to.add_argument("--step", type=int, default=None, help="step to export (default: the latest finished one)")
-  to.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (atomically)")
+  to.add_argument("--overwrite", action="store_true",
+                  help=OVERWRITE_HELP + " (any to-pytorch format may replace any other: consolidated*.pth, "
+                       "model.safetensors, params.json, config.json, tokenizer.model)")
   frm = sub.add_parser("from-pytorch", help="official/megalodon-hf PyTorch weights -> params-only Orbax checkpoint",
                        description="Import PyTorch weights as a params-only Orbax checkpoint that train.py's "
                                    "--config.init_from and the inference tools load.")
@@ -55,8 +80,12 @@ def build_parser() -> cli_args.Parser:
                         "or model.safetensors, or a .safetensors file")
   frm.add_argument("--config", default=None,
                    help="params.json (official ModelConf fields) or megalodon-hf config.json; default: beside --torch")
-  frm.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
-  frm.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (atomically)")
+  frm.add_argument("--out", required=True,
+                   help="output folder: new, empty, or an earlier from-pytorch output with --overwrite; never "
+                        "inside, containing or equal to --torch or --config")
+  frm.add_argument("--overwrite", action="store_true",
+                   help=OVERWRITE_HELP + " (the entries of a params-only Orbax checkpoint and its "
+                        "megalodon_config.json, tokenizer.model)")
   return parser
 
 
@@ -69,7 +98,13 @@ def to_pytorch(args: argparse.Namespace) -> None:
     raise ConvertError(f"--model_parallel must be >= 1, got {args.model_parallel}")
   if args.model_parallel > 1 and args.format != "official":
     raise ConvertError(f"--model_parallel applies to --format official only (got --format {args.format})")
-  model_io.check_output(args.out, overwrite=args.overwrite)  # fail before the (slow) restore
+  if paths.as_path(args.checkpoint).is_dir():  # the whole run is at stake, not just the step read
+    source = (f"the run directory of --checkpoint {args.checkpoint}",
+              output_guard.checkpoint_areas(args.checkpoint).root)
+  else:
+    source = ("--checkpoint", args.checkpoint)  # not a checkpoint: refused below, by locate_checkpoint
+  output_guard.check_separate(args.out, "--out", [source], ConvertError)
+  model_io.check_output(args.out, overwrite=args.overwrite, known=EXPORT_ENTRIES)  # before the (slow) restore
   tokenizer_model = locate_checkpoint(args.checkpoint, args.step).tokenizer_model
   model, config, step = model_io.load_checkpoint(args.checkpoint, step=args.step, device=_cpu())
   tensors = to_official_state_dict(model)
@@ -80,7 +115,7 @@ def to_pytorch(args: argparse.Namespace) -> None:
                            ". Use --format official or safetensors")
     print(hf.TIMESTEP_NORM_WARNING, file=sys.stderr)
   tensors = torch_files.cast(tensors, args.dtype)
-  with model_io.atomic_output(args.out, overwrite=args.overwrite) as tmp:
+  with model_io.atomic_output(args.out, overwrite=args.overwrite, known=EXPORT_ENTRIES) as tmp:
     if args.format == "official":
       files = torch_files.write_official(tmp, tensors, config, args.model_parallel)
     elif args.format == "safetensors":
@@ -94,7 +129,9 @@ def to_pytorch(args: argparse.Namespace) -> None:
 
 
 def from_pytorch(args: argparse.Namespace) -> None:
-  model_io.check_output(args.out, overwrite=args.overwrite)
+  sources = [("--torch", args.torch)] + ([("--config", args.config)] if args.config else [])
+  output_guard.check_separate(args.out, "--out", sources, ConvertError)  # before reading the tensors
+  model_io.check_output(args.out, overwrite=args.overwrite, known=model_io.PARAMS_CHECKPOINT_ENTRIES)
   tensors, config = torch_files.read_official(args.torch, args.config)
   with jax.default_device(_cpu()):
     model = from_official_state_dict(tensors, config)
@@ -109,6 +146,7 @@ def from_pytorch(args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the command line; returns the exit status (0 ok, 2 bad input or arguments)."""
   args = build_parser().parse_args(argv)
+  platforms.skip_absent_tpu()
 
   def body() -> int:
     (to_pytorch if args.command == "to-pytorch" else from_pytorch)(args)

@@ -94,6 +94,11 @@ def resolve_tokenizer(config: MegalodonConfig, data_config: Optional[dict], toke
     notes.append("no tokenizer recorded; vocabulary 256: using the byte tokenizer (override with --tokenizer)")
   if name not in TOKENIZERS:
     raise InferenceError(f"--tokenizer={name!r} is unknown; use one of {TOKENIZERS}")
+  if name == "bytes":
+    if tokenizer_path:
+      raise InferenceError(f"--tokenizer_path {tokenizer_path} applies to --tokenizer sentencepiece; the byte "
+                           f"tokenizer reads no model file")
+    path = ""  # a run's stored setting: the byte tokenizer never read it
   tok = make_tokenizer(types.SimpleNamespace(tokenizer=name, tokenizer_path=path))
   return _check_vocab(tok, name, config), notes
 

@@ -30,10 +30,12 @@ __all__ = [
 def check_data_config(data_cfg: Any) -> None:
   """Raises DataError for a bad `config.data` (names, paths, splits, tokenizer file); prepares and reads nothing big.
 
-  Checks: `dataset` known; `path` non-empty with every entry matching a file (text_files); `manual_dir` set and its
-  enwik8 file of the right size when enwik8 is not prepared yet; `name` prepared under `data_dir` in array_record
-  with feature `text_key` (tfds); `tokenizer` known and `tokenizer_path` present; `train_split` / `eval_split`
-  existing; the training split non-empty; `validation_percent`, `max_documents`, `add_eos`, `worker_count` valid.
+  Checks: `dataset` known; `path` non-empty with every entry matching a file, and each file UTF-8 text when the
+  dataset is not prepared yet (text_files: `text_files.check_text_files`); `manual_dir` set and its enwik8 file of
+  the right size when enwik8 is not prepared yet; `name` prepared under `data_dir` in array_record with feature
+  `text_key` (tfds); `tokenizer` known, `tokenizer_path` present for sentencepiece and empty for bytes (a
+  ConfigError: the byte tokenizer would ignore it); `train_split` / `eval_split` existing; the training split
+  non-empty; `validation_percent`, `max_documents`, `add_eos`, `worker_count` valid.
   """
   sources.check(data_cfg)
 

@@ -7,8 +7,9 @@ gzip (`.gz`) or Zstandard (`.zst`, `.zstd`) compressed, chosen by suffix. They a
 Validation split (`text_files.DocumentSet.rule`): whole files by path hash when there are enough files, otherwise
 the last `validation_percent` of each file's records (at least one record when a file has two or more).
 
-Every record is checked while preparing, before any training step: a line that is not a JSON object, lacks the
-text field, or holds a non-string there stops preparation with a DataError naming the file and line number.
+Every record is checked while preparing, before any training step: a line that is not a JSON object (or not UTF-8),
+lacks the text field, or holds there a non-string or a string that is not text (a NUL character, a lone surrogate)
+stops preparation with a DataError naming the file and line number.
 Blank lines are skipped (but counted in line numbers).
 """
 
@@ -84,10 +85,23 @@ def _records(f: DocFile, text_key: str) -> Iterator[tuple[int, str]]:
         text = record[text_key]
         if not isinstance(text, str):
           raise DataError(f"{where}: field {text_key!r} holds a {type(text).__name__}, not a string")
+        _check_text(text, where, text_key)
         yield number, text
   except (OSError, EOFError) as e:  # truncated .gz / .zst, unreadable file
     raise DataError(f"{f.path}: cannot be read as {'compressed ' if f.path.endswith(('gz', 'zst', 'zstd')) else ''}"
                     f"JSONL ({e})") from e
+
+
+def _check_text(text: str, where: str, text_key: str) -> None:
+  """Text fields are text: no NUL (a `\\u0000` escape) and no lone surrogate (`\\ud800`), which UTF-8 cannot hold."""
+  nul = text.find("\0")
+  if nul != -1:
+    raise DataError(f"{where}: field {text_key!r} holds a NUL character at index {nul}: binary data, not text")
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise DataError(f"{where}: field {text_key!r} holds a lone surrogate {text[e.start]!r} at index {e.start}, "
+                    f"which is not text (UTF-8 cannot encode it)") from None
 
 
 def _count(f: DocFile, text_key: str) -> int:

@@ -112,6 +112,8 @@ def _plan(data_cfg: Any) -> _Plan:
     else:
       docs = text_files.text_files_documents(field(data_cfg, "path"), percent, max_docs)
     plan = _Plan(dataset, text_files.SPLITS, documents=docs)
+    if dataset == "text_files" and not _is_prepared(plan, data_cfg):  # once prepared, the files were checked
+      text_files.check_text_files(docs.files)
   elif dataset == "enwik8":
     if field(data_cfg, "tokenizer") != "bytes":
       raise DataError(f"data.tokenizer={field(data_cfg, 'tokenizer')!r}: enwik8 is stored as raw byte records, which "
@@ -209,7 +211,8 @@ def _lock(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
 
 
 def check(data_cfg: Any) -> None:
-  """Cheap checks of `data_cfg` (names, paths, tokenizer file, split names, non-empty train split)."""
+  """Cheap checks of `data_cfg` (names, paths, tokenizer file, split names, non-empty train split; text_files not
+  prepared yet: that every file is UTF-8 text, reading at most its first MiB)."""
   _plan(data_cfg)
 
 

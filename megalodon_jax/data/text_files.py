@@ -10,7 +10,10 @@ the file listing and split rules, `dataset="jsonl"` (see `jsonl.py`).
   - "position" (few files): when the hash rule would leave the training or the validation split without a file
     (one tinyshakespeare.txt, a handful of dumps) and 0 < validation_percent < 100, every file is cut in two: the
     last validation_percent of its bytes, cut at a line boundary (`line_cut`), is validation and the rest training.
-- Documents are the files' contents decoded as UTF-8; invalid bytes become U+FFFD.
+- Documents are the files' contents decoded as UTF-8; invalid bytes become U+FFFD. Before a dataset is prepared,
+  every file is checked to be text (`check_text_files`): the first MiB of each (the whole file when smaller) may
+  hold no NUL byte, and at most one invalid UTF-8 sequence per 100 bytes. A binary (`/bin/ls`) or a file in another
+  encoding (UTF-16, Latin-1 with many accents) is a DataError naming it; a few stray bytes are replaced.
 - Each split is written in name order (`disable_shuffling`): record i of a split is its i-th file by name. Training
   shuffles with grain; evaluation reads in this order.
 - The prepared dataset is keyed on its exact inputs: the builder config name holds a digest of the (name, size,
@@ -20,7 +23,9 @@ the file listing and split rules, `dataset="jsonl"` (see `jsonl.py`).
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -28,7 +33,7 @@ import logging
 import os
 import mmap
 import zlib
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import tensorflow_datasets as tfds
 
@@ -38,6 +43,8 @@ from megalodon_jax.errors import DataError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
+TEXT_CHECK_BYTES = 1 << 20  # the head of each file that `check_text_files` reads
+MAX_INVALID_FRACTION = 0.01  # at most this many invalid UTF-8 sequences per byte checked
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -175,6 +182,55 @@ def stat_files(named_paths: Sequence[tuple[str, str]], max_documents: int) -> tu
     st = os.stat(path)
     out.append(DocFile(name, path, st.st_size, st.st_mtime_ns))
   return tuple(out)
+
+
+def text_problem(data: bytes, complete: bool = True) -> Optional[str]:
+  """Why `data` is not UTF-8 text (see the module docstring), or None.
+
+  Args:
+    data: a file's bytes, or its first bytes when `complete` is False (a character cut at the end is then fine).
+  """
+  nul = data.find(b"\0")
+  if nul != -1:
+    return f"it holds NUL bytes (the first at byte {nul}), so it is binary, not text"
+  # Each invalid sequence decodes to one U+FFFD (those already in the text, EF BF BD, do not count): one C pass.
+  text, _ = codecs.utf_8_decode(data, "replace", complete)
+  invalid = text.count("\ufffd") - data.count(b"\xef\xbf\xbd")
+  if invalid <= len(data) * MAX_INVALID_FRACTION:
+    return None
+  try:
+    data.decode("utf-8")
+    first = len(data)  # unreachable: `invalid` > 0 means strict decoding fails
+  except UnicodeDecodeError as e:
+    first = e.start
+  return (f"{invalid:,} invalid UTF-8 sequences in its {'' if complete else 'first '}{len(data):,} bytes (the first "
+          f"at byte {first}; the limit is {MAX_INVALID_FRACTION * 100:g} per 100 bytes), so it is binary or in "
+          f"another encoding")
+
+
+@functools.lru_cache(maxsize=65536)
+def _file_problem(path: str, size: int, mtime_ns: int) -> Optional[str]:
+  del mtime_ns  # part of the cache key: an edited file is checked again
+  if paths.is_remote(path):
+    with paths.as_path(path).open("rb") as fh:
+      head = fh.read(TEXT_CHECK_BYTES)
+  else:
+    with open(path, "rb") as fh:
+      head = fh.read(TEXT_CHECK_BYTES)
+  return text_problem(head, complete=size <= TEXT_CHECK_BYTES)
+
+
+def check_text_files(files: Sequence[DocFile], kind: str = "text_files") -> None:
+  """Raises DataError for the first of `files` that is not UTF-8 text (each file read once per process).
+
+  Raises:
+    DataError: naming the file and what is wrong with it.
+  """
+  for f in files:
+    problem = _file_problem(f.path, f.size, f.mtime_ns)
+    if problem is not None:
+      raise DataError(f"data.path: {f.path} is not a text file: {problem}. data.dataset={kind!r} trains on UTF-8 "
+                      f"text: remove it from data.path or narrow the pattern (e.g. '~/corpus/**/*.txt')")
 
 
 def expand(pattern: str) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any, Optional, Protocol, Sequence, Union
 import numpy as np
 
 from megalodon_jax import paths
-from megalodon_jax.errors import DataError
+from megalodon_jax.errors import ConfigError, DataError
 
 TOKENIZERS = ("bytes", "sentencepiece")
 
@@ -98,10 +98,15 @@ class SentencePieceTokenizer:
 
 
 def check_tokenizer_config(data_cfg: Any) -> None:
-  """Raises DataError for an unknown `data.tokenizer` or a missing `data.tokenizer_path`; loads nothing."""
+  """Raises DataError for an unknown `data.tokenizer` or a missing `data.tokenizer_path`, ConfigError for a
+  `data.tokenizer_path` that the byte tokenizer would ignore; loads nothing."""
   name = getattr(data_cfg, "tokenizer", "bytes")
   if name not in TOKENIZERS:
     raise DataError(f"data.tokenizer={name!r} is unknown; use one of {TOKENIZERS}")
+  if name == "bytes" and (getattr(data_cfg, "tokenizer_path", "") or ""):
+    raise ConfigError(f"data.tokenizer_path={data_cfg.tokenizer_path!r} is set but data.tokenizer='bytes' never "
+                      f"reads it: pass --config.data.tokenizer=sentencepiece to train with that model, or leave "
+                      f"data.tokenizer_path empty for bytes")
   if name == "sentencepiece":
     path = getattr(data_cfg, "tokenizer_path", "") or ""
     if not path:
@@ -116,6 +121,7 @@ def make_tokenizer(data_cfg: Any) -> Union[ByteTokenizer, SentencePieceTokenizer
 
   Raises:
     DataError: unknown tokenizer, missing model file, or a file SentencePiece cannot load.
+    ConfigError: a `tokenizer_path` given with the byte tokenizer.
   """
   check_tokenizer_config(data_cfg)
   if data_cfg.tokenizer == "bytes":

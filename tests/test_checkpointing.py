@@ -358,3 +358,10 @@ def test_preemption_flag_without_the_service_agrees_by_allgather(monkeypatch, ca
   assert not flag.check(3) and flag.check(4) and gathered[-1] == 1
   flag.close()
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_layout_names_orbax_tmp_folders_as_orbax_does():
+  # layout.py spells the suffix out (it is read before jax and orbax start); orbax's own constant is the reference.
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.checkpoints import layout  # pylint: disable=import-outside-toplevel
+  assert layout.TMP_MARK == ocp.path.atomicity_types.TMP_DIR_SUFFIX

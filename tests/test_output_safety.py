@@ -200,9 +200,11 @@ def test_a_new_report_in_the_run_directory_is_written(run, tmp_path, capsys):
     assert evaluate.main(["--checkpoint", run, "--text_files", str(doc), "--segment_len", "32", "--output", report,
                           "--plot", plot]) == 0, capsys.readouterr().err
     assert os.path.getsize(report) > 0 and os.path.getsize(plot) > 0
-    # ... and a second evaluation may not replace it silently
-    assert evaluate.main(["--checkpoint", run, "--text_files", str(doc), "--output", report]) == 2
-    assert "existing file" in capsys.readouterr().err
+    # ... and a second evaluation replaces it: the report is the user's file, not one the run wrote
+    first = open(report).read()
+    assert evaluate.main(["--checkpoint", run, "--text_files", str(doc), "--segment_len", "16", "--output",
+                          report]) == 0, capsys.readouterr().err
+    assert open(report).read() != first
     jsonl = os.path.join(run, "samples_new.jsonl")
     assert generate.main(["--checkpoint", run, "--prompt", "ab", "--max_new_tokens", "2", "--block_size", "2",
                           "--output_jsonl", jsonl]) == 0, capsys.readouterr().err

@@ -109,8 +109,13 @@ def _tpu_target(name: str) -> Target:
   # libtpu takes a machine-wide lock file by default; a compile-only client needs no exclusive access, and
   # without this a second planner (or a test beside a running benchmark) fails with "libtpu lockfile".
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  # Without a TPU, libtpu asks the environment which slice it is on; saying "this host" quiets most of its noise.
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # Without a TPU, libtpu asks the environment which slice it is on and prints warnings when nothing answers: saying
+  # "this host, one chip" keeps it quiet. The abstract topology is unchanged (v5p:4x4x4 still has 64 devices on 16
+  # hosts); on a TPU VM the real values are left alone.
+  from megalodon_jax import platforms  # pylint: disable=import-outside-toplevel
+  if not platforms.tpu_attached():
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   sizes = [int(s) for s in topo_name.split(":")[1].split("x")]
   chips = math.prod(sizes)

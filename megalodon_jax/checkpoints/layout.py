@@ -20,7 +20,6 @@ import logging
 import os
 from typing import Any, Optional
 
-import orbax.checkpoint as ocp
 from etils import epath
 
 from megalodon_jax import paths
@@ -32,11 +31,15 @@ STATE, DATA, META = "state", "data", "meta"
 ITEMS = (STATE, DATA, META)
 PARAMS_KEY = "params"  # the params subtree of the state item
 CHECKPOINTS_DIR = "checkpoints"  # of a train.py workdir
+LOCK_FILE = ".megalodon-lock.json"  # a running training's lock (training/workdir_lock.py)
+# Everything a training run writes into its workdir (files, then folders); anything else there is the user's.
+RUN_FILES = ("config.json", "shardings.txt", "metrics.jsonl", "samples.jsonl", "tokenizer.model", LOCK_FILE)
+RUN_FOLDERS = (CHECKPOINTS_DIR, "tensorboard")
 PYTREE_METADATA = "_METADATA"
 STEP_METADATA = "_CHECKPOINT_METADATA"
 OCDBT_MANIFEST = "manifest.ocdbt"
 JSON_ITEM_FILE = "metadata"
-TMP_MARK = ocp.path.atomicity_types.TMP_DIR_SUFFIX  # ".orbax-checkpoint-tmp"
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's TMP_DIR_SUFFIX (tests/test_checkpointing.py keeps them equal)
 TRASH = "_to_delete"
 DAMAGED_MARK = ".corrupt-"  # a step folder set aside by training: `<step>.corrupt-<UTC time>`, never restored
 CONFIG_FILE = "megalodon_config.json"
@@ -79,13 +82,20 @@ def folder_kind(folder: Any) -> str:
   return "steps"
 
 
+def _is_finalized(step_dir: epath.Path) -> bool:
+  # orbax is imported here, not at module level: command lines read a workdir before jax (which orbax imports)
+  # starts, and a fresh workdir has no step to ask about.
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  return ocp.path.step.is_path_finalized(step_dir)
+
+
 def finished_steps(root: Any) -> list[int]:
   """The steps of a checkpoints/ folder whose save finished, ascending; tmp folders of unfinished saves never count."""
   path = as_path(root)
   if not path.is_dir():
     return []
   return sorted(int(p.name) for p in path.iterdir()
-                if p.name.isdigit() and p.is_dir() and ocp.path.step.is_path_finalized(p))
+                if p.name.isdigit() and p.is_dir() and _is_finalized(p))
 
 
 def read_json(path: epath.Path, what: str) -> Any:
@@ -142,7 +152,7 @@ def check_directory(directory: str, *, check_steps: bool = True) -> None:
     elif entry.name.isdigit():
       if not entry.is_dir():
         raise CheckpointError(f"{entry} is named like a checkpoint step but is not a directory: remove it.")
-      if check_steps and ocp.path.step.is_path_finalized(entry):  # commit-file filesystems (GCS): unmarked = unfinished
+      if check_steps and _is_finalized(entry):  # commit-file filesystems (GCS): unmarked = unfinished
         check_step_dir(entry)
 
 

@@ -10,8 +10,9 @@ lines run on their output paths before they load anything.
 - `check_new_entries(out, known, ...)`: `--overwrite` replaces a folder only when every entry in it is one the
   command writes itself (an earlier export); anything else is named and nothing is deleted.
 - `check_output_file(path, ...)`: an output file (evaluate's report and plot, generate's JSON lines) must not be a
-  folder, an input, anything inside the checkpoint's data, or an existing file of its run directory; a new file in
-  the run directory (runs/tiny/eval.json) is fine.
+  folder, an input, anything inside the checkpoint's data, or an existing file the run wrote in its directory
+  (`layout.RUN_FILES`, `layout.RUN_FOLDERS`); the user's own files there (runs/tiny/eval.json, new or from an
+  earlier evaluation) are fine. Beside a PyTorch checkpoint every existing file counts as the checkpoint's.
 
 Paths are compared with `paths.canonical` (local symlinks resolved, URLs normalised), so a link cannot route an
 output around these checks.
@@ -152,9 +153,21 @@ def check_output_file(path: Optional[str], flag: str, checkpoint: str, error: ty
   if areas.data is not None and paths.overlap(path, areas.data) in ("same", "inside"):
     raise error(f"{flag} {path} lies inside the checkpoint {areas.data} that --checkpoint reads: writing there "
                 f"could damage it; choose a file outside it")
-  if p.exists() and paths.overlap(path, areas.root) == "inside":
+  if p.exists() and paths.overlap(path, areas.root) == "inside" and _belongs_to(path, areas.root):
     raise error(f"{flag} {path} would replace {paths.canonical(path)}, an existing file of the checkpoint's "
                 f"directory {areas.root}; choose a new file name (or a path outside that directory)")
+
+
+def _belongs_to(path: str, root: str) -> bool:
+  """Whether the file `path` inside `root` is the checkpoint's: in a training run's directory, one of the files the
+  run writes (a user's own files there, e.g. an earlier report, may be replaced); in any other folder (a PyTorch
+  export), every file."""
+  if layout.folder_kind(root) != "workdir":
+    return True
+  rel = os.path.relpath(paths.canonical(path), root) if not paths.is_remote(path) else \
+      paths.canonical(path)[len(root.rstrip("/")) + 1:]
+  top = rel.replace(os.sep, "/").split("/")[0]
+  return top in layout.RUN_FILES + layout.RUN_FOLDERS
 
 
 def _suffix(flag: str) -> str:

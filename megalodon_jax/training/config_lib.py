@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 from megalodon_jax import paths
 from megalodon_jax.config import MegalodonConfig
-from megalodon_jax.errors import CheckpointError, ConfigError
+from megalodon_jax.errors import CheckpointError, ConfigError, ShardingError
+from megalodon_jax.training import mesh_checks, optimizer_args  # jax-free: validate runs before jax starts
 
 PROGRESS_BAR = ("auto", "on", "off")
 
@@ -64,7 +65,7 @@ def model_config(cfg: Any, tokenizer_vocab_size: int) -> MegalodonConfig:
 def _fixed_mesh_devices(mesh_cfg: Any) -> int:
   """The product of the mesh sizes other than -1 (1 for malformed sizes, which `mesh_shape` then reports)."""
   total = 1
-  for axis in ("data", "sequence", "fsdp", "tensor"):
+  for axis in mesh_checks.MESH_AXES:
     size = getattr(mesh_cfg, axis, 1)
     if isinstance(size, int) and not isinstance(size, bool) and size >= 1:
       total *= size
@@ -82,8 +83,6 @@ def validate(cfg: Any, num_devices: Optional[int], *, check_inputs: bool = True)
   Raises:
     ConfigError: the first problem found, naming its key.
   """
-  from megalodon_jax.training import optimizer as opt_lib  # local: keeps this module import-light
-  from megalodon_jax.training import sharding
 
   for key, minimum in (("seq_len", 1), ("batch_size", 1), ("grad_accum_steps", 1), ("total_steps", 1),
                        ("checkpoint_every", 1), ("checkpoint_keep", 1), ("log_every", 1), ("eval_every", 0),
@@ -108,9 +107,10 @@ def validate(cfg: Any, num_devices: Optional[int], *, check_inputs: bool = True)
 
   o = cfg.optimizer
   try:
-    opt_lib.make_optimizer(o.lr, cfg.total_steps, o.warmup_steps, scheduler=o.scheduler, init_ratio=o.init_ratio,
-                           end_ratio=o.end_ratio, cycles=o.cycles, b1=o.b1, b2=o.b2, eps=o.eps,
-                           weight_decay=o.weight_decay, clip=o.clip or None, decay_mask=o.decay_mask)
+    optimizer_args.check_schedule_args(o.lr, cfg.total_steps, o.warmup_steps, o.scheduler, o.init_ratio, o.end_ratio,
+                                       o.cycles)
+    optimizer_args.check_adamw_args(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip=o.clip or None,
+                                    decay_mask=o.decay_mask, grad_accum_steps=1)
   except ValueError as e:
     # optimizer messages start with the argument name; map it to the config key.
     msg = str(e)
@@ -122,16 +122,16 @@ def validate(cfg: Any, num_devices: Optional[int], *, check_inputs: bool = True)
   try:
     # Before the backends start the device count is unknown: check against the fixed sizes alone (a -1 axis counts
     # 1), whose conditions the real mesh must meet too; the trainer checks again with the real count.
-    shape = sharding.mesh_shape(cfg.mesh, _fixed_mesh_devices(cfg.mesh) if num_devices is None else num_devices)
-    sharding.check_rules(cfg.logical_axis_rules)
-  except sharding.ShardingError as e:
+    shape = mesh_checks.mesh_shape(cfg.mesh, _fixed_mesh_devices(cfg.mesh) if num_devices is None else num_devices)
+    mesh_checks.check_rules(cfg.logical_axis_rules)
+  except ShardingError as e:
     raise ConfigError(str(e)) from None
-  sizes = dict(zip(sharding.MESH_AXES, shape))
+  sizes = dict(zip(mesh_checks.MESH_AXES, shape))
   try:
-    sharding.check_batch(cfg.batch_size, cfg.grad_accum_steps, sizes)
+    mesh_checks.check_batch(cfg.batch_size, cfg.grad_accum_steps, sizes)
     if isinstance(chunk, int) and chunk > 0:
-      sharding.check_sequence(cfg.seq_len, chunk, sizes)
-  except sharding.ShardingError as e:
+      mesh_checks.check_sequence(cfg.seq_len, chunk, sizes)
+  except ShardingError as e:
     raise ConfigError(f"--config.batch_size={cfg.batch_size!r}: {e}" if "batch_size" in str(e).split(" ", 1)[0]
                       else f"--config.mesh.sequence={sizes['sequence']!r}: {e}") from None
 

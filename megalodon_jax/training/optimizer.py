@@ -14,53 +14,17 @@ with no shift.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-SCHEDULERS = ("linear", "cosine", "constant")
-DECAY_MASKS = ("all", "matrices")
+from megalodon_jax.training.optimizer_args import (  # noqa: F401  (SCHEDULERS, DECAY_MASKS: public names here too)
+    DECAY_MASKS, SCHEDULERS, check_adamw_args, check_real, check_schedule_args)
 
 # FSDP / torch `clip_grad_norm_` add this to the norm before dividing; optax.clip_by_global_norm does not.
 _CLIP_EPS = 1e-6
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-  # bool is an int subclass; reject it so `warmup_steps=True` is not silently 1.
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_real(name: str, value: Any, low: float, high: float = math.inf, low_inclusive: bool = True,
-                high_inclusive: bool = True) -> None:
-  ok_type = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-  ok_low = ok_type and (value >= low if low_inclusive else value > low)
-  ok_high = ok_type and (value <= high if high_inclusive else value < high)
-  if not (ok_type and ok_low and ok_high):
-    lo = "[" if low_inclusive else "("
-    hi = "]" if high_inclusive else ")"
-    raise ValueError(f"{name} must be a finite number in {lo}{low}, {high}{hi}, got {value!r}")
-
-
-def _check_schedule_args(peak_lr: float, total_steps: int, warmup_steps: int, scheduler: str, init_ratio: float,
-                         end_ratio: float, cycles: float) -> None:
-  if scheduler not in SCHEDULERS:
-    raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-  _check_real("peak_lr", peak_lr, 0.0, low_inclusive=False)
-  _check_int("total_steps", total_steps, 1)
-  _check_int("warmup_steps", warmup_steps, 0)
-  if warmup_steps > total_steps:
-    raise ValueError(f"warmup_steps ({warmup_steps}) must not exceed total_steps ({total_steps})")
-  if scheduler != "constant" and warmup_steps == total_steps:
-    # The official lambda divides by (total - warmup) at step == warmup; it would raise ZeroDivisionError.
-    raise ValueError(f"warmup_steps ({warmup_steps}) must be < total_steps ({total_steps}) for the "
-                     f"{scheduler!r} scheduler, which decays between them")
-  _check_real("init_ratio", init_ratio, 0.0, 1.0)
-  _check_real("end_ratio", end_ratio, 0.0, 1.0)
-  _check_real("cycles", cycles, 0.0, low_inclusive=False)
 
 
 def lr_schedule(peak_lr: float, total_steps: int, warmup_steps: int, scheduler: str = "linear",
@@ -89,7 +53,7 @@ def lr_schedule(peak_lr: float, total_steps: int, warmup_steps: int, scheduler: 
   Raises:
     ValueError: If an argument is out of range; the message names it.
   """
-  _check_schedule_args(peak_lr, total_steps, warmup_steps, scheduler, init_ratio, end_ratio, cycles)
+  check_schedule_args(peak_lr, total_steps, warmup_steps, scheduler, init_ratio, end_ratio, cycles)
   peak, init, end = float(peak_lr), float(init_ratio), float(end_ratio)
   # max(.., 1) only guards the division when warmup is 0: then `step < warmup` never selects the ramp.
   ramp_slope = (1.0 - init) / max(warmup_steps, 1)
@@ -127,7 +91,7 @@ def clip_by_global_norm_official(max_norm: float) -> optax.GradientTransformatio
   Raises:
     ValueError: If `max_norm` is not positive.
   """
-  _check_real("max_norm", max_norm, 0.0, low_inclusive=False)
+  check_real("max_norm", max_norm, 0.0, low_inclusive=False)
 
   def init_fn(params: Any) -> optax.EmptyState:
     del params
@@ -185,15 +149,8 @@ def make_optimizer(peak_lr: float, total_steps: int, warmup_steps: int, *, sched
     ValueError: If an argument is out of range; the message names it.
   """
   schedule = lr_schedule(peak_lr, total_steps, warmup_steps, scheduler, init_ratio, end_ratio, cycles)
-  _check_real("b1", b1, 0.0, 1.0, high_inclusive=False)
-  _check_real("b2", b2, 0.0, 1.0, high_inclusive=False)
-  _check_real("eps", eps, 0.0, low_inclusive=False)
-  _check_real("weight_decay", weight_decay, 0.0)
-  if clip is not None:
-    _check_real("clip", clip, 0.0, low_inclusive=False)
-  if decay_mask not in DECAY_MASKS:
-    raise ValueError(f"decay_mask must be one of {DECAY_MASKS}, got {decay_mask!r}")
-  _check_int("grad_accum_steps", grad_accum_steps, 1)
+  check_adamw_args(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, clip=clip, decay_mask=decay_mask,
+                   grad_accum_steps=grad_accum_steps)
 
   mask = None if decay_mask == "all" else _matrices_mask
   adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)

@@ -52,6 +52,8 @@ def hold(workdir: str, is_main: bool) -> Held:
       lock = WorkdirLock(workdir).acquire()
     except MegalodonError as e:
       refused = str(e) or "the workdir lock could not be taken"
+    except OSError as e:  # e.g. no permission to create files in the workdir
+      refused = f"cannot take the lock of workdir {workdir}: {e}"
   if jax.process_count() > 1:
     refused = _share(workdir, refused, is_main)
   if refused:

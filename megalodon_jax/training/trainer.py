@@ -192,11 +192,6 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None, *
 
 def _train(run: _Run, cfg: Any, workdir: str, lock: Any, on_start: Optional[Callable[[int], None]]
            ) -> dict[str, float]:
-  if run.is_main:
-    paths.makedirs(workdir)
-    if run.tokenizer_model is not None:  # before config.json: a run dir of another tokenizer is refused untouched
-      tokenizer_copy.write_copy(workdir, run.tokenizer_model, what=f"the run directory {workdir}")
-    paths.as_path(paths.join(workdir, "config.json")).write_text(cfg.to_json_best_effort(indent=2))
   log.info("model: %s parameters; mesh %s", f"{run.model_cfg.num_params():,}", dict(run.mesh.shape))
   data_lib.prepare(cfg.data)
   pidx, pcount = run.data_split()
@@ -220,7 +215,11 @@ def _train(run: _Run, cfg: Any, workdir: str, lock: Any, on_start: Optional[Call
         log.info("initialised params from %s", cfg.init_from)
       else:
         state, start = run.fresh_state(), 0
+      # Written once the state is known to restore, so a refused resume leaves the run directory as it was.
       if run.is_main:
+        if run.tokenizer_model is not None:  # before config.json: a run dir of another tokenizer is refused untouched
+          tokenizer_copy.write_copy(workdir, run.tokenizer_model, what=f"the run directory {workdir}")
+        paths.as_path(paths.join(workdir, "config.json")).write_text(cfg.to_json_best_effort(indent=2))
         paths.as_path(paths.join(workdir, "shardings.txt")).write_text(
             f"# mesh {dict(run.mesh.shape)}; batches (B, L): {run.batch_sharding.spec} (B over data x fsdp, "
             f"L over sequence: {cfg.seq_len // run.mesh.shape['sequence']} tokens per slice)\n"

@@ -1,8 +1,8 @@
 """What a training run may use as its workdir, checked before jax starts and before anything is written.
 
-A run writes these entries into its workdir, and nothing else (`RUN_ENTRIES`): config.json, shardings.txt,
-metrics.jsonl, samples.jsonl, tokenizer.model, checkpoints/, tensorboard/ and the lock file of
-`workdir_lock.py`. Other files a user keeps there (notes, scheduler logs) are never touched.
+A run writes these entries into its workdir, and nothing else (`layout.RUN_FILES`, `layout.RUN_FOLDERS`):
+config.json, shardings.txt, metrics.jsonl, samples.jsonl, tokenizer.model, the lock file of `workdir_lock.py`,
+checkpoints/ and tensorboard/. Other files a user keeps there (notes, scheduler logs) are never touched.
 
 Refused, with one ConfigError line naming the path:
   - a workdir that is a file, or that cannot be created or written (read-only file system, no permission);
@@ -24,9 +24,8 @@ from megalodon_jax.checkpoints import layout
 from megalodon_jax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
-LOCK_FILE = ".megalodon-lock.json"  # workdir_lock.py
-RUN_ENTRIES = (CONFIG_FILE, "shardings.txt", "metrics.jsonl", "samples.jsonl", "tokenizer.model",
-               layout.CHECKPOINTS_DIR, "tensorboard", LOCK_FILE)
+LOCK_FILE = layout.LOCK_FILE
+RUN_ENTRIES = layout.RUN_FILES + layout.RUN_FOLDERS
 
 
 def _fail(workdir: str, why: str) -> None:

@@ -50,9 +50,10 @@ from typing import Any, Optional
 from etils.epath import backend as epath_backend
 
 from megalodon_jax import paths
+from megalodon_jax.checkpoints import layout
 from megalodon_jax.errors import CheckpointError, ConfigError
 
-LOCK_FILE_NAME = ".megalodon-lock.json"
+LOCK_FILE_NAME = layout.LOCK_FILE  # ".megalodon-lock.json"
 DEFAULT_STALE_AFTER_S = 300.0
 DEFAULT_HEARTBEAT_S = 30.0
 FORMAT = 1

@@ -11,7 +11,10 @@ import warnings
 import jax
 import pytest
 
+from megalodon_jax import platforms
+
 # Before any backend starts: single-device code still runs on device 0, sharding tests get 8 devices in-process.
+platforms.skip_absent_tpu()  # no libtpu warnings in the test logs (the command lines do the same)
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("MEGALODON_JAX_CACHE", os.path.expanduser("~/.cache/megalodon-jax/xla")))

@@ -129,6 +129,7 @@ def test_trainer_workdir_on_gcs_resumes_exactly_and_init_from_reads_it(fake_gcs,
   assert os.listdir(".") == []
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # reads that end after the failure
 def test_trainer_on_gcs_takes_the_lock_and_sets_a_damaged_step_aside(fake_gcs, data_dir, straight_losses, caplog):
   """The workdir lock and the damaged-step fallback on gs://: a held lock refuses the run (nothing written), a
   stale one (another host, old heartbeat) is taken over, and a truncated newest step is renamed aside in the bucket

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 from typing import Any, Optional
@@ -34,6 +35,33 @@ def _json(value: Any, what: str) -> Any:
     return json.loads(json.dumps(value))
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{what} must be JSON-serializable: {e}") from e
+
+
+def _late_read_error(exc: Any) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _ignore_late_read_callbacks() -> None:
+  """After a failed restore, the other reads of the step still finish in TensorStore's threads, once orbax has
+  closed its event loop; their callbacks then raise "Event loop is closed", which Python prints as a traceback each
+  (through sys.excepthook or sys.unraisablehook) after the one-line error. Those, and only those, are dropped."""
+  if getattr(sys.excepthook, "_megalodon_quiet", False):
+    return
+  previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(kind: Any, value: Any, tb: Any) -> None:
+    if not _late_read_error(value):
+      previous_except(kind, value, tb)
+
+  def unraisablehook(unraisable: Any) -> None:
+    if not _late_read_error(unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  excepthook._megalodon_quiet = True  # type: ignore[attr-defined]
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+  # The metadata reads of a damaged step end the same way, in tasks asyncio reports with their whole spec dump.
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not str(record.msg).startswith("Task exception was never retrieved"))
 
 
 class Checkpointer:
@@ -131,14 +159,21 @@ class Checkpointer:
     step_dir, finished = self.directory / str(step), layout.finished_steps(self.directory)
     if step not in finished:
       raise CheckpointError(f"{step_dir} is not a finished checkpoint (finished steps: {finished}).")
-    layout.check_step_dir(step_dir)
     abstract = trees.abstract(abstract_state)
-    trees.match(trees.saved_leaves(step_dir / layout.STATE), trees.leaves(abstract), step_dir, check_dtype=True)
+    try:
+      layout.check_step_dir(step_dir)
+      saved = trees.saved_leaves(step_dir / layout.STATE)
+    except CheckpointDamagedError as e:
+      _ignore_late_read_callbacks()
+      raise CheckpointDamagedError(f"step {step} in {self.directory} does not restore: "
+                                   f"{str(e).replace(' ' + layout.MOVE, '')} {layout.MOVE}") from e
+    trees.match(saved, trees.leaves(abstract), step_dir, check_dtype=True)  # another model: not damage
     args = ocp.args.Composite(**{layout.STATE: ocp.args.StandardRestore(abstract),
                                  layout.DATA: ocp.args.JsonRestore(), layout.META: ocp.args.JsonRestore()})
     try:
       out = self._mgr.restore(step, args=args)
     except Exception as e:  # tensorstore/orbax errors on damaged data files
+      _ignore_late_read_callbacks()
       raise CheckpointDamagedError(f"step {step} in {self.directory} does not restore: {trees.damage(e)}. "
                                    f"{layout.MOVE}") from e
     return out[layout.STATE], out[layout.DATA], out[layout.META]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,8 +26,10 @@ from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
 from megalodon_jax.checkpoints.model_state import merge_model, split_model
 from megalodon_jax.checkpoints.params import load_params, save_params
 from megalodon_jax.config import MegalodonConfig
-from megalodon_jax.errors import ConvertError
+from megalodon_jax.errors import CheckpointDamagedError, ConvertError
 from megalodon_jax.model import MegalodonLM
+
+log = logging.getLogger("megalodon_jax")
 
 
 def _default_variables(config: MegalodonConfig):
@@ -66,7 +69,12 @@ def load_checkpoint(path: str, *, step: Optional[int] = None, device: Optional[j
   abstract = nnx.eval_shape(lambda: MegalodonLM(config, rngs=nnx.Rngs(0)))
   graphdef, abs_params, _, _ = split_model(abstract)
   abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abs_params)
-  params = load_params(info.params_path, abs_params)
+  try:
+    params = load_params(info.params_path, abs_params)
+  except CheckpointDamagedError as e:
+    if step is not None or info.kind != "step":
+      raise
+    info, params = _load_an_earlier_step(path, info, abs_params, e)
   with jax.default_device(device):
     buffers, rng_vars = _default_variables(config)
   return merge_model(graphdef, params, buffers, rng_vars), config, info.step
@@ -81,6 +89,22 @@ PARAMS_CHECKPOINT_ENTRIES = output_guard.KnownEntries(
     "a params-only checkpoint (from-pytorch)",
     f"Orbax's _METADATA, _CHECKPOINT_METADATA, _sharding, manifest.ocdbt, commit_success.txt, d/, array_metadatas/, "
     f"ocdbt.process_N/, and {layout.CONFIG_FILE}, {tokenizer_copy.TOKENIZER_FILE}")
+
+
+def _load_an_earlier_step(path: str, newest: Any, abs_params: Any, error: CheckpointDamagedError) -> tuple[Any, Any]:
+  """The params of the newest earlier step that loads, when the latest step of a run is damaged (a reader never
+  renames it: training does, when it resumes). Raises the first error if no earlier step loads."""
+  steps_dir = os.path.dirname(newest.params_path.rstrip("/"))
+  for step in reversed([s for s in layout.finished_steps(steps_dir) if s < (newest.step or 0)]):
+    try:
+      info = locate_checkpoint(path, step)
+      params = load_params(info.params_path, abs_params)
+    except CheckpointDamagedError:
+      continue
+    log.warning("the latest step %s of %s is damaged (%s); loaded step %d instead", newest.step, steps_dir,
+                str(error).split(". ")[0], step)
+    return info, params
+  raise error
 
 
 @contextlib.contextmanager

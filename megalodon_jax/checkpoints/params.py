@@ -7,7 +7,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from megalodon_jax.checkpoints import layout, trees
-from megalodon_jax.errors import CheckpointError
+from megalodon_jax.errors import CheckpointDamagedError, CheckpointError
 
 
 def save_params(path: str, params: Any, *, overwrite: bool = False) -> None:
@@ -56,7 +56,7 @@ def load_params(path: str, abstract_params: Any) -> Any:
   try:
     out = ckptr.restore(item_dir, args=args)
   except Exception as e:  # tensorstore/orbax errors on damaged data files
-    raise CheckpointError(f"loading params from {item_dir} failed: {trees.short(e)}") from e
+    raise CheckpointDamagedError(f"loading params from {item_dir} failed: {trees.damage(e)}") from e
   finally:
     ckptr.close()
   return out if prefix is None else out[prefix]

@@ -38,13 +38,16 @@ def _json(value: Any, what: str) -> Any:
 
 
 def _late_read_error(exc: Any) -> bool:
-  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+  text = str(exc)
+  return (text == "Event loop is closed" or text.startswith("Encountered error while reading")
+          or (text.split(":")[0].isupper() and ("OCDBT" in text or "tensorstore" in text)))
 
 
 def _ignore_late_read_callbacks() -> None:
   """After a failed restore, the other reads of the step still finish in TensorStore's threads, once orbax has
-  closed its event loop; their callbacks then raise "Event loop is closed", which Python prints as a traceback each
-  (through sys.excepthook or sys.unraisablehook) after the one-line error. Those, and only those, are dropped."""
+  closed its event loop; their callbacks then raise "Event loop is closed", and their coroutines are collected with
+  their own read errors, which Python prints as a traceback each (through sys.excepthook or sys.unraisablehook)
+  after the one-line error. Those, and only those (recognised by their messages), are dropped."""
   if getattr(sys.excepthook, "_megalodon_quiet", False):
     return
   previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook

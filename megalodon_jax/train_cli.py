@@ -128,8 +128,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # The config, the data paths, init_from and the workdir are checked before jax's backends and jax.distributed
     # start: a typo is reported at once, and a refused run creates nothing on disk.
     from megalodon_jax.training import config_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-    config_lib.validate(cfg, None)
+    config_lib.validate(cfg, None, check_inputs=False)
     workdir_lib.check_workdir(workdir)
+    config_lib.validate_inputs(cfg)
     jax = _start_jax()
     from megalodon_jax.training import trainer  # pylint: disable=import-outside-toplevel
     from megalodon_jax.training.preemption import (  # pylint: disable=import-outside-toplevel

@@ -14,17 +14,34 @@ dataset once per set of inputs), then `make_train_iterator` and `make_eval_batch
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from megalodon_jax.data import sources
-from megalodon_jax.data.pipeline import TrainIterator, make_eval_batches, make_train_iterator, merge_states
-from megalodon_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, make_tokenizer
 from megalodon_jax.errors import DataError
+
+# Imported on first use (PEP 562): the command line checks a config before jax, grain and TFDS start, and
+# `check_data_config` needs only sources.py.
+_LAZY = {"TrainIterator": "pipeline", "make_eval_batches": "pipeline", "make_train_iterator": "pipeline",
+         "merge_states": "pipeline", "ByteTokenizer": "tokenizers", "SentencePieceTokenizer": "tokenizers",
+         "Tokenizer": "tokenizers", "make_tokenizer": "tokenizers"}
 
 __all__ = [
     "ByteTokenizer", "DataError", "SentencePieceTokenizer", "Tokenizer", "TrainIterator", "check_data_config",
     "make_eval_batches", "make_tokenizer", "make_train_iterator", "merge_states", "prepare",
 ]
+
+
+def __getattr__(name: str) -> Any:
+  module = _LAZY.get(name)
+  if module is None:
+    raise AttributeError(f"module 'megalodon_jax.data' has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"megalodon_jax.data.{module}"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))
 
 
 def check_data_config(data_cfg: Any) -> None:
@@ -37,6 +54,7 @@ def check_data_config(data_cfg: Any) -> None:
   ConfigError: the byte tokenizer would ignore it); `train_split` / `eval_split` existing; the training split
   non-empty; `validation_percent`, `max_documents`, `add_eos`, `worker_count` valid.
   """
+  from megalodon_jax.data import sources  # pylint: disable=import-outside-toplevel
   sources.check(data_cfg)
 
 
@@ -46,4 +64,5 @@ def prepare(data_cfg: Any) -> None:
   Raises:
     DataError: as `check_data_config`, or the enwik8 file could not be found or downloaded.
   """
+  from megalodon_jax.data import sources  # pylint: disable=import-outside-toplevel
   sources.prepare(data_cfg)

@@ -135,8 +135,16 @@ def validate(cfg: Any, num_devices: Optional[int], *, check_inputs: bool = True)
     raise ConfigError(f"--config.batch_size={cfg.batch_size!r}: {e}" if "batch_size" in str(e).split(" ", 1)[0]
                       else f"--config.mesh.sequence={sizes['sequence']!r}: {e}") from None
 
-  if not check_inputs:
-    return
+  if check_inputs:
+    validate_inputs(cfg)
+
+
+def validate_inputs(cfg: Any) -> None:
+  """Checks that `init_from` holds params and that the data exists (reads file metadata only).
+
+  Raises:
+    ConfigError: naming the key.
+  """
   if cfg.init_from:
     from megalodon_jax.checkpoints import layout  # pylint: disable=import-outside-toplevel
     try:

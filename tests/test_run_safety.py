@@ -263,3 +263,16 @@ def test_a_read_only_workdir_is_one_line_before_anything_starts(tmp_path, data_d
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and "Read-only file system" in lines[0] and "--workdir" in lines[0], proc.stderr
   assert tree_digest(str(tmp_path)) == before
+
+
+def test_ordinary_folders_named_like_checkpoint_parts_are_fine_workdirs(tmp_path):
+  """Only real checkpoints refuse a workdir: /data/checkpoints/<run> (a folder of runs) or a project folder that
+  happens to hold a state/ folder are accepted, and the check writes nothing."""
+  from megalodon_jax.training.workdir import check_workdir  # pylint: disable=import-outside-toplevel
+  (tmp_path / "data" / "checkpoints" / "older_run").mkdir(parents=True)
+  (tmp_path / "project" / "state").mkdir(parents=True)
+  (tmp_path / "project" / "notes.txt").write_text("mine")
+  before = tree_digest(str(tmp_path))
+  for workdir in (tmp_path / "data" / "checkpoints" / "run1", tmp_path / "project", tmp_path / "project" / "run"):
+    check_workdir(str(workdir))
+  assert tree_digest(str(tmp_path)) == before

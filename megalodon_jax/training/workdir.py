@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 from megalodon_jax import paths
 from megalodon_jax.checkpoints import layout
@@ -41,10 +41,18 @@ def _written_by_a_run(config_file: str) -> bool:
 
 
 def is_run_directory(workdir: str) -> bool:
-  """Whether `workdir` holds a training run (its checkpoints/, its config.json, or its lock)."""
+  """Whether `workdir` holds a training run: its lock, its config.json, or checkpoint steps under checkpoints/ (a
+  folder merely named checkpoints, e.g. /data/checkpoints holding runs, does not count)."""
   p = paths.as_path(workdir)
-  return ((p / layout.CHECKPOINTS_DIR).is_dir() or (p / LOCK_FILE).exists()
-          or _written_by_a_run(os.fspath(p / CONFIG_FILE)))
+  if (p / LOCK_FILE).exists() or _written_by_a_run(os.fspath(p / CONFIG_FILE)):
+    return True
+  steps = p / layout.CHECKPOINTS_DIR
+  return steps.is_dir() and any(e.name.split(".")[0].isdigit() for e in steps.iterdir())
+
+
+def _is_step(folder: Any) -> bool:
+  # Stricter than layout.folder_kind's "step" (a state/ subfolder): any user folder may have one of those.
+  return ((folder / layout.STATE / layout.PYTREE_METADATA).exists() and (folder / layout.META).is_dir())
 
 
 def _enclosing_checkpoint(workdir: str) -> Optional[str]:
@@ -55,7 +63,7 @@ def _enclosing_checkpoint(workdir: str) -> Optional[str]:
     if not folder.is_dir():
       continue
     kind = layout.folder_kind(folder)
-    if kind in ("params", layout.STATE, "step"):
+    if kind in ("params", layout.STATE) or (kind == "step" and _is_step(folder)):
       return os.fspath(folder)
     if folder.name == layout.CHECKPOINTS_DIR and folder != path and is_run_directory(os.fspath(folder.parent)):
       return os.fspath(folder)

@@ -181,6 +181,33 @@ class Checkpointer:
                                    f"{layout.MOVE}") from e
     return out[layout.STATE], out[layout.DATA], out[layout.META]
 
+  def restore_newest(self, abstract_state: Any) -> Optional[tuple[Any, dict, dict, int]]:
+    """(state, data_state, meta, step) of the newest finished step that restores; None when there is none.
+
+    A step whose files are damaged (CheckpointDamagedError: truncated or missing data, unreadable metadata) is
+    skipped; once an older step restores, each skipped step is set aside (`set_aside`) with a one-line warning
+    naming the file that failed. If no step restores, nothing is renamed and the newest step's problem is raised.
+    A step that does not match `abstract_state` (another model) is not damage: that error is raised as it is.
+    """
+    skipped: list[tuple[int, CheckpointDamagedError]] = []
+    for step in reversed(layout.finished_steps(self.directory)):
+      try:
+        state, data_state, meta = self.restore(step, abstract_state)
+      except CheckpointDamagedError as e:
+        skipped.append((step, e))
+        continue
+      for bad, error in skipped:
+        moved = self.set_aside(bad)
+        log.warning("%s; renamed it %s and resumed from step %d", str(error).split(". " + layout.MOVE)[0], moved,
+                    step)
+      return state, data_state, meta, step
+    if skipped:
+      error = str(skipped[0][1]).split(layout.MOVE)[0].strip()
+      raise CheckpointError(f"no checkpoint in {self.directory} restores (steps {[s for s, _ in skipped]}); the "
+                            f"newest: {error} Move the damaged step folders out of the way, or start a new "
+                            f"--workdir (with --config.init_from to reuse weights).")
+    return None
+
   def set_aside(self, step: int) -> str:
     """Renames the finished step `step` to `<step>.corrupt-<UTC time>` (kept, never listed or restored again) and
     returns the new path. Only the primary process renames; every process forgets the step."""

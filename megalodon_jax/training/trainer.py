@@ -30,7 +30,7 @@ from megalodon_jax.checkpoints import tokenizer_copy
 from megalodon_jax.checkpoints.manager import Checkpointer
 from megalodon_jax.checkpoints.model_state import split_model
 from megalodon_jax.checkpoints.params import load_params
-from megalodon_jax.errors import CheckpointDamagedError, CheckpointError, NonFiniteLossError
+from megalodon_jax.errors import NonFiniteLossError
 from megalodon_jax.inference.generation import Generator
 from megalodon_jax.inference.sampling import Sampler
 from megalodon_jax.model import MegalodonLM
@@ -233,37 +233,16 @@ def _train(run: _Run, cfg: Any, workdir: str, lock: Any, on_start: Optional[Call
 
 
 def _resume(run: _Run, ckpt: Checkpointer, train_iter: Any) -> Optional[tuple[ts.TrainState, int]]:
-  """(state, step) of the newest finished step that restores, with the data iterator moved to that step; None for
-  a new run.
-
-  A step whose files are damaged (CheckpointDamagedError: truncated or missing data, unreadable metadata) is
-  skipped; once an older step restores, each skipped step is renamed `<step>.corrupt-<time>` (kept, never listed
-  again) with a one-line warning, so generate, evaluate and convert no longer pick it either. The metrics log is
-  cut back to the step resumed from (`_loop`). If no step restores, nothing is renamed and the newest step's
-  problem is raised. A step that merely does not match the config (another model) is not damage: that error is
-  raised as it is.
-  """
-  skipped: list[tuple[int, CheckpointDamagedError]] = []
-  for step in reversed(ckpt_layout.finished_steps(run.ckpt_dir)):
-    try:
-      state, data_state, _ = ckpt.restore(step, run.abstract_state)
-    except CheckpointDamagedError as e:
-      skipped.append((step, e))
-      continue
-    train_iter.set_state(data_state_lib.restored_data_state(data_state, run.ckpt_dir, step))
-    for bad, error in skipped:
-      moved = ckpt.set_aside(bad)
-      log.warning("%s; renamed it %s and resumed from step %d", str(error).split(". " + ckpt_layout.MOVE)[0],
-                  moved, step)
-    process_lock.barrier("megalodon_jax/set_aside")  # every process sees the renamed folders before saving
-    log.info("resumed from %s at step %d", run.ckpt_dir, step)
-    return state, step
-  if skipped:
-    step, error = skipped[0]
-    raise CheckpointError(f"no checkpoint in {run.ckpt_dir} restores (steps {[s for s, _ in skipped]}); the newest: "
-                          f"{str(error).split(ckpt_layout.MOVE)[0].strip()} Move the damaged step folders out of "
-                          f"the way, or start a new --workdir (with --config.init_from to reuse weights).")
-  return None
+  """(state, step) of the newest step that restores (damaged newer steps are set aside: `restore_newest`), with
+  the data iterator moved to that step (the metrics log is cut back to it in `_loop`); None for a new run."""
+  resumed = ckpt.restore_newest(run.abstract_state)
+  process_lock.barrier("megalodon_jax/resume")  # every process sees the set-aside folders before anyone saves
+  if resumed is None:
+    return None
+  state, data_state, _, step = resumed
+  train_iter.set_state(data_state_lib.restored_data_state(data_state, run.ckpt_dir, step))
+  log.info("resumed from %s at step %d", run.ckpt_dir, step)
+  return state, step
 
 
 def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.TrainState, start: int,

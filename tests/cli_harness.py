@@ -13,7 +13,8 @@ import hashlib
 import os
 import subprocess
 import sys
-from typing import Mapping, Optional, Sequence
+import time
+from typing import Callable, Mapping, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,3 +72,15 @@ def tree_digest(root: str) -> dict[str, str]:
       with open(path, "rb") as fh:
         out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
   return out
+
+
+def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: float = 300.0) -> None:
+  """Polls `predicate` until it holds; fails the test if `proc` exits first (showing its stderr) or on timeout."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if predicate():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"the command exited early (rc {proc.returncode}): {proc.stderr.read()[-2000:]}")
+    time.sleep(0.05)
+  raise AssertionError("timed out")

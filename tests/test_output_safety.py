@@ -9,7 +9,6 @@ in-process. One tiny train.py run (1 layer, 2 steps) serves the module.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import jax
@@ -22,20 +21,15 @@ from megalodon_jax.checkpoints import output_guard
 from megalodon_jax.convert import cli as convert_cli
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.training import trainer
+from test_train import small_config
 
 
 @pytest.fixture(scope="module")
 def nest(tmp_path_factory) -> str:
   """A folder holding a train.py run (`run/`: checkpoints/2, metrics.jsonl, config.json) and an unrelated
   `sibling/` folder."""
-  cfg = importlib.import_module("configs.tiny").get_config()
-  cfg.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
-  cfg.data.max_documents = 60
-  cfg.model.num_layers, cfg.model.chunk_size = 1, 32
-  cfg.seq_len, cfg.batch_size, cfg.total_steps = 64, 8, 2
-  cfg.optimizer.warmup_steps = 1
-  cfg.checkpoint_every, cfg.log_every, cfg.eval_every, cfg.num_samples = 2, 1, 0, 0
-  cfg.tensorboard, cfg.progress_bar, cfg.async_checkpointing = False, "off", False
+  cfg = small_config(str(tmp_path_factory.mktemp("tfds")), total_steps=2, checkpoint_every=2,
+                     **{"optimizer.warmup_steps": 1})
   root = tmp_path_factory.mktemp("nest")
   trainer.train_and_evaluate(cfg, str(root / "run"), devices=jax.devices()[:1])
   (root / "sibling").mkdir()

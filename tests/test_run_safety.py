@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from cli_harness import REPO, env, run_cli, train_command, tree_digest
+from cli_harness import REPO, env, run_cli, train_command, tree_digest, wait_for
 from megalodon_jax.checkpoints import layout
 from megalodon_jax.checkpoints.locate import locate_checkpoint
 from megalodon_jax.checkpoints.model_io import load_checkpoint
@@ -70,21 +70,10 @@ def _start(cmd: list[str]) -> subprocess.Popen:
   return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    if predicate():
-      return
-    if proc.poll() is not None:
-      raise AssertionError(f"train.py exited early (rc {proc.returncode}): {proc.stderr.read()[-2000:]}")
-    time.sleep(0.05)
-  raise AssertionError("timed out")
-
-
 def test_ctrl_c_saves_the_step_and_the_rerun_is_bitwise_the_uninterrupted_run(tmp_path, data_dir, straight):
   workdir = str(tmp_path / "run")
   proc = _start(_cmd(workdir, data_dir))
-  _wait_for(lambda: len(losses(workdir)) >= 12, proc)
+  wait_for(lambda: len(losses(workdir)) >= 12, proc)
   proc.send_signal(signal.SIGINT)
   rc = proc.wait(timeout=120)
   out, err = proc.stdout.read(), proc.stderr.read()
@@ -133,7 +122,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback():
 def test_a_second_run_on_the_same_workdir_is_refused_and_the_first_is_untouched(tmp_path, data_dir, straight):
   workdir = str(tmp_path / "run")
   first = _start(_cmd(workdir, data_dir))
-  _wait_for(lambda: os.path.exists(os.path.join(workdir, LOCK_FILE_NAME)), first)
+  wait_for(lambda: os.path.exists(os.path.join(workdir, LOCK_FILE_NAME)), first)
   t0 = time.monotonic()
   second = run_cli(_cmd(workdir, data_dir), timeout=120)
   assert time.monotonic() - t0 < 60
@@ -164,7 +153,7 @@ def test_a_truncated_newest_step_is_set_aside_and_the_run_resumes_from_the_previ
   workdir = str(tmp_path / "run")
   ckpt_dir = os.path.join(workdir, "checkpoints")
   proc = _start(_cmd(workdir, data_dir))
-  _wait_for(lambda: len(layout.finished_steps(ckpt_dir)) >= 2 and len(losses(workdir)) >= 13, proc)
+  wait_for(lambda: len(layout.finished_steps(ckpt_dir)) >= 2 and len(losses(workdir)) >= 13, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
   steps = layout.finished_steps(ckpt_dir)

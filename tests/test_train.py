@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import pytest
 
+from cli_harness import wait_for
+
 from megalodon_jax.errors import CheckpointError
 from megalodon_jax.checkpoints.manager import Checkpointer
 from megalodon_jax.training import config_lib, trainer
@@ -90,17 +92,6 @@ def test_tiny_config_trains_and_writes_checkpoints_and_metrics(tmp_path, data_di
   assert f"TensorBoard {os.path.join(workdir, 'tensorboard')}" in summary
 
 
-def _wait_for(predicate, proc, timeout=300.0):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    if predicate():
-      return
-    if proc.poll() is not None:
-      raise AssertionError(f"train.py exited early (rc {proc.returncode}): {proc.stderr.read()[-2000:]}")
-    time.sleep(0.05)
-  raise AssertionError("timed out")
-
-
 RESUME_OVERRIDES = ("--config.model.num_layers=1", "--config.model.chunk_size=32", "--config.seq_len=64",
                     "--config.data.max_documents=60", "--config.total_steps=40", "--config.log_every=1",
                     "--config.eval_every=0", "--config.num_samples=0", "--config.checkpoint_every=5",
@@ -145,7 +136,7 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path, data_dir, straight_run, si
   ckpt_dir = os.path.join(workdir, "checkpoints")
   # SIGKILL: after the step-10 checkpoint exists, between saves; SIGTERM: anywhere after step 8.
   need_ckpt = "10" if sig == signal.SIGKILL else None
-  _wait_for(lambda: os.path.exists(metrics) and len(losses(workdir)) >= 12 and
+  wait_for(lambda: os.path.exists(metrics) and len(losses(workdir)) >= 12 and
             (need_ckpt is None or os.path.isdir(os.path.join(ckpt_dir, need_ckpt))), proc)
   proc.send_signal(sig)
   rc = proc.wait(timeout=120)

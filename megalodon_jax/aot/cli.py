@@ -128,6 +128,10 @@ def _main(args: argparse.Namespace, overrides: list) -> int:
     return _fail(f"--programs: unknown {unknown}; choose from train_step, prefill, decode")
   cfg, _ = cli_config.load_config(args.config)  # ConfigError: exit_on_error -> 2
   cli_config.apply_overrides(cfg, overrides)
+  # The whole config, as train.py checks it, before jax starts (the mesh as far as it goes without the target's
+  # device count; the run is built, and checked again with it, below).
+  from megalodon_jax.training import config_lib  # pylint: disable=import-outside-toplevel
+  config_lib.validate(cfg, None, check_inputs=False)
   if args.topology.lower().startswith(("h100", "a100")):
     from megalodon_jax.aot import gpu  # pylint: disable=import-outside-toplevel
     gpu.prepare_environment()  # before jax starts its backends
@@ -135,6 +139,7 @@ def _main(args: argparse.Namespace, overrides: list) -> int:
     vocab = vocab_size_for(cfg)
   except ValueError as e:
     return _fail(str(e))
+  config_lib.model_config(cfg, vocab)  # the model fields too (ConfigError -> 2), as the run below builds them
 
   import jax  # pylint: disable=import-outside-toplevel
   from megalodon_jax import platforms  # pylint: disable=import-outside-toplevel

@@ -31,7 +31,7 @@ Races that remain:
   - heartbeats of another host are read with this host's clock: skew beyond `stale_after_s` breaks the check.
 
 Multi-host: the processes of one run share the lock held by its process 0; only process 0 calls acquire/release.
-Nothing here imports jax (the lock is taken before jax starts) and nothing global is registered (no atexit): the
+Nothing here imports jax (usable before jax starts) and nothing global is registered (no atexit): the
 caller releases in a `finally`.
 """
 

@@ -11,9 +11,10 @@ Every document streams through the model in segments with the constant-size cach
 only by host memory for its token ids. The JSON report (to --output, else stdout) holds the loss, perplexity and,
 for byte tokenizers, bits per byte over all scored tokens; the same by position bucket; and for each maximum
 context length (see `inference/long_context.py` for the definitions). A summary goes to stderr. Bad input ends
-with one `error: ...` line on stderr and exit status 2. `--output` and `--plot` never replace what is read: a
-folder, an input document, anything inside the checkpoint, or an existing file of its run directory is refused
-before the model loads (a new file such as runs/tiny/eval.json is fine).
+with one `error: ...` line on stderr and exit status 2; the flags, the documents' paths, the outputs and the
+checkpoint are checked before jax is imported (the --window flags just after). `--output` and `--plot` never
+replace what is read: a folder, an input document, anything inside the checkpoint, or an existing file of its run
+directory is refused before the model loads (a new file such as runs/tiny/eval.json is fine).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import math
 import sys
 from typing import Optional, Sequence
 
+# Light imports only: the evaluator and the model import jax, which `run` reaches after the checks.
 from megalodon_jax import cli_args
 from megalodon_jax import paths as paths_lib
 from megalodon_jax.checkpoints import output_guard
 from megalodon_jax.data.tokenizers import ByteTokenizer
 from megalodon_jax.errors import InferenceError
-from megalodon_jax.inference import cli_common, documents, long_context
-from megalodon_jax.inference.evaluation import Evaluator, NormWindow
+from megalodon_jax.inference import cli_common, documents
 
 CONTEXT_DEFINITION = ("context_length L: the scored tokens of each document are cut into consecutive blocks of L and "
                       "the model restarts from an empty cache at every block (at most L tokens of context, L/2 on "
@@ -96,11 +97,15 @@ def run(args) -> int:
       raise InferenceError(f"--{flag}={value} is too small")
   paths = documents.text_file_paths(args.text_files) if args.text_files is not None else None
   _check_outputs(args, paths)
-  window = NormWindow(args.window_truncate_chunks, args.window_step_chunks) if args.window else None
   if args.window and args.segment_len is not None:
     raise InferenceError("--segment_len does not apply with --window (its step is --window_step_chunks chunks)")
+  checked = cli_common.check_checkpoint(args)
+  # pylint: disable=import-outside-toplevel  (they import jax: after every check above)
+  from megalodon_jax.inference import long_context
+  from megalodon_jax.inference.evaluation import Evaluator, NormWindow
+  window = NormWindow(args.window_truncate_chunks, args.window_step_chunks) if args.window else None
 
-  loaded = cli_common.load_from_args(args)
+  loaded = cli_common.load(checked)
   tok = loaded.tokenizer
   if paths is not None:
     docs = documents.text_file_documents(paths[:args.max_documents], tok)

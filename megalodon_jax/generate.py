@@ -11,8 +11,8 @@ as one batch and each completion is printed, under a `=== completion i ===` head
 `--output_jsonl` also writes {"index", "prompt", "completion", "tokens", "finish_reason"} per prompt (a new file, or
 one outside the checkpoint's directory: it never replaces what is read). Prompts are UTF-8 text: a --prompt with
 bytes that are not (a shell's $'\\xff') or a prompt file that is not UTF-8 is refused, naming the byte offset. Bad
-input ends with one `error: ...` line on stderr and exit status 2 (prompts and the output path are checked before
-the model loads).
+input ends with one `error: ...` line on stderr and exit status 2 (prompts, the output path and the checkpoint are
+checked before jax starts and the model loads; the sampling flags once jax is imported).
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ import sys
 import time
 from typing import Optional, Sequence
 
+# Light imports only: the sampler, the generator and the model import jax, which `run` reaches after the checks.
 from megalodon_jax import cli_args, paths
 from megalodon_jax.checkpoints import output_guard
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference import cli_common
 from megalodon_jax.inference.detokenize import TextStream
-from megalodon_jax.inference.generation import DEFAULT_BLOCK_SIZE, Generator
-from megalodon_jax.inference.sampling import Sampler
+
+BLOCK_SIZE = 32  # generation.DEFAULT_BLOCK_SIZE, which imports jax (tests/test_fast_errors.py keeps them equal)
 
 
 def build_parser() -> cli_args.Parser:
@@ -49,7 +50,7 @@ def build_parser() -> cli_args.Parser:
   s.add_argument("--stop_ids", default="", help="comma-separated ids that end a completion (not printed)")
   s.add_argument("--no_eos_stop", action="store_true", help="do not stop at the tokenizer's EOS")
   r = p.add_argument_group("execution and output")
-  r.add_argument("--block_size", type=int, default=DEFAULT_BLOCK_SIZE, help="decode steps per jitted call")
+  r.add_argument("--block_size", type=int, default=BLOCK_SIZE, help="decode steps per jitted call")
   r.add_argument("--prefill_piece", type=int, default=None, help="largest prefill call in tokens (chunk multiple)")
   r.add_argument("--echo", action="store_true", help="print each prompt before its completion")
   r.add_argument("--output_jsonl", default=None, help="also write the completions here as JSON lines")
@@ -113,14 +114,18 @@ def run(args) -> int:
   inputs = [("read by --prompt_file", f) for f in args.prompt_file]
   inputs += [("read by --prompt_lines", args.prompt_lines)] if args.prompt_lines else []
   output_guard.check_output_file(args.output_jsonl, "--output_jsonl", args.checkpoint, InferenceError, inputs)
+  if args.max_new_tokens < 1:
+    raise InferenceError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+  stop_ids = _parse_ids(args.stop_ids, "--stop_ids")
+  checked = cli_common.check_checkpoint(args)
+  # pylint: disable=import-outside-toplevel  (they import jax: after every check above)
+  from megalodon_jax.inference.generation import Generator
+  from megalodon_jax.inference.sampling import Sampler
   try:
     sampler = Sampler(args.temperature, args.top_k, args.top_p)
   except ValueError as e:
     raise InferenceError(f"--{e}") from None
-  if args.max_new_tokens < 1:
-    raise InferenceError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
-  stop_ids = _parse_ids(args.stop_ids, "--stop_ids")
-  loaded = cli_common.load_from_args(args)
+  loaded = cli_common.load(checked)
   tok = loaded.tokenizer
   ids = [tok.encode(p).tolist() if isinstance(p, str) else p for p in prompts]
   vocab = loaded.config.vocab_size

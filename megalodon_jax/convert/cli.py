@@ -9,7 +9,8 @@ folders are written next to DIR under a temporary name and renamed into place at
 leaves a partial DIR behind (on an object store, gs://..., they are written to a local temporary folder and uploaded
 at the end: see `model_io.atomic_output`). Any path may be a gs:// URL. Flags are snake_case and accept their
 kebab-case spelling (`--model-parallel`). Bad input ends with one `error: ...` paragraph on stderr and exit
-status 2. Conversion is host work: JAX runs on the CPU unless JAX_PLATFORMS says otherwise.
+status 2; flags and paths are checked before jax, flax, orbax or torch are imported, so that comes at once.
+Conversion is host work: JAX runs on the CPU unless JAX_PLATFORMS says otherwise.
 
 What is read is never written over (checked before anything is loaded or created):
 - DIR may not be, contain, or lie inside what the command reads: for to-pytorch the whole run directory of CKPT
@@ -30,20 +31,23 @@ import re
 import sys
 from typing import Optional, Sequence
 
-import jax
-
+# Light imports only (no jax, flax, orbax, torch): the converters and model_io are imported after the checks.
 from megalodon_jax import cli_args, paths, platforms
-from megalodon_jax.checkpoints import layout, model_io, output_guard, tokenizer_copy
+from megalodon_jax.checkpoints import layout, output_guard, tokenizer_copy
 from megalodon_jax.checkpoints.locate import locate_checkpoint
-from megalodon_jax.convert import hf, torch_files
-from megalodon_jax.convert.official import from_official_state_dict, to_official_state_dict
 from megalodon_jax.errors import ConvertError, StateDictError, exit_on_error
+
+# What torch_files (which imports jax) calls DTYPES, PARAMS_JSON and HF_CONFIG_JSON; tests/test_fast_errors.py keeps
+# them equal.
+EXPORT_DTYPES = ("float32", "bfloat16")
+PARAMS_JSON = "params.json"
+HF_CONFIG_JSON = "config.json"
 
 # Every file a to-pytorch export writes, whatever its format (torch_files.write_official / write_safetensors /
 # write_hf, and the tokenizer copy): --overwrite replaces a folder holding these only.
 EXPORT_ENTRIES = output_guard.KnownEntries(
-    re.compile(r"consolidated(\.\d{2,})?\.pth|model\.safetensors|" + re.escape(torch_files.PARAMS_JSON) + "|"
-               + re.escape(torch_files.HF_CONFIG_JSON) + "|" + re.escape(tokenizer_copy.TOKENIZER_FILE)),
+    re.compile(r"consolidated(\.\d{2,})?\.pth|model\.safetensors|" + re.escape(PARAMS_JSON) + "|"
+               + re.escape(HF_CONFIG_JSON) + "|" + re.escape(tokenizer_copy.TOKENIZER_FILE)),
     "a to-pytorch export",
     "consolidated.pth, consolidated.NN.pth, model.safetensors, params.json, config.json, tokenizer.model")
 OVERWRITE_HELP = ("replace an earlier output in --out (atomically): allowed only when every entry in it is one this "
@@ -64,7 +68,7 @@ def build_parser() -> cli_args.Parser:
   to.add_argument("--format", choices=("official", "hf", "safetensors"), default="official",
                   help="official: consolidated.pth + params.json; hf: megalodon-hf model.safetensors + config.json; "
                        "safetensors: model.safetensors with official keys + params.json")
-  to.add_argument("--dtype", choices=tuple(torch_files.DTYPES), default="float32",
+  to.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32",
                   help="dtype of the floating tensors (int64 buffers and rope.freqs are kept)")
   to.add_argument("--model_parallel", type=int, default=1, metavar="N",
                   help="official format only: write N tensor-parallel shards consolidated.{rank:02d}.pth")
@@ -89,7 +93,23 @@ def build_parser() -> cli_args.Parser:
   return parser
 
 
-def _cpu() -> jax.Device:
+def _check_out(args: argparse.Namespace) -> None:
+  """`model_io.check_output` for --out. A local --out that does not exist yet passes it whatever the flags, and is
+  not worth importing model_io (jax, flax, orbax) for: then the checks that follow still run before jax."""
+  if not paths.is_remote(args.out) and not os.path.lexists(os.path.abspath(os.path.expanduser(args.out))):
+    return
+  from megalodon_jax.checkpoints import model_io  # pylint: disable=import-outside-toplevel
+  known = EXPORT_ENTRIES if args.command == "to-pytorch" else model_io.PARAMS_CHECKPOINT_ENTRIES
+  model_io.check_output(args.out, overwrite=args.overwrite, known=known)
+
+
+def _start_jax(args: argparse.Namespace):
+  """jax, once every cheap check has passed: on the CPU when the console script asked for it (`run`), libtpu quiet
+  on a machine without a TPU (platforms.py). Returns the CPU device the arrays go to."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if args.cpu_by_default and "JAX_PLATFORMS" not in os.environ:
+    jax.config.update("jax_platforms", "cpu")  # jax is imported, but its backends start on first use
+  platforms.skip_absent_tpu()
   return jax.devices("cpu")[0]
 
 
@@ -104,9 +124,14 @@ def to_pytorch(args: argparse.Namespace) -> None:
   else:
     source = ("--checkpoint", args.checkpoint)  # not a checkpoint: refused below, by locate_checkpoint
   output_guard.check_separate(args.out, "--out", [source], ConvertError)
-  model_io.check_output(args.out, overwrite=args.overwrite, known=EXPORT_ENTRIES)  # before the (slow) restore
+  _check_out(args)  # before the (slow) restore
   tokenizer_model = locate_checkpoint(args.checkpoint, args.step).tokenizer_model
-  model, config, step = model_io.load_checkpoint(args.checkpoint, step=args.step, device=_cpu())
+  cpu = _start_jax(args)
+  # pylint: disable=import-outside-toplevel  (jax, flax, orbax: after the checks above)
+  from megalodon_jax.checkpoints import model_io
+  from megalodon_jax.convert import hf, torch_files
+  from megalodon_jax.convert.official import to_official_state_dict
+  model, config, step = model_io.load_checkpoint(args.checkpoint, step=args.step, device=cpu)
   tensors = to_official_state_dict(model)
   if args.format == "hf":
     problems = hf.hf_export_problems(tensors, config)
@@ -131,9 +156,20 @@ def to_pytorch(args: argparse.Namespace) -> None:
 def from_pytorch(args: argparse.Namespace) -> None:
   sources = [("--torch", args.torch)] + ([("--config", args.config)] if args.config else [])
   output_guard.check_separate(args.out, "--out", sources, ConvertError)  # before reading the tensors
-  model_io.check_output(args.out, overwrite=args.overwrite, known=model_io.PARAMS_CHECKPOINT_ENTRIES)
+  _check_out(args)
+  if not paths.is_remote(args.torch) and not (args.config and paths.is_remote(args.config)):
+    torch_path = os.path.abspath(os.path.expanduser(args.torch))
+    if not os.path.exists(torch_path):  # torch_files.read_official's first check, made before importing it
+      raise ConvertError(f"{torch_path} does not exist")
+  cpu = _start_jax(args)
+  # pylint: disable=import-outside-toplevel  (jax, flax, orbax, torch: after the checks above)
+  import jax
+
+  from megalodon_jax.checkpoints import model_io
+  from megalodon_jax.convert import torch_files
+  from megalodon_jax.convert.official import from_official_state_dict
   tensors, config = torch_files.read_official(args.torch, args.config)
-  with jax.default_device(_cpu()):
+  with jax.default_device(cpu):
     model = from_official_state_dict(tensors, config)
   source = paths.abspath(args.torch)
   torch_dir = source if paths.as_path(source).is_dir() else os.path.dirname(source)
@@ -143,10 +179,11 @@ def from_pytorch(args: argparse.Namespace) -> None:
         f"({config.num_params():,} parameters); train with --config.init_from={paths.abspath(args.out)}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the command line; returns the exit status (0 ok, 2 bad input or arguments)."""
+def main(argv: Optional[Sequence[str]] = None, *, cpu_by_default: bool = False) -> int:
+  """Runs the command line; returns the exit status (0 ok, 2 bad input or arguments). `cpu_by_default`: run jax on
+  the CPU unless JAX_PLATFORMS chose a platform."""
   args = build_parser().parse_args(argv)
-  platforms.skip_absent_tpu()
+  args.cpu_by_default = cpu_by_default
 
   def body() -> int:
     (to_pytorch if args.command == "to-pytorch" else from_pytorch)(args)
@@ -157,8 +194,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run() -> int:
-  """The `megalodon-convert` console script: `main` on the CPU unless JAX_PLATFORMS chose a platform (jax is
-  imported already, but its backends start on first use, so the setting still applies)."""
-  if "JAX_PLATFORMS" not in os.environ:
-    jax.config.update("jax_platforms", "cpu")
-  return main()
+  """The `megalodon-convert` console script: `main` on the CPU unless JAX_PLATFORMS chose a platform."""
+  return main(cpu_by_default=True)

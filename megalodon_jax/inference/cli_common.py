@@ -1,5 +1,9 @@
 """Shared pieces of the inference command lines: checkpoint flags, model loading, error handling (the argument
-parser itself is `megalodon_jax.cli_args.Parser`)."""
+parser itself is `megalodon_jax.cli_args.Parser`).
+
+Nothing here imports jax until `load`: a command checks its flags, files and checkpoint path first
+(`check_checkpoint`), so bad input is reported before jax starts (well under a second).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Callable
 from megalodon_jax import platforms
 from megalodon_jax.config import MATMUL_PRECISIONS
 from megalodon_jax.errors import exit_on_error
-from megalodon_jax.inference.loading import Loaded, load_model
+from megalodon_jax.inference import loading
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
@@ -32,10 +36,19 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
                       "full float32 products")
 
 
-def load_from_args(args: argparse.Namespace) -> Loaded:
+def check_checkpoint(args: argparse.Namespace) -> loading.Checked:
+  """The checkpoint flags checked without jax (`loading.check_checkpoint`): path, --step, --config and, for an
+  Orbax checkpoint, the tokenizer."""
   execution = {k: getattr(args, k) for k in ("dtype", "cema_impl", "matmul_precision") if getattr(args, k) is not None}
-  loaded = load_model(args.checkpoint, step=args.step, config_path=args.config, tokenizer=args.tokenizer,
-                      tokenizer_path=args.tokenizer_path, **execution)
+  return loading.check_checkpoint(args.checkpoint, step=args.step, config_path=args.config, tokenizer=args.tokenizer,
+                                  tokenizer_path=args.tokenizer_path, **execution)
+
+
+def load(checked: loading.Checked) -> loading.Loaded:
+  """The model of a checked checkpoint; its notes go to stderr. libtpu is kept quiet on machines without a TPU
+  (platforms.py): this is where jax's backends start."""
+  platforms.skip_absent_tpu()
+  loaded = loading.load_checked(checked)
   for note in loaded.notes:
     print(f"note: {note}", file=sys.stderr)
   return loaded
@@ -43,6 +56,5 @@ def load_from_args(args: argparse.Namespace) -> Loaded:
 
 def run_main(body: Callable[[], int]) -> int:
   """Runs `body`; bad input (a MegalodonError, or an unreadable file) becomes one `error: ...` line on stderr and
-  status 2. libtpu is kept quiet on machines without a TPU (platforms.py)."""
-  platforms.skip_absent_tpu()
+  status 2."""
   return exit_on_error(body, also=(OSError,))

@@ -12,6 +12,10 @@ params-only checkpoint or beside PyTorch files; checkpoints/tokenizer_copy.py) u
 step folder records its data config (`data.tokenizer`, `data.tokenizer_path`) in the `meta`
 item; the `tokenizer` / `tokenizer_path` arguments override it. Other checkpoints record none: then the
 arguments are needed, except for a 256-token vocabulary, where the byte tokenizer is assumed.
+
+Loading is two steps: `check_checkpoint` reads no arrays and imports no jax (the path, the flags that apply to it,
+an Orbax checkpoint's config and its tokenizer), so a command line reports a bad checkpoint path or tokenizer flag
+before jax starts; `load_checked` then reads the weights. `load_model` does both.
 """
 
 from __future__ import annotations
@@ -19,18 +23,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
-from typing import Any, Optional
-
-import jax
+from typing import TYPE_CHECKING, Any, Optional
 
 from megalodon_jax import paths
 from megalodon_jax.checkpoints import layout, tokenizer_copy
-from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
-from megalodon_jax.checkpoints.model_io import load_checkpoint
+from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, CheckpointInfo, locate_checkpoint
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.data.tokenizers import TOKENIZERS, SentencePieceTokenizer, Tokenizer, make_tokenizer
 from megalodon_jax.errors import InferenceError
-from megalodon_jax.model import MegalodonLM
+
+if TYPE_CHECKING:  # jax, flax and the model are imported by `load_checked` only, after the cheap checks
+  import jax
+
+  from megalodon_jax.model import MegalodonLM
 
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
 
@@ -59,14 +64,6 @@ def _is_torch(path: str) -> bool:
   names = [c.name for c in p.iterdir()] if p.is_dir() else []
   has_torch = any(n == "model.safetensors" or (n.startswith("consolidated") and n.endswith(".pth")) for n in names)
   return has_torch and layout.folder_kind(path) == "steps"  # no Orbax item, step folder or workdir
-
-
-def _training_data_config(path: str, step: Optional[int]) -> tuple[Optional[dict], Optional[bytes]]:
-  """The `data` section of the training config saved with a train.py step (None for other checkpoints), and the
-  SentencePiece model the checkpoint carries (None if none)."""
-  info = locate_checkpoint(path, step)
-  data = info.train_config.get("data") if info.train_config is not None else None
-  return (data if isinstance(data, dict) else None), info.tokenizer_model
 
 
 def resolve_tokenizer(config: MegalodonConfig, data_config: Optional[dict], tokenizer: Optional[str],
@@ -110,10 +107,85 @@ def _check_vocab(tok: Tokenizer, name: str, config: MegalodonConfig) -> Tokenize
   return tok
 
 
+@dataclasses.dataclass
+class Checked:
+  """A checkpoint path `check_checkpoint` accepted, with what `load_checked` needs.
+
+  source: the absolute path.  kind: "orbax" | "pytorch".  step, config_path, tokenizer_args (tokenizer,
+  tokenizer_path), execution: the caller's arguments.  info: an Orbax checkpoint's `locate_checkpoint` answer.
+  tokenizer, notes: an Orbax checkpoint's tokenizer, resolved from its recorded config (None for PyTorch files,
+  whose config is read with the tensors).
+  """
+  source: str
+  kind: str
+  step: Optional[int]
+  config_path: Optional[str]
+  tokenizer_args: tuple[Optional[str], Optional[str]]
+  execution: dict
+  info: Optional[CheckpointInfo] = None
+  tokenizer: Optional[Tokenizer] = None
+  notes: list = dataclasses.field(default_factory=list)
+
+  @property
+  def data_config(self) -> Optional[dict]:
+    """The `data` section of the training config saved with a train.py step (None for other checkpoints)."""
+    data = self.info.train_config.get("data") if self.info is not None and self.info.train_config else None
+    return data if isinstance(data, dict) else None
+
+
+def check_checkpoint(path: str, *, step: Optional[int] = None, config_path: Optional[str] = None,
+                     tokenizer: Optional[str] = None, tokenizer_path: Optional[str] = None,
+                     **execution: Any) -> Checked:
+  """Every check of `load_model` that reads no arrays (and imports no jax): the path exists, the arguments apply
+  to its kind, an Orbax checkpoint's step and config are found and its tokenizer resolved. Arguments and errors:
+  see `load_model`."""
+  full = paths.abspath(path)
+  if not paths.as_path(full).exists():
+    raise InferenceError(f"checkpoint {full} does not exist")
+  checked = Checked(full, "orbax", step, config_path, (tokenizer, tokenizer_path), execution)
+  if _is_torch(full):
+    if step is not None:
+      raise InferenceError(f"--step does not apply to the PyTorch checkpoint {full}")
+    bad = sorted(set(execution) - set(EXECUTION_FIELDS))  # (an Orbax checkpoint's loader checks them itself)
+    if bad:
+      raise InferenceError(f"{bad} are not execution settings; allowed: {list(EXECUTION_FIELDS)}")
+    checked.kind = "pytorch"
+    return checked
+  if config_path is not None:
+    raise InferenceError("--config applies to PyTorch checkpoints only (an Orbax checkpoint records its config)")
+  checked.info = locate_checkpoint(full, step)
+  checked.tokenizer, checked.notes = resolve_tokenizer(checked.info.config, checked.data_config, tokenizer,
+                                                       tokenizer_path, checked.info.tokenizer_model)
+  return checked
+
+
+def load_checked(checked: Checked, device: Optional[jax.Device] = None) -> Loaded:
+  """Reads the weights of a checkpoint `check_checkpoint` accepted; `device`: where the arrays go (default: the
+  first device). Errors: see `load_model`."""
+  # pylint: disable=import-outside-toplevel  (jax and the model: after the cheap checks, see the module docstring)
+  import jax
+
+  full, execution = checked.source, checked.execution
+  if checked.kind == "pytorch":
+    # Imported here: only PyTorch checkpoints need torch.
+    from megalodon_jax.convert import torch_files
+    from megalodon_jax.convert.official import from_official_state_dict
+    tensors, config = torch_files.read_official(full, checked.config_path)
+    config = config.replace(**execution) if execution else config
+    with jax.default_device(device or jax.devices()[0]):
+      model = from_official_state_dict(tensors, config)
+    stored_model = tokenizer_copy.read_copy(full if paths.as_path(full).is_dir() else os.path.dirname(full))
+    tok, notes = resolve_tokenizer(config, None, *checked.tokenizer_args, stored_model)
+    return Loaded(model, config, tok, None, full, "pytorch", None, notes)
+  from megalodon_jax.checkpoints.model_io import load_checkpoint
+  model, config, loaded_step = load_checkpoint(full, step=checked.step, device=device, **execution)
+  return Loaded(model, config, checked.tokenizer, loaded_step, full, "orbax", checked.data_config, checked.notes)
+
+
 def load_model(path: str, *, step: Optional[int] = None, config_path: Optional[str] = None,
                tokenizer: Optional[str] = None, tokenizer_path: Optional[str] = None,
                device: Optional[jax.Device] = None, **execution: Any) -> Loaded:
-  """Loads a checkpoint (see the module docstring) and its tokenizer.
+  """Loads a checkpoint (see the module docstring) and its tokenizer: `check_checkpoint`, then `load_checked`.
 
   Args:
     path: checkpoint path.
@@ -126,29 +198,6 @@ def load_model(path: str, *, step: Optional[int] = None, config_path: Optional[s
     InferenceError (bad path or tokenizer); ConvertError, StateDictError, CheckpointError (damaged or mismatching
     checkpoints); DataError (tokenizer file).
   """
-  full = paths.abspath(path)
-  if not paths.as_path(full).exists():
-    raise InferenceError(f"checkpoint {full} does not exist")
-  if _is_torch(full):
-    # Imported here: only PyTorch checkpoints need torch.
-    from megalodon_jax.convert import torch_files  # pylint: disable=import-outside-toplevel
-    from megalodon_jax.convert.official import from_official_state_dict  # pylint: disable=import-outside-toplevel
-    if step is not None:
-      raise InferenceError(f"--step does not apply to the PyTorch checkpoint {full}")
-    tensors, config = torch_files.read_official(full, config_path)
-    bad = sorted(set(execution) - set(EXECUTION_FIELDS))
-    if bad:
-      raise InferenceError(f"{bad} are not execution settings; allowed: {list(EXECUTION_FIELDS)}")
-    config = config.replace(**execution) if execution else config
-    with jax.default_device(device or jax.devices()[0]):
-      model = from_official_state_dict(tensors, config)
-    loaded_step, kind, data_config = None, "pytorch", None
-    stored_model = tokenizer_copy.read_copy(full if paths.as_path(full).is_dir() else os.path.dirname(full))
-  else:
-    if config_path is not None:
-      raise InferenceError("--config applies to PyTorch checkpoints only (an Orbax checkpoint records its config)")
-    model, config, loaded_step = load_checkpoint(full, step=step, device=device, **execution)
-    kind = "orbax"
-    data_config, stored_model = _training_data_config(full, step)
-  tok, notes = resolve_tokenizer(config, data_config, tokenizer, tokenizer_path, stored_model)
-  return Loaded(model, config, tok, loaded_step, full, kind, data_config, notes)
+  checked = check_checkpoint(path, step=step, config_path=config_path, tokenizer=tokenizer,
+                             tokenizer_path=tokenizer_path, **execution)
+  return load_checked(checked, device)

@@ -1,0 +1,200 @@
+"""Bad input is reported before the heavy libraries load (issue 20: an error within 2 s of the command starting).
+
+No timings are asserted. What makes an error fast is that the command line checks its flags, config, paths and
+files before it imports jax (about a second to import, more for its backends), flax, orbax or torch. Each case runs
+a command's `main` in a fresh interpreter (a subprocess) behind an import spy, and asserts exit status 2, one
+`error: ...` line on stderr, and that none of those libraries was imported; the spy names who imported one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from cli_harness import run_cli
+from megalodon_jax.checkpoints import layout
+from megalodon_jax.config import MegalodonConfig
+
+HEAVY = ("jax", "flax", "optax", "orbax", "torch")
+MARK = "imported-by: "
+
+# Runs `<module>.main(argv)` with a meta-path spy that keeps the import stack of the first import of each heavy
+# library (`find_spec` answers None: the import itself proceeds as usual), then prints them on stdout.
+DRIVER = f"""
+import importlib, json, sys, traceback
+first = {{}}
+
+class Spy:
+  def find_spec(self, name, path=None, target=None):
+    top = name.partition(".")[0]
+    if top in {HEAVY!r} and top not in first:
+      first[top] = "".join(traceback.format_stack(limit=14)[:-1])
+    return None
+
+sys.meta_path.insert(0, Spy())
+module, argv = sys.argv[1], sys.argv[2:]
+try:
+  status = importlib.import_module(module).main(argv)
+except SystemExit as e:  # argparse
+  status = e.code
+sys.stdout.flush()
+print({MARK!r} + json.dumps(first))
+sys.exit(status)
+"""
+
+
+def _run(module: str, *argv: str, cwd: str | None = None):
+  """(result, {library: import stack}) of `module.main(argv)` in a fresh interpreter behind the spy."""
+  result = run_cli([sys.executable, "-c", DRIVER, module, *argv], **({"cwd": cwd} if cwd else {}), timeout=300)
+  lines = [line for line in result.stdout.splitlines() if line.startswith(MARK)]
+  assert lines, f"the driver did not finish:\n{result.stderr[-3000:]}"
+  return result, json.loads(lines[-1][len(MARK):])
+
+
+def _refused_before_jax(module: str, *argv: str, expect: str, cwd: str | None = None) -> str:
+  result, imported = _run(module, *argv, cwd=cwd)
+  assert result.returncode == 2, f"status {result.returncode}:\n{result.stderr[-3000:]}"
+  line = result.one_error_line()
+  assert expect in line, line
+  assert not imported, "\n".join(f"{lib} was imported before the error, by:\n{stack}"
+                                 for lib, stack in imported.items())
+  return line
+
+
+@pytest.fixture
+def fake_run(tmp_path):
+  """A folder that is a train.py workdir by its layout (checkpoints/ inside) but holds no step."""
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  return str(run)
+
+
+@pytest.fixture
+def fake_params(tmp_path):
+  """A params-only checkpoint (what from-pytorch writes) as far as the checks before jax read it: its config
+  sidecar (a byte-level model) and an Orbax metadata file, but no arrays."""
+  ckpt = tmp_path / "params"
+  ckpt.mkdir()
+  (ckpt / layout.PYTREE_METADATA).write_text("{}")
+  sidecar = {"format": layout.PARAMS_FORMAT, "model": MegalodonConfig(vocab_size=256).official_kwargs(),
+             "execution": {}, "step": None, "source": None}
+  (ckpt / layout.CONFIG_FILE).write_text(json.dumps(sidecar))
+  return str(ckpt)
+
+
+# ---------------------------------------------------------------- train.py
+
+def test_train_config_typo(tmp_path):
+  _refused_before_jax("megalodon_jax.train_cli", "--config", "tiny", "--workdir", str(tmp_path / "w"),
+                      "--config.model.num_layerz=1", expect="unknown config key --config.model.num_layerz")
+
+
+def test_train_missing_data_path(tmp_path):
+  _refused_before_jax("megalodon_jax.train_cli", "--config", "tiny", "--workdir", str(tmp_path / "w"),
+                      "--config.data.dataset=text_files", f"--config.data.path={tmp_path / 'nope'}",
+                      expect="data.path")
+  assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------- generate
+
+def test_generate_missing_checkpoint(tmp_path):
+  _refused_before_jax("megalodon_jax.generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi",
+                      expect=f"checkpoint {tmp_path / 'nope'} does not exist")
+
+
+def test_generate_prompt_that_is_not_utf8(fake_run):
+  # Python hands a non-UTF-8 argv byte over as a lone surrogate, exactly what the shell's $'\xff' becomes.
+  bad = os.fsdecode(b"\xff")
+  _refused_before_jax("megalodon_jax.generate", "--checkpoint", fake_run, "--prompt", bad,
+                      expect="byte 0 (0xff) is not valid UTF-8")
+
+
+def test_generate_prompt_file_that_is_not_utf8(fake_run, tmp_path):
+  prompt = tmp_path / "prompt.txt"
+  prompt.write_bytes(b"ok \xfe")
+  _refused_before_jax("megalodon_jax.generate", "--checkpoint", fake_run, "--prompt_file", str(prompt),
+                      expect="byte 3 (0xfe) is not valid UTF-8")
+
+
+def test_generate_folder_that_is_no_checkpoint(tmp_path):
+  _refused_before_jax("megalodon_jax.generate", "--checkpoint", str(tmp_path), "--prompt", "hi",
+                      expect="is not a checkpoint")
+
+
+def test_generate_tokenizer_file_that_does_not_exist(fake_params, tmp_path):
+  # The checkpoint passes every check that reads no arrays; its tokenizer is resolved before the weights load.
+  _refused_before_jax("megalodon_jax.generate", "--checkpoint", fake_params, "--prompt", "hi", "--tokenizer_path",
+                      str(tmp_path / "nope.model"), expect="nope.model")
+
+
+# ---------------------------------------------------------------- evaluate
+
+def test_evaluate_missing_text_files(fake_run, tmp_path):
+  _refused_before_jax("megalodon_jax.evaluate", "--checkpoint", fake_run, "--text_files", str(tmp_path / "nope"),
+                      expect="matches no file")
+
+
+def test_evaluate_output_inside_the_checkpoint(fake_run, tmp_path):
+  doc = tmp_path / "doc.txt"
+  doc.write_text("some text\n")
+  _refused_before_jax("megalodon_jax.evaluate", "--checkpoint", fake_run, "--text_files", str(doc), "--output",
+                      os.path.join(fake_run, "checkpoints", "eval.json"), expect="lies inside the checkpoint")
+
+
+# ---------------------------------------------------------------- convert
+
+def test_to_pytorch_missing_checkpoint(tmp_path):
+  _refused_before_jax("megalodon_jax.convert.cli", "to-pytorch", "--checkpoint", str(tmp_path / "nope"), "--out",
+                      str(tmp_path / "out"), expect="does not exist")
+
+
+def test_to_pytorch_out_inside_the_run(fake_run):
+  _refused_before_jax("megalodon_jax.convert.cli", "to-pytorch", "--checkpoint", fake_run, "--out",
+                      os.path.join(fake_run, "export"), expect="lies inside the run directory")
+
+
+def test_from_pytorch_missing_torch_file(tmp_path):
+  _refused_before_jax("megalodon_jax.convert.cli", "from-pytorch", "--torch", str(tmp_path / "consolidated.pth"),
+                      "--out", str(tmp_path / "out"), expect=f"{tmp_path / 'consolidated.pth'} does not exist")
+
+
+def test_from_pytorch_out_inside_the_torch_folder(tmp_path):
+  (tmp_path / "consolidated.pth").write_bytes(b"")
+  _refused_before_jax("megalodon_jax.convert.cli", "from-pytorch", "--torch", str(tmp_path), "--out",
+                      str(tmp_path / "jax"), expect="lies inside --torch")
+
+
+# ---------------------------------------------------------------- megalodon-aot
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--config.model.num_layerz=1"], "unknown config key --config.model.num_layerz"),
+    (["--config.model.num_layers=0"], "--config.model.num_layers=0"),
+    (["--topology", "v5e-9"], "topology 'v5e-9'"),
+], ids=["typo", "model_value", "topology"])
+def test_aot_config_and_topology_errors(argv, expect):
+  topology = [] if "--topology" in argv else ["--topology", "v5e-8"]
+  _refused_before_jax("megalodon_jax.aot.cli", "--config", "tiny", *topology, *argv, expect=expect)
+
+
+# ---------------------------------------------------------------- the spy and the copied constants
+
+def test_the_spy_sees_jax_imported_by_a_command(fake_params):
+  # A control: past the cheap checks generate imports the sampler (jax), which refuses the temperature. The spy
+  # must report that import, or the cases above would prove nothing.
+  result, imported = _run("megalodon_jax.generate", "--checkpoint", fake_params, "--prompt", "hi", "--temperature",
+                          "-1")
+  assert result.returncode == 2 and "temperature must be >= 0" in result.one_error_line()
+  assert "jax" in imported and "megalodon_jax/generate.py" in imported["jax"], imported
+
+
+def test_constants_copied_to_keep_jax_out_of_the_command_lines():
+  from megalodon_jax import generate  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.convert import cli, torch_files  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.inference import generation  # pylint: disable=import-outside-toplevel
+  assert tuple(torch_files.DTYPES) == cli.EXPORT_DTYPES
+  assert (cli.PARAMS_JSON, cli.HF_CONFIG_JSON) == (torch_files.PARAMS_JSON, torch_files.HF_CONFIG_JSON)
+  assert generate.BLOCK_SIZE == generation.DEFAULT_BLOCK_SIZE

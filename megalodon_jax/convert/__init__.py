@@ -1,15 +1,19 @@
 """Checkpoint conversion between MegalodonLM and the official PyTorch state dict."""
 
-from megalodon_jax.convert.official import (StateDictError, check_state_dict, from_official_state_dict,
-                                            state_dict_entries, to_official_state_dict)
-
 __all__ = ["StateDictError", "check_state_dict", "from_official_state_dict", "state_dict_entries",
            "to_official_state_dict", "ConvertError", "load_checkpoint", "locate_checkpoint", "save_params_checkpoint"]
 
+_OFFICIAL = ("StateDictError", "check_state_dict", "from_official_state_dict", "state_dict_entries",
+             "to_official_state_dict")
+
 
 def __getattr__(name):
-  # Defined in megalodon_jax.checkpoints and offered here too. Lazy: they pull in orbax, which the state-dict
-  # converter does not need.
+  # Lazy (PEP 562): the converter pulls in jax, flax and the model, and the command line (convert/cli.py, run
+  # through this package) checks its flags and paths before any of them is imported. The checkpoint names are
+  # defined in megalodon_jax.checkpoints and offered here too (they pull in orbax).
+  if name in _OFFICIAL:
+    from megalodon_jax.convert import official  # pylint: disable=import-outside-toplevel
+    return getattr(official, name)
   if name == "ConvertError":
     from megalodon_jax.errors import ConvertError  # pylint: disable=import-outside-toplevel
     return ConvertError

@@ -99,6 +99,24 @@ def _start_jax():
   return jax
 
 
+def check_run(cfg, workdir: str):
+  """Everything train.py checks before jax's backends and jax.distributed start, so that a typo is reported at once
+  and a refused run creates nothing on disk: the config (model fields included), the workdir, `init_from`, the data
+  paths and the tokenizer. Returns the config to train with (a moved run reads its workdir's tokenizer copy).
+
+  Raises:
+    ConfigError (and the other MegalodonErrors of bad input).
+  """
+  from megalodon_jax import data  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.training import config_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  cfg = workdir_lib.with_run_tokenizer(cfg, workdir)
+  config_lib.validate(cfg, None, check_inputs=False)
+  workdir_lib.check_workdir(workdir)
+  config_lib.validate_inputs(cfg)
+  config_lib.model_config(cfg, data.make_tokenizer(cfg.data).vocab_size)
+  return cfg
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the command line; returns the exit status (0 done or already finished, 1 diverged, 2 bad input).
   `--help` and flag errors raise SystemExit (0 / 2) as argparse does."""
@@ -125,12 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if done is not None:  # before jax.distributed, data preparation and any compile
       print(done, flush=True)
       return 0
-    # The config, the data paths, init_from and the workdir are checked before jax's backends and jax.distributed
-    # start: a typo is reported at once, and a refused run creates nothing on disk.
-    from megalodon_jax.training import config_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-    config_lib.validate(cfg, None, check_inputs=False)
-    workdir_lib.check_workdir(workdir)
-    config_lib.validate_inputs(cfg)
+    checked = check_run(cfg, workdir)
     jax = _start_jax()
     from megalodon_jax.training import trainer  # pylint: disable=import-outside-toplevel
     from megalodon_jax.training.preemption import (  # pylint: disable=import-outside-toplevel
@@ -139,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     status = 0
     try:
-      trainer.train_and_evaluate(cfg, workdir, on_start=lambda step: started.update(step=step))
+      trainer.train_and_evaluate(checked, workdir, on_start=lambda step: started.update(step=step))
     except TrainingInterrupted:
       status = EXIT_INTERRUPTED  # saved: the summary line below says where to resume
     except KeyboardInterrupt:  # Ctrl-C before the first step: nothing trained, nothing to save

@@ -12,6 +12,7 @@ import sentencepiece as spm
 
 from megalodon_jax import evaluate as evaluate_cli
 from megalodon_jax import generate as generate_cli
+from megalodon_jax import train_cli
 from megalodon_jax.checkpoints import tokenizer_copy
 from megalodon_jax.convert import cli as convert_cli
 from megalodon_jax.errors import CheckpointError, ConfigError
@@ -89,10 +90,14 @@ def test_a_moved_run_resumes_training_with_its_copy(run, tmp_path, caplog):
   assert sorted(os.listdir(os.path.join(moved, "checkpoints"))) == ["2", "3"]
   assert tokenizer_copy.read_copy(moved) == tokenizer_copy.read_copy(workdir)
   assert resumed.data.tokenizer_path.endswith("gone/sp.model")  # the caller's config is left as it was
+  # train.py's checks before jax starts read the same copy, so the command line resumes the moved run too.
+  assert train_cli.check_run(resumed, moved).data.tokenizer_path == os.path.join(moved, "tokenizer.model")
   # Without a copy in the run directory the missing file is still an error, before anything is written.
   bare = str(tmp_path / "bare")
   with pytest.raises(ConfigError, match="does not exist"):
     trainer.train_and_evaluate(resumed, bare, devices=jax.devices()[:1])
+  with pytest.raises(ConfigError, match="does not exist"):
+    train_cli.check_run(resumed, bare)
   assert not os.path.exists(bare)
 
 

@@ -148,24 +148,6 @@ class _Run:
             for k, v in batch.items()}
 
 
-def _tokenizer_from_the_run_directory(cfg: Any, workdir: str) -> Any:
-  """`cfg`, or a copy reading the run directory's SentencePiece model when `data.tokenizer_path` is gone (the run
-  directory was copied to another machine, or the file moved). A path that exists always wins (a different model
-  is then refused by `write_copy`); with neither, validation reports the missing file."""
-  if getattr(cfg.data, "tokenizer", "bytes") != "sentencepiece":
-    return cfg
-  given = getattr(cfg.data, "tokenizer_path", "") or ""
-  if given and paths.as_path(given).is_file():
-    return cfg
-  copy = paths.join(workdir, tokenizer_copy.TOKENIZER_FILE)
-  if not paths.as_path(copy).is_file():
-    return cfg
-  log.warning("data.tokenizer_path=%r does not exist; using the run directory's copy %s", given, copy)
-  cfg = cfg.copy_and_resolve_references()
-  cfg.data.tokenizer_path = copy
-  return cfg
-
-
 def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None, *,
                        on_start: Optional[Callable[[int], None]] = None) -> dict[str, float]:
   """Trains (or resumes) the run described by `cfg` in `workdir`; returns the last logged metrics.
@@ -179,7 +161,7 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None, *
     NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     TrainingInterrupted: Ctrl-C (SIGINT) stopped the run after saving its step.
   """
-  cfg = _tokenizer_from_the_run_directory(cfg, workdir)
+  cfg = workdir_lib.with_run_tokenizer(cfg, workdir)
   workdir_lib.check_workdir(workdir)
   run = _Run(cfg, workdir, devices)
   # One writer per workdir: process 0 holds the lock for the whole run, the other processes share its outcome.

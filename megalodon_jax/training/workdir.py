@@ -4,6 +4,9 @@ A run writes these entries into its workdir, and nothing else (`layout.RUN_FILES
 config.json, shardings.txt, metrics.jsonl, samples.jsonl, tokenizer.model, the lock file of `workdir_lock.py`,
 checkpoints/ and tensorboard/. Other files a user keeps there (notes, scheduler logs) are never touched.
 
+`with_run_tokenizer` points a resumed run at the run directory's copy of its SentencePiece model when the
+original file is gone (a run directory copied to another machine).
+
 Refused, with one ConfigError line naming the path:
   - a workdir that is a file, or that cannot be created or written (read-only file system, no permission);
   - a workdir that is, or lies inside, a checkpoint: a run's checkpoints/ folder or one of its steps, or a
@@ -16,12 +19,15 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 from typing import Any, Optional
 
 from megalodon_jax import paths
-from megalodon_jax.checkpoints import layout
+from megalodon_jax.checkpoints import layout, tokenizer_copy
 from megalodon_jax.errors import ConfigError
+
+log = logging.getLogger("megalodon_jax")
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = layout.LOCK_FILE
@@ -110,3 +116,21 @@ def check_workdir(workdir: str) -> None:
     if clash:
       _fail(workdir, f"is not a training run but holds {', '.join(clash)}, which a run would overwrite; use a new "
                      f"or empty folder")
+
+
+def with_run_tokenizer(cfg: Any, workdir: str) -> Any:
+  """`cfg`, or a copy reading the run directory's SentencePiece model when `data.tokenizer_path` is gone (the run
+  directory was copied to another machine, or the file moved). A path that exists always wins (a different model
+  is then refused by `tokenizer_copy.write_copy`); with neither, validation reports the missing file."""
+  if getattr(cfg.data, "tokenizer", "bytes") != "sentencepiece":
+    return cfg
+  given = getattr(cfg.data, "tokenizer_path", "") or ""
+  if given and paths.as_path(given).is_file():
+    return cfg
+  copy = paths.join(workdir, tokenizer_copy.TOKENIZER_FILE)
+  if not paths.as_path(copy).is_file():
+    return cfg
+  log.warning("data.tokenizer_path=%r does not exist; using the run directory's copy %s", given, copy)
+  cfg = cfg.copy_and_resolve_references()
+  cfg.data.tokenizer_path = copy
+  return cfg

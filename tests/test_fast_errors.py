@@ -168,6 +168,24 @@ def test_from_pytorch_out_inside_the_torch_folder(tmp_path):
                       str(tmp_path / "jax"), expect="lies inside --torch")
 
 
+def test_to_pytorch_out_holding_an_earlier_export(fake_run, tmp_path):
+  out = tmp_path / "export"
+  out.mkdir()
+  (out / "params.json").write_text("{}")
+  _refused_before_jax("megalodon_jax.convert.cli", "to-pytorch", "--checkpoint", fake_run, "--out", str(out),
+                      expect="pass --overwrite to replace it")
+
+
+def test_from_pytorch_overwrite_of_a_foreign_folder(tmp_path):
+  (tmp_path / "torch").mkdir()
+  (tmp_path / "torch" / "consolidated.pth").write_bytes(b"")
+  (tmp_path / "jax").mkdir()
+  (tmp_path / "jax" / "notes.txt").write_text("mine")
+  _refused_before_jax("megalodon_jax.convert.cli", "from-pytorch", "--torch", str(tmp_path / "torch"), "--out",
+                      str(tmp_path / "jax"), "--overwrite", expect="holds notes.txt")
+  assert (tmp_path / "jax" / "notes.txt").read_text() == "mine"
+
+
 # ---------------------------------------------------------------- megalodon-aot
 
 @pytest.mark.parametrize("argv, expect", [

@@ -11,7 +11,6 @@ import glob
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -80,17 +79,6 @@ def load_checkpoint(path: str, *, step: Optional[int] = None, device: Optional[j
   return merge_model(graphdef, params, buffers, rng_vars), config, info.step
 
 
-# Every entry `save_params_checkpoint` writes: Orbax's params item (seen in its output: local and gs://, NumPy and
-# sharded jax arrays) and our sidecars. `--overwrite` of a from-pytorch output replaces these only.
-PARAMS_CHECKPOINT_ENTRIES = output_guard.KnownEntries(
-    re.compile(r"_METADATA|_CHECKPOINT_METADATA|_sharding|manifest\.ocdbt|commit_success\.txt|d/|array_metadatas/"
-               r"|ocdbt\.process_\d+/|"
-               + re.escape(layout.CONFIG_FILE) + "|" + re.escape(tokenizer_copy.TOKENIZER_FILE)),
-    "a params-only checkpoint (from-pytorch)",
-    f"Orbax's _METADATA, _CHECKPOINT_METADATA, _sharding, manifest.ocdbt, commit_success.txt, d/, array_metadatas/, "
-    f"ocdbt.process_N/, and {layout.CONFIG_FILE}, {tokenizer_copy.TOKENIZER_FILE}")
-
-
 def _load_an_earlier_step(path: str, newest: Any, abs_params: Any, error: CheckpointDamagedError) -> tuple[Any, Any]:
   """The params of the newest earlier step that loads, when the latest step of a run is damaged (a reader never
   renames it: training does, when it resumes). Raises the first error if no earlier step loads."""
@@ -120,10 +108,11 @@ def atomic_output(out: str, *, known: output_guard.KnownEntries, overwrite: bool
 
   Raises:
     ConvertError: `out` is a file, or a non-empty folder and `overwrite` is False, or a folder holding an entry
-      that `known` (what the caller writes) does not cover (see `check_output`; checked before yielding).
+      that `known` (what the caller writes) does not cover (`output_guard.check_output_folder`, checked before
+      yielding).
   """
   if paths.is_remote(out):
-    check_output(out, overwrite=overwrite, known=known)
+    output_guard.check_output_folder(out, "--out", known, ConvertError, overwrite=overwrite)
     with tempfile.TemporaryDirectory(prefix="megalodon_out_") as staging:
       tmp = os.path.join(staging, "out")
       yield tmp
@@ -134,7 +123,7 @@ def atomic_output(out: str, *, known: output_guard.KnownEntries, overwrite: bool
       paths.copy_tree(tmp, out)
     return
   out = os.path.abspath(os.path.expanduser(out))
-  check_output(out, overwrite=overwrite, known=known)
+  output_guard.check_output_folder(out, "--out", known, ConvertError, overwrite=overwrite)
   parent, name = os.path.split(out)
   os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
@@ -155,27 +144,6 @@ def atomic_output(out: str, *, known: output_guard.KnownEntries, overwrite: bool
     raise
 
 
-def check_output(out: str, *, overwrite: bool, known: output_guard.KnownEntries) -> None:
-  """Refuses an output path that is a file, a folder holding any entry that `known` does not cover (so nothing
-  the writer did not create is ever deleted), or a non-empty folder unless `overwrite`."""
-  if paths.is_remote(out):
-    p = paths.as_path(out)
-    if p.is_file():
-      raise ConvertError(f"--out {out} exists and is not a folder; remove it or choose another path")
-    non_empty = p.is_dir() and any(p.iterdir())
-  else:
-    out = os.path.abspath(os.path.expanduser(out))
-    if not os.path.lexists(out):
-      return
-    if not os.path.isdir(out) or os.path.islink(out):
-      raise ConvertError(f"--out {out} exists and is not a folder; remove it or choose another path")
-    non_empty = bool(os.listdir(out))
-  if non_empty:
-    output_guard.check_new_entries(out, "--out", known, ConvertError)  # first: --overwrite would not help
-    if not overwrite:
-      raise ConvertError(f"--out {out} exists and holds an earlier output; pass --overwrite to replace it")
-
-
 def save_params_checkpoint(out: str, model: MegalodonLM, *, step: Optional[int] = None, source: Optional[str] = None,
                            overwrite: bool = False, tokenizer_model: Optional[bytes] = None) -> None:
   """Writes `model`'s params as a params-only Orbax checkpoint plus its config sidecar, atomically.
@@ -185,7 +153,7 @@ def save_params_checkpoint(out: str, model: MegalodonLM, *, step: Optional[int] 
   plus `tokenizer.model` when `tokenizer_model` (a SentencePiece model's bytes) is given.
 
   With `overwrite`, an existing `out` is replaced only when it holds nothing but these entries (an earlier params
-  checkpoint): `PARAMS_CHECKPOINT_ENTRIES`.
+  checkpoint): `output_guard.PARAMS_CHECKPOINT_ENTRIES`.
 
   Raises:
     ConvertError: see `atomic_output`.
@@ -194,7 +162,7 @@ def save_params_checkpoint(out: str, model: MegalodonLM, *, step: Optional[int] 
   config = model.config
   sidecar = {"format": layout.PARAMS_FORMAT, "model": config.official_kwargs(),
              "execution": {k: getattr(config, k) for k in EXECUTION_FIELDS}, "step": step, "source": source}
-  with atomic_output(out, overwrite=overwrite, known=PARAMS_CHECKPOINT_ENTRIES) as tmp:
+  with atomic_output(out, overwrite=overwrite, known=output_guard.PARAMS_CHECKPOINT_ENTRIES) as tmp:
     save_params(tmp, params)
     paths.as_path(tmp).joinpath(layout.CONFIG_FILE).write_text(json.dumps(sidecar, indent=2), encoding="utf-8")
     if tokenizer_model is not None:

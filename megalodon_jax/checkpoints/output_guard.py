@@ -9,6 +9,8 @@ lines run on their output paths before they load anything.
   (convert: `--out` against the run directory, `--torch`, `--config`).
 - `check_new_entries(out, known, ...)`: `--overwrite` replaces a folder only when every entry in it is one the
   command writes itself (an earlier export); anything else is named and nothing is deleted.
+- `check_output_folder(out, ...)`: an output folder is new, empty, or (with `--overwrite`) an earlier output of the
+  same writer (`check_new_entries`); never a file. Checked here, without jax, so convert refuses it at once.
 - `check_output_file(path, ...)`: an output file (evaluate's report and plot, generate's JSON lines) must not be a
   folder, an input, anything inside the checkpoint's data, or an existing file the run wrote in its directory
   (`layout.RUN_FILES`, `layout.RUN_FOLDERS`); the user's own files there (runs/tiny/eval.json, new or from an
@@ -26,7 +28,7 @@ import re
 from typing import Optional, Sequence
 
 from megalodon_jax import paths
-from megalodon_jax.checkpoints import layout
+from megalodon_jax.checkpoints import layout, tokenizer_copy
 from megalodon_jax.errors import MegalodonError
 
 _RELATION = {"same": "is", "contains": "contains", "inside": "lies inside"}
@@ -125,6 +127,40 @@ def check_new_entries(out: str, flag: str, known: KnownEntries, error: type[Mega
     raise error(f"{flag} {out} holds {describe_entries(foreign)}, which {known.writer} never writes: --overwrite only "
                 f"replaces an earlier output ({known.text}) and deletes nothing else; move those away or choose "
                 f"another {flag}")
+
+
+# Every entry `model_io.save_params_checkpoint` writes: Orbax's params item (seen in its output: local and gs://,
+# NumPy and sharded jax arrays) and our sidecars. `--overwrite` of a from-pytorch output replaces these only. Kept
+# here, beside the checks, so that convert can refuse an --out before it imports jax.
+PARAMS_CHECKPOINT_ENTRIES = KnownEntries(
+    re.compile(r"_METADATA|_CHECKPOINT_METADATA|_sharding|manifest\.ocdbt|commit_success\.txt|d/|array_metadatas/"
+               r"|ocdbt\.process_\d+/|"
+               + re.escape(layout.CONFIG_FILE) + "|" + re.escape(tokenizer_copy.TOKENIZER_FILE)),
+    "a params-only checkpoint (from-pytorch)",
+    f"Orbax's _METADATA, _CHECKPOINT_METADATA, _sharding, manifest.ocdbt, commit_success.txt, d/, array_metadatas/, "
+    f"ocdbt.process_N/, and {layout.CONFIG_FILE}, {tokenizer_copy.TOKENIZER_FILE}")
+
+
+def check_output_folder(out: str, flag: str, known: KnownEntries, error: type[MegalodonError], *,
+                        overwrite: bool) -> None:
+  """Refuses an output path that is a file, a folder holding any entry that `known` does not cover (so nothing
+  the writer did not create is ever deleted), or a non-empty folder unless `overwrite`."""
+  if paths.is_remote(out):
+    p = paths.as_path(out)
+    if p.is_file():
+      raise error(f"{flag} {out} exists and is not a folder; remove it or choose another path")
+    non_empty = p.is_dir() and any(p.iterdir())
+  else:
+    out = os.path.abspath(os.path.expanduser(out))
+    if not os.path.lexists(out):
+      return
+    if not os.path.isdir(out) or os.path.islink(out):
+      raise error(f"{flag} {out} exists and is not a folder; remove it or choose another path")
+    non_empty = bool(os.listdir(out))
+  if non_empty:
+    check_new_entries(out, flag, known, error)  # first: --overwrite would not help
+    if not overwrite:
+      raise error(f"{flag} {out} exists and holds an earlier output; pass --overwrite to replace it")
 
 
 def check_output_file(path: Optional[str], flag: str, checkpoint: str, error: type[MegalodonError],

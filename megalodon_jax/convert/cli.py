@@ -19,7 +19,7 @@ What is read is never written over (checked before anything is loaded or created
 - A non-empty DIR is replaced only with --overwrite, and only when every entry in it is one this kind of output
   writes: for to-pytorch any file a to-pytorch export of any format writes (consolidated.pth, consolidated.NN.pth,
   model.safetensors, params.json, config.json, tokenizer.model: so re-exporting in another format works), for
-  from-pytorch the entries of a params-only Orbax checkpoint (`model_io.PARAMS_CHECKPOINT_ENTRIES`). Any other
+  from-pytorch the entries of a params-only Orbax checkpoint (`output_guard.PARAMS_CHECKPOINT_ENTRIES`). Any other
   entry is named in the error and nothing is deleted. The earlier output is then replaced whole.
 """
 
@@ -94,13 +94,9 @@ def build_parser() -> cli_args.Parser:
 
 
 def _check_out(args: argparse.Namespace) -> None:
-  """`model_io.check_output` for --out. A local --out that does not exist yet passes it whatever the flags, and is
-  not worth importing model_io (jax, flax, orbax) for: then the checks that follow still run before jax."""
-  if not paths.is_remote(args.out) and not os.path.lexists(os.path.abspath(os.path.expanduser(args.out))):
-    return
-  from megalodon_jax.checkpoints import model_io  # pylint: disable=import-outside-toplevel
-  known = EXPORT_ENTRIES if args.command == "to-pytorch" else model_io.PARAMS_CHECKPOINT_ENTRIES
-  model_io.check_output(args.out, overwrite=args.overwrite, known=known)
+  """--out is new, empty, or an earlier output of this subcommand (`output_guard.check_output_folder`)."""
+  known = EXPORT_ENTRIES if args.command == "to-pytorch" else output_guard.PARAMS_CHECKPOINT_ENTRIES
+  output_guard.check_output_folder(args.out, "--out", known, ConvertError, overwrite=args.overwrite)
 
 
 def _start_jax(args: argparse.Namespace):

@@ -11,10 +11,10 @@ Every document streams through the model in segments with the constant-size cach
 only by host memory for its token ids. The JSON report (to --output, else stdout) holds the loss, perplexity and,
 for byte tokenizers, bits per byte over all scored tokens; the same by position bucket; and for each maximum
 context length (see `inference/long_context.py` for the definitions). A summary goes to stderr. Bad input ends
-with one `error: ...` line on stderr and exit status 2; the flags, the documents' paths, the outputs and the
-checkpoint are checked before jax is imported (the --window flags just after). `--output` and `--plot` never
-replace what is read: a folder, an input document, anything inside the checkpoint, or an existing file of its run
-directory is refused before the model loads (a new file such as runs/tiny/eval.json is fine).
+with one `error: ...` line on stderr and exit status 2; the flags, the documents' paths (--split is opened, its
+data set prepared if need be), the outputs and the checkpoint are checked before jax is imported. `--output` and
+`--plot` never replace what is read: a folder, an input document, anything inside the checkpoint, or an existing
+file of its run directory is refused before the model loads (a new file such as runs/tiny/eval.json is fine).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from typing import Optional, Sequence
 from megalodon_jax import cli_args
 from megalodon_jax import paths as paths_lib
 from megalodon_jax.checkpoints import output_guard
+from megalodon_jax.data import sources
 from megalodon_jax.data.tokenizers import ByteTokenizer
 from megalodon_jax.errors import InferenceError
-from megalodon_jax.inference import cli_common, documents
+from megalodon_jax.inference import cli_common, documents, options
 
 CONTEXT_DEFINITION = ("context_length L: the scored tokens of each document are cut into consecutive blocks of L and "
                       "the model restarts from an empty cache at every block (at most L tokens of context, L/2 on "
@@ -88,6 +89,17 @@ def _check_outputs(args, text_files: Optional[list[str]]) -> None:
   output_guard.check_output_file(args.plot, "--plot", args.checkpoint, InferenceError, inputs)
 
 
+def _check_split(args, checked) -> None:
+  """--data and --split, checked before the weights load: the split is opened once here (which needs the dataset
+  prepared, as reading it would anyway). The documents are read as bytes whatever the tokenizer, so the byte
+  tokenizer stands in for a PyTorch checkpoint's, which is known only once the checkpoint loads."""
+  if args.split is None:
+    return
+  cfg = documents.data_config(checked.data_config, args.data, checked.tokenizer or ByteTokenizer())
+  sources.prepare(cfg)
+  sources.open_split(cfg, args.split, "--split")
+
+
 def run(args) -> int:
   # Everything cheap is checked before the model loads.
   lengths = _context_lengths(args.context_lengths)
@@ -99,11 +111,12 @@ def run(args) -> int:
   _check_outputs(args, paths)
   if args.window and args.segment_len is not None:
     raise InferenceError("--segment_len does not apply with --window (its step is --window_step_chunks chunks)")
+  window = options.NormWindow(args.window_truncate_chunks, args.window_step_chunks) if args.window else None
   checked = cli_common.check_checkpoint(args)
+  _check_split(args, checked)
   # pylint: disable=import-outside-toplevel  (they import jax: after every check above)
   from megalodon_jax.inference import long_context
-  from megalodon_jax.inference.evaluation import Evaluator, NormWindow
-  window = NormWindow(args.window_truncate_chunks, args.window_step_chunks) if args.window else None
+  from megalodon_jax.inference.evaluation import Evaluator
 
   loaded = cli_common.load(checked)
   tok = loaded.tokenizer

@@ -11,8 +11,9 @@ as one batch and each completion is printed, under a `=== completion i ===` head
 `--output_jsonl` also writes {"index", "prompt", "completion", "tokens", "finish_reason"} per prompt (a new file, or
 one outside the checkpoint's directory: it never replaces what is read). Prompts are UTF-8 text: a --prompt with
 bytes that are not (a shell's $'\\xff') or a prompt file that is not UTF-8 is refused, naming the byte offset. Bad
-input ends with one `error: ...` line on stderr and exit status 2 (prompts, the output path and the checkpoint are
-checked before jax starts and the model loads; the sampling flags once jax is imported).
+input ends with one `error: ...` line on stderr and exit status 2 (prompts, the output path, the sampling and
+decoding flags and the checkpoint are checked before jax starts and the model loads; --prefill_piece of a PyTorch
+checkpoint, whose chunk size comes with its tensors, once it has loaded).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 from megalodon_jax import cli_args, paths
 from megalodon_jax.checkpoints import output_guard
 from megalodon_jax.errors import InferenceError
-from megalodon_jax.inference import cli_common
+from megalodon_jax.inference import cli_common, options
 from megalodon_jax.inference.detokenize import TextStream
 
 BLOCK_SIZE = 32  # generation.DEFAULT_BLOCK_SIZE, which imports jax (tests/test_fast_errors.py keeps them equal)
@@ -116,15 +117,19 @@ def run(args) -> int:
   output_guard.check_output_file(args.output_jsonl, "--output_jsonl", args.checkpoint, InferenceError, inputs)
   if args.max_new_tokens < 1:
     raise InferenceError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+  try:
+    options.check_sampling(args.temperature, args.top_k, args.top_p)
+  except ValueError as e:
+    raise InferenceError(f"--{e}") from None
   stop_ids = _parse_ids(args.stop_ids, "--stop_ids")
   checked = cli_common.check_checkpoint(args)
+  # An Orbax checkpoint's recorded config gives the chunk size now; a PyTorch one's is read with the weights.
+  chunk_size = checked.info.config.chunk_size if checked.info is not None else None
+  options.check_decode_sizes(args.prefill_piece, args.block_size, chunk_size)
   # pylint: disable=import-outside-toplevel  (they import jax: after every check above)
   from megalodon_jax.inference.generation import Generator
   from megalodon_jax.inference.sampling import Sampler
-  try:
-    sampler = Sampler(args.temperature, args.top_k, args.top_p)
-  except ValueError as e:
-    raise InferenceError(f"--{e}") from None
+  sampler = Sampler(args.temperature, args.top_k, args.top_p)
   loaded = cli_common.load(checked)
   tok = loaded.tokenizer
   ids = [tok.encode(p).tolist() if isinstance(p, str) else p for p in prompts]

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from cli_harness import run_cli
+from megalodon_jax.aot import gpu
 from megalodon_jax.checkpoints import layout
 from megalodon_jax.config import MegalodonConfig
 
@@ -131,6 +132,18 @@ def test_generate_tokenizer_file_that_does_not_exist(fake_params, tmp_path):
                       str(tmp_path / "nope.model"), expect="nope.model")
 
 
+@pytest.mark.parametrize("argv, expect", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top_k", "-2"], "--top_k must be an int >= 0"),
+    (["--top_p", "0"], "--top_p must be in (0, 1]"),
+    (["--block_size", "0"], "block_size=0 must be >= 1"),
+    (["--prefill_piece", "3"], "prefill_piece=3 must be a positive multiple of the chunk size"),
+], ids=["temperature", "top_k", "top_p", "block_size", "prefill_piece"])
+def test_generate_sampling_and_decoding_flags(fake_params, argv, expect):
+  # --prefill_piece needs the chunk size: an Orbax checkpoint's recorded config gives it before the weights load.
+  _refused_before_jax("megalodon_jax.generate", "--checkpoint", fake_params, "--prompt", "hi", *argv, expect=expect)
+
+
 # ---------------------------------------------------------------- evaluate
 
 def test_evaluate_missing_text_files(fake_run, tmp_path):
@@ -143,6 +156,28 @@ def test_evaluate_output_inside_the_checkpoint(fake_run, tmp_path):
   doc.write_text("some text\n")
   _refused_before_jax("megalodon_jax.evaluate", "--checkpoint", fake_run, "--text_files", str(doc), "--output",
                       os.path.join(fake_run, "checkpoints", "eval.json"), expect="lies inside the checkpoint")
+
+
+def test_evaluate_window_flags(fake_run, tmp_path):
+  doc = tmp_path / "doc.txt"
+  doc.write_text("some text\n")
+  _refused_before_jax("megalodon_jax.evaluate", "--checkpoint", fake_run, "--text_files", str(doc), "--window",
+                      "--window_step_chunks", "8", expect="window: need 1 <= step_chunks (8) < truncate_chunks (8)")
+
+
+def test_evaluate_unknown_data_setting(fake_params):
+  _refused_before_jax("megalodon_jax.evaluate", "--checkpoint", fake_params, "--split", "validation", "--data",
+                      "nmae=pg19", expect="--data nmae: unknown data setting")
+
+
+def test_evaluate_split_that_the_data_set_lacks(fake_params, tmp_path):
+  # The split is opened (the small text_files data set prepared in tmp_path) before the weights load.
+  (tmp_path / "docs").mkdir()
+  for i in range(4):
+    (tmp_path / "docs" / f"{i}.txt").write_text(f"document {i}\n")
+  _refused_before_jax("megalodon_jax.evaluate", "--checkpoint", fake_params, "--split", "test", "--data",
+                      "dataset=text_files", "--data", f"path={tmp_path / 'docs'}", "--data",
+                      f"data_dir={tmp_path / 'tfds'}", expect="--split='test': data.dataset='text_files' has no such")
 
 
 # ---------------------------------------------------------------- convert
@@ -198,14 +233,19 @@ def test_aot_config_and_topology_errors(argv, expect):
   _refused_before_jax("megalodon_jax.aot.cli", "--config", "tiny", *topology, *argv, expect=expect)
 
 
+@pytest.mark.skipif(gpu.cuda_available()[0], reason="the CUDA plugin is installed: h100-8 is a valid target")
+def test_aot_gpu_topology_without_the_cuda_plugin():
+  _refused_before_jax("megalodon_jax.aot.cli", "--config", "tiny", "--topology", "h100-8",
+                      expect="topology 'h100-8' needs the CUDA plugin")
+
+
 # ---------------------------------------------------------------- the spy and the copied constants
 
 def test_the_spy_sees_jax_imported_by_a_command(fake_params):
-  # A control: past the cheap checks generate imports the sampler (jax), which refuses the temperature. The spy
-  # must report that import, or the cases above would prove nothing.
-  result, imported = _run("megalodon_jax.generate", "--checkpoint", fake_params, "--prompt", "hi", "--temperature",
-                          "-1")
-  assert result.returncode == 2 and "temperature must be >= 0" in result.one_error_line()
+  # A control: past every check generate imports the generator (jax) and reads the weights, which this checkpoint
+  # lacks. The spy must report that import, or the cases above would prove nothing.
+  result, imported = _run("megalodon_jax.generate", "--checkpoint", fake_params, "--prompt", "hi")
+  assert result.returncode == 2 and "has no tree metadata" in result.one_error_line()
   assert "jax" in imported and "megalodon_jax/generate.py" in imported["jax"], imported
 
 

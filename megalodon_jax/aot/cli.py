@@ -18,6 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from megalodon_jax import cli_args, cli_config, paths
+from megalodon_jax.aot import gpu  # no jax: it reads installed packages and sets environment variables
 from megalodon_jax.aot import topology as topo_lib
 from megalodon_jax.errors import EXIT_BAD_INPUT, ConfigError, exit_on_error
 
@@ -132,14 +133,18 @@ def _main(args: argparse.Namespace, overrides: list) -> int:
   # device count; the run is built, and checked again with it, below).
   from megalodon_jax.training import config_lib  # pylint: disable=import-outside-toplevel
   config_lib.validate(cfg, None, check_inputs=False)
-  if args.topology.lower().startswith(("h100", "a100")):
-    from megalodon_jax.aot import gpu  # pylint: disable=import-outside-toplevel
+  gpu_target = args.topology.lower().startswith(("h100", "a100"))
+  if gpu_target:
     gpu.prepare_environment()  # before jax starts its backends
   try:
     vocab = vocab_size_for(cfg)
   except ValueError as e:
     return _fail(str(e))
   config_lib.model_config(cfg, vocab)  # the model fields too (ConfigError -> 2), as the run below builds them
+  if gpu_target and not gpu.cuda_available()[0]:
+    # Without the CUDA plugin, resolving the GPU target fails at its first check, which needs no jax: made here,
+    # before the import below (~2 s), it reports the missing plugin at once, in topology.py's words.
+    topo_lib.resolve(args.topology)
 
   import jax  # pylint: disable=import-outside-toplevel
   from megalodon_jax import platforms  # pylint: disable=import-outside-toplevel

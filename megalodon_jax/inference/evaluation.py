@@ -15,7 +15,6 @@ by the one that run ends with; attention and CEMA states are kept. The normalisa
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional
 
@@ -25,32 +24,13 @@ import numpy as np
 from flax import nnx
 
 from megalodon_jax.errors import InferenceError
+from megalodon_jax.inference.options import NormWindow  # defined without jax: evaluate checks it before jax starts
 from megalodon_jax.model import Cache, MegalodonLM
 
 # Bytes of activations and logits per token of a segment, roughly, to size the default segment: the logits
 # (V floats) and the widest block activations dominate (inference keeps one block's activations live at a time).
 _DEFAULT_SEGMENT_BYTES = 1 << 30
 _MAX_DEFAULT_SEGMENT = 1 << 16
-
-
-@dataclasses.dataclass(frozen=True)
-class NormWindow:
-  """The official evaluation's TimestepNorm truncation: constants of `megalodon/inference.py`.
-
-  See docs/streaming.md#evaluation.
-  """
-  truncate_chunks: int = 8  # TRUNCATE_CHUNKS
-  step_chunks: int = 2  # MAX_CHUNKS_PER_BATCH
-
-  def __post_init__(self):
-    if not 1 <= self.step_chunks < self.truncate_chunks:
-      raise InferenceError(f"window: need 1 <= step_chunks ({self.step_chunks}) < truncate_chunks "
-                           f"({self.truncate_chunks})")
-
-  @property
-  def window_chunks(self) -> int:
-    """Chunks the recomputed statistics cover."""
-    return self.truncate_chunks - self.step_chunks
 
 
 def default_segment_len(model: MegalodonLM) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from megalodon_jax.errors import InferenceError
+from megalodon_jax.inference.options import check_decode_sizes
 from megalodon_jax.inference.sampling import Sampler, sample_logits
 from megalodon_jax.model import Cache, MegalodonLM
 
@@ -154,11 +155,7 @@ class Generator:
     c = model.config
     if prefill_piece is None:
       prefill_piece = c.chunk_size * max(1, DEFAULT_PREFILL_TOKENS // c.chunk_size)
-    if prefill_piece < c.chunk_size or prefill_piece % c.chunk_size:
-      raise InferenceError(f"prefill_piece={prefill_piece} must be a positive multiple of the chunk size "
-                           f"{c.chunk_size}")
-    if block_size < 1:
-      raise InferenceError(f"block_size={block_size} must be >= 1")
+    check_decode_sizes(prefill_piece, block_size, c.chunk_size)
     model.eval()
     self.model = model
     self.config = c

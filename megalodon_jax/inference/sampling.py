@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from megalodon_jax.inference.options import check_sampling
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
@@ -27,12 +29,7 @@ class Sampler:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if not self.temperature >= 0:  # also rejects NaN
-      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-    if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-      raise ValueError(f"top_k must be an int >= 0 (0 = no top-k filter), got {self.top_k!r}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {self.top_p}")
+    check_sampling(self.temperature, self.top_k, self.top_p)  # ValueError
 
   def as_arrays(self) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(temperature () float32, top_k () int32, top_p () float32)."""

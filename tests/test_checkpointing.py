@@ -17,6 +17,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gcs_emulator import fake_gcs  # noqa: F401  pylint: disable=unused-import
 from megalodon_jax.errors import CheckpointError
 from megalodon_jax.checkpoints.layout import check_directory
 from megalodon_jax.checkpoints.manager import Checkpointer
@@ -360,8 +361,32 @@ def test_preemption_flag_without_the_service_agrees_by_allgather(monkeypatch, ca
   assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_finished_steps_are_judged_as_orbax_judges_them(tmp_path, fake_gcs):
+  """layout.is_finalized spells out orbax's rule (it runs before jax and orbax start): the same answer for finished
+  and unfinished folders, local and on (emulated) gs://."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.checkpoints import layout  # pylint: disable=import-outside-toplevel
+  local = []
+  for name in ("4", f"6{TMP}", f"8{TMP}-1234"):
+    (tmp_path / name).mkdir()
+    local.append(epath.Path(tmp_path / name))
+  remote = []
+  for name, committed in (("4", True), ("6", False)):
+    folder = epath.Path(f"gs://b/ckpt/{name}")
+    (folder / "state" / "x").write_text("data")
+    if committed:
+      (folder / layout.COMMIT_FILE).write_text("ok")
+    remote.append(folder)
+  answers = [(str(p), layout.is_finalized(p), ocp.path.step.is_path_finalized(p)) for p in local + remote]
+  assert [a for _, a, _ in answers] == [True, False, False, True, False]
+  assert all(ours == orbax for _, ours, orbax in answers), answers
+
+
 def test_layout_names_orbax_tmp_folders_as_orbax_does():
   # layout.py spells the suffix out (it is read before jax and orbax start); orbax's own constant is the reference.
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from megalodon_jax.checkpoints import layout  # pylint: disable=import-outside-toplevel
   assert layout.TMP_MARK == ocp.path.atomicity_types.TMP_DIR_SUFFIX
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=import-outside-toplevel
+  assert layout.COMMIT_FILE == atomicity.COMMIT_SUCCESS_FILE

@@ -40,6 +40,7 @@ STEP_METADATA = "_CHECKPOINT_METADATA"
 OCDBT_MANIFEST = "manifest.ocdbt"
 JSON_ITEM_FILE = "metadata"
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's TMP_DIR_SUFFIX (tests/test_checkpointing.py keeps them equal)
+COMMIT_FILE = "commit_success.txt"  # orbax's COMMIT_SUCCESS_FILE: a finished save on gs://
 TRASH = "_to_delete"
 DAMAGED_MARK = ".corrupt-"  # a step folder set aside by training: `<step>.corrupt-<UTC time>`, never restored
 CONFIG_FILE = "megalodon_config.json"
@@ -82,11 +83,14 @@ def folder_kind(folder: Any) -> str:
   return "steps"
 
 
-def _is_finalized(step_dir: epath.Path) -> bool:
-  # orbax is imported here, not at module level: command lines read a workdir before jax (which orbax imports)
-  # starts, and a fresh workdir has no step to ask about.
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  return ocp.path.step.is_path_finalized(step_dir)
+def is_finalized(step_dir: epath.Path) -> bool:
+  """Whether a step folder is a finished save, by orbax's own rule for its default atomicity (orbax 0.12): on gs://
+  (no folder renames) the folder holds `commit_success.txt`; elsewhere a save is renamed from its tmp name when
+  complete. Written out rather than asked of orbax, which imports jax: command lines list a run's steps before jax
+  starts (tests/test_checkpointing.py compares this with orbax's `is_path_finalized`)."""
+  if os.fspath(step_dir).startswith("gs://"):
+    return (step_dir / COMMIT_FILE).exists() and step_dir.is_dir()
+  return TMP_MARK not in step_dir.name and step_dir.is_dir()
 
 
 def finished_steps(root: Any) -> list[int]:
@@ -95,7 +99,7 @@ def finished_steps(root: Any) -> list[int]:
   if not path.is_dir():
     return []
   return sorted(int(p.name) for p in path.iterdir()
-                if p.name.isdigit() and p.is_dir() and _is_finalized(p))
+                if p.name.isdigit() and p.is_dir() and is_finalized(p))
 
 
 def read_json(path: epath.Path, what: str) -> Any:
@@ -152,7 +156,7 @@ def check_directory(directory: str, *, check_steps: bool = True) -> None:
     elif entry.name.isdigit():
       if not entry.is_dir():
         raise CheckpointError(f"{entry} is named like a checkpoint step but is not a directory: remove it.")
-      if check_steps and _is_finalized(entry):  # commit-file filesystems (GCS): unmarked = unfinished
+      if check_steps and is_finalized(entry):  # commit-file filesystems (GCS): unmarked = unfinished
         check_step_dir(entry)
 
 

@@ -35,7 +35,14 @@ class CheckpointError(MegalodonError, ValueError, RuntimeError):
 
 class CheckpointDamagedError(CheckpointError):
   """A checkpoint's files are missing, truncated or unreadable (not merely a different model or config): training
-  sets such a step aside and resumes from the previous one."""
+  sets such a step aside and resumes from the previous one.
+
+  `problem` is what is wrong, alone, for callers that quote it in their own message; the error reads
+  "<problem>. <advice>" (just the problem without advice)."""
+
+  def __init__(self, problem: str, advice: str = ""):
+    super().__init__(f"{problem}. {advice}" if advice else problem)
+    self.problem = problem
 
 
 class ShardingError(MegalodonError, ValueError):

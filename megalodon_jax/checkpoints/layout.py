@@ -106,21 +106,22 @@ def read_json(path: epath.Path, what: str) -> Any:
   try:
     return json.loads(path.read_text())
   except FileNotFoundError:
-    raise CheckpointDamagedError(f"{path} ({what}) is missing: the checkpoint is corrupted. {MOVE}") from None
+    raise CheckpointDamagedError(f"{path} ({what}) is missing: the checkpoint is corrupted", MOVE) from None
   except (OSError, ValueError) as e:  # ValueError covers truncated JSON and bad UTF-8
-    raise CheckpointDamagedError(f"{path} ({what}) is unreadable or truncated: {e}. {MOVE}") from e
+    raise CheckpointDamagedError(f"{path} ({what}) is unreadable or truncated: {e}", MOVE) from e
 
 
 def check_item(item_dir: epath.Path) -> None:
   """Cheap file-level validation of one orbax item folder (no jax, no tensorstore)."""
   if not item_dir.is_dir():
-    raise CheckpointDamagedError(f"{item_dir} is missing: the checkpoint is incomplete or corrupted. {MOVE}")
+    raise CheckpointDamagedError(f"{item_dir} is missing: the checkpoint is incomplete or corrupted", MOVE)
   if item_dir.name == STATE or (item_dir / PYTREE_METADATA).exists():
     meta = read_json(item_dir / PYTREE_METADATA, "pytree metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("tree_metadata"), dict):
-      raise CheckpointDamagedError(f"{item_dir / PYTREE_METADATA} has no tree metadata: the checkpoint is corrupted. {MOVE}")
+      raise CheckpointDamagedError(f"{item_dir / PYTREE_METADATA} has no tree metadata: the checkpoint is corrupted",
+                                   MOVE)
     if meta.get("use_ocdbt", False) and not (item_dir / OCDBT_MANIFEST).exists():
-      raise CheckpointDamagedError(f"{item_dir / OCDBT_MANIFEST} is missing: the array data is gone. {MOVE}")
+      raise CheckpointDamagedError(f"{item_dir / OCDBT_MANIFEST} is missing: the array data is gone", MOVE)
   else:
     read_json(item_dir / JSON_ITEM_FILE, "JSON item")
 

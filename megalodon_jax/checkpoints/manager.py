@@ -168,8 +168,8 @@ class Checkpointer:
       saved = trees.saved_leaves(step_dir / layout.STATE)
     except CheckpointDamagedError as e:
       _ignore_late_read_callbacks()
-      raise CheckpointDamagedError(f"step {step} in {self.directory} does not restore: "
-                                   f"{str(e).replace(' ' + layout.MOVE, '')} {layout.MOVE}") from e
+      raise CheckpointDamagedError(f"step {step} in {self.directory} does not restore: {e.problem}",
+                                   layout.MOVE) from e
     trees.match(saved, trees.leaves(abstract), step_dir, check_dtype=True)  # another model: not damage
     args = ocp.args.Composite(**{layout.STATE: ocp.args.StandardRestore(abstract),
                                  layout.DATA: ocp.args.JsonRestore(), layout.META: ocp.args.JsonRestore()})
@@ -177,8 +177,8 @@ class Checkpointer:
       out = self._mgr.restore(step, args=args)
     except Exception as e:  # tensorstore/orbax errors on damaged data files
       _ignore_late_read_callbacks()
-      raise CheckpointDamagedError(f"step {step} in {self.directory} does not restore: {trees.damage(e)}. "
-                                   f"{layout.MOVE}") from e
+      raise CheckpointDamagedError(f"step {step} in {self.directory} does not restore: {trees.damage(e)}",
+                                   layout.MOVE) from e
     return out[layout.STATE], out[layout.DATA], out[layout.META]
 
   def restore_newest(self, abstract_state: Any) -> Optional[tuple[Any, dict, dict, int]]:
@@ -198,13 +198,11 @@ class Checkpointer:
         continue
       for bad, error in skipped:
         moved = self.set_aside(bad)
-        log.warning("%s; renamed it %s and resumed from step %d", str(error).split(". " + layout.MOVE)[0], moved,
-                    step)
+        log.warning("%s; renamed it %s and resumed from step %d", error.problem, moved, step)
       return state, data_state, meta, step
     if skipped:
-      error = str(skipped[0][1]).split(layout.MOVE)[0].strip()
       raise CheckpointError(f"no checkpoint in {self.directory} restores (steps {[s for s, _ in skipped]}); the "
-                            f"newest: {error} Move the damaged step folders out of the way, or start a new "
+                            f"newest: {skipped[0][1].problem}. Move the damaged step folders out of the way, or start a new "
                             f"--workdir (with --config.init_from to reuse weights).")
     return None
 

@@ -90,7 +90,7 @@ def _load_an_earlier_step(path: str, newest: Any, abs_params: Any, error: Checkp
     except CheckpointDamagedError:
       continue
     log.warning("the latest step %s of %s is damaged (%s); loaded step %d instead", newest.step, steps_dir,
-                str(error).split(". ")[0], step)
+                error.problem, step)
     return info, params
   raise error
 

@@ -35,7 +35,7 @@ def saved_leaves(item_dir: epath.Path) -> dict[str, Any]:
   try:
     return leaves(ocp.PyTreeCheckpointHandler().metadata(item_dir).tree)
   except Exception as e:  # orbax/tensorstore raise many types for damaged metadata
-    raise CheckpointDamagedError(f"cannot read the array metadata of {item_dir}: {damage(e)}. {MOVE}") from e
+    raise CheckpointDamagedError(f"cannot read the array metadata of {item_dir}: {damage(e)}", MOVE) from e
 
 
 def _describe(x: Any) -> str:
@@ -65,12 +65,6 @@ def abstract(tree: Any) -> Any:
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)
                                                      or default), tree)
-
-
-def short(e: Exception, limit: int = 400) -> str:
-  # tensorstore errors embed their whole JSON spec; the head names the file and the problem.
-  text = f"{type(e).__name__}: {e}"
-  return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def damage(e: BaseException, limit: int = 300) -> str:

@@ -30,8 +30,6 @@ from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference import cli_common, options
 from megalodon_jax.inference.detokenize import TextStream
 
-BLOCK_SIZE = 32  # generation.DEFAULT_BLOCK_SIZE, which imports jax (tests/test_fast_errors.py keeps them equal)
-
 
 def build_parser() -> cli_args.Parser:
   p = cli_args.Parser(prog=cli_args.prog_name("megalodon-generate", "megalodon_jax.generate"),
@@ -51,7 +49,7 @@ def build_parser() -> cli_args.Parser:
   s.add_argument("--stop_ids", default="", help="comma-separated ids that end a completion (not printed)")
   s.add_argument("--no_eos_stop", action="store_true", help="do not stop at the tokenizer's EOS")
   r = p.add_argument_group("execution and output")
-  r.add_argument("--block_size", type=int, default=BLOCK_SIZE, help="decode steps per jitted call")
+  r.add_argument("--block_size", type=int, default=options.DEFAULT_BLOCK_SIZE, help="decode steps per jitted call")
   r.add_argument("--prefill_piece", type=int, default=None, help="largest prefill call in tokens (chunk multiple)")
   r.add_argument("--echo", action="store_true", help="print each prompt before its completion")
   r.add_argument("--output_jsonl", default=None, help="also write the completions here as JSON lines")

@@ -255,4 +255,4 @@ def test_constants_copied_to_keep_jax_out_of_the_command_lines():
   from megalodon_jax.inference import generation  # pylint: disable=import-outside-toplevel
   assert tuple(torch_files.DTYPES) == cli.EXPORT_DTYPES
   assert (cli.PARAMS_JSON, cli.HF_CONFIG_JSON) == (torch_files.PARAMS_JSON, torch_files.HF_CONFIG_JSON)
-  assert generate.BLOCK_SIZE == generation.DEFAULT_BLOCK_SIZE
+  assert generate.build_parser().parse_args(["--checkpoint", "x"]).block_size == generation.DEFAULT_BLOCK_SIZE

@@ -36,12 +36,11 @@ import numpy as np
 from flax import nnx
 
 from megalodon_jax.errors import InferenceError
-from megalodon_jax.inference.options import check_decode_sizes
+from megalodon_jax.inference.options import DEFAULT_BLOCK_SIZE, check_decode_sizes
 from megalodon_jax.inference.sampling import Sampler, sample_logits
 from megalodon_jax.model import Cache, MegalodonLM
 
 DEFAULT_PREFILL_TOKENS = 4096
-DEFAULT_BLOCK_SIZE = 32
 _MIN_PROMPT_BUCKET = 16
 _STOP_SLOTS = 4  # stop-id arrays are padded to a multiple of this (with -1) so their count rarely recompiles
 

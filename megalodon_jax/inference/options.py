@@ -2,7 +2,8 @@
 before jax starts (issue 20: a flag error within 2 s), and the jax classes that take the settings run the same ones.
 
 - `check_sampling`: `sampling.Sampler`'s temperature, top_k and top_p.
-- `check_decode_sizes`: `generation.Generator`'s prefill_piece and block_size.
+- `check_decode_sizes`: `generation.Generator`'s prefill_piece and block_size (`DEFAULT_BLOCK_SIZE`, its default,
+  is here so that generate's --block_size default needs no jax either).
 - `NormWindow`: the evaluation's TimestepNorm window (plain numbers; `evaluation.Evaluator` runs it).
 """
 
@@ -12,6 +13,8 @@ import dataclasses
 from typing import Optional
 
 from megalodon_jax.errors import InferenceError
+
+DEFAULT_BLOCK_SIZE = 32  # decode steps per jitted call of `generation.Generator`
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:

@@ -211,12 +211,8 @@ def text_problem(data: bytes, complete: bool = True) -> Optional[str]:
 @functools.lru_cache(maxsize=65536)
 def _file_problem(path: str, size: int, mtime_ns: int) -> Optional[str]:
   del mtime_ns  # part of the cache key: an edited file is checked again
-  if paths.is_remote(path):
-    with paths.as_path(path).open("rb") as fh:
-      head = fh.read(TEXT_CHECK_BYTES)
-  else:
-    with open(path, "rb") as fh:
-      head = fh.read(TEXT_CHECK_BYTES)
+  with paths.as_path(path).open("rb") as fh:  # local or gs://: only the head is read
+    head = fh.read(TEXT_CHECK_BYTES)
   return text_problem(head, complete=size <= TEXT_CHECK_BYTES)
 
 

@@ -21,12 +21,10 @@ import io
 import json
 from typing import IO, Iterator, Sequence
 
-
 from megalodon_jax import paths
 from megalodon_jax.data import text_files
 from megalodon_jax.errors import DataError
 from megalodon_jax.data.text_files import DocFile, DocumentSet
-
 
 
 def jsonl_documents(path: str, validation_percent: float, max_documents: int, text_key: str) -> DocumentSet:

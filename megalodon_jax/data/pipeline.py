@@ -35,7 +35,7 @@ Evaluation: documents in stored order, no shuffle; the same windows on every cal
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import grain
 import numpy as np
@@ -175,10 +175,11 @@ def _check_seq_len(seq_len: int) -> None:
     raise DataError(f"seq_len={seq_len!r}: must be an int >= 1")
 
 
-def make_train_iterator(data_cfg: Any, *, seq_len: int, batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1) -> TrainIterator:
+def make_train_iterator(data: Union[sources.DataPlan, Any], *, seq_len: int, batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1) -> TrainIterator:
   """The training batches of this process's rows [p * b, (p + 1) * b) of every global batch (b = batch_size /
-  process_count): {"inputs", "targets"}: (b, seq_len) int32, plus the "reset" features.
+  process_count): {"inputs", "targets"}: (b, seq_len) int32, plus the "reset" features. `data`: a DataPlan
+  (`sources.plan`), or a `config.data`, planned here.
 
   Row r packs documents r, r + B, r + 2B, ... of the global sequence (row_streams.py), so the global batches are
   the same for any process count. A split with fewer documents than rows is fine: the sequence repeats (every
@@ -190,13 +191,14 @@ def make_train_iterator(data_cfg: Any, *, seq_len: int, batch_size: int, seed: i
   """
   _check_seq_len(seq_len)
   local_batch = _per_process_batch(batch_size, process_count, process_index)
-  tokenizer = make_tokenizer(data_cfg)
-  source = sources.open_split(data_cfg, sources.field(data_cfg, "train_split"), "train_split")
+  plan = sources.as_plan(data)
+  tokenizer = make_tokenizer(plan)
+  source = sources.open_split(plan, plan.train_split, "train_split")
   if len(source) == 0:
-    raise DataError(f"data.train_split={sources.field(data_cfg, 'train_split')!r} has no documents")
+    raise DataError(f"data.train_split={plan.train_split!r} has no documents")
   docs = global_documents(grain.MapDataset.source(source), seed=seed)
-  reader = DocumentReader(docs.map(_Tokenize(tokenizer, sources.field(data_cfg, "add_eos"))))
-  reset = sources.field(data_cfg, "document_boundaries") == "reset"
+  reader = DocumentReader(docs.map(_Tokenize(tokenizer, plan.add_eos)))
+  reset = plan.document_boundaries == "reset"
   # A row with only empty documents for this long would loop forever; with a few non-empty documents, each of a
   # row's draws is one of them with probability >= 1/N, so a row meets one well within 8N draws.
   max_empty = 8 * len(source) + 64
@@ -205,14 +207,15 @@ def make_train_iterator(data_cfg: Any, *, seq_len: int, batch_size: int, seed: i
           for r in range(first, first + local_batch)]
   fingerprint = {"source": source.description, "documents": len(source),
                  "tokenizer": f"{type(tokenizer).__name__}(vocab={tokenizer.vocab_size}, eos={tokenizer.eos_id})",
-                 "add_eos": bool(sources.field(data_cfg, "add_eos")), "seed": int(seed),
+                 "add_eos": bool(plan.add_eos), "seed": int(seed),
                  **({"document_boundaries": "reset"} if reset else {}), "batch_size": int(batch_size)}
   return TrainIterator(reader, rows, first, fingerprint)
 
 
-def make_eval_batches(data_cfg: Any, *, seq_len: int, batch_size: int, num_batches: int, process_index: int = 0,
-                      process_count: int = 1, split: Optional[str] = None) -> list[Batch]:
-  """Fixed evaluation batches from the start of `split` (default `data.eval_split`), documents in order.
+def make_eval_batches(data: Union[sources.DataPlan, Any], *, seq_len: int, batch_size: int, num_batches: int,
+                      process_index: int = 0, process_count: int = 1, split: Optional[str] = None) -> list[Batch]:
+  """Fixed evaluation batches from the start of `split` (default `data.eval_split`), documents in order. `data`: a
+  DataPlan (`sources.plan`), or a `config.data`, planned here.
 
   Returns `min(num_batches, available)` batches {"inputs", "targets"}: (batch_size / process_count, seq_len) int32;
   the rows of all processes together form the same global batches whatever the process count.
@@ -224,11 +227,11 @@ def make_eval_batches(data_cfg: Any, *, seq_len: int, batch_size: int, num_batch
   local_batch = _per_process_batch(batch_size, process_count, process_index)
   if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
     raise DataError(f"num_batches={num_batches!r}: must be an int >= 1")
+  plan = sources.as_plan(data)
   key = "eval_split" if split is None else "split"
-  split = sources.field(data_cfg, "eval_split") if split is None else split
-  tokenizer = make_tokenizer(data_cfg)
-  source = sources.open_split(data_cfg, split, key)
-  tokenize = _Tokenize(tokenizer, sources.field(data_cfg, "add_eos"))
+  split = plan.eval_split if split is None else split
+  tokenize = _Tokenize(make_tokenizer(plan), plan.add_eos)
+  source = sources.open_split(plan, split, key)
   window = seq_len + 1
   needed = num_batches * batch_size * window
   pieces, total = [], 0
@@ -237,7 +240,7 @@ def make_eval_batches(data_cfg: Any, *, seq_len: int, batch_size: int, num_batch
       break
     pieces.append(tokenize(source[i]))
     total += pieces[-1].size
-  reset = sources.field(data_cfg, "document_boundaries") == "reset"
+  reset = plan.document_boundaries == "reset"
   n_batches = min(num_batches, total // (batch_size * window))
   if n_batches == 0:
     name = f"data.eval_split={split!r}" if key == "eval_split" else f"split={split!r}"

@@ -1,9 +1,11 @@
-"""From `config.data` to prepared TFDS array_record splits: validation, preparation and random-access sources.
+"""From `config.data` to prepared TFDS array_record splits: the plan, preparation and random-access sources.
+
+`plan(config.data)` checks the config and resolves it once into a `DataPlan` (which dataset, which files, where);
+`prepare`, `open_split` and the pipeline take the plan and never resolve again.
 
 Every dataset ends up as a TFDS dataset in array_record format under `data.data_dir`, read with
 `as_data_source()` (random access, no TensorFlow). `stdlib`, `text_files`, `jsonl` and `enwik8` are prepared by our
-builders;
-`tfds` names a dataset someone prepared there already.
+builders; `tfds` names a dataset someone prepared there already.
 
 Concurrent preparation: processes (e.g. the hosts of one job) sharing `data_dir` take an exclusive `flock` on
 `<data_dir>/<builder>/<config>/.<version>.lock`; the first prepares, the others wait and then find it done. TFDS
@@ -52,11 +54,6 @@ def field(data_cfg: Any, key: str) -> Any:
   return getattr(data_cfg, key, _DEFAULTS[key])
 
 
-def data_dir(data_cfg: Any) -> str:
-  """`data.data_dir` with `~` expanded; "" is TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)."""
-  return os.path.expanduser(field(data_cfg, "data_dir") or tfds.core.constants.DATA_DIR)
-
-
 def _check_number(key: str, value: Any, low: float, high: Optional[float], integer: bool) -> None:
   types = (int,) if integer else (int, float)
   if isinstance(value, bool) or not isinstance(value, types) or value < low or (high is not None and value > high):
@@ -66,17 +63,35 @@ def _check_number(key: str, value: Any, low: float, high: Optional[float], integ
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
-  """What a config resolves to: which builder (or prepared directory) and the split names it has."""
+class DataPlan:
+  """`config.data` checked and resolved once (`plan`): the dataset, where it is prepared, its split names and the
+  settings the pipeline reads. `prepare`, `open_split`, the iterators and `make_tokenizer` take it and resolve
+  nothing again (no listing, stat or text check of the files), so a run reads the files as they were planned."""
   dataset: str
   splits: tuple[str, ...]
-  documents: Optional[text_files.DocumentSet] = None  # stdlib / text_files
+  data_dir: str  # `data.data_dir`, `~` expanded ("" became TFDS's default)
+  train_split: str
+  eval_split: str
+  add_eos: bool
+  document_boundaries: str
+  tokenizer: str  # with tokenizer_path: what `make_tokenizer` builds
+  tokenizer_path: str
+  manual_dir: str = ""  # enwik8: the folder of its file, read when preparing
+  documents: Optional[text_files.DocumentSet] = None  # stdlib / text_files / jsonl
   builder_dir: Optional[str] = None  # tfds
-  text_key: str = "text"
+  text_key: str = "text"  # the feature holding the text
 
 
-def _plan(data_cfg: Any) -> _Plan:
-  """Checks everything that is cheap to check and resolves the config; prepares and reads nothing big."""
+def plan(data_cfg: Any) -> DataPlan:
+  """Checks `config.data` cheaply and resolves it; prepares and reads nothing big. Checks: `dataset` known; `path`
+  non-empty with every entry matching a file, each UTF-8 text while text_files is not prepared
+  (`text_files.check_text_files`); enwik8 not prepared: `manual_dir` set, its file of the right size; tfds: `name`
+  prepared under `data_dir` in array_record with feature `text_key`; `tokenizer` known, `tokenizer_path` present for
+  sentencepiece; the splits existing, the training split non-empty; the numbers and flags valid.
+
+  Raises:
+    DataError: the first problem, naming its `data.*` key; ConfigError: a `tokenizer_path` with the byte tokenizer.
+  """
   dataset = field(data_cfg, "dataset")
   if dataset not in DATASETS:
     raise DataError(f"data.dataset={dataset!r} is unknown; use one of {DATASETS}")
@@ -97,6 +112,11 @@ def _plan(data_cfg: Any) -> _Plan:
   for key in ("train_split", "eval_split"):
     if not isinstance(field(data_cfg, key), str) or not field(data_cfg, key):
       raise DataError(f"data.{key}={field(data_cfg, key)!r}: must be a split name such as 'train'")
+  # data_dir "" is TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+  root = os.path.expanduser(field(data_cfg, "data_dir") or tfds.core.constants.DATA_DIR)
+  out = DataPlan(dataset, (), root, tokenizer_path=field(data_cfg, "tokenizer_path") or "", **{
+      k: field(data_cfg, k) for k in ("train_split", "eval_split", "add_eos", "document_boundaries", "tokenizer",
+                                      "manual_dir")})
 
   if dataset in ("stdlib", "text_files", "jsonl"):
     percent = field(data_cfg, "validation_percent")
@@ -111,39 +131,45 @@ def _plan(data_cfg: Any) -> _Plan:
       docs = jsonl.jsonl_documents(field(data_cfg, "path"), percent, max_docs, field(data_cfg, "text_key"))
     else:
       docs = text_files.text_files_documents(field(data_cfg, "path"), percent, max_docs)
-    plan = _Plan(dataset, text_files.SPLITS, documents=docs)
-    if dataset == "text_files" and not _is_prepared(plan, data_cfg):  # once prepared, the files were checked
+    out = dataclasses.replace(out, splits=text_files.SPLITS, documents=docs)
+    if dataset == "text_files" and not _prepared(_builder(out)):  # once prepared, the files were checked
       text_files.check_text_files(docs.files)
   elif dataset == "enwik8":
-    if field(data_cfg, "tokenizer") != "bytes":
-      raise DataError(f"data.tokenizer={field(data_cfg, 'tokenizer')!r}: enwik8 is stored as raw byte records, which "
+    if out.tokenizer != "bytes":
+      raise DataError(f"data.tokenizer={out.tokenizer!r}: enwik8 is stored as raw byte records, which "
                       f"may cut characters; use data.tokenizer='bytes'")
-    plan = _Plan(dataset, enwik8.SPLITS)
-    if not _is_prepared(plan, data_cfg):
-      manual_dir = field(data_cfg, "manual_dir")
-      if not manual_dir:
+    out = dataclasses.replace(out, splits=enwik8.SPLITS)
+    if not _prepared(_builder(out)):
+      if not out.manual_dir:
         raise DataError("data.manual_dir is empty; data.dataset='enwik8' needs the folder holding enwik8 or "
                         f"enwik8.zip (downloaded there when online from {enwik8.URL})")
-      path = enwik8.find_file(manual_dir)
+      path = enwik8.find_file(out.manual_dir)
       expected = enwik8.total_bytes()
       if path is not None and (size := enwik8.file_size(path)) != expected:
         raise DataError(f"data.manual_dir: {path} holds {size:,} bytes of enwik8, expected exactly {expected:,}; "
                         f"the file is truncated or not enwik8 (re-download {enwik8.URL})")
   else:
-    plan = _tfds_plan(data_cfg)
+    out = _tfds_plan(data_cfg, out)
 
   for key in ("train_split", "eval_split"):
-    if field(data_cfg, key) not in plan.splits:
-      raise DataError(f"data.{key}={field(data_cfg, key)!r}: data.dataset={dataset!r} has no such split; "
-                      f"it has {list(plan.splits)}")
-  train_split = field(data_cfg, "train_split")
-  if plan.documents is not None and not plan.documents.split(train_split):
-    raise DataError(_empty_split_message(data_cfg, plan, train_split, "data.train_split"))
-  return plan
+    if getattr(out, key) not in out.splits:
+      raise DataError(f"data.{key}={getattr(out, key)!r}: data.dataset={dataset!r} has no such split; "
+                      f"it has {list(out.splits)}")
+  if out.documents is not None and not out.documents.split(out.train_split):
+    raise DataError(_empty_split_message(out, out.train_split, "data.train_split"))
+  return out
 
 
-def _tfds_plan(data_cfg: Any) -> _Plan:
-  name, root = field(data_cfg, "name"), data_dir(data_cfg)
+check_data_config = plan  # the name config_lib and the command lines call
+
+
+def as_plan(data: Union[DataPlan, Any]) -> DataPlan:
+  """`data` when it is a DataPlan, else `plan(data)`: a `config.data` is resolved here, once per call."""
+  return data if isinstance(data, DataPlan) else plan(data)
+
+
+def _tfds_plan(data_cfg: Any, base: DataPlan) -> DataPlan:
+  name, root = field(data_cfg, "name"), base.data_dir
   if not name:
     raise DataError("data.name is empty; data.dataset='tfds' needs a prepared TFDS dataset name, e.g. 'pg19' or "
                     "'lm1b/<config>'")
@@ -165,33 +191,31 @@ def _tfds_plan(data_cfg: Any) -> _Plan:
   features = builder.info.features
   if text_key not in features.keys():
     raise DataError(f"data.text_key={text_key!r}: {name!r} has no such feature; it has {sorted(features.keys())}")
-  return _Plan("tfds", tuple(builder.info.splits.keys()), builder_dir=os.fspath(builder.data_dir), text_key=text_key)
+  return dataclasses.replace(base, splits=tuple(builder.info.splits.keys()), builder_dir=os.fspath(builder.data_dir),
+                             text_key=text_key)
 
 
-def _empty_split_message(data_cfg: Any, plan: _Plan, split: str, label: str) -> str:
-  n, percent = len(plan.documents.files), field(data_cfg, "validation_percent")
-  if plan.documents.rule == "position":
+def _empty_split_message(data_plan: DataPlan, split: str, label: str) -> str:
+  n, percent = len(data_plan.documents.files), data_plan.documents.validation_percent
+  if data_plan.documents.rule == "position":
     return (f"{label}={split!r} has no documents: the {n} selected files are too small to cut in two (each needs "
             f"2 bytes or more)")
   return (f"{label}={split!r} has no documents: data.validation_percent={percent} "
           f"puts {'all' if split == 'train' else 'none'} of the {n} selected files in 'validation' (raise "
           f"data.max_documents or add files{'' if split == 'train' else ', or raise data.validation_percent'})")
 
+def _builder(data_plan: DataPlan, raw_path: Optional[str] = None) -> tfds.core.DatasetBuilder:
+  if data_plan.documents is not None and data_plan.dataset == "jsonl":
+    return jsonl.make_builder(data_plan.documents, data_plan.data_dir)
+  if data_plan.documents is not None:
+    return text_files.make_builder(data_plan.documents, data_plan.data_dir)
+  if data_plan.dataset == "enwik8":
+    return enwik8.MegalodonEnwik8(raw_path=raw_path, data_dir=data_plan.data_dir, file_format="array_record")
+  return tfds.builder_from_directory(data_plan.builder_dir)
 
-def _builder(plan: _Plan, data_cfg: Any, raw_path: Optional[str] = None) -> tfds.core.DatasetBuilder:
-  if plan.documents is not None and plan.dataset == "jsonl":
-    return jsonl.make_builder(plan.documents, data_dir(data_cfg))
-  if plan.documents is not None:
-    return text_files.make_builder(plan.documents, data_dir(data_cfg))
-  if plan.dataset == "enwik8":
-    return enwik8.MegalodonEnwik8(raw_path=raw_path, data_dir=data_dir(data_cfg), file_format="array_record")
-  return tfds.builder_from_directory(plan.builder_dir)
 
-
-def _is_prepared(plan: _Plan, data_cfg: Any) -> bool:
-  if plan.dataset == "tfds":
-    return True
-  return os.path.exists(os.path.join(_builder(plan, data_cfg).data_dir, "dataset_info.json"))
+def _prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  return os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
 
 
 @contextlib.contextmanager
@@ -210,32 +234,28 @@ def _lock(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def check(data_cfg: Any) -> None:
-  """Cheap checks of `data_cfg` (names, paths, tokenizer file, split names, non-empty train split; text_files not
-  prepared yet: that every file is UTF-8 text, reading at most its first MiB)."""
-  _plan(data_cfg)
-
-
-def prepare(data_cfg: Any) -> None:
-  """Prepares the dataset under `data.data_dir` unless it is there already (then this returns in milliseconds)."""
-  plan = _plan(data_cfg)
-  if plan.dataset == "tfds":
-    return  # prepared elsewhere; `_plan` found it
-  if plan.documents is not None:
-    log.info("data.dataset=%r: %s", plan.dataset, plan.documents.describe_rule())
-  builder = _builder(plan, data_cfg)
-  if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-    return
+def prepare(data: Union[DataPlan, Any]) -> DataPlan:
+  """Prepares the dataset under `data.data_dir` unless it is there already (then this returns in milliseconds);
+  safe when processes share the folder. Returns the plan (`data` itself, or a `config.data` planned here).
+  Raises DataError: as `plan`, or the enwik8 file could not be found or downloaded.
+  """
+  data_plan = as_plan(data)
+  if data_plan.dataset == "tfds":
+    return data_plan  # prepared elsewhere; `plan` found it
+  if data_plan.documents is not None:
+    log.info("data.dataset=%r: %s", data_plan.dataset, data_plan.documents.describe_rule())
+  builder = _builder(data_plan)
+  if _prepared(builder):
+    return data_plan
   with _lock(builder):
-    if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-      return  # another process prepared it while we waited
-    if plan.dataset == "enwik8":
-      manual_dir = field(data_cfg, "manual_dir")
-      path = enwik8.find_file(manual_dir) or enwik8.download(manual_dir)
-      builder = _builder(plan, data_cfg, raw_path=path)
-    log.info("preparing data.dataset=%r in %s", plan.dataset, builder.data_dir)
+    if _prepared(builder):
+      return data_plan  # another process prepared it while we waited
+    if data_plan.dataset == "enwik8":
+      path = enwik8.find_file(data_plan.manual_dir) or enwik8.download(data_plan.manual_dir)
+      builder = _builder(data_plan, raw_path=path)
+    log.info("preparing data.dataset=%r in %s", data_plan.dataset, builder.data_dir)
     builder.download_and_prepare(file_format="array_record")
-
+  return data_plan
 
 class TextSource:
   """Random access to one split's documents as UTF-8 bytes: `len(src)`, `src[i] -> bytes`."""
@@ -266,23 +286,25 @@ def as_bytes(value: Union[bytes, str, np.ndarray]) -> bytes:
   raise DataError(f"data.text_key: expected a text feature (str or bytes), got {type(value).__name__}")
 
 
-def open_split(data_cfg: Any, split: str, key: str) -> TextSource:
+def open_split(data: Union[DataPlan, Any], split: str, key: str) -> TextSource:
   """The documents of `split`, in stored order; `key` names the setting it came from in messages ("eval_split").
+  `data`: a DataPlan (`plan`), or a `config.data`, planned here.
 
   Raises:
     DataError: the dataset is not prepared (call `prepare` first), or the split is missing or empty.
   """
-  plan = _plan(data_cfg)
+  data_plan = as_plan(data)
   label = f"data.{key}" if key in ("train_split", "eval_split") else key
-  if split not in plan.splits:
-    raise DataError(f"{label}={split!r}: data.dataset={plan.dataset!r} has no such split; it has {list(plan.splits)}")
-  if plan.documents is not None and not plan.documents.split(split):
-    raise DataError(_empty_split_message(data_cfg, plan, split, label))
-  builder = _builder(plan, data_cfg)
-  if plan.dataset != "tfds" and not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-    raise DataError(f"data.dataset={plan.dataset!r} is not prepared in data.data_dir={data_dir(data_cfg)!r}; call "
-                    f"megalodon_jax.data.prepare(config.data) first")
+  if split not in data_plan.splits:
+    raise DataError(f"{label}={split!r}: data.dataset={data_plan.dataset!r} has no such split; it has "
+                    f"{list(data_plan.splits)}")
+  if data_plan.documents is not None and not data_plan.documents.split(split):
+    raise DataError(_empty_split_message(data_plan, split, label))
+  builder = _builder(data_plan)
+  if data_plan.dataset != "tfds" and not _prepared(builder):
+    raise DataError(f"data.dataset={data_plan.dataset!r} is not prepared in data.data_dir={data_plan.data_dir!r}; "
+                    f"call megalodon_jax.data.prepare(config.data) first")
   source = builder.as_data_source(split=split)
   if len(source) == 0:
     raise DataError(f"{label}={split!r} of {builder.data_dir} has no documents")
-  return TextSource(source, plan.text_key, f"{builder.name}/{builder.builder_config_name or ''}:{split}")
+  return TextSource(source, data_plan.text_key, f"{builder.name}/{builder.builder_config_name or ''}:{split}")

@@ -122,7 +122,6 @@ class DocumentSet:
   files: tuple[DocFile, ...]
   validation_percent: float
   root: str = ""  # stdlib: the folder the names are relative to (part of the digest)
-
   text_key: str = ""  # jsonl: the field holding the text (part of the digest)
 
   def _hash_split(self, held_out: bool) -> list[DocFile]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -20,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels.cema import gpu, tpu
 from pallas_kernels.cema import recurrence as rec
 from pallas_kernels.platform import current_platform
+from pallas_kernels.sharding import shard_plan
 
 BACKENDS = ("tpu", "gpu")
 
@@ -161,33 +161,6 @@ def _resolve(backend: Optional[str], interpret) -> tuple[str, Any]:
   return backend, interpret
 
 
-def _axes(names) -> tuple[str, ...]:
-  if names is None:
-    return ()
-  return (names,) if isinstance(names, str) else tuple(names)
-
-
-def _shard_plan(mesh, batch: int, dim: int, batch_axes, channel_axes):
-  """(mesh or None, batch axes, channel axes) actually used, as the attention API's `_shard_plan`: axes absent from
-  the mesh are an error; a dimension the axes do not divide stays replicated (correct, only slower)."""
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
-  batch_axes, channel_axes = _axes(batch_axes), _axes(channel_axes)
-  if mesh is None or mesh.empty or not (batch_axes or channel_axes):
-    return None, (), ()
-  missing = [a for a in batch_axes + channel_axes if a not in mesh.axis_names]
-  if missing:
-    raise ValueError(f"sharding axes {missing} are not axes of the mesh {tuple(mesh.axis_names)}")
-  if set(batch_axes) & set(channel_axes):
-    raise ValueError(f"batch_axes {batch_axes} and channel_axes {channel_axes} must not share a mesh axis")
-  size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # pylint: disable=unnecessary-lambda-assignment
-  batch_axes = batch_axes if batch % size(batch_axes) == 0 else ()
-  channel_axes = channel_axes if dim % size(channel_axes) == 0 else ()
-  if size(batch_axes) * size(channel_axes) == 1:
-    return None, (), ()
-  return mesh, batch_axes, channel_axes
-
-
 def _scan_local(x, planes, omega, h0, resets, *, bs: BlockSizes, backend: str, interpret):
   """The kernel call on whole (or one shard's) arrays: layouts in, kernel, layouts out."""
   batch, _, dim = x.shape
@@ -254,7 +227,7 @@ def cema_scan(x: jax.Array, p: jax.Array, q_re: jax.Array, q_im: jax.Array, g_re
   batch, _, dim = x.shape
   omega = omega.reshape(dim)
   local = functools.partial(_scan_local, bs=bs, backend=backend, interpret=interpret)
-  mesh, batch_axes, channel_axes = _shard_plan(mesh, batch, dim, batch_axes, channel_axes)
+  mesh, batch_axes, channel_axes = shard_plan(mesh, batch, dim, batch_axes, channel_axes, "channel_axes")
   if mesh is None:
     return local(x, planes, omega, h0, resets)
   bax, cax = batch_axes or None, channel_axes or None

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels.chunked_attention import dropkey, gpu, layout, reference, tpu
 from pallas_kernels.chunked_attention.blocks import BACKENDS, BlockSizes
 from pallas_kernels.platform import current_platform
+from pallas_kernels.sharding import axes as _axes, shard_plan
 
 _KERNELS = {"tpu": tpu, "gpu": gpu}
 # On CPU both kernel families run in the interpreter. They compile equally fast there, and the GPU one (loops
@@ -177,33 +178,6 @@ def _decode_local(q, kf, vf, *rest, chunk_size, rate, blocks, backend, interpret
 
 # ---------------------------------------------------------------------------------------------- sharding
 
-def _axes(names) -> tuple[str, ...]:
-  if names is None:
-    return ()
-  return (names,) if isinstance(names, str) else tuple(names)
-
-
-def _shard_plan(mesh, batch: int, heads: int, batch_axes, head_axes):
-  """(mesh or None, batch axes, head axes) actually used: axes absent from the mesh are an error; a dimension whose
-  size the axes do not divide stays replicated (still correct, only slower)."""
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
-  batch_axes, head_axes = _axes(batch_axes), _axes(head_axes)
-  if mesh is None or mesh.empty or not (batch_axes or head_axes):
-    return None, (), ()
-  missing = [a for a in batch_axes + head_axes if a not in mesh.axis_names]
-  if missing:
-    raise ValueError(f"sharding axes {missing} are not axes of the mesh {tuple(mesh.axis_names)}")
-  if set(batch_axes) & set(head_axes):
-    raise ValueError(f"batch_axes {batch_axes} and head_axes {head_axes} must not share a mesh axis")
-  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
-  batch_axes = batch_axes if batch % size(batch_axes) == 0 else ()
-  head_axes = head_axes if heads % size(head_axes) == 0 else ()
-  if size(batch_axes) * size(head_axes) == 1:
-    return None, (), ()
-  return mesh, batch_axes, head_axes
-
-
 def _length_axes(mesh, length: int, chunk_size: int, length_axes, used) -> tuple[str, ...]:
   """The length axes actually used: present in `mesh`, not in `used`, and leaving whole chunks on every shard."""
   axes = tuple(a for a in _axes(length_axes) if mesh is not None and not mesh.empty and a in mesh.axis_names
@@ -289,7 +263,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int,
   blocks.check_for(backend)
   seeds = _seeds(dropout_rate, dropout_rng)
   given_mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-  mesh, batch_axes, head_axes = _shard_plan(mesh, q.shape[0], q.shape[2], batch_axes, head_axes)
+  mesh, batch_axes, head_axes = shard_plan(mesh, q.shape[0], q.shape[2], batch_axes, head_axes, "head_axes")
   length_axes = _length_axes(given_mesh, q.shape[1], chunk_size, length_axes, batch_axes + head_axes)
   if length_axes and mesh is None:
     mesh = given_mesh
@@ -331,7 +305,7 @@ def chunked_attention_decode(q: jax.Array, k_frame: jax.Array, v_frame: jax.Arra
   blocks = block_sizes or BlockSizes.get_default(backend)
   blocks.check_for(backend)
   seeds = _seeds(dropout_rate, dropout_rng)
-  mesh, batch_axes, head_axes = _shard_plan(mesh, q.shape[0], q.shape[2], batch_axes, head_axes)
+  mesh, batch_axes, head_axes = shard_plan(mesh, q.shape[0], q.shape[2], batch_axes, head_axes, "head_axes")
 
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("chunked_attention_decode: pass both q_segment_ids and kv_segment_ids, or neither")

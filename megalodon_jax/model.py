@@ -156,7 +156,7 @@ class MegalodonLM(nnx.Module):
       for block in self.layers:
         x, _ = run(block, x, inv_freq, docs)
     x, _ = self.final_norm(x, None, resets=None if docs is None else docs.resets)
-    return constrain(x, ("batch", "length", "embed"))
+    return constrain(x, ("batch", "length", "act_embed"))
 
   def _embed(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(B, L) ids -> ((B, L, D) embeddings in the compute dtype, (dz/2,) float32 RoPE frequencies)."""
@@ -164,7 +164,7 @@ class MegalodonLM(nnx.Module):
     x = self.embed(input_ids)
     if c.scale_emb:
       x = x * jnp.asarray(math.sqrt(c.model_dim), x.dtype)
-    x = constrain(self.emb_dropout(x), ("batch", "length", "embed"))
+    x = constrain(self.emb_dropout(x), ("batch", "length", "act_embed"))
     return x, self.rope_freqs[...]
 
   @_under_matmul_precision
@@ -175,7 +175,7 @@ class MegalodonLM(nnx.Module):
     else:
       kernel = self.output.kernel[...].astype(x.dtype)
       logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "length", "vocab"))
+    return constrain(logits, ("batch", "length", "act_vocab"))
 
   def _check_inputs(self, input_ids: jax.Array, cache: Optional[Cache],
                     positions: Optional[jax.Array] = None) -> None:

@@ -18,7 +18,7 @@ from megalodon_jax.ops import attention as attn_ops
 from megalodon_jax.ops.partitioning import constrain
 from megalodon_jax.ops.timestep_norm import NormState
 
-BTD = ("batch", "length", "embed")
+BTD = ("batch", "length", "act_embed")
 BTHD = ("batch", "length", "heads", None)
 
 
@@ -100,7 +100,7 @@ class MovingAverageGatedAttention(nnx.Module):
     q, k = attn_ops.normalized_qk(self.wz(mx), self.gamma[...], self.beta[...], h, self.norm_eps)
     q, k = constrain(q, BTHD), constrain(k, BTHD)
     v = constrain(jax.nn.silu(self.wv(xn)).reshape(b, l, h, -1), BTHD)
-    r = constrain(jax.nn.silu(self.wr(mx)), ("batch", "length", "value"))
+    r = constrain(jax.nn.silu(self.wr(mx)), ("batch", "length", "act_value"))
 
     rate = 0.0 if self.deterministic else self.attention_dropout
     drop = dict(dropout_rate=rate, dropout_rng=self.attention_rngs() if rate > 0 else None, drop_key=self.drop_key,

@@ -13,7 +13,7 @@ from megalodon_jax.nn.documents import Documents
 from megalodon_jax.nn.ffn import NormalizedFeedForward
 from megalodon_jax.ops.partitioning import constrain
 
-BTD = ("batch", "length", "embed")
+BTD = ("batch", "length", "act_embed")
 
 
 class MegalodonBlock(nnx.Module):

@@ -34,7 +34,7 @@ class NormalizedFeedForward(nnx.Module):
   def __call__(self, y: jax.Array, residual: jax.Array) -> jax.Array:
     """y: (B, L, D) attention output; residual: (B, L, D) the block input. Returns (B, L, D)."""
     u = self.norm(y)
-    btf = ("batch", "length", "mlp")
+    btf = ("batch", "length", "act_mlp")
     hidden = jax.nn.silu(constrain(self.fc1(u), btf))
     if self.fc3 is not None:
       hidden = hidden * constrain(self.fc3(u), btf)

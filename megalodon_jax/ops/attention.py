@@ -18,6 +18,8 @@ import jax.numpy as jnp
 
 from jax.sharding import PartitionSpec as P
 
+from megalodon_jax import mesh_axes
+from megalodon_jax.mesh_axes import SEQUENCE_AXIS
 from megalodon_jax.ops import attention_dropout
 from megalodon_jax.ops.attention_dropout import AttentionDropout
 from megalodon_jax.ops.norms import rms_norm
@@ -25,10 +27,9 @@ from pallas_kernels.platform import current_platform
 
 # `attention_impl` "auto" resolves to "xla" on every platform for now: the Pallas kernels (pallas_kernels/
 # chunked_attention) are verified in interpret mode and by lowering only, and have not been timed on TPU or GPU
-# (issue 6). Switch a platform's entry to "pallas" once benchmarks/kernels.py shows the kernel ahead of XLA there.
+# (benchmarks/RESULTS.md#pallas-kernels-benchmarkskernelspy). Switch a platform's entry to "pallas" once
+# benchmarks/kernels.py shows the kernel ahead of XLA there.
 AUTO_ATTENTION_IMPL = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "xla"}
-# Mesh axes (training/sharding.py) that split the batch and the heads; the kernel runs under shard_map over them.
-_BATCH_AXES, _HEAD_AXES, _LENGTH_AXES = ("data", "fsdp"), ("tensor",), ("sequence",)
 
 
 def resolve_attention_impl(impl: str, platform: Optional[str] = None) -> str:
@@ -47,14 +48,14 @@ def _check_pallas_dropout(dropout_rate: float, drop_key: bool) -> None:
                      "'fused'); with efficient_attn=None and attention_dropout > 0 use attention_impl='xla'")
 
 
-def _pallas_options(dropout_rate: float, dropout_rng, drop_key: bool) -> dict:
-  """Keyword arguments for the Pallas kernels: DropKey only, shard_map over the ambient mesh's batch/head axes."""
+def _pallas_options(dropout_rate: float, dropout_rng, drop_key: bool, batch: int, heads: int) -> dict:
+  """Keyword arguments for the Pallas kernels: DropKey only, shard_map over the ambient mesh's axes that split the
+  `batch` rows and the `heads` (`mesh_axes.split_axes`; an enclosing shard_map's manual axes are split already)."""
   _check_pallas_dropout(dropout_rate, drop_key)
   mesh = jax.sharding.get_abstract_mesh()
-  names = () if mesh.empty else mesh.axis_names
   return dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng if dropout_rate > 0.0 else None,
-              batch_axes=tuple(a for a in _BATCH_AXES if a in names and a not in mesh.manual_axes),
-              head_axes=tuple(a for a in _HEAD_AXES if a in names and a not in mesh.manual_axes))
+              batch_axes=mesh_axes.split_axes(mesh, batch, "batch"),
+              head_axes=mesh_axes.split_axes(mesh, heads, "heads"))
 
 
 def normalized_qk(z: jax.Array, gamma: jax.Array, beta: jax.Array, num_heads: int, eps: float):
@@ -141,8 +142,9 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_siz
   if impl == "pallas":
     from pallas_kernels.chunked_attention import chunked_attention  # pylint: disable=import-outside-toplevel
     # Chunk parallelism: the kernel also splits the length over `sequence` when every shard holds whole chunks.
-    return chunked_attention(q, k, v, chunk_size, segment_ids=segment_ids, length_axes=_LENGTH_AXES,
-                             **_pallas_options(dropout_rate, dropout_rng, drop_key))
+    length_axis = mesh_axes.sequence_axis(jax.sharding.get_abstract_mesh(), q.shape[1], chunk_size)
+    return chunked_attention(q, k, v, chunk_size, segment_ids=segment_ids, length_axes=length_axis,
+                             **_pallas_options(dropout_rate, dropout_rng, drop_key, q.shape[0], q.shape[2]))
   if segment_ids is not None:
     segment_ids = _check_segment_ids(segment_ids, q.shape[:2], "segment_ids")
   drop = attention_dropout.make(dropout_rate, dropout_rng, drop_key, q.shape[0], q.shape[2])
@@ -203,19 +205,9 @@ def _xla_chunked(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int, drop
 def _sequence_split(shape, chunk_size: int):
   """(mesh, batch axes, head axes) when the ambient mesh's `sequence` axis splits L into whole chunks, else None."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or "sequence" not in mesh.axis_names or "sequence" in mesh.manual_axes:
+  if mesh_axes.sequence_axis(mesh, shape[1], chunk_size) is None:
     return None
-  shards = mesh.shape["sequence"]
-  if shards == 1 or shape[1] % (shards * chunk_size):
-    return None
-
-  def fit(axes, size):
-    axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes)
-    while axes and size % math.prod(mesh.shape[a] for a in axes):
-      axes = axes[:-1]
-    return axes
-
-  return mesh, fit(_BATCH_AXES, shape[0]), fit(_HEAD_AXES, shape[2])
+  return mesh, mesh_axes.split_axes(mesh, shape[0], "batch"), mesh_axes.split_axes(mesh, shape[2], "heads")
 
 
 def _xla_over_slices(q, k, v, chunk_size, split, drop: Optional[AttentionDropout], chunk_loop, segment_ids=None):
@@ -226,7 +218,7 @@ def _xla_over_slices(q, k, v, chunk_size, split, drop: Optional[AttentionDropout
   own `shard_map` does (ops/attention_dropout.py): the same masks as attention_impl="pallas".
   """
   mesh, bax, hax = split
-  spec = P(bax or None, "sequence", hax or None, None)
+  spec = P(bax or None, SEQUENCE_AXIS, hax or None, None)
   id_args = () if segment_ids is None else (segment_ids,)  # split like q's batch and length
   heads_total = q.shape[2]
 
@@ -234,7 +226,7 @@ def _xla_over_slices(q, k, v, chunk_size, split, drop: Optional[AttentionDropout
     ids, seeds = rest[:len(id_args)], rest[len(id_args):]
     local = None
     if seeds:
-      mix = jax.lax.axis_index("sequence").astype(jnp.int32) * jnp.int32(attention_dropout.SLICE_SEED_STEP)
+      mix = jax.lax.axis_index(SEQUENCE_AXIS).astype(jnp.int32) * jnp.int32(attention_dropout.SLICE_SEED_STEP)
       b_off = jax.lax.axis_index(bax) * q.shape[0] if bax else 0
       h_off = jax.lax.axis_index(hax) * q.shape[2] if hax else 0
       bh = attention_dropout.head_coordinates(q.shape[0], q.shape[2], b_off, h_off, heads_total)
@@ -242,7 +234,7 @@ def _xla_over_slices(q, k, v, chunk_size, split, drop: Optional[AttentionDropout
     return _xla_chunked(q, k, v, chunk_size, local, chunk_loop, ids[0] if ids else None)
 
   seeds = () if drop is None else (drop.seeds,)
-  in_specs = (spec, spec, spec) + (P(bax or None, "sequence"),) * len(id_args) + (P(),) * len(seeds)
+  in_specs = (spec, spec, spec) + (P(bax or None, SEQUENCE_AXIS),) * len(id_args) + (P(),) * len(seeds)
   return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=spec,
                        check_vma=False)(q, k, v, *id_args, *seeds)
 
@@ -343,7 +335,7 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
   if l <= c and impl == "pallas":
     from pallas_kernels.chunked_attention import chunked_attention_decode  # pylint: disable=import-outside-toplevel
     out = chunked_attention_decode(q, kf, vf, count, c, q_segment_ids=seg, kv_segment_ids=segf,
-                                   **_pallas_options(dropout_rate, dropout_rng, drop_key))
+                                   **_pallas_options(dropout_rate, dropout_rng, drop_key, b, h))
   elif l <= c:
     # Short input: only the L real query rows, against the whole frame; cost O(L·(C + L)).
     qpos = count + jnp.arange(l)

@@ -16,24 +16,22 @@ it (the transpose of an all-gather is a reduce-scatter); no hand-written backwar
 
 All of it runs under `jax.shard_map` over the ambient mesh (every axis manual): the length over `sequence`, the
 batch over data x fsdp where it divides, everything else replicated (the model width of these activations is
-whole on every device, partitioning.ACTIVATION_RULES). The functions here are used only when the ambient mesh has
-a `sequence` axis of size > 1 that divides the length (`sequence_mesh`); otherwise callers run the plain ops.
+whole on every device, mesh_axes' "act_embed"). The functions here are used only when the ambient mesh has a
+`sequence` axis of size > 1 that divides the length (`sequence_mesh`); otherwise callers run the plain ops.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from megalodon_jax import mesh_axes
+from megalodon_jax.mesh_axes import SEQUENCE_AXIS
 from megalodon_jax.ops import cema as cema_ops
 from megalodon_jax.ops import timestep_norm as tsn
-
-SEQUENCE_AXIS = "sequence"
-BATCH_AXES = ("data", "fsdp")
 
 
 def sequence_mesh(length: int):
@@ -44,20 +42,12 @@ def sequence_mesh(length: int):
   correct under any sharding (XLA gathers what it needs).
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or SEQUENCE_AXIS not in mesh.axis_names or SEQUENCE_AXIS in mesh.manual_axes:
-    return None
-  shards = mesh.shape[SEQUENCE_AXIS]
-  if shards == 1 or length % shards:
-    return None
-  return mesh
+  return mesh if mesh_axes.sequence_axis(mesh, length) else None
 
 
 def _batch_axes(mesh, batch: int):
-  """The longest prefix of data x fsdp (size > 1, not yet manual) whose product divides `batch`, or None."""
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes)
-  while axes and batch % math.prod(mesh.shape[a] for a in axes):
-    axes = axes[:-1]
-  return axes or None
+  """The batch axes splitting `batch` rows (`mesh_axes.split_axes`), or None for a PartitionSpec entry."""
+  return mesh_axes.split_axes(mesh, batch, "batch") or None
 
 
 def _take(x: jax.Array, index: jax.Array) -> jax.Array:

@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from megalodon_jax import mesh_axes
+
 
 def cross_entropy(logits: jax.Array, targets: jax.Array,
                   weights: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
@@ -53,10 +55,8 @@ def piece_length(seq_len: int, max_piece: int) -> int:
 def _sequence_shards(length: int) -> int:
   """The size of the ambient mesh's `sequence` axis when it splits `length`, else 1."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or "sequence" not in mesh.axis_names or "sequence" in mesh.manual_axes:
-    return 1
-  shards = mesh.shape["sequence"]
-  return shards if length % shards == 0 else 1
+  axis = mesh_axes.sequence_axis(mesh, length)
+  return mesh.shape[axis] if axis else 1
 
 
 def chunked_lm_loss(head: Callable[[jax.Array], jax.Array], features: jax.Array, targets: jax.Array,

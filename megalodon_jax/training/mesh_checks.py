@@ -1,6 +1,7 @@
-"""The mesh checks of a training config that need no device and no jax: the four mesh axes, the mesh sizes
-(`mesh_shape`), the logical axis rules (`check_rules`) and how batch and sequence split over the mesh
-(`check_batch`, `check_sequence`). Command lines run them before jax starts (sharding.py has the rest).
+"""The mesh checks of a training config that need no device and no jax: the mesh sizes (`mesh_shape`), the
+logical axis rules (`check_rules`) and how batch and sequence split over the mesh (`check_batch`,
+`check_sequence`). Command lines run them before jax starts (sharding.py has the rest); the axis names are
+mesh_axes.py's.
 """
 
 from __future__ import annotations
@@ -10,11 +11,8 @@ import numbers
 from typing import Any
 
 from megalodon_jax.errors import ShardingError
-
-MESH_AXES = ("data", "sequence", "fsdp", "tensor")
-# Axes the batch dimension is split over, and the one the length is split over.
-BATCH_AXES = ("data", "fsdp")
-SEQUENCE_AXIS = "sequence"
+from megalodon_jax.mesh_axes import (  # noqa: F401  (BATCH_AXES re-exported for callers)
+    BATCH_AXES, DATA, FSDP, MESH_AXES, SEQUENCE_AXIS)
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -108,13 +106,13 @@ def check_batch(batch_size: int, grad_accum_steps: int, mesh: Any) -> None:
   if batch_size % grad_accum_steps:
     raise ShardingError(f"batch_size={batch_size} must be divisible by grad_accum_steps={grad_accum_steps}")
   micro = batch_size // grad_accum_steps
-  shards = shape["data"] * shape["fsdp"]
+  shards = math.prod(shape[a] for a in BATCH_AXES)
   if micro % shards:
     step = shards * grad_accum_steps
     near = _nearest(batch_size, [step * k for k in range(1, batch_size // step + 2)])
     raise ShardingError(f"batch_size / grad_accum_steps = {batch_size} / {grad_accum_steps} = {micro} sequences "
-                        f"per micro-batch must be divisible by mesh.data x mesh.fsdp = {shape['data']} x "
-                        f"{shape['fsdp']} = {shards} (mesh.sequence={shape.get(SEQUENCE_AXIS, 1)} splits the length, "
+                        f"per micro-batch must be divisible by mesh.data x mesh.fsdp = {shape[DATA]} x "
+                        f"{shape[FSDP]} = {shards} (mesh.sequence={shape.get(SEQUENCE_AXIS, 1)} splits the length, "
                         f"not the batch); the nearest valid batch_size values are {near}; or change grad_accum_steps "
                         f"or the mesh")
 

@@ -1,15 +1,15 @@
 """Device mesh and shardings from the config: parameters and optimizer state (FSDP / tensor), batches (data).
 
-The mesh has four named axes, MESH_AXES = ("data", "sequence", "fsdp", "tensor"), sized by `mesh.data`,
+The mesh has the four named axes of mesh_axes.MESH_AXES (data, sequence, fsdp, tensor), sized by `mesh.data`,
 `mesh.sequence`, `mesh.fsdp`, `mesh.tensor` (one may be -1: all remaining devices; `mesh.sequence` defaults to 1
 when a config lacks it). The order puts the axes that move the most bytes innermost (tensor: activations every
 layer; fsdp: weights every layer) and the data-like axes outermost (sequence: a few small per-layer summaries and
 the once-per-step gradient reduction, like data). Every `nnx.Param` carries `logical_axes` metadata, one
-logical name (or None) per dimension; `logical_axis_rules` maps each name to a mesh axis, a tuple of mesh axes or
-None. From those:
+logical name (or None) per dimension; the parameter rows of mesh_axes.LOGICAL_AXES, overridden name by name by
+the config's `logical_axis_rules`, map each name to a mesh axis, a tuple of mesh axes or None. From those:
 - a dimension whose size is not divisible by its mesh-axis size (the product for a tuple) stays replicated;
 - a mesh axis shards at most one dimension of an array (a later dimension that would reuse one stays replicated);
-- names absent from the rules, and variables without `logical_axes` (Buffers, RNG state), are replicated;
+- names absent from both, and variables without `logical_axes` (Buffers, RNG state), are replicated;
 - mesh axes of size 1 are kept in the specs: a spec depends only on the rules and on divisibility, not on how
   many devices the run has (sharding over a size-1 axis is replication anyway).
 Batches (B, L) are split over data x fsdp on B and over `sequence` on L (each shard a contiguous slice of whole
@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from megalodon_jax import mesh_axes
 from megalodon_jax.errors import ShardingError
 from megalodon_jax.training.mesh_checks import (  # noqa: F401  (re-exported: sharding's public names)
     BATCH_AXES, MESH_AXES, SEQUENCE_AXIS, Rules, check_batch, check_rules, check_sequence, mesh_shape)
@@ -54,7 +55,7 @@ def spec_for(logical_axes: Optional[Sequence[Optional[str]]], shape: Sequence[in
   Args:
     logical_axes: One logical name (or None) per dimension; None for the whole array (Buffers) replicates it.
     shape: The array's shape, same length as `logical_axes`.
-    rules: Logical axis rules (see `check_rules`).
+    rules: Logical axis rules (see `check_rules`), laid over mesh_axes.PARAM_RULES.
     mesh: The mesh giving each mesh axis's size.
   Returns:
     A PartitionSpec with one entry per dimension (None = replicated there), or P() if `logical_axes` is None.
@@ -63,7 +64,7 @@ def spec_for(logical_axes: Optional[Sequence[Optional[str]]], shape: Sequence[in
     return P()
   if len(logical_axes) != len(shape):
     raise ShardingError(f"logical_axes {tuple(logical_axes)} do not match the array's shape {tuple(shape)}")
-  table = dict(check_rules(rules))
+  table = mesh_axes.param_targets(check_rules(rules))
   used: set[str] = set()
   spec = []
   for name, size in zip(logical_axes, shape):

@@ -6,6 +6,7 @@ from typing import Optional
 
 import jax
 
+from megalodon_jax import mesh_axes
 from megalodon_jax.ops.cema.coefficients import CEMACoeffs
 
 
@@ -13,8 +14,9 @@ def cema_pallas(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional
                 return_state: bool = False, *, resets: Optional[jax.Array] = None):
   """CEMA with the Pallas scan kernel.
 
-  Under a mesh the kernel runs in `shard_map` over the ambient mesh's batch axes ("data", "fsdp"), as the Pallas
-  attention does: XLA cannot partition a Mosaic kernel. The sequence axis is never split (the scan runs along it).
+  Under a mesh the kernel runs in `shard_map` over the ambient mesh's axes that split the batch
+  (`mesh_axes.split_axes(mesh, B, "batch")`), as the Pallas attention does: XLA cannot partition a Mosaic
+  kernel. The sequence axis is never split (the scan runs along it).
 
   Args:
     x: (B, L, D) any float dtype.  coeffs: (D, N) float32 fields.  omega: (D, 1) or (D,).
@@ -25,10 +27,8 @@ def cema_pallas(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional
   """
   # Imported here, not at the top: Pallas is only loaded by models that ask for the kernel.
   from pallas_kernels.cema import cema_scan  # pylint: disable=import-outside-toplevel
-  mesh = jax.sharding.get_abstract_mesh()
-  names = () if mesh.empty else mesh.axis_names
   # Axes already manual (inside the chunk-parallel shard_map, ops/sequence_parallel.py) are split by the caller.
-  batch_axes = tuple(a for a in ("data", "fsdp") if a in names and a not in mesh.manual_axes)
+  batch_axes = mesh_axes.split_axes(jax.sharding.get_abstract_mesh(), x.shape[0], "batch")
   y, state = cema_scan(x, coeffs.p, coeffs.q_re, coeffs.q_im, coeffs.g_re, coeffs.g_im, omega.reshape(-1), h0,
                        batch_axes=batch_axes, resets=resets)
   return y, (state if return_state else None)

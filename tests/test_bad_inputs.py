@@ -16,8 +16,9 @@ import pytest
 from flax import nnx
 
 from cli_harness import module_command, run_cli, train_command, tree_digest
-from megalodon_jax import data, generate
+from megalodon_jax import data
 from megalodon_jax.checkpoints.model_io import save_params_checkpoint
+from megalodon_jax.cli import generate
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.data import jsonl, text_files
 from megalodon_jax.errors import ConfigError, DataError

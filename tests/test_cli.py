@@ -15,9 +15,11 @@ import os
 import jax
 import pytest
 
-from megalodon_jax import cli_args, cli_config, evaluate, generate, train_cli
-from megalodon_jax.aot import cli as aot_cli
-from megalodon_jax.convert import cli as convert_cli
+from megalodon_jax.cli import aot as aot_cli
+from megalodon_jax.cli import args as cli_args
+from megalodon_jax.cli import config_flags, evaluate, generate
+from megalodon_jax.cli import convert as convert_cli
+from megalodon_jax.cli import train as train_cli
 from megalodon_jax.errors import ConfigError
 from megalodon_jax.training import run_summary, trainer
 from megalodon_jax.training.metrics import MetricsLogger, read_metrics
@@ -119,25 +121,26 @@ def test_help_lists_flags_with_their_defaults(main, argv, expected, capsys):
 def test_configs_by_name_and_overrides_by_field_type():
   import configs.tiny  # pylint: disable=import-outside-toplevel
 
-  cfg, path = cli_config.load_config("tiny")
+  cfg, path = config_flags.load_config("tiny")
   assert os.path.samefile(path, os.path.join(REPO, "configs", "tiny.py"))
   assert cfg.to_dict() == configs.tiny.get_config().to_dict()
-  assert cli_config.load_config("tiny.py")[1] == path
-  assert os.path.samefile(cli_config.load_config(os.path.join(REPO, "configs", "tiny.py"))[1], path)
-  assert {"default", "tiny", "enwik8", "mega200m", "mega1_3b", "megalodon_7b"} <= set(cli_config.shipped_config_names())
+  assert config_flags.load_config("tiny.py")[1] == path
+  assert os.path.samefile(config_flags.load_config(os.path.join(REPO, "configs", "tiny.py"))[1], path)
+  shipped = set(config_flags.shipped_config_names())
+  assert {"default", "tiny", "enwik8", "mega200m", "mega1_3b", "megalodon_7b"} <= shipped
 
-  rest, overrides = cli_config.split_overrides([
+  rest, overrides = config_flags.split_overrides([
       "--config.total_steps=7", "--workdir", "w", "--config.optimizer.lr", "1e-3", "--config.tensorboard",
       "--config.noasync_checkpointing", "--config.model.efficient_attn=swift", "--config.model.rope_base=1e5",
       "--config.logical_axis_rules=(('vocab', None),)", "--config.model.remat", "none", "--config.seed=3",
       "--config.seed=4"])
   assert rest == ["--workdir", "w"]
-  done = cli_config.apply_overrides(cfg, overrides)
+  done = config_flags.apply_overrides(cfg, overrides)
   assert (cfg.total_steps, cfg.optimizer.lr, cfg.tensorboard, cfg.async_checkpointing) == (7, 1e-3, True, False)
   assert (cfg.model.efficient_attn, cfg.model.rope_base, cfg.model.remat, cfg.seed) == ("swift", 1e5, "none", 4)
   assert cfg.logical_axis_rules == (("vocab", None),) and done["seed"] == 4
   with pytest.raises(ConfigError, match="needs a value"):
-    cli_config.apply_overrides(cfg, [("seq_len", None)])
+    config_flags.apply_overrides(cfg, [("seq_len", None)])
 
 
 @pytest.fixture

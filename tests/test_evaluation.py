@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from megalodon_jax import evaluate as evaluate_cli
-from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.checkpoints.model_io import save_params_checkpoint
+from megalodon_jax.cli import evaluate as evaluate_cli
+from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference import evaluation
 from megalodon_jax.inference.evaluation import Evaluator, NormWindow

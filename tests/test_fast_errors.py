@@ -183,23 +183,23 @@ def test_evaluate_split_that_the_data_set_lacks(fake_params, tmp_path):
 # ---------------------------------------------------------------- convert
 
 def test_to_pytorch_missing_checkpoint(tmp_path):
-  _refused_before_jax("megalodon_jax.convert.cli", "to-pytorch", "--checkpoint", str(tmp_path / "nope"), "--out",
+  _refused_before_jax("megalodon_jax.cli.convert", "to-pytorch", "--checkpoint", str(tmp_path / "nope"), "--out",
                       str(tmp_path / "out"), expect="does not exist")
 
 
 def test_to_pytorch_out_inside_the_run(fake_run):
-  _refused_before_jax("megalodon_jax.convert.cli", "to-pytorch", "--checkpoint", fake_run, "--out",
+  _refused_before_jax("megalodon_jax.cli.convert", "to-pytorch", "--checkpoint", fake_run, "--out",
                       os.path.join(fake_run, "export"), expect="lies inside the run directory")
 
 
 def test_from_pytorch_missing_torch_file(tmp_path):
-  _refused_before_jax("megalodon_jax.convert.cli", "from-pytorch", "--torch", str(tmp_path / "consolidated.pth"),
+  _refused_before_jax("megalodon_jax.cli.convert", "from-pytorch", "--torch", str(tmp_path / "consolidated.pth"),
                       "--out", str(tmp_path / "out"), expect=f"{tmp_path / 'consolidated.pth'} does not exist")
 
 
 def test_from_pytorch_out_inside_the_torch_folder(tmp_path):
   (tmp_path / "consolidated.pth").write_bytes(b"")
-  _refused_before_jax("megalodon_jax.convert.cli", "from-pytorch", "--torch", str(tmp_path), "--out",
+  _refused_before_jax("megalodon_jax.cli.convert", "from-pytorch", "--torch", str(tmp_path), "--out",
                       str(tmp_path / "jax"), expect="lies inside --torch")
 
 
@@ -207,7 +207,7 @@ def test_to_pytorch_out_holding_an_earlier_export(fake_run, tmp_path):
   out = tmp_path / "export"
   out.mkdir()
   (out / "params.json").write_text("{}")
-  _refused_before_jax("megalodon_jax.convert.cli", "to-pytorch", "--checkpoint", fake_run, "--out", str(out),
+  _refused_before_jax("megalodon_jax.cli.convert", "to-pytorch", "--checkpoint", fake_run, "--out", str(out),
                       expect="pass --overwrite to replace it")
 
 
@@ -216,7 +216,7 @@ def test_from_pytorch_overwrite_of_a_foreign_folder(tmp_path):
   (tmp_path / "torch" / "consolidated.pth").write_bytes(b"")
   (tmp_path / "jax").mkdir()
   (tmp_path / "jax" / "notes.txt").write_text("mine")
-  _refused_before_jax("megalodon_jax.convert.cli", "from-pytorch", "--torch", str(tmp_path / "torch"), "--out",
+  _refused_before_jax("megalodon_jax.cli.convert", "from-pytorch", "--torch", str(tmp_path / "torch"), "--out",
                       str(tmp_path / "jax"), "--overwrite", expect="holds notes.txt")
   assert (tmp_path / "jax" / "notes.txt").read_text() == "mine"
 
@@ -230,12 +230,12 @@ def test_from_pytorch_overwrite_of_a_foreign_folder(tmp_path):
 ], ids=["typo", "model_value", "topology"])
 def test_aot_config_and_topology_errors(argv, expect):
   topology = [] if "--topology" in argv else ["--topology", "v5e-8"]
-  _refused_before_jax("megalodon_jax.aot.cli", "--config", "tiny", *topology, *argv, expect=expect)
+  _refused_before_jax("megalodon_jax.cli.aot", "--config", "tiny", *topology, *argv, expect=expect)
 
 
 @pytest.mark.skipif(gpu.cuda_available()[0], reason="the CUDA plugin is installed: h100-8 is a valid target")
 def test_aot_gpu_topology_without_the_cuda_plugin():
-  _refused_before_jax("megalodon_jax.aot.cli", "--config", "tiny", "--topology", "h100-8",
+  _refused_before_jax("megalodon_jax.cli.aot", "--config", "tiny", "--topology", "h100-8",
                       expect="topology 'h100-8' needs the CUDA plugin")
 
 
@@ -246,12 +246,13 @@ def test_the_spy_sees_jax_imported_by_a_command(fake_params):
   # lacks. The spy must report that import, or the cases above would prove nothing.
   result, imported = _run("megalodon_jax.generate", "--checkpoint", fake_params, "--prompt", "hi")
   assert result.returncode == 2 and "has no tree metadata" in result.one_error_line()
-  assert "jax" in imported and "megalodon_jax/generate.py" in imported["jax"], imported
+  assert "jax" in imported and "megalodon_jax/cli/generate.py" in imported["jax"], imported
 
 
 def test_constants_copied_to_keep_jax_out_of_the_command_lines():
-  from megalodon_jax import generate  # pylint: disable=import-outside-toplevel
-  from megalodon_jax.convert import cli, torch_files  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.cli import convert as cli  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.cli import generate  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.convert import torch_files  # pylint: disable=import-outside-toplevel
   from megalodon_jax.inference import generation  # pylint: disable=import-outside-toplevel
   assert tuple(torch_files.DTYPES) == cli.EXPORT_DTYPES
   assert (cli.PARAMS_JSON, cli.HF_CONFIG_JSON) == (torch_files.PARAMS_JSON, torch_files.HF_CONFIG_JSON)

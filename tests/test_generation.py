@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from megalodon_jax import generate as generate_cli
-from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.checkpoints.model_io import save_params_checkpoint
+from megalodon_jax.cli import generate as generate_cli
+from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.data.tokenizers import ByteTokenizer
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference.detokenize import TextStream

@@ -1,8 +1,10 @@
 """The package's import structure, read from the source with `ast` (every import statement, function-local ones too).
 
-Nodes are megalodon_jax's subpackages (`training`, `checkpoints`, ...) and its top-level modules (`config`, `model`,
-`flops`, `generate`, ...; the package's own `__init__` is the node `__init__`). Layers import one way, so the graph
-has no cycle; `ops` is pure jnp (no flax), `pallas_kernels` stands alone, and the PyTorch runtime imports no jax.
+Nodes are megalodon_jax's subpackages (`training`, `checkpoints`, `cli`, ...) and its top-level modules (`config`,
+`model`, `flops`, ...; the package's own `__init__` is the node `__init__`). The command lines' `python -m` entry
+points (`megalodon_jax.generate`, `aot/__main__.py`, ...) belong to the node `cli`, the top layer, which nothing else
+imports. Layers import one way, so the graph has no cycle; `ops` is pure jnp (no flax), `pallas_kernels` stands
+alone, and the PyTorch runtime imports no jax.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "megalodon_jax"
+# `python -m` shims of modules that moved to megalodon_jax/cli/ (with every `__main__`, part of the `cli` node)
+SHIMS = {f"{PACKAGE}.generate", f"{PACKAGE}.evaluate", f"{PACKAGE}.train_cli"}
+
+
+def _is_entry_point(module: str) -> bool:
+  return module in SHIMS or module.endswith(".__main__")
 
 
 def _modules(root: str) -> dict[str, str]:
@@ -56,6 +64,8 @@ def _node(module: str) -> Optional[str]:
   parts = module.split(".")
   if parts[0] != PACKAGE:
     return None
+  if _is_entry_point(module):
+    return "cli"
   return parts[1] if len(parts) > 1 else "__init__"
 
 
@@ -146,6 +156,15 @@ def test_no_cycle_among_modules():
   assert cycle is None, " -> ".join(cycle)
 
 
+def test_only_entry_points_import_the_command_lines():
+  modules = _modules(PACKAGE)
+  assert {"megalodon_jax.aot.__main__", "megalodon_jax.convert.__main__", *SHIMS} <= set(modules)
+  bad = [f"{m}:{line} imports {name}" for m, path in modules.items() for name, line in _imports(m, path, set(modules))
+         if (name == f"{PACKAGE}.cli" or name.startswith(f"{PACKAGE}.cli."))
+         and not (m.startswith(f"{PACKAGE}.cli.") or _is_entry_point(m))]
+  assert not bad, bad
+
+
 def test_orbax_is_confined_to_checkpoints():
   modules = _modules(PACKAGE)
   users = {m for m, path in modules.items() for name, _ in _imports(m, path, set())
@@ -189,61 +208,3 @@ def test_pytorch_runtime_imports_no_jax():
   assert out.returncode == 0, out.stderr[-2000:]
   assert "megalodon_jax.pytorch.model" in submodules
   assert out.stdout.strip() == "[]", f"importing megalodon_jax.pytorch loaded jax modules: {out.stdout.strip()}"
-
-
-MESH_AXIS_NAMES = ("data", "sequence", "fsdp", "tensor")
-# The one module that writes the mesh axis names out; everything else imports them from it.
-MESH_AXES_MODULE = f"{PACKAGE}/mesh_axes.py"
-# Files that may still write them out, with the reason.
-MESH_AXIS_FILES = {
-    f"{PACKAGE}/aot/programs.py": "TODO(program): uses mesh_axes after TrainProgram",
-}
-# (file, literal) whose literal means something else where the context rules of `_not_a_mesh_axis` cannot tell.
-OTHER_MEANINGS = {
-    (f"{PACKAGE}/checkpoints/layout.py", "data"): "the checkpoint item holding the data pipeline's state",
-}
-
-
-def _not_a_mesh_axis(node: ast.Constant, parent: ast.AST) -> bool:
-  """Whether a string literal is, by its place, some other "data" or "sequence": a dict literal's key (JSON
-  states), a set literal's member (config group names), or the key of a `.get(...)` or `[...]` lookup on anything
-  but a mesh's `.shape` (`state.get("data")`, `cfg["data"]`)."""
-  on_shape = lambda x: isinstance(x, ast.Attribute) and x.attr == "shape"  # pylint: disable=unnecessary-lambda-assignment
-  if isinstance(parent, ast.Dict):
-    return any(key is node for key in parent.keys)
-  if isinstance(parent, ast.Set):
-    return True
-  if isinstance(parent, ast.Call) and isinstance(parent.func, ast.Attribute) and parent.args:
-    return parent.func.attr in ("get", "pop", "setdefault") and parent.args[0] is node and not on_shape(
-        parent.func.value)
-  if isinstance(parent, ast.Subscript):
-    return parent.slice is node and not on_shape(parent.value)
-  return False
-
-
-def mesh_axis_literals() -> list[str]:
-  """"file:line: 'name'" for every string literal of megalodon_jax equal to a mesh axis name, outside mesh_axes.py,
-  MESH_AXIS_FILES, OTHER_MEANINGS and the contexts of `_not_a_mesh_axis`."""
-  found = []
-  for path in sorted(_modules(PACKAGE).values()):
-    rel = os.path.relpath(path, REPO).replace(os.sep, "/")
-    if rel == MESH_AXES_MODULE or rel in MESH_AXIS_FILES:
-      continue
-    with open(path, encoding="utf-8") as f:
-      tree = ast.parse(f.read(), path)
-    for parent in ast.walk(tree):
-      for node in ast.iter_child_nodes(parent):
-        if (isinstance(node, ast.Constant) and node.value in MESH_AXIS_NAMES
-            and (rel, node.value) not in OTHER_MEANINGS and not _not_a_mesh_axis(node, parent)):
-          found.append(f"{rel}:{node.lineno}: {node.value!r}")
-  return found
-
-
-def test_mesh_axis_names_are_written_only_in_mesh_axes():
-  with open(os.path.join(REPO, MESH_AXES_MODULE), encoding="utf-8") as f:
-    source = f.read()
-  assert all(repr(name) in source.replace('"', "'") for name in MESH_AXIS_NAMES)
-  assert all(os.path.exists(os.path.join(REPO, p)) for p in list(MESH_AXIS_FILES) + [p for p, _ in OTHER_MEANINGS])
-  found = mesh_axis_literals()
-  assert not found, ("mesh axis names written out (import them from megalodon_jax/mesh_axes.py):\n  "
-                     + "\n  ".join(found))

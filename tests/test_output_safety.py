@@ -16,9 +16,10 @@ import pytest
 
 from cli_harness import module_command, run_cli, tree_digest
 from gcs_emulator import fake_gcs  # pylint: disable=unused-import
-from megalodon_jax import evaluate, generate, paths
+from megalodon_jax import paths
 from megalodon_jax.checkpoints import output_guard
-from megalodon_jax.convert import cli as convert_cli
+from megalodon_jax.cli import convert as convert_cli
+from megalodon_jax.cli import evaluate, generate
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.training import trainer
 from test_train import small_config

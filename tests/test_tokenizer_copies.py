@@ -10,11 +10,11 @@ import jax
 import pytest
 import sentencepiece as spm
 
-from megalodon_jax import evaluate as evaluate_cli
-from megalodon_jax import generate as generate_cli
-from megalodon_jax import train_cli
 from megalodon_jax.checkpoints import tokenizer_copy
-from megalodon_jax.convert import cli as convert_cli
+from megalodon_jax.cli import convert as convert_cli
+from megalodon_jax.cli import evaluate as evaluate_cli
+from megalodon_jax.cli import generate as generate_cli
+from megalodon_jax.cli import train as train_cli
 from megalodon_jax.errors import CheckpointError, ConfigError
 from megalodon_jax.inference.loading import load_model
 from megalodon_jax.training import trainer

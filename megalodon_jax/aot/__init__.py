@@ -2,5 +2,5 @@
 
 `topology` resolves target names to abstract devices, `programs` builds the train / prefill / decode programs as
 the trainer and the generator do, `planner` compiles them and reads the compiler's memory report, `buffers`
-explains it from XLA's buffer assignment, `cli` is the command line.
+explains it from XLA's buffer assignment; the command line is megalodon_jax/cli/aot.py.
 """

@@ -1,6 +1,6 @@
-"""`python -m megalodon_jax.aot`: see megalodon_jax/aot/cli.py."""
+"""`python -m megalodon_jax.aot`: see megalodon_jax/cli/aot.py."""
 
-from megalodon_jax.aot.cli import run
+from megalodon_jax.cli.aot import run
 
 if __name__ == "__main__":
   run()

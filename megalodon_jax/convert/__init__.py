@@ -8,7 +8,7 @@ _OFFICIAL = ("StateDictError", "check_state_dict", "from_official_state_dict", "
 
 
 def __getattr__(name):
-  # Lazy (PEP 562): the converter pulls in jax, flax and the model, and the command line (convert/cli.py, run
+  # Lazy (PEP 562): the converter pulls in jax, flax and the model, and the command line (cli/convert.py, run
   # through this package) checks its flags and paths before any of them is imported. The checkpoint names are
   # defined in megalodon_jax.checkpoints and offered here too (they pull in orbax).
   if name in _OFFICIAL:

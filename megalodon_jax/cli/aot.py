@@ -6,7 +6,7 @@ generator's prefill and one-token decode steps, for a TPU slice or a GPU host, a
 Exit status: 0 when every program fits (peak <= 90% of the chip's memory), 1 when one does not fit or fails to
 compile (the largest temporaries and what to change are printed), 2 for bad input (unknown topology, bad config).
 No data set or tokenizer file is read: shapes come from the config (model.vocab_size, or 256 for the byte
-tokenizer). `--config` and its overrides work as in megalodon-train (megalodon_jax/cli_config.py).
+tokenizer). `--config` and its overrides work as in megalodon-train (cli/config_flags.py).
 """
 
 from __future__ import annotations
@@ -17,16 +17,18 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from megalodon_jax import cli_args, cli_config, paths
+from megalodon_jax import mesh_axes, paths
 from megalodon_jax.aot import gpu  # no jax: it reads installed packages and sets environment variables
 from megalodon_jax.aot import topology as topo_lib
+from megalodon_jax.cli import config_flags
+from megalodon_jax.cli.args import Parser, prog_name
 from megalodon_jax.errors import EXIT_BAD_INPUT, ConfigError, exit_on_error
 
 PROGRAMS = ("train_step", "prefill", "decode")
 
 
-def build_parser() -> cli_args.Parser:
-  p = cli_args.Parser(prog=cli_args.prog_name("megalodon-aot", "megalodon_jax.aot"),
+def build_parser() -> Parser:
+  p = Parser(prog=prog_name("megalodon-aot", "megalodon_jax.aot"),
                       description="Compile the train step and the generator's prefill / decode for a TPU slice or a "
                                   "GPU host without one, and report what one chip needs.",
                       epilog="--config.KEY=VALUE overrides a field of the config, as in megalodon-train.")
@@ -114,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """Exit status: 0 every program fits, 1 one does not, 2 bad flags or config (flag errors and `--help` raise
   SystemExit, as argparse does)."""
   argv = sys.argv[1:] if argv is None else list(argv)
-  rest, overrides = cli_config.split_overrides(argv)
+  rest, overrides = config_flags.split_overrides(argv)
   args = build_parser().parse_args(rest)
   return exit_on_error(lambda: _main(args, overrides), one_line=False)
 
@@ -127,12 +129,12 @@ def _main(args: argparse.Namespace, overrides: list) -> int:
   unknown = sorted(set(programs_wanted) - set(PROGRAMS))
   if unknown:
     return _fail(f"--programs: unknown {unknown}; choose from train_step, prefill, decode")
-  cfg, _ = cli_config.load_config(args.config)  # ConfigError: exit_on_error -> 2
-  cli_config.apply_overrides(cfg, overrides)
+  cfg, _ = config_flags.load_config(args.config)  # ConfigError: exit_on_error -> 2
+  config_flags.apply_overrides(cfg, overrides)
   # The whole config, as train.py checks it, before jax starts (the mesh as far as it goes without the target's
   # device count; the run is built, and checked again with it, below).
-  from megalodon_jax.training import config_lib  # pylint: disable=import-outside-toplevel
-  config_lib.validate(cfg, None, check_inputs=False)
+  from megalodon_jax.training.train_config import TrainConfig  # pylint: disable=import-outside-toplevel
+  cfg = TrainConfig.of(cfg)  # every field checked before jax starts (ConfigError: exit_on_error -> 2)
   gpu_target = args.topology.lower().startswith(("h100", "a100"))
   if gpu_target:
     gpu.prepare_environment()  # before jax starts its backends
@@ -140,7 +142,7 @@ def _main(args: argparse.Namespace, overrides: list) -> int:
     vocab = vocab_size_for(cfg)
   except ValueError as e:
     return _fail(str(e))
-  config_lib.model_config(cfg, vocab)  # the model fields too (ConfigError -> 2), as the run below builds them
+  cfg.model_config(vocab)  # a vocab_size below the tokenizer's (ConfigError -> 2), as the run below builds it
   if gpu_target and not gpu.cuda_available()[0]:
     # Without the CUDA plugin, resolving the GPU target fails at its first check, which needs no jax: made here,
     # before the import below (~2 s), it reports the missing plugin at once, in topology.py's words.
@@ -150,12 +152,14 @@ def _main(args: argparse.Namespace, overrides: list) -> int:
   from megalodon_jax import platforms  # pylint: disable=import-outside-toplevel
   platforms.skip_absent_tpu()  # the CPU backend only: TPU programs compile through libtpu's topologies
   from megalodon_jax.aot import planner, programs  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.training.program import TrainProgram  # pylint: disable=import-outside-toplevel
   from pallas_kernels.platform import target_platform  # pylint: disable=import-outside-toplevel
   target = topo_lib.resolve(args.topology)  # TopologyError, ConfigError, ShardingError: exit_on_error -> 2
-  run = programs.build_run(cfg, list(target.devices), vocab)
-
+  with target_platform(target.platform):
+    run = TrainProgram.build(cfg, list(target.devices), vocab_size=vocab)
+  print(f"logical axes on the mesh {dict(run.mesh.shape)}:\n{mesh_axes.logical_axes_table(run.mesh, run.rules)}",
+        file=sys.stderr if args.json else sys.stdout)
   with jax.set_mesh(run.mesh), target_platform(target.platform):
-    run.build()
     todo = []
     if "train_step" in programs_wanted:
       todo.append(programs.train_program(run))
@@ -165,7 +169,7 @@ def _main(args: argparse.Namespace, overrides: list) -> int:
   reports = []
   for program in todo:
     with target_platform(target.platform):
-      settings = _settings(cfg, run.model_cfg, program.shape["seq_len"])
+      settings = _settings(cfg, run.model_config, program.shape["seq_len"])
     dump = os.path.join(args.dump_dir, program.name) if args.dump_dir else None
     report = planner.compile_program(program, target, run.mesh, settings, dump_dir=dump, top=args.top)
     reports.append(report)

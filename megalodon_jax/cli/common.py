@@ -1,5 +1,5 @@
 """Shared pieces of the inference command lines: checkpoint flags, model loading, error handling (the argument
-parser itself is `megalodon_jax.cli_args.Parser`).
+parser itself is `cli/args.py`'s `Parser`).
 
 Nothing here imports jax until `load`: a command checks its flags, files and checkpoint path first
 (`check_checkpoint`), so bad input is reported before jax starts (well under a second).

@@ -32,9 +32,10 @@ import sys
 from typing import Optional, Sequence
 
 # Light imports only (no jax, flax, orbax, torch): the converters and model_io are imported after the checks.
-from megalodon_jax import cli_args, paths, platforms
+from megalodon_jax import paths, platforms
 from megalodon_jax.checkpoints import layout, output_guard, tokenizer_copy
 from megalodon_jax.checkpoints.locate import locate_checkpoint
+from megalodon_jax.cli.args import Parser, prog_name
 from megalodon_jax.errors import ConvertError, StateDictError, exit_on_error
 
 # What torch_files (which imports jax) calls DTYPES, PARAMS_JSON and HF_CONFIG_JSON; tests/test_fast_errors.py keeps
@@ -54,8 +55,8 @@ OVERWRITE_HELP = ("replace an earlier output in --out (atomically): allowed only
                   "command writes; anything else is named and nothing is deleted")
 
 
-def build_parser() -> cli_args.Parser:
-  parser = cli_args.Parser(prog=cli_args.prog_name("megalodon-convert", "megalodon_jax.convert"),
+def build_parser() -> Parser:
+  parser = Parser(prog=prog_name("megalodon-convert", "megalodon_jax.convert"),
                            description="Convert Megalodon checkpoints between JAX (Orbax) and PyTorch.")
   sub = parser.add_subparsers(dest="command", required=True)
   to = sub.add_parser("to-pytorch", help="Orbax checkpoint -> official consolidated.pth / megalodon-hf / safetensors",

@@ -1,7 +1,7 @@
 """Training configs on a command line: `--config tiny` (a shipped config by name) or `--config path/to/file.py`, and
 `--config.<key>=<value>` overrides of its ml_collections fields, with one-line errors.
 
-Used by train (`megalodon_jax.train_cli`) and the AOT planner (`megalodon_jax.aot.cli`). An override's key is a
+Used by train (`cli/train.py`) and the AOT planner (`cli/aot.py`). An override's key is a
 field path (`--config.optimizer.lr=1e-3`, `--config.model.num_layers 4`); its value is parsed by the field's current
 type: int, float, str as given, bool (`true`/`false`/`1`/`0`, or a bare `--config.tensorboard` for true and
 `--config.notensorboard` for false), tuple/list as a Python literal (`"('a', 'b')"`), and for a field that is None
@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import ml_collections
 from ml_collections.config_flags import config_path
 
-from megalodon_jax.cli_args import did_you_mean
+from megalodon_jax.cli.args import did_you_mean
 from megalodon_jax.errors import ConfigError
 
 PREFIX = "--config."

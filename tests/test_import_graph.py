@@ -208,3 +208,61 @@ def test_pytorch_runtime_imports_no_jax():
   assert out.returncode == 0, out.stderr[-2000:]
   assert "megalodon_jax.pytorch.model" in submodules
   assert out.stdout.strip() == "[]", f"importing megalodon_jax.pytorch loaded jax modules: {out.stdout.strip()}"
+
+
+MESH_AXIS_NAMES = ("data", "sequence", "fsdp", "tensor")
+# The one module that writes the mesh axis names out; everything else imports them from it.
+MESH_AXES_MODULE = f"{PACKAGE}/mesh_axes.py"
+# Files that may still write them out, with the reason.
+MESH_AXIS_FILES = {
+    f"{PACKAGE}/aot/programs.py": "TODO(program): uses mesh_axes after TrainProgram",
+}
+# (file, literal) whose literal means something else where the context rules of `_not_a_mesh_axis` cannot tell.
+OTHER_MEANINGS = {
+    (f"{PACKAGE}/checkpoints/layout.py", "data"): "the checkpoint item holding the data pipeline's state",
+}
+
+
+def _not_a_mesh_axis(node: ast.Constant, parent: ast.AST) -> bool:
+  """Whether a string literal is, by its place, some other "data" or "sequence": a dict literal's key (JSON
+  states), a set literal's member (config group names), or the key of a `.get(...)` or `[...]` lookup on anything
+  but a mesh's `.shape` (`state.get("data")`, `cfg["data"]`)."""
+  on_shape = lambda x: isinstance(x, ast.Attribute) and x.attr == "shape"  # pylint: disable=unnecessary-lambda-assignment
+  if isinstance(parent, ast.Dict):
+    return any(key is node for key in parent.keys)
+  if isinstance(parent, ast.Set):
+    return True
+  if isinstance(parent, ast.Call) and isinstance(parent.func, ast.Attribute) and parent.args:
+    return parent.func.attr in ("get", "pop", "setdefault") and parent.args[0] is node and not on_shape(
+        parent.func.value)
+  if isinstance(parent, ast.Subscript):
+    return parent.slice is node and not on_shape(parent.value)
+  return False
+
+
+def mesh_axis_literals() -> list[str]:
+  """"file:line: 'name'" for every string literal of megalodon_jax equal to a mesh axis name, outside mesh_axes.py,
+  MESH_AXIS_FILES, OTHER_MEANINGS and the contexts of `_not_a_mesh_axis`."""
+  found = []
+  for path in sorted(_modules(PACKAGE).values()):
+    rel = os.path.relpath(path, REPO).replace(os.sep, "/")
+    if rel == MESH_AXES_MODULE or rel in MESH_AXIS_FILES:
+      continue
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read(), path)
+    for parent in ast.walk(tree):
+      for node in ast.iter_child_nodes(parent):
+        if (isinstance(node, ast.Constant) and node.value in MESH_AXIS_NAMES
+            and (rel, node.value) not in OTHER_MEANINGS and not _not_a_mesh_axis(node, parent)):
+          found.append(f"{rel}:{node.lineno}: {node.value!r}")
+  return found
+
+
+def test_mesh_axis_names_are_written_only_in_mesh_axes():
+  with open(os.path.join(REPO, MESH_AXES_MODULE), encoding="utf-8") as f:
+    source = f.read()
+  assert all(repr(name) in source.replace('"', "'") for name in MESH_AXIS_NAMES)
+  assert all(os.path.exists(os.path.join(REPO, p)) for p in list(MESH_AXIS_FILES) + [p for p, _ in OTHER_MEANINGS])
+  found = mesh_axis_literals()
+  assert not found, ("mesh axis names written out (import them from megalodon_jax/mesh_axes.py):\n  "
+                     + "\n  ".join(found))

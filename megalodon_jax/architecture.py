@@ -16,7 +16,7 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Optional
 
-from megalodon_jax.errors import ConfigError
+from megalodon_jax.errors import FieldError
 
 INIT_MODES = ("he", "bert", "gaussian", "xavier", "none")
 EFFICIENT_ATTN = (None, "swift", "fused")
@@ -112,8 +112,8 @@ _FLAGS = ("norm_affine", "swiglu", "rescale_nffn", "scale_emb", "share_emb", "la
 
 
 def fail(config: Any, field: str, value: Any, why: str) -> None:
-  """Raises ConfigError("<ClassName>.<field>=<value>: <why>")."""
-  raise ConfigError(f"{type(config).__name__}.{field}={value!r}: {why}")
+  """Raises FieldError("<ClassName>.<field>=<value>: <why>")."""
+  raise FieldError(type(config).__name__, field, value, why)
 
 
 def is_int(v: Any) -> bool:

@@ -9,7 +9,7 @@ rematerialisation) are ours and never change the math beyond float rounding.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from megalodon_jax.architecture import OFFICIAL_FIELDS, Architecture, fail
 from megalodon_jax.errors import ConfigError
@@ -69,6 +69,22 @@ class MegalodonConfig(Architecture):
     if bad_exec:
       raise ConfigError(f"from_official: {bad_exec} are ModelConf fields; pass them inside `conf`")
     return cls(**dict(conf), **execution)
+
+
+@dataclasses.dataclass(frozen=True)
+class MegalodonSection(MegalodonConfig):
+  """The `model` section of a training config: a MegalodonConfig whose vocab_size may be -1, the tokenizer's."""
+
+  _VOCAB_MAY_BE_UNSET: ClassVar[bool] = True
+
+  def with_vocab(self, tokenizer_vocab_size: int) -> MegalodonConfig:
+    """The model's config: vocab_size -1 becomes the tokenizer's size; a set one must hold every token id."""
+    vocab = tokenizer_vocab_size if self.vocab_size == -1 else self.vocab_size
+    if vocab < tokenizer_vocab_size:
+      fail(self, "vocab_size", self.vocab_size, f"is smaller than the tokenizer's vocabulary ({tokenizer_vocab_size});"
+           " use -1 to take the tokenizer's size")
+    return MegalodonConfig(**{**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                              "vocab_size": vocab})
 
 
 # Names of our execution fields, in order (saved beside converted checkpoints, overridable when loading one).

@@ -13,8 +13,9 @@ Nothing here imports jax: the pure-PyTorch runtime (`megalodon_jax.pytorch`) use
 
 from __future__ import annotations
 
+import difflib
 import sys
-from typing import Callable, TextIO
+from typing import Any, Callable, Iterable, TextIO
 
 EXIT_BAD_INPUT = 2
 
@@ -27,6 +28,18 @@ class MegalodonError(Exception):
 
 class ConfigError(MegalodonError, ValueError):
   """A model or training config value is invalid; the message names the field (or `--config.<key>`) and the fix."""
+
+
+class FieldError(ConfigError):
+  """One config field's value is invalid, raised by the config class that owns the field.
+
+  Reads `<owner>.<field>=<value!r>: <why>`; `field`, `value` and `why` stay apart so that a training config reports
+  it under the command-line key it walked to (`--config.model.z_dim=30: ...`, `typed_config.from_mapping`).
+  """
+
+  def __init__(self, owner: str, field: str, value: Any, why: str):
+    super().__init__(f"{owner}.{field}={value!r}: {why}")
+    self.field, self.value, self.why = field, value, why
 
 
 class CheckpointError(MegalodonError, ValueError, RuntimeError):
@@ -43,6 +56,17 @@ class CheckpointDamagedError(CheckpointError):
   def __init__(self, problem: str, advice: str = ""):
     super().__init__(f"{problem}. {advice}" if advice else problem)
     self.problem = problem
+
+
+def did_you_mean(word: str, candidates: Iterable[str], prefix: str = "") -> str:
+  """" (did you mean <prefix>X?)" for the closest of `candidates` to `word` (difflib), or "" when none is close.
+
+  Leading dashes are left out of the comparison (and `prefix` is only shown): a prefix every candidate shares
+  would make unrelated names look similar ("--no_such_key" vs "--log_every").
+  """
+  bare = {c.lstrip("-"): c for c in sorted(set(candidates))}
+  close = difflib.get_close_matches(word.lstrip("-"), list(bare), n=1, cutoff=0.6)
+  return f" (did you mean {prefix}{bare[close[0]]}?)" if close else ""
 
 
 class ShardingError(MegalodonError, ValueError):

@@ -60,7 +60,7 @@ def test_resolve_gives_abstract_tpu_devices():
 
 
 def _tiny_cfg(**overrides):
-  from configs import tiny  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.configs import tiny  # pylint: disable=import-outside-toplevel
   cfg = tiny.get_config()
   cfg.model.vocab_size = 32000  # a realistic head, so a misplaced batch of logits is large enough to see
   cfg.update_from_flattened_dict(overrides)  # dotted keys: {"model.num_layers": 8}
@@ -70,12 +70,13 @@ def _tiny_cfg(**overrides):
 def _compile_train(cfg, target, dump_dir):
   import jax  # pylint: disable=import-outside-toplevel
   from megalodon_jax.aot import planner, programs  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.training.program import TrainProgram  # pylint: disable=import-outside-toplevel
   from pallas_kernels.platform import target_platform  # pylint: disable=import-outside-toplevel
-  run = programs.build_run(cfg, list(target.devices), cfg.model.vocab_size)
+  with target_platform(target.platform):
+    run = TrainProgram.build(cfg, list(target.devices), vocab_size=cfg.model.vocab_size)
   with jax.set_mesh(run.mesh), target_platform(target.platform):
-    run.build()
     program = programs.train_program(run)
-  return planner.compile_program(program, target, run.mesh, {"remat": run.model_cfg.remat_policy},
+  return planner.compile_program(program, target, run.mesh, {"remat": run.model_config.remat_policy},
                                  dump_dir=dump_dir), run
 
 
@@ -92,7 +93,7 @@ def test_tiny_train_step_on_v5e_4_keeps_activations_sharded(tmp_path):
   (assignment,) = [f for f in os.listdir(tmp_path) if "jit_train_step" in f and
                    f.endswith("after_optimizations-buffer-assignment.txt")]
   text = open(os.path.join(tmp_path, assignment)).read()
-  seq = run.cfg.seq_len
+  seq = run.config.seq_len
   whole_batch = sorted(set(re.findall(rf"\w+\[8,{seq}(?:,\d+)*\]", text)))
   per_chip = sorted(set(re.findall(rf"\w+\[2,{seq}(?:,\d+)*\]", text)))
   assert not whole_batch, f"global-batch activations on every chip: {whole_batch}"
@@ -108,14 +109,14 @@ def test_100m_shape_train_step_compiles_for_v5e_4():
                      "model.remat": "full", "model.scan_layers": True, "seq_len": 2048, "batch_size": 8})
   target = topology.resolve("v5e-4")
   report, run = _compile_train(cfg, target, None)
-  assert 90e6 < run.model_cfg.num_params() < 130e6
+  assert 90e6 < run.model_config.num_params() < 130e6
   assert report.compiled and report.fits, report.error
   # The buffer assignment's device-memory temporaries are a lower bound of memory_analysis' figure, which adds a
   # reserve the dump does not itemise (measured: 8-9 MiB on the tiny step, 15% here, 1% on the 7B step).
   assert 0.8 * report.temp_gib <= report.buffer_temp_gib <= report.temp_gib, (report.buffer_temp_gib,
                                                                              report.temp_gib)
   # Parameters, gradients' optimizer state (Adam mu, nu) in float32, split over 4 chips: about 12 bytes/param/4.
-  expected_args = run.model_cfg.num_params() * 12 / 4 / topology.GIB
+  expected_args = run.model_config.num_params() * 12 / 4 / topology.GIB
   assert 0.8 * expected_args < report.argument_gib < 1.5 * expected_args + 0.05
 
 

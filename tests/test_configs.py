@@ -5,16 +5,17 @@ import importlib
 import pytest
 
 from megalodon_jax.config import preset
-from megalodon_jax.training import config_lib
+from megalodon_jax.errors import ConfigError
+from megalodon_jax.training.train_config import TrainConfig, check_inputs
 
 CONFIGS = ["default", "tiny", "enwik8", "mega200m", "mega1_3b", "megalodon_7b"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_builds_a_model_config(name):
-  cfg = importlib.import_module(f"configs.{name}").get_config()
+  cfg = importlib.import_module(f"megalodon_jax.configs.{name}").get_config()
   vocab = 32000 if cfg.data.tokenizer == "sentencepiece" else 256
-  model = config_lib.model_config(cfg, vocab)
+  model = TrainConfig.of(cfg).model_config(vocab)
   assert model.vocab_size == vocab
   assert cfg.seq_len <= model.chunk_size or cfg.seq_len % model.chunk_size == 0
 
@@ -22,8 +23,8 @@ def test_config_loads_and_builds_a_model_config(name):
 @pytest.mark.parametrize("name, preset_name", [("mega200m", "mega200M"), ("mega1_3b", "mega1.3B"),
                                                ("megalodon_7b", "megalodon_7b")])
 def test_large_configs_have_the_official_shapes_and_the_paper_recipe(name, preset_name):
-  cfg = importlib.import_module(f"configs.{name}").get_config()
-  model = config_lib.model_config(cfg, 32000)
+  cfg = importlib.import_module(f"megalodon_jax.configs.{name}").get_config()
+  model = TrainConfig.of(cfg).model_config(32000)
   assert model.num_params() == preset(preset_name).num_params()
   assert model.official_kwargs() == preset(preset_name).official_kwargs()
   o = cfg.optimizer
@@ -36,29 +37,31 @@ def test_large_configs_have_the_official_shapes_and_the_paper_recipe(name, prese
 
 @pytest.mark.parametrize("name", ["mega200m", "mega1_3b", "megalodon_7b"])
 def test_large_configs_ask_for_their_tokenizer_and_dataset(name):
-  cfg = importlib.import_module(f"configs.{name}").get_config()
-  with pytest.raises(config_lib.ConfigError, match=r"data\.(tokenizer_path|name)"):
-    config_lib.validate(cfg, 128)
+  cfg = importlib.import_module(f"megalodon_jax.configs.{name}").get_config()
+  config = TrainConfig.of(cfg)
+  config.check_devices(128)
+  with pytest.raises(ConfigError, match=r"data\.(tokenizer_path|name)"):
+    check_inputs(config)
 
 
 def test_enwik8_without_the_file_or_network_names_manual_dir(tmp_path, monkeypatch):
   from megalodon_jax import data
   from megalodon_jax.data import enwik8
-  cfg = importlib.import_module("configs.enwik8").get_config()
+  cfg = importlib.import_module("megalodon_jax.configs.enwik8").get_config()
   cfg.data.manual_dir = str(tmp_path / "missing")
   cfg.data.data_dir = str(tmp_path / "tfds")
-  config_lib.validate(cfg, 8)  # a missing file is not a config error: prepare() may still download it
+  check_inputs(TrainConfig.of(cfg))  # a missing file is not a config error: prepare() may still download it
   monkeypatch.setattr(enwik8, "_url", "http://127.0.0.1:9/enwik8.zip")  # no network: refused at once
   with pytest.raises(data.DataError, match=r"data\.manual_dir=.*enwik8\.zip"):
     data.prepare(cfg.data)
 
 
 def test_model_errors_name_the_config_key():
-  cfg = importlib.import_module("configs.tiny").get_config()
+  cfg = importlib.import_module("megalodon_jax.configs.tiny").get_config()
   cfg.model.norm_num_groups = 7
-  with pytest.raises(config_lib.ConfigError, match=r"--config\.model\.norm_num_groups"):
-    config_lib.model_config(cfg, 256)
-  cfg = importlib.import_module("configs.tiny").get_config()
+  with pytest.raises(ConfigError, match=r"--config\.model\.norm_num_groups=7: does not divide"):
+    TrainConfig.of(cfg)
+  cfg = importlib.import_module("megalodon_jax.configs.tiny").get_config()
   cfg.model.vocab_size = 100
-  with pytest.raises(config_lib.ConfigError, match=r"--config\.model\.vocab_size"):
-    config_lib.model_config(cfg, 256)
+  with pytest.raises(ConfigError, match=r"--config\.model\.vocab_size=100: is smaller"):
+    TrainConfig.of(cfg).model_config(256)

@@ -16,7 +16,7 @@ from megalodon_jax import errors
 # Where each class used to be defined (and is still importable from), and the builtin its callers catch.
 OLD_HOMES = [
     ("megalodon_jax.config", "ConfigError", ValueError),
-    ("megalodon_jax.training.config_lib", "ConfigError", ValueError),
+    ("megalodon_jax.training.train_config", "ConfigError", ValueError),
     ("megalodon_jax.pytorch", "ConfigError", ValueError),
     ("megalodon_jax.checkpoints.manager", "CheckpointError", RuntimeError),
     ("megalodon_jax.pytorch", "CheckpointError", ValueError),

@@ -214,9 +214,7 @@ MESH_AXIS_NAMES = ("data", "sequence", "fsdp", "tensor")
 # The one module that writes the mesh axis names out; everything else imports them from it.
 MESH_AXES_MODULE = f"{PACKAGE}/mesh_axes.py"
 # Files that may still write them out, with the reason.
-MESH_AXIS_FILES = {
-    f"{PACKAGE}/aot/programs.py": "TODO(program): uses mesh_axes after TrainProgram",
-}
+MESH_AXIS_FILES: dict[str, str] = {}
 # (file, literal) whose literal means something else where the context rules of `_not_a_mesh_axis` cannot tell.
 OTHER_MEANINGS = {
     (f"{PACKAGE}/checkpoints/layout.py", "data"): "the checkpoint item holding the data pipeline's state",
@@ -266,3 +264,93 @@ def test_mesh_axis_names_are_written_only_in_mesh_axes():
   found = mesh_axis_literals()
   assert not found, ("mesh axis names written out (import them from megalodon_jax/mesh_axes.py):\n  "
                      + "\n  ".join(found))
+
+
+def private_imports() -> list[str]:
+  """"module:line: name" for every `from x import _name` of a megalodon_jax module (or pallas_kernels, train.py)
+  where x is another module of ours: a leading underscore says "not for other modules"."""
+  found = []
+  for root in (PACKAGE, "pallas_kernels"):
+    modules = _modules(root)
+    for module, path in sorted(modules.items()):
+      with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+      for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in (
+            PACKAGE, "pallas_kernels")):
+          found += [f"{module}:{node.lineno}: {a.name}" for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")]
+  return found
+
+
+def test_no_module_imports_a_private_name_of_another():
+  assert private_imports() == []
+
+
+def test_private_import_finder_sees_one(tmp_path, monkeypatch):
+  pkg = tmp_path / PACKAGE
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("")
+  (pkg / "a.py").write_text("def _hidden():\n  pass\n")
+  (pkg / "b.py").write_text("from megalodon_jax.a import _hidden\nfrom . import a\n")
+  (tmp_path / "pallas_kernels").mkdir()
+  monkeypatch.setattr(sys.modules[__name__], "REPO", str(tmp_path))
+  assert private_imports() == ["megalodon_jax.b:1: _hidden"]
+
+
+def _assigned_keys(path: str) -> set[str]:
+  """Config keys a configs/*.py file assigns: `c.seq_len = ...`, `m.num_layers = ...` (m = c.model) and
+  `c.mesh.data, c.mesh.fsdp = ...`, as "seq_len", "model.num_layers", "mesh.data"."""
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read(), path)
+  aliases = {"c": ""}
+  for node in ast.walk(tree):  # `m = c.model`, `o = c.optimizer`
+    if isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute) and isinstance(node.value.value,
+                                                                                              ast.Name):
+      for target in node.targets:
+        if isinstance(target, ast.Name) and node.value.value.id == "c":
+          aliases[target.id] = node.value.attr + "."
+  keys = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Assign):
+      targets = [t for target in node.targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
+      for t in targets:
+        parts = []
+        while isinstance(t, ast.Attribute):
+          parts.insert(0, t.attr)
+          t = t.value
+        if parts and isinstance(t, ast.Name) and t.id in aliases:
+          keys.add(aliases[t.id] + ".".join(parts))
+  return keys
+
+
+def test_configs_share_the_typed_definition_of_every_field():
+  """configs/default.py is the typed config's defaults plus the overrides it writes out: the same keys, and every
+  value it does not assign is the typed default (a default re-typed there, or changed in one place only, fails)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.training.train_config import TrainConfig  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.typed_config import as_dict  # pylint: disable=import-outside-toplevel
+  path = os.path.join(REPO, "megalodon_jax", "configs", "default.py")
+  if not os.path.exists(path):
+    path = os.path.join(REPO, "configs", "default.py")
+  spec = importlib.util.spec_from_file_location("default_config_under_test", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+  shipped, typed = flat(module.get_config().to_dict()), flat(as_dict(TrainConfig()))
+  assert set(shipped) == set(typed)
+  overridden = _assigned_keys(path)
+  assert overridden and overridden <= set(typed), overridden - set(typed)
+  assert {k: v for k, v in shipped.items() if k not in overridden} == {k: v for k, v in typed.items()
+                                                                       if k not in overridden}
+  # The model section's fields are the model config's: one definition of each (architecture.py, config.py).
+  from megalodon_jax.config import MegalodonConfig  # pylint: disable=import-outside-toplevel
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  assert {k.split(".", 1)[1] for k in typed if k.startswith("model.")} == {
+      f.name for f in dataclasses.fields(MegalodonConfig)}

@@ -203,20 +203,20 @@ def test_grad_accum_applies_mean_every_second_step():
     (dict(warmup_steps=-1), "warmup_steps"),
     (dict(total_steps=0), "total_steps"),
     (dict(total_steps=10.5), "total_steps"),
-    (dict(peak_lr=0.0), "peak_lr"),
-    (dict(peak_lr=float("nan")), "peak_lr"),
+    (dict(lr=0.0), r"\.lr=0\.0"),
+    (dict(lr=float("nan")), r"\.lr=nan"),
     (dict(scheduler="step"), "scheduler"),
     (dict(init_ratio=-0.1), "init_ratio"),
     (dict(end_ratio=1.5), "end_ratio"),
     (dict(cycles=0.0), "cycles"),
 ])
 def test_schedule_bad_args(kwargs, name):
-  args = dict(peak_lr=1e-3, total_steps=100, warmup_steps=10, scheduler="linear")
+  args = dict(lr=1e-3, total_steps=100, warmup_steps=10, scheduler="linear")
   args.update(kwargs)
   with pytest.raises(ValueError, match=name):
     lr_schedule(**args)
   with pytest.raises(ValueError, match=name):
-    make_optimizer(args.pop("peak_lr"), args.pop("total_steps"), args.pop("warmup_steps"), **args)
+    make_optimizer(args.pop("lr"), args.pop("total_steps"), args.pop("warmup_steps"), **args)
 
 
 @pytest.mark.parametrize("kwargs,name", [

@@ -21,7 +21,9 @@ from cli_harness import wait_for
 
 from megalodon_jax.errors import CheckpointError
 from megalodon_jax.checkpoints.manager import Checkpointer
-from megalodon_jax.training import config_lib, trainer
+from megalodon_jax.errors import ConfigError
+from megalodon_jax.training import trainer
+from megalodon_jax.training.program import TrainProgram
 from megalodon_jax.training.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +36,7 @@ def data_dir(tmp_path_factory):
 
 def small_config(data_dir: str, **overrides):
   """configs/tiny.py made smaller still: fast steps, every step logged, no eval unless asked."""
-  cfg = importlib.import_module("configs.tiny").get_config()
+  cfg = importlib.import_module("megalodon_jax.configs.tiny").get_config()
   cfg.data.data_dir = data_dir
   cfg.data.max_documents = 60
   cfg.model.num_layers = 1
@@ -77,7 +79,7 @@ def test_tiny_config_trains_and_writes_checkpoints_and_metrics(tmp_path, data_di
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
   evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
-  cfg = importlib.import_module("configs.tiny").get_config()
+  cfg = importlib.import_module("megalodon_jax.configs.tiny").get_config()
   assert set(evals) == {0, 100, 200} and cfg.total_steps == 200
   assert evals[200] < 0.6 * evals[0], evals  # from ~ln(256) = 5.5 nats to well under 3.3
   last = records[-1]
@@ -249,7 +251,7 @@ def test_sequence_axis_follows_the_one_device_trajectory(tmp_path, data_dir, one
 def test_global_batch_when_rows_span_processes(data_dir):
   """The multi-host path for a `sequence` axis spanning hosts (every process reads the whole batch and places its
   slices), exercised in-process: it must build the same global arrays as the per-process-rows path."""
-  run = trainer._Run(small_config(data_dir, **SEQ, **_mesh_keys(2, 4, 1, 1)), None, jax.devices(), vocab_size=256)
+  run = TrainProgram.build(small_config(data_dir, **SEQ, **_mesh_keys(2, 4, 1, 1)), jax.devices(), vocab_size=256)
   assert not run.shared_rows and run.data_split() == (0, 1)
   batch = {"inputs": np.arange(8 * 128).reshape(8, 128) % 256, "targets": np.arange(8 * 128).reshape(8, 128) % 7}
   local = run.global_batch(batch)
@@ -290,7 +292,7 @@ def test_a_sequence_parallel_checkpoint_resumes_on_another_mesh(tmp_path, data_d
 def test_bad_configs_fail_fast_naming_the_key(tmp_path, data_dir, overrides, key):
   cfg = small_config(data_dir, **overrides)
   t0 = time.perf_counter()
-  with pytest.raises((config_lib.ConfigError, ValueError), match=key.replace(".", r"\.")):
+  with pytest.raises((ConfigError, ValueError), match=key.replace(".", r"\.")):
     trainer.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices())
   assert time.perf_counter() - t0 < 10  # nothing compiled
   assert not os.path.exists(tmp_path / "checkpoints")

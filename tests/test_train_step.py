@@ -59,7 +59,7 @@ def _assert_same_training(reference, other, steps=3, batch=None):
     s2, m2 = step2(s2, batch)
     np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
-  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
     # Adam normalises each coordinate, so near-zero gradients turn float rounding into update noise of ~1e-3 x lr.
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=5e-5)
 
@@ -84,7 +84,7 @@ def test_grad_accumulation_with_document_resets_weighs_micro_batches_by_tokens()
   batch = _reset_batch()  # one row per micro-batch: 11, 13, 0 and 16 counted targets
   graphdef, rng_vars, state, step = _setup(1)
   # The loss is the mean over counted targets of the whole batch (float64 reference), not a mean of micro-means.
-  model = merge_model(graphdef, state["params"], state["buffers"], rng_vars)
+  model = merge_model(graphdef, state.params, state.buffers, rng_vars)
   nll = _token_nll_float64(model(batch["inputs"], positions=batch["positions"]), batch["targets"])
   _, metrics = step(state, batch)
   np.testing.assert_allclose(float(metrics["loss"]), nll[np.asarray(batch["target_mask"], bool)].mean(), rtol=1e-5)
@@ -99,7 +99,7 @@ def test_remat_and_scan_layers_train_like_the_plain_step(overrides):
 def test_loss_is_the_mean_token_cross_entropy_of_the_model():
   graphdef, rng_vars, state, step = _setup(1)
   batch = _batch(3)
-  model = merge_model(graphdef, state["params"], state["buffers"], rng_vars)
+  model = merge_model(graphdef, state.params, state.buffers, rng_vars)
   want = _token_nll_float64(model(batch["inputs"]), batch["targets"]).mean()
   _, metrics = step(state, batch)
   np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
@@ -108,20 +108,20 @@ def test_loss_is_the_mean_token_cross_entropy_of_the_model():
 def test_non_finite_loss_leaves_params_and_optimizer_unchanged():
   _, _, state, step = _setup(1)
   state, _ = step(state, _batch(0))
-  before = jax.tree.map(np.asarray, (state["params"], state["opt_state"]))
-  poisoned = dict(state)
-  poisoned["params"] = jax.tree.map(lambda x: x, state["params"])
-  poisoned["params"]["embed"]["weight"] = state["params"]["embed"]["weight"].at[:].set(jnp.nan)
-  before_poison = np.asarray(poisoned["params"]["embed"]["weight"])
+  before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+  params = jax.tree.map(lambda x: x, state.params)
+  params["embed"]["weight"] = state.params["embed"]["weight"].at[:].set(jnp.nan)
+  poisoned = state.replace(params=params)
+  before_poison = np.asarray(poisoned.params["embed"]["weight"])
   new, metrics = step(poisoned, _batch(1))
   assert not np.isfinite(float(metrics["loss"]))
-  assert int(new["step"]) == 2
-  np.testing.assert_array_equal(np.asarray(new["params"]["embed"]["weight"]), before_poison)
-  for a, b in zip(jax.tree.leaves(before[1]), jax.tree.leaves(new["opt_state"])):
+  assert int(new.step) == 2
+  np.testing.assert_array_equal(np.asarray(new.params["embed"]["weight"]), before_poison)
+  for a, b in zip(jax.tree.leaves(before[1]), jax.tree.leaves(new.opt_state)):
     np.testing.assert_array_equal(a, np.asarray(b))
   # the other params are bitwise what they were
   flat_before = dict(nnx.to_flat_state(before[0]))
-  for path, v in nnx.to_flat_state(new["params"]):
+  for path, v in nnx.to_flat_state(new.params):
     if path != ("embed", "weight"):
       np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(flat_before[path][...]))
 
@@ -133,8 +133,7 @@ def test_dropout_masks_are_a_function_of_rng_and_step():
   _, m_a = step(state, batch)
   _, m_b = step(copy, batch)
   assert float(m_a["loss"]) == float(m_b["loss"])  # same (rng, step): same masks, bitwise
-  later = dict(jax.tree.map(jnp.array, copy))
-  later["step"] = jnp.asarray(5, jnp.int32)
+  later = jax.tree.map(jnp.array, copy).replace(step=jnp.asarray(5, jnp.int32))
   _, m_c = step(later, batch)
   assert float(m_c["loss"]) != float(m_a["loss"])  # another step: other masks
 
@@ -144,7 +143,7 @@ def test_eval_step_has_no_dropout():
   eval_step = jax.jit(ts.make_eval_step(graphdef, rng_vars))
   batch = _batch(2)
   out = eval_step(state, batch)
-  model = merge_model(graphdef, state["params"], state["buffers"], rng_vars)
+  model = merge_model(graphdef, state.params, state.buffers, rng_vars)
   model.eval()
   loss_sum, count = ts.cross_entropy(model(batch["inputs"]), batch["targets"])
   np.testing.assert_allclose(float(out["loss_sum"]), float(loss_sum), rtol=1e-6)

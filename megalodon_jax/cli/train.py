@@ -41,7 +41,7 @@ def _config_flags() -> list[str]:
 
 
 def build_parser() -> Parser:
-  names = ", ".join(config_flags.shipped_config_names()) or "none found"
+  names = ", ".join(config_flags.shipped_config_names())
   shim = os.path.basename(sys.argv[0] if sys.argv else "") == "train.py"
   p = Parser(
       prog="python train.py" if shim else prog_name(*PROG), extra_hints=_config_flags,

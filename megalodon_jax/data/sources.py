@@ -27,6 +27,7 @@ from tensorflow_datasets.core import read_only_builder
 
 from megalodon_jax import paths
 from megalodon_jax.data import enwik8, jsonl, text_files
+from megalodon_jax.data.config import DataConfig
 from megalodon_jax.data.stdlib_corpus import stdlib_documents
 from megalodon_jax.data.tokenizers import check_tokenizer_config
 from megalodon_jax.errors import DataError
@@ -41,17 +42,14 @@ log = logging.getLogger(__name__)
 DATASETS = ("stdlib", "text_files", "jsonl", "enwik8", "tfds")
 DOCUMENT_BOUNDARIES = ("carry", "reset")
 
-# Config fields and the defaults used when an object lacks one (configs/default.py has the same values).
-_DEFAULTS = dict(dataset="stdlib", path="", manual_dir="", name="", text_key="text", data_dir="", train_split="train",
-                 eval_split="validation", validation_percent=5, max_documents=0, tokenizer="bytes", tokenizer_path="",
-                 add_eos=True, worker_count=0, document_boundaries="carry")
+_DEFAULTS = DataConfig()  # what an object lacking a field (an older config) gets: the field's one default
 
 tfds.disable_progress_bar()
 
 
 def field(data_cfg: Any, key: str) -> Any:
   """`data_cfg.<key>`, or its default when the object has no such attribute."""
-  return getattr(data_cfg, key, _DEFAULTS[key])
+  return getattr(data_cfg, key, getattr(_DEFAULTS, key))
 
 
 def _check_number(key: str, value: Any, low: float, high: Optional[float], integer: bool) -> None:

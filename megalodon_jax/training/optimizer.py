@@ -8,7 +8,7 @@ Mirrors `megalodon/optim/*.py` (docs/training.md#optimizer):
 
 Step indexing: torch's `LambdaLR` sets lr = peak * lambda(0) at construction and the training loop calls
 `scheduler.step()` after `optimizer.step()`, so the k-th update (0-based) uses lambda(k). optax calls a schedule
-with the number of updates already applied, i.e. also k, so `lr_schedule` is the official lambda times `peak_lr`
+with the number of updates already applied, i.e. also k, so `lr_schedule` is the official lambda times `lr`
 with no shift.
 """
 
@@ -21,15 +21,15 @@ import jax.numpy as jnp
 import optax
 
 from megalodon_jax.training.optimizer_args import (  # noqa: F401  (SCHEDULERS, DECAY_MASKS: public names here too)
-    DECAY_MASKS, SCHEDULERS, check_adamw_args, check_real, check_schedule_args)
+    DECAY_MASKS, SCHEDULERS, OptimizerConfig, check_adamw_args, check_real, check_schedule_args)
 
 # FSDP / torch `clip_grad_norm_` add this to the norm before dividing; optax.clip_by_global_norm does not.
 _CLIP_EPS = 1e-6
 
 
-def lr_schedule(peak_lr: float, total_steps: int, warmup_steps: int, scheduler: str = "linear",
+def lr_schedule(lr: float, total_steps: int, warmup_steps: int, scheduler: str = "linear",
                 init_ratio: float = 1e-4, end_ratio: float = 0.01, cycles: float = 1.0) -> optax.Schedule:
-  """The official `LambdaLR` learning rate, `peak_lr` times the multiplier of `megalodon/optim/lr_scheduler.py`.
+  """The official `LambdaLR` learning rate, `lr` times the multiplier of `megalodon/optim/lr_scheduler.py`.
 
   Multiplier at update `step` (0-based, the count optax passes):
     step < warmup:            init + step * (1 - init) / warmup
@@ -39,7 +39,7 @@ def lr_schedule(peak_lr: float, total_steps: int, warmup_steps: int, scheduler: 
     constant:                 the warmup ramp, then 1 forever.
 
   Args:
-    peak_lr: Base learning rate (the official `lr`), > 0.
+    lr: Base learning rate (the official `lr`), > 0.
     total_steps: Number of optimizer updates the decay spans, >= 1.
     warmup_steps: Length of the linear warmup, 0 <= warmup_steps <= total_steps (strictly less unless "constant").
     scheduler: "linear", "cosine" or "constant".
@@ -51,10 +51,10 @@ def lr_schedule(peak_lr: float, total_steps: int, warmup_steps: int, scheduler: 
     An optax schedule mapping the update count to the learning rate (float32, jit-safe).
 
   Raises:
-    ValueError: If an argument is out of range; the message names it.
+    FieldError (a ValueError): an argument is out of range; the message names it.
   """
-  check_schedule_args(peak_lr, total_steps, warmup_steps, scheduler, init_ratio, end_ratio, cycles)
-  peak, init, end = float(peak_lr), float(init_ratio), float(end_ratio)
+  check_schedule_args(lr, total_steps, warmup_steps, scheduler, init_ratio, end_ratio, cycles)
+  peak, init, end = float(lr), float(init_ratio), float(end_ratio)
   # max(.., 1) only guards the division when warmup is 0: then `step < warmup` never selects the ramp.
   ramp_slope = (1.0 - init) / max(warmup_steps, 1)
   decay_len = float(max(total_steps - warmup_steps, 1))
@@ -91,7 +91,7 @@ def clip_by_global_norm_official(max_norm: float) -> optax.GradientTransformatio
   Raises:
     ValueError: If `max_norm` is not positive.
   """
-  check_real("max_norm", max_norm, 0.0, low_inclusive=False)
+  check_real("clip_by_global_norm_official", "max_norm", max_norm, 0.0, low_inclusive=False)
 
   def init_fn(params: Any) -> optax.EmptyState:
     del params
@@ -114,7 +114,7 @@ def _matrices_mask(params: Any) -> Any:
   return jax.tree_util.tree_map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make_optimizer(peak_lr: float, total_steps: int, warmup_steps: int, *, scheduler: str = "linear",
+def make_optimizer(lr: float, total_steps: int, warmup_steps: int, *, scheduler: str = "linear",
                    init_ratio: float = 1e-4, end_ratio: float = 0.01, cycles: float = 1.0, b1: float = 0.9,
                    b2: float = 0.98, eps: float = 1e-8, weight_decay: float = 0.1, clip: Optional[float] = 1.0,
                    decay_mask: str = "all", grad_accum_steps: int = 1) -> optax.GradientTransformation:
@@ -124,7 +124,7 @@ def make_optimizer(peak_lr: float, total_steps: int, warmup_steps: int, *, sched
   what `optax.adamw` computes (eps outside the square root, no eps_root).
 
   Args:
-    peak_lr: Base learning rate (official `lr`).
+    lr: Base learning rate (official `lr`).
     total_steps: Optimizer updates the schedule spans (counts real updates, not micro-batches).
     warmup_steps: Warmup length in optimizer updates.
     scheduler: "linear", "cosine" or "constant"; see `lr_schedule`.
@@ -146,9 +146,9 @@ def make_optimizer(peak_lr: float, total_steps: int, warmup_steps: int, *, sched
     An optax GradientTransformation.
 
   Raises:
-    ValueError: If an argument is out of range; the message names it.
+    FieldError (a ValueError): an argument is out of range; the message names it.
   """
-  schedule = lr_schedule(peak_lr, total_steps, warmup_steps, scheduler, init_ratio, end_ratio, cycles)
+  schedule = lr_schedule(lr, total_steps, warmup_steps, scheduler, init_ratio, end_ratio, cycles)
   check_adamw_args(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, clip=clip, decay_mask=decay_mask,
                    grad_accum_steps=grad_accum_steps)
 
@@ -158,3 +158,11 @@ def make_optimizer(peak_lr: float, total_steps: int, warmup_steps: int, *, sched
   if grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps).gradient_transformation()
   return tx
+
+
+def from_config(o: OptimizerConfig, total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
+  """(lr schedule, optimizer) of the training config's `optimizer` section for a run of `total_steps` updates."""
+  schedule_args = dict(scheduler=o.scheduler, init_ratio=o.init_ratio, end_ratio=o.end_ratio, cycles=o.cycles)
+  return (lr_schedule(o.lr, total_steps, o.warmup_steps, **schedule_args),
+          make_optimizer(o.lr, total_steps, o.warmup_steps, **schedule_args, b1=o.b1, b2=o.b2, eps=o.eps,
+                         weight_decay=o.weight_decay, clip=o.clip or None, decay_mask=o.decay_mask))

@@ -15,7 +15,8 @@ the config's `logical_axis_rules`, map each name to a mesh axis, a tuple of mesh
 Batches (B, L) are split over data x fsdp on B and over `sequence` on L (each shard a contiguous slice of whole
 attention chunks; ops/sequence_parallel.py carries the CEMA and TimestepNorm states across the slices).
 Parameters are replicated over `sequence` (a data-like axis: their gradients are summed over it by the global
-loss mean). The optimizer state follows the params it mirrors.
+loss mean). The optimizer state follows the params it mirrors: its moments are `nnx.Param`s with the same `logical_axes`
+(optax maps over the Variables), so `state_shardings` places them like their parameters.
 
 Use the mesh with `with jax.set_mesh(mesh):` (`jax.sharding.use_mesh` was removed in jax 0.7.1, and the bare
 `with mesh:` is deprecated after 0.10). Every sharding built here is a concrete NamedSharding, so jit
@@ -98,6 +99,8 @@ def state_shardings(state: Any, rules: Any, mesh: Mesh) -> Any:
   def one(x: Any) -> Any:
     if _is_variable(x):
       value = x.get_raw_value()
+      if not jax.tree.leaves(value):  # optax.masked leaves MaskedNode() (no array) where the mask is False
+        return x
       return x.replace(NamedSharding(mesh, spec_for(x.get_metadata().get("logical_axes"), np.shape(value), rules,
                                                     mesh)))
     return NamedSharding(mesh, P())
@@ -105,41 +108,10 @@ def state_shardings(state: Any, rules: Any, mesh: Mesh) -> Any:
   return jax.tree.map(one, state, is_leaf=_is_variable)
 
 
-def opt_state_shardings(tx: Any, params_abstract: Any, param_shardings: Any, mesh: Mesh) -> Any:
-  """Shardings for `tx.init(params)`: arrays that mirror a param get its sharding, the rest is replicated.
-
-  A leaf mirrors a param when the param's key path is a suffix of its own path and the shapes agree (Adam mu / nu,
-  MultiSteps acc_grads, masked states); counts, scalars and anything reshaped (factored moments) are replicated.
-  Path matching, rather than `optax.tree_map_params`, because that one calls the `decay_mask` function on
-  placeholders.
-
-  Args:
-    tx: An optax GradientTransformation (or anything with `.init`).
-    params_abstract: The params the state is built for (arrays or ShapeDtypeStructs), e.g. the nnx.Param State.
-    param_shardings: `state_shardings(params_abstract, ...)`: same structure, NamedSharding values.
-  Returns:
-    A pytree of NamedSharding with the structure of `jax.eval_shape(tx.init, params_abstract)`.
-  """
-  opt_abstract = jax.eval_shape(tx.init, params_abstract)
-  by_path = {}
-  param_leaves = jax.tree_util.tree_flatten_with_path(params_abstract)[0]
-  shard_leaves = jax.tree_util.tree_leaves(param_shardings)
-  if len(param_leaves) != len(shard_leaves):
-    raise ShardingError(f"param_shardings has {len(shard_leaves)} leaves for {len(param_leaves)} params; build it "
-                        f"with state_shardings(params_abstract, ...)")
-  for (path, leaf), sh in zip(param_leaves, shard_leaves):
-    by_path[tuple(path)] = (tuple(np.shape(leaf)), sh)
-  lengths = sorted({len(p) for p in by_path}, reverse=True)
-  repl = replicated(mesh)
-
-  def one(path: tuple, leaf: Any) -> NamedSharding:
-    for n in lengths:  # longest match first, in case one param's path is a suffix of another's
-      hit = by_path.get(tuple(path[len(path) - n:])) if n <= len(path) else None
-      if hit is not None and hit[0] == tuple(np.shape(leaf)):
-        return hit[1]
-    return repl
-
-  return jax.tree_util.tree_map_with_path(one, opt_abstract)
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """`abstract` (ShapeDtypeStructs, e.g. from `jax.eval_shape`) with each leaf's sharding from `shardings`, a tree of
+  the same structure (`state_shardings` of it)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -185,6 +157,16 @@ def describe(state: Any, shardings: Any) -> str:
     rows.append((name, str(tuple(np.shape(_value(leaf)))), str(axes), str(getattr(sh, "spec", sh))))
   widths = [max(len(r[i]) for r in rows) for i in range(3)]
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows) + "\n"
+
+
+def shardings_report(params: Any, param_shardings: Any, mesh: Mesh, config: Any) -> str:
+  """`shardings.txt` of a run: the mesh and batch layout, the logical-axis table on this mesh, and one row per
+  parameter (`describe`)."""
+  slice_len = config.seq_len // mesh.shape[mesh_axes.SEQUENCE_AXIS]
+  return (f"# mesh {dict(mesh.shape)}; batches (B, L): {batch_sharding(mesh).spec} (B over the batch axes, L over "
+          f"the sequence axis: {slice_len} tokens per slice)\n\n"
+          + mesh_axes.logical_axes_table(mesh, check_rules(config.logical_axis_rules)) + "\n"
+          + describe(params, param_shardings))
 
 
 def sharded_init(make_model: Callable[[], nnx.Module], rules: Any, mesh: Mesh) -> nnx.Module:

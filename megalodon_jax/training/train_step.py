@@ -1,12 +1,7 @@
 """The functional train and eval steps: next-token cross-entropy, gradient accumulation, one optimizer update.
 
-The model is split once into a static graph and plain state (`checkpoints.model_state.split_model`); the jitted
-steps take and return the state as pytrees, so `jax.jit` can place every leaf with explicit in/out shardings and
-donate the old state:
-
-  state = {"step": () int32, "params": nnx.State (trainable, float32 master copy),
-           "buffers": nnx.State (RoPE frequencies, TimestepNorm priors), "opt_state": optax state,
-           "rng": (2,) uint32 base key data}
+The model is split once into a static graph and plain state (`split_model`); the jitted steps take and return a
+`TrainState` pytree, so `jax.jit` can place every leaf with explicit in/out shardings and donate the old state.
 
 The model's dropout RNG variables (`nnx.RngState`, typed keys) are not part of the state: dropout randomness is a
 pure function of (rng, step), the step re-seeding the dropout stream with `fold_in(rng, step)`, so a resumed run
@@ -20,12 +15,38 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, struct
 
 from megalodon_jax.checkpoints.model_state import merge_model
 from megalodon_jax.training.loss import chunked_lm_loss, cross_entropy  # noqa: F401  (re-exported)
 
-TrainState = dict[str, Any]
+
+
+@struct.dataclass
+class TrainState:
+  """What a training step reads and writes, and what a checkpoint's `state` item holds (as `to_tree()`).
+
+  step: () int32 updates applied.  params: nnx.State of the trainable Params (float32 master copy, `logical_axes`
+  metadata).  buffers: nnx.State of the other saved variables (RoPE frequencies, TimestepNorm priors).
+  opt_state: the optax state; its moments are Params too, carrying their parameter's `logical_axes`, so they shard
+  like it (training/sharding.state_shardings).  rng: (2,) uint32 base key data.
+  """
+
+  step: Any
+  params: Any
+  buffers: Any
+  opt_state: Any
+  rng: Any
+
+  def to_tree(self) -> dict[str, Any]:
+    """The checkpoint layout: {"step", "params", "buffers", "opt_state", "rng"} (unchanged since the state was a
+    dict, so runs saved before TrainState existed resume)."""
+    return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+  @classmethod
+  def from_tree(cls, tree: dict[str, Any]) -> "TrainState":
+    return cls(**tree)
+
 # Positions whose logits exist at once in the loss: (B_local, 2048, V) float32 is 500 MiB at V = 32000, B = 2.
 DEFAULT_LOSS_PIECE = 2048
 
@@ -49,8 +70,7 @@ def _loss_fn(params: nnx.State, graphdef: nnx.GraphDef, buffers: nnx.State, rng_
 
 
 def _has_dropout(model: nnx.Module) -> bool:
-  c = model.config
-  return max(c.dropout, c.hidden_dropout, c.attention_dropout) > 0
+  return max(getattr(model.config, name, 0.0) for name in ("dropout", "hidden_dropout", "attention_dropout")) > 0
 
 
 def init_state(params: nnx.State, buffers: nnx.State, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -58,8 +78,8 @@ def init_state(params: nnx.State, buffers: nnx.State, tx: optax.GradientTransfor
 
   rng: (2,) uint32 key data (`jax.random.key_data`), saved with the state.
   """
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "buffers": buffers, "opt_state": tx.init(params),
-          "rng": rng}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers, opt_state=tx.init(params),
+                    rng=rng)
 
 
 def make_train_step(graphdef: nnx.GraphDef, rng_vars: nnx.State, tx: optax.GradientTransformation,
@@ -85,8 +105,8 @@ def make_train_step(graphdef: nnx.GraphDef, rng_vars: nnx.State, tx: optax.Gradi
   grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-    params, buffers, step = state["params"], state["buffers"], state["step"]
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    params, buffers, step = state.params, state.buffers, state.step
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
     weighted = "target_mask" in batch  # token counts differ between micro-batches
     if grad_accum_steps == 1:
       (_, (loss_sum, count)), grads = grad_fn(params, graphdef, buffers, rng_vars, batch, key, loss_piece)
@@ -113,12 +133,12 @@ def make_train_step(graphdef: nnx.GraphDef, rng_vars: nnx.State, tx: optax.Gradi
       loss = loss_sum / count
 
     grad_norm = optax.tree.norm(grads)
-    updates, new_opt = tx.update(grads, state["opt_state"], params)
+    updates, new_opt = tx.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-    new_state = {"step": step + 1, "params": keep(new_params, params), "buffers": buffers,
-                 "opt_state": keep(new_opt, state["opt_state"]), "rng": state["rng"]}
+    new_state = state.replace(step=step + 1, params=keep(new_params, params),
+                              opt_state=keep(new_opt, state.opt_state))
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step)}
     return new_state, metrics
 
@@ -130,7 +150,7 @@ def make_eval_step(graphdef: nnx.GraphDef, rng_vars: nnx.State,
   """Builds `eval_step(state, batch) -> {"loss_sum", "tokens"}` (() float32 each); dropout is off in eval."""
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict:
-    model = merge_model(graphdef, state["params"], state["buffers"], rng_vars)
+    model = merge_model(graphdef, state.params, state.buffers, rng_vars)
     model.eval()
     loss_sum, count = batch_loss(model, batch, loss_piece)
     return {"loss_sum": loss_sum, "tokens": count}

@@ -119,18 +119,16 @@ def check_workdir(workdir: str) -> None:
 
 
 def with_run_tokenizer(cfg: Any, workdir: str) -> Any:
-  """`cfg`, or a copy reading the run directory's SentencePiece model when `data.tokenizer_path` is gone (the run
+  """`cfg` (a TrainConfig), or a copy reading the run directory's SentencePiece model when `data.tokenizer_path` is gone (the run
   directory was copied to another machine, or the file moved). A path that exists always wins (a different model
   is then refused by `tokenizer_copy.write_copy`); with neither, validation reports the missing file."""
-  if getattr(cfg.data, "tokenizer", "bytes") != "sentencepiece":
+  if cfg.data.tokenizer != "sentencepiece":
     return cfg
-  given = getattr(cfg.data, "tokenizer_path", "") or ""
+  given = cfg.data.tokenizer_path
   if given and paths.as_path(given).is_file():
     return cfg
   copy = paths.join(workdir, tokenizer_copy.TOKENIZER_FILE)
   if not paths.as_path(copy).is_file():
     return cfg
   log.warning("data.tokenizer_path=%r does not exist; using the run directory's copy %s", given, copy)
-  cfg = cfg.copy_and_resolve_references()
-  cfg.data.tokenizer_path = copy
-  return cfg
+  return cfg.replace(data=cfg.data.replace(tokenizer_path=copy))

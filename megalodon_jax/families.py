@@ -1,0 +1,96 @@
+"""Model families: the one interface through which training, the planner, generation, evaluation and checkpoints
+reach a model, and the registry that `--config.family` names.
+
+A family is a config class, a module class and its FLOP counts. The config class (a frozen dataclass with
+`vocab_size` and `num_params()`) and its training section (the same fields, `vocab_size=-1` meaning "the
+tokenizer's", `with_vocab(n)` giving the config) are the schema of the training config's `model` section
+(`typed_config`). The module class is an `nnx.Module` built as `module(config, rngs=...)` that provides the
+`LanguageModel` methods. Adding a family (e.g. a Llama baseline) is one `register(...)` call; the trainer loop does
+not change.
+
+Nothing here imports jax: the command line validates a config's model section before jax starts, and the module
+class is imported only when a model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Optional, Protocol
+
+from megalodon_jax.errors import ConfigError, did_you_mean
+
+
+class LanguageModel(Protocol):
+  """What the train step, the samplers and the planner call on a model (shapes: B batch, L length, D width,
+  V vocabulary; int32 ids)."""
+
+  config: Any
+
+  def features(self, input_ids, *, positions=None):
+    """(B, L) ids -> (B, L, D) final hidden states; `positions` (B, L) restart documents where they are 0."""
+
+  def head(self, features):
+    """(B, T, D) -> (B, T, V) float32 logits (the loss applies it a piece at a time)."""
+
+  def init_cache(self, batch_size: int):
+    """The empty streaming state for `batch_size` sequences (a pytree)."""
+
+  def __call__(self, input_ids, cache=None):
+    """(B, L) ids -> (B, L, V) logits, and with a cache the cache after them: (logits, cache)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+  """A registered family. `config` and `module` are "package.module:Name" paths, imported on first use."""
+
+  name: str
+  config: str  # the model's config dataclass (vocab_size set)
+  section: str  # the training config's `model` section: the same fields, vocab_size -1 = the tokenizer's
+  module: str  # the nnx.Module class, built as module(config, rngs=rngs)
+  flops: str  # a module with train_step_flops(config, batch, seq_len, *, causal_attention) and forward_flops(...)
+
+  def config_class(self) -> type:
+    return _load(self.config)
+
+  def section_class(self) -> type:
+    return _load(self.section)
+
+  def flops_module(self) -> Any:
+    return importlib.import_module(self.flops)
+
+  def module_class(self) -> type:
+    return _load(self.module)
+
+  def build(self, config: Any, rngs: Any) -> LanguageModel:
+    """The model of `config` (vocab_size set), parameters drawn from `rngs` (an `nnx.Rngs`)."""
+    return self.module_class()(config, rngs=rngs)
+
+
+def _load(path: str) -> Any:
+  module, _, name = path.partition(":")
+  return getattr(importlib.import_module(module), name)
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register(family: ModelFamily) -> ModelFamily:
+  """Adds `family` under its name (a second registration of a name is an error)."""
+  if family.name in FAMILIES:
+    raise ValueError(f"model family {family.name!r} is already registered")
+  FAMILIES[family.name] = family
+  return family
+
+
+def get(name: str, key: Optional[str] = "family") -> ModelFamily:
+  """The family called `name`; ConfigError naming `--config.<key>` for an unknown one."""
+  if name not in FAMILIES:
+    raise ConfigError(f"--config.{key}={name!r}: unknown model family{did_you_mean(name, FAMILIES)}; registered: "
+                      f"{', '.join(FAMILIES)}")
+  return FAMILIES[name]
+
+
+MEGALODON = register(ModelFamily("megalodon", config="megalodon_jax.config:MegalodonConfig",
+                                 section="megalodon_jax.config:MegalodonSection",
+                                 module="megalodon_jax.model:MegalodonLM", flops="megalodon_jax.flops"))

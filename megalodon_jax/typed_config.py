@@ -1,0 +1,74 @@
+"""Typed configs: frozen dataclasses are the one definition of every config field (name, type, default,
+validation), and `ml_collections.ConfigDict` is only their command-line form.
+
+`config_dict(obj)` turns a (nested) config dataclass into the ConfigDict that `configs/*.py` start from and
+`--config.<key>=<value>` overrides; `from_mapping(cls, values)` turns it back, field by field: unknown keys are
+errors, ints are accepted where a float is typed and lists where a tuple is, and a `FieldError` raised by a
+section's own validation is reported under its command-line key (`--config.model.z_dim=30: ...`), which this
+module knows because it walked there. No jax import: command lines validate before jax starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Mapping, Optional
+
+from megalodon_jax.errors import ConfigError, FieldError, did_you_mean
+
+PREFIX = "--config."
+
+
+def config_dict(obj: Any):
+  """The ConfigDict of a config dataclass instance (nested dataclasses become nested ConfigDicts)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel  (readers of typed configs need no ml_collections)
+  out = ml_collections.ConfigDict()
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    out[f.name] = config_dict(value) if dataclasses.is_dataclass(value) else value
+  return out
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+  """Plain nested dicts of a config dataclass (what `config.json` and checkpoint metadata hold)."""
+  return dataclasses.asdict(obj)
+
+
+def _is_float(hint: Any) -> bool:
+  return hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint))
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+  """`value` as the field's declared type where the command line or a config file gives a looser one."""
+  if _is_float(hint) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if (hint is tuple or typing.get_origin(hint) is tuple) and isinstance(value, list):
+    return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+  return value
+
+
+def from_mapping(cls: type, values: Mapping[str, Any], key: str = "", *, classes: Optional[Mapping] = None) -> Any:
+  """An instance of config dataclass `cls` from `values` (a ConfigDict's `to_dict()` or a dict); missing fields keep
+  their defaults.
+
+  key: the command-line path of this section with its dot ("model."), used in messages.
+  classes: {field name: dataclass} choosing the class of a nested section at run time (a model family's config).
+  Raises:
+    ConfigError: an unknown key (with the closest known one), or an invalid value named `--config.<key>`.
+  """
+  hints = typing.get_type_hints(cls)
+  names = [f.name for f in dataclasses.fields(cls) if f.init]
+  kwargs = {}
+  for name, value in values.items():
+    if name not in names:
+      raise ConfigError(f"unknown config key {PREFIX}{key}{name}{did_you_mean(name, names, prefix=PREFIX + key)}; "
+                        "every field is in configs/default.py")
+    section = (classes or {}).get(name) or (hints[name] if dataclasses.is_dataclass(hints[name]) else None)
+    if section is not None and isinstance(value, Mapping):
+      kwargs[name] = from_mapping(section, value, f"{key}{name}.")
+    else:
+      kwargs[name] = _coerce(hints[name], value)
+  try:
+    return cls(**kwargs)
+  except FieldError as e:
+    raise ConfigError(f"{PREFIX}{key}{e.field}={e.value!r}: {e.why}") from None

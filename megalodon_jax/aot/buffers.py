@@ -36,8 +36,8 @@ class Temporary:
 class BufferReport:
   """temp_bytes: the device-memory (color 0) temp and thread-local allocations; largest: the biggest distinct
   temporaries of the temp block. XLA:TPU's memory_analysis() reports more than temp_bytes, a reserve the dump
-  does not itemise (measured: 8-9 MiB on the tiny config's step, 15% of a ~100M model's 1.2 GiB, 1% of the 7B's
-  114 GiB), so temp_bytes is a lower bound; the report's temp_gib is memory_analysis()'s."""
+  does not itemise (its size, measured: benchmarks/RESULTS.md#figures-moved-from-code-comments-issue-21), so
+  temp_bytes is a lower bound; the report's temp_gib is memory_analysis()'s."""
   temp_bytes: int
   largest: tuple[Temporary, ...]
 

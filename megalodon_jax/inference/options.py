@@ -1,5 +1,5 @@
 """The checks of the inference settings, in a module that imports no jax: the command lines run them on their flags
-before jax starts (issue 20: a flag error within 2 s), and the jax classes that take the settings run the same ones.
+before jax starts (so a bad flag fails within 2 s), and the jax classes that take the settings run the same ones.
 
 - `check_sampling`: `sampling.Sampler`'s temperature, top_k and top_p.
 - `check_decode_sizes`: `generation.Generator`'s prefill_piece and block_size (`DEFAULT_BLOCK_SIZE`, its default,

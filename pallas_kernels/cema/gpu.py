@@ -9,10 +9,11 @@ Triton needs power-of-two tensor sizes and does not mask blocks that overhang th
 channel axis to a multiple of the channel tile and N to a power of two (zero coefficients leave those lanes at zero).
 
 NOT YET RUN ON A GPU: tested in interpret mode, and compiled for real (Triton, PTX, ptxas) for H100 (sm_90a) and
-A100 (sm_80) from a CPU host at D = 1024-4096, N = 16, bfloat16 and float32 (benchmarks/pallas_gpu_compile.py): 64
-threads, no shared memory, forward 128 registers, backward 250-255 registers, no spills. With few programs (small
-B·D: 128 programs of 2 warps at B = 1, D = 4096, on 132 SMs) the GPU is under-occupied; a sequence-parallel variant
-(local states per tile, a short scan across tiles, then a second pass) is the next step if a timed run shows it.
+A100 (sm_80) from a CPU host at D = 1024-4096, N = 16, bfloat16 and float32 (benchmarks/pallas_gpu_compile.py;
+threads, shared memory, registers and spills per kernel: benchmarks/results/pallas_gpu_compile.md). With few
+programs (small B·D: 128 programs of 2 warps at B = 1, D = 4096, on 132 SMs) the GPU is under-occupied; a
+sequence-parallel variant (local states per tile, a short scan across tiles, then a second pass) is the next step
+if a timed run shows it.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ from pallas_kernels.sharding import axes as _axes, shard_plan
 
 _KERNELS = {"tpu": tpu, "gpu": gpu}
 # On CPU both kernel families run in the interpreter. They compile equally fast there, and the GPU one (loops
-# inside a program, a small grid) runs 4-15x faster than the TPU one (one interpreter step per grid cell; jax
-# 0.10.2, L = 200, C = 128, head dims 64).
+# inside a program, a small grid) runs several times faster than the TPU one (one interpreter step per grid cell;
+# measured: benchmarks/RESULTS.md#figures-moved-from-code-comments-issue-21).
 CPU_INTERPRET_BACKEND = "gpu"
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 

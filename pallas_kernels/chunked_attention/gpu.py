@@ -37,12 +37,13 @@ def _native_geometry(geo: Geometry, dtype, interpret) -> Geometry:
   """The geometry a compiled (not interpreted) kernel uses: the caller's, except for rows wider than WIDE_ROW_BYTES.
 
   float32 inputs take twice the shared memory of bfloat16 and, at Precision.HIGHEST, go through FMA dots whose
-  operands sit in registers. With the GPU default tiles at dz = bv = 256 the forward kernel asked for 208 KiB of
-  shared memory (the A100 has 163 KiB: compile error) and spilled ~120 KB per thread on an H100; the dk/dv kernel
-  spilled ~64 KB (ptxas -v, jax 0.10.2). Halving every sequence tile (not below 16) and one pipeline stage: forward
-  96 KiB and no spill, dq 64 KiB, dk/dv 33 KiB with ~5 KB of spill, on both GPUs. Halving keeps every constraint of
-  layout.py (chunk and row counts stay multiples of each tile; a decode query tile stays within the chunk). The
-  interpreter has neither limit, so interpret mode runs the caller's tiles.
+  operands sit in registers. With the GPU default tiles at dz = bv = 256 the forward kernel needs more shared memory
+  than the A100's 163 KiB (a compile error), and the forward and dk/dv kernels spill heavily on an H100. Halving
+  every sequence tile (not below 16) and using one pipeline stage fits the A100 and leaves little or no spill on
+  both GPUs (ptxas figures before and after: benchmarks/RESULTS.md#figures-moved-from-code-comments-issue-21,
+  per shape: benchmarks/results/pallas_gpu_compile.md). Halving keeps every constraint of layout.py (chunk and row
+  counts stay multiples of each tile; a decode query tile stays within the chunk). The interpreter has neither
+  limit, so interpret mode runs the caller's tiles.
   """
   if interpret or (geo.dz + geo.bv) * jnp.dtype(dtype).itemsize <= WIDE_ROW_BYTES:
     return geo

@@ -85,9 +85,9 @@ def _vmem_need(kernel: str, tiles, *, dz: int, dtype, grad_dtype, segmented: boo
   The temporaries term, 8 (bq, bk) float32 tiles (scores, probabilities, their gradients, position iotas, masks)
   and two float32 (rows, bv) matmul results (doubled for float32 inputs, whose HIGHEST-precision matmuls keep split
   copies of their operands), is fitted to be an upper bound of what XLA:TPU reported on v5e at the default tiles
-  (dz = 256, bv = 1024: forward ≤ 6 / ≤ 8 MiB, dq ≤ 6 / 12.1-14 MiB, dk/dv 6.6-8 / 14.8-15 MiB for bf16 / f32;
-  jax 0.10.2, libtpu 0.0.42.1), so the estimate errs on the large side by a few MiB. Segment ids add their two
-  id blocks ((bq, 128) and (8, bk) int32) and two (bq, bk) temporaries (the widened query ids and the mask).
+  (dz = 256, bv = 1024; reported sizes: benchmarks/RESULTS.md#figures-moved-from-code-comments-issue-21), so the
+  estimate errs on the large side by a few MiB. Segment ids add their two id blocks ((bq, 128) and (8, bk) int32)
+  and two (bq, bk) temporaries (the widened query ids and the mask).
   """
   suffix = "" if kernel.startswith("fwd") else "_bwd"
   bq, bk, bv = tiles["block_q" + suffix], tiles["block_k" + suffix], tiles["block_v"]

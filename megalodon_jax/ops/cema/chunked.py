@@ -100,7 +100,8 @@ def _masked_toeplitz(kernel: jax.Array, ub: jax.Array, since: jax.Array) -> jax.
 
   The gradient is written by hand: autodiff of the T-term sum keeps each masked, shifted copy of u as a residual
   for dK_j, and XLA:TPU held several of them at once. Here the residuals are only (kernel, u, since), and the
-  backward pass is T more shift-and-add passes (planner, 7B at 32K on v5p-128: 79.6 -> 76.0 GiB per chip).
+  backward pass is T more shift-and-add passes (its effect on the 7B reset step, measured:
+  benchmarks/RESULTS.md#shipped-configs-on-their-targets-auto-settings).
   """
   size = ub.shape[-1]
   y = kernel[:, 0, None, None, None] * ub

@@ -38,14 +38,14 @@ def default_impl(length: int, backend: Optional[str] = None) -> str:
   if length == 1:
     return "sequential"  # a decoding step: a few elementwise ops, no kernel or FFT to build
   if backend == "cpu":
-    # Measured (benchmarks/RESULTS.md, D=256, N=16, B=1): "sequential" is fastest below ~128 steps; from there on
-    # "chunked" wins forward and forward+backward (1.2-2x over "fft" with blocked powers, 8-19x before them).
+    # "sequential" is fastest below ~128 steps; from there on "chunked" is fastest forward and forward+backward
+    # (measured: benchmarks/RESULTS.md#cema-benchmarkscemapy).
     return "sequential" if length < 128 else "chunked"
-  # TPU / GPU: chosen for memory, by the deviceless planner (benchmarks/RESULTS.md, "Fitting the hardware"). The
-  # 7B step at 32K tokens, 2 sequences per v5p chip: with "fft" XLA:TPU runs out of memory (115.3 GiB of
-  # temporaries: the gradient of the FFT kernel is summed over the batch through a (chips, L/2, D) float32 buffer,
-  # 32 GiB, and its FFTs keep float32 (batch, D, 2L) buffers), with "chunked" it compiles to a 60.9 GiB peak and
-  # with "pallas" to 53.6 GiB. Speed on hardware is still to be measured.
+  # TPU / GPU: chosen for memory. With "fft" the gradient of the FFT kernel is summed over the batch through a
+  # (chips, L/2, D) float32 buffer and its FFTs keep float32 (batch, D, 2L) buffers, so the 7B step at 32K tokens
+  # does not fit a v5p chip; with "chunked" or "pallas" it does. Speed on hardware is still to be measured.
+  # Compiler-reported peaks (deviceless planner):
+  # benchmarks/RESULTS.md#the-7b-at-32k-on-v5p-128-64-chips-fsdp-64-2-sequences-of-32768-tokens-per-chip
   return "chunked"
 
 

@@ -13,12 +13,11 @@ and exit status 2 (`errors.EXIT_BAD_INPUT`), before any expensive work. No jax i
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
 from typing import Callable, Iterable, NoReturn, Optional, Sequence, Union
 
-from megalodon_jax.errors import EXIT_BAD_INPUT
+from megalodon_jax.errors import EXIT_BAD_INPUT, did_you_mean
 
 
 def canonical_flag(arg: str) -> str:
@@ -38,17 +37,6 @@ def canonical_argv(argv: Sequence[str]) -> list[str]:
       break
     out[i] = canonical_flag(arg)
   return out
-
-
-def did_you_mean(word: str, candidates: Iterable[str], prefix: str = "") -> str:
-  """" (did you mean <prefix>X?)" for the closest of `candidates` to `word` (difflib), or "" when none is close.
-
-  Leading dashes are left out of the comparison (and `prefix` is only shown): a prefix every candidate shares
-  would make unrelated names look similar ("--no_such_key" vs "--log_every").
-  """
-  bare = {c.lstrip("-"): c for c in sorted(set(candidates))}
-  close = difflib.get_close_matches(word.lstrip("-"), list(bare), n=1, cutoff=0.6)
-  return f" (did you mean {prefix}{bare[close[0]]}?)" if close else ""
 
 
 def prog_name(script: str, module: str) -> str:

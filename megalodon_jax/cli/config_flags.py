@@ -23,32 +23,19 @@ from typing import Any, Optional, Sequence
 import ml_collections
 from ml_collections.config_flags import config_path
 
-from megalodon_jax.cli.args import did_you_mean
-from megalodon_jax.errors import ConfigError
+from megalodon_jax.errors import ConfigError, did_you_mean
 
 PREFIX = "--config."
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def shipped_configs_dir() -> Optional[str]:
-  """The folder of the shipped configs (the `configs` package: the repo's top-level folder, or the copy an installed
-  wheel carries), or None when it is not importable."""
-  try:
-    spec = importlib.util.find_spec("configs")
-  except (ImportError, ValueError):
-    return None
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  folder = list(spec.submodule_search_locations)[0]
-  return folder if os.path.isfile(os.path.join(folder, "default.py")) else None
+# The shipped configs (the package megalodon_jax.configs), in a checkout and in an installed wheel alike.
+SHIPPED_CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def shipped_config_names() -> list[str]:
   """Names `--config` accepts without a path: default, tiny, enwik8, ... (files of `configs/` not starting with _)."""
-  folder = shipped_configs_dir()
-  if folder is None:
-    return []
-  return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+  return sorted(f[:-3] for f in os.listdir(SHIPPED_CONFIGS_DIR) if f.endswith(".py") and not f.startswith("_"))
 
 
 def resolve_config_path(spec: str) -> str:
@@ -58,11 +45,11 @@ def resolve_config_path(spec: str) -> str:
   names = shipped_config_names()
   name = spec[:-3] if spec.endswith(".py") else spec
   if os.sep not in spec and "/" not in spec and name in names:
-    return os.path.join(shipped_configs_dir(), name + ".py")
+    return os.path.join(SHIPPED_CONFIGS_DIR, name + ".py")
   if os.sep in spec or "/" in spec or spec.endswith(".py"):
-    raise ConfigError(f"--config {spec}: no such file (shipped configs by name: {', '.join(names) or 'none found'})")
+    raise ConfigError(f"--config {spec}: no such file (shipped configs by name: {', '.join(names)})")
   raise ConfigError(f"--config {spec}: unknown config{did_you_mean(name, names)}; give a shipped config's name "
-                    f"({', '.join(names) or 'none found'}) or a path to a config .py file")
+                    f"({', '.join(names)}) or a path to a config .py file")
 
 
 def load_config(spec: str) -> tuple[ml_collections.ConfigDict, str]:

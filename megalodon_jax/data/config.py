@@ -11,7 +11,7 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Which corpus, how it is split, tokenized and read (docs/training.md#data)."""
+  """Which corpus, how it is split, tokenized and read (docs/training.md#the-training-config)."""
 
   # stdlib (built-in corpus: this Python's standard library sources) | text_files | jsonl | enwik8 | tfds
   dataset: str = "stdlib"

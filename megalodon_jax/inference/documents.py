@@ -13,6 +13,7 @@ import numpy as np
 from megalodon_jax import paths as paths_lib
 from megalodon_jax.data import prepare
 from megalodon_jax.data import sources
+from megalodon_jax.data.config import FIELDS as DATA_FIELDS
 from megalodon_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer
 from megalodon_jax.errors import InferenceError
 
@@ -56,10 +57,6 @@ def text_file_documents(paths: Sequence[str], tokenizer: Tokenizer) -> Iterator[
     yield np.asarray(tokenizer.encode_bytes(data))
 
 
-# The data settings `sources.field` knows (its defaults table is the package's one list of them).
-_DATA_FIELDS = frozenset(sources._DEFAULTS)  # pylint: disable=protected-access
-
-
 def _parse_value(text: str):
   try:
     return json.loads(text)
@@ -77,8 +74,8 @@ def data_config(stored: Optional[dict], overrides: Sequence[str], tokenizer: Tok
     key, sep, value = item.partition("=")
     if not sep or not key:
       raise InferenceError(f"--data {item!r}: expected KEY=VALUE, e.g. --data dataset=text_files")
-    if key not in _DATA_FIELDS:
-      raise InferenceError(f"--data {key}: unknown data setting; known: {sorted(_DATA_FIELDS)}")
+    if key not in DATA_FIELDS:
+      raise InferenceError(f"--data {key}: unknown data setting; known: {sorted(DATA_FIELDS)}")
     cfg[key] = _parse_value(value)
   if isinstance(tokenizer, SentencePieceTokenizer):
     cfg.update(tokenizer="sentencepiece", tokenizer_path=tokenizer.path)

@@ -52,15 +52,15 @@ def cpu_part(lengths: list[int], repeats: int) -> list[dict]:
   from benchmarks.common import compile_and_time  # pylint: disable=import-outside-toplevel
   from megalodon_jax.checkpoints.model_state import split_model  # pylint: disable=import-outside-toplevel
   from megalodon_jax.config import MegalodonConfig  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.configs import default  # pylint: disable=import-outside-toplevel
   from megalodon_jax.model import MegalodonLM  # pylint: disable=import-outside-toplevel
   from megalodon_jax.training import sharding as sh  # pylint: disable=import-outside-toplevel
   from megalodon_jax.training import train_step as ts  # pylint: disable=import-outside-toplevel
-  import configs.default  # pylint: disable=import-outside-toplevel
 
   cfg = MegalodonConfig(num_layers=2, model_dim=128, z_dim=64, value_dim=256, num_heads=2, ffn_hidden_dim=256,
                         chunk_size=128, vocab_size=256, norm_num_groups=8, cema_ndim=8, cema_impl="chunked")
   graphdef, params, buffers, rng_vars = split_model(MegalodonLM(cfg, rngs=nnx.Rngs(0)))
-  rules = sh.check_rules(configs.default.get_config().logical_axis_rules)
+  rules = sh.check_rules(default.get_config().logical_axis_rules)
   key = jax.random.key(0)
 
   def grads(p, b, i, t):

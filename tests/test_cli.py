@@ -75,7 +75,7 @@ def test_config_errors_are_one_line_before_any_work(main, extra, config, overrid
 
 def test_an_unloadable_config_file_is_one_line(tmp_path, capsys):
   broken = tmp_path / "broken.py"
-  broken.write_text("from configs import default\n\ndef get_config():\n  return default.get_config().nosuch\n")
+  broken.write_text("from megalodon_jax.configs import default\n\ndef get_config():\n  return default.get_config().nosuch\n")
   code, _, err = _call(train_cli.main, ["--config", str(broken)], capsys)
   assert code == 2 and f"cannot load {broken}" in _one_error_line(err) and "nosuch" in err
   broken.write_text("def get_config(:\n")
@@ -119,11 +119,11 @@ def test_help_lists_flags_with_their_defaults(main, argv, expected, capsys):
 
 
 def test_configs_by_name_and_overrides_by_field_type():
-  import configs.tiny  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.configs import tiny  # pylint: disable=import-outside-toplevel
 
   cfg, path = config_flags.load_config("tiny")
   assert os.path.samefile(path, os.path.join(REPO, "configs", "tiny.py"))
-  assert cfg.to_dict() == configs.tiny.get_config().to_dict()
+  assert cfg.to_dict() == tiny.get_config().to_dict()
   assert config_flags.load_config("tiny.py")[1] == path
   assert os.path.samefile(config_flags.load_config(os.path.join(REPO, "configs", "tiny.py"))[1], path)
   shipped = set(config_flags.shipped_config_names())

@@ -43,7 +43,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> str:
   """A train.py workdir: 2 layers, 2 heads, untied head, checkpoints at steps 2 and 4."""
-  cfg = importlib.import_module("configs.tiny").get_config()
+  cfg = importlib.import_module("megalodon_jax.configs.tiny").get_config()
   cfg.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
   cfg.data.max_documents = 60
   cfg.model.num_layers, cfg.model.chunk_size = 2, 32

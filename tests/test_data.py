@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from configs import default as default_config
+from megalodon_jax.configs import default as default_config
 from megalodon_jax import data
 from megalodon_jax.data import enwik8, sources
 from megalodon_jax.data.row_streams import document_order, row_documents

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from configs import default as default_config
+from megalodon_jax.configs import default as default_config
 from megalodon_jax import data
 from megalodon_jax.data import sources
 from megalodon_jax.data.jsonl import held_out_count
@@ -118,7 +118,7 @@ def test_many_files_keep_the_hash_rule(tmp_path):
 def test_single_file_corpus_trains_and_evaluates_with_the_tiny_config(tmp_path):
   path = tmp_path / "input.txt"
   path.write_text(plays(6000, seed=1))
-  cfg = importlib.import_module("configs.tiny").get_config()
+  cfg = importlib.import_module("megalodon_jax.configs.tiny").get_config()
   cfg.update_from_flattened_dict({
       "data.dataset": "text_files", "data.path": str(path), "data.data_dir": str(tmp_path / "tfds"),
       "model.num_layers": 1, "model.chunk_size": 32, "seq_len": 64, "batch_size": 8, "total_steps": 6,

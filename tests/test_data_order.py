@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from configs import default as default_config
+from megalodon_jax.configs import default as default_config
 from megalodon_jax import data
 from megalodon_jax.data.row_streams import document_order
 from megalodon_jax.errors import CheckpointError

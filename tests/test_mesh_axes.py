@@ -41,10 +41,7 @@ def test_the_vocabulary():
 
 
 def test_param_rules_are_the_default_config_rules():
-  try:
-    default = importlib.import_module("megalodon_jax.configs.default")
-  except ImportError:
-    default = importlib.import_module("configs.default")
+  default = importlib.import_module("megalodon_jax.configs.default")
   rules = sh.check_rules(default.get_config().logical_axis_rules)
   assert sh.check_rules(ma.PARAM_RULES) == ma.PARAM_RULES == rules
 

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from configs import default as default_config
+from megalodon_jax.configs import default as default_config
 from megalodon_jax import data
 from megalodon_jax.data.row_streams import document_order
 

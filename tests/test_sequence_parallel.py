@@ -190,8 +190,8 @@ def _loss_and_grads(parts, inputs, targets, mesh=None, loss_piece=8):
 
 
 def sh_rules():
-  import configs.default  # pylint: disable=import-outside-toplevel
-  return configs.default.get_config().logical_axis_rules
+  from megalodon_jax.configs import default  # pylint: disable=import-outside-toplevel
+  return default.get_config().logical_axis_rules
 
 
 def _assert_same(got, want):

@@ -34,7 +34,7 @@ def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("sp_run")
   lines = [f"def f{i}(x):\n    return x * {i} + parse(argv)" for i in range(400)]
   sp_path = _train_sp(root / "sp", lines, 96)
-  cfg = importlib.import_module("configs.tiny").get_config()
+  cfg = importlib.import_module("megalodon_jax.configs.tiny").get_config()
   cfg.update_from_flattened_dict({
       "data.tokenizer": "sentencepiece", "data.tokenizer_path": sp_path, "data.data_dir": str(root / "tfds"),
       "data.max_documents": 30, "model.num_layers": 1, "model.chunk_size": 16, "seq_len": 32, "batch_size": 2,

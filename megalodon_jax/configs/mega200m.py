@@ -9,13 +9,13 @@ Without remat (this config's choice, for speed) every layer's activations are ke
 need 98.5 GiB and do not fit; there use --config.model.remat=full or --config.grad_accum_steps=2.
 """
 
-from configs import _presets, default
+from megalodon_jax.configs import default, paper_recipe, set_preset
 
 
 def get_config():
   c = default.get_config()
-  _presets.set_preset(c, "mega200M")
-  _presets.paper_recipe(c)
+  set_preset(c, "mega200M")
+  paper_recipe(c)
   c.model.remat = "none"
   c.seq_len = 8192
   c.batch_size = 256

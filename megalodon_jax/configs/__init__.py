@@ -1,4 +1,6 @@
-"""Shared pieces of the large configs: official preset shapes and the paper's 7B optimizer recipe."""
+"""Training configs: `python train.py --config <name>` (or `--config configs/<name>.py` in a checkout, where configs/
+links here); default.py documents every field. They import each other as `megalodon_jax.configs.<name>`; the large
+ones share the pieces below: official preset shapes and the paper's 7B optimizer recipe."""
 
 import ml_collections
 

@@ -7,7 +7,7 @@ and linear decay over 400K updates, clip 0.25, wd 0.1; 8 x 8192 bytes per update
 Put `enwik8` or `enwik8.zip` in --config.data.manual_dir (downloaded there when online).
 """
 
-from configs import default
+from megalodon_jax.configs import default
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """Tiny model on the built-in corpus (this Python's standard-library sources): trains on a laptop CPU in about a
 minute, no download. `python train.py --config configs/tiny.py`."""
 
-from configs import default
+from megalodon_jax.configs import default
 
 
 def get_config():

@@ -7,13 +7,13 @@ Target: a v5p-128 slice (64 chips, fsdp 64, 4 sequences per chip); `python -m me
 configs/mega1_3b.py --topology v5p-128` shows the per-chip memory (benchmarks/RESULTS.md, "Fitting the hardware").
 """
 
-from configs import _presets, default
+from megalodon_jax.configs import default, paper_recipe, set_preset
 
 
 def get_config():
   c = default.get_config()
-  _presets.set_preset(c, "mega1.3B")
-  _presets.paper_recipe(c)
+  set_preset(c, "mega1.3B")
+  paper_recipe(c)
   c.seq_len = 16384
   c.batch_size = 256
   c.total_steps = 100_000

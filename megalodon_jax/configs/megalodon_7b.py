@@ -16,13 +16,13 @@ sequence axis fits at 64K tokens (--config.seq_len=65536 --config.batch_size=64)
 contexts split each sequence over chips with --config.mesh.sequence.
 """
 
-from configs import _presets, default
+from megalodon_jax.configs import default, paper_recipe, set_preset
 
 
 def get_config():
   c = default.get_config()
-  _presets.set_preset(c, "megalodon_7b")
-  _presets.paper_recipe(c)
+  set_preset(c, "megalodon_7b")
+  paper_recipe(c)
   c.seq_len = 32768
   c.batch_size = 128
   c.total_steps = 477_000

@@ -1,1 +1,0 @@
-"""Training configs: `python train.py --config configs/<name>.py`. default.py documents every field."""

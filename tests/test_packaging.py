@@ -13,8 +13,10 @@ import re
 import sys
 import tomllib
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-OWN = {"megalodon_jax", "pallas_kernels", "configs"}
+OWN = {"megalodon_jax", "pallas_kernels"}
 # Modules an extra provides; they may only be imported by the code that needs that extra.
 EXTRA_MODULES = {"torch": "torch", "safetensors": "torch", "matplotlib": "plot"}
 # Declared but never imported by name: jax loads jaxlib; TFDS reads array_record files through array-record;
@@ -86,6 +88,19 @@ def test_extra_only_modules_are_imported_lazily():
             [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
         for name in names:
           assert name.split(".")[0] not in EXTRA_MODULES, f"{rel} imports {name} at module level"
+
+
+def test_the_wheel_ships_the_configs_inside_the_package():
+  """Package discovery as pyproject.toml configures it: the configs are `megalodon_jax.configs` (`--config tiny`
+  from a wheel), and the checkout's top-level configs/ (a symlink to them) is no package of the wheel, whose name
+  would clash with a user's own `configs`."""
+  setuptools = pytest.importorskip("setuptools")
+  find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+  packages = set(setuptools.find_packages(where=str(REPO), include=find["include"]))
+  assert {"megalodon_jax", "megalodon_jax.cli", "megalodon_jax.configs", "pallas_kernels"} <= packages
+  assert not {p for p in packages if p.split(".")[0] not in OWN}, sorted(packages)
+  assert (REPO / "megalodon_jax" / "configs" / "tiny.py").is_file() and (REPO / "configs").resolve() == (
+      REPO / "megalodon_jax" / "configs")
 
 
 def test_license_and_version():

@@ -16,6 +16,7 @@ import pytest
 from megalodon_jax.configs import default as default_config
 from megalodon_jax import data
 from megalodon_jax.data import text_files
+from megalodon_jax.data.config import DataConfig
 from megalodon_jax.data.row_streams import document_order
 
 SEED = 5
@@ -55,7 +56,7 @@ def resolutions(monkeypatch):
 
 def test_a_training_sequence_resolves_the_source_once(tmp_path, resolutions):
   cfg, _ = make_corpus(tmp_path, percent=30)
-  plan = data.check_data_config(cfg)  # what config_lib.validate_inputs runs first
+  plan = data.check_data_config(cfg)  # what train_config.check_inputs runs first
   assert isinstance(plan, data.DataPlan) and resolutions == {"documents": 1, "text_check": 1}
   assert data.prepare(plan) is plan
   kw = dict(seq_len=6, batch_size=2)
@@ -143,7 +144,7 @@ def test_plan_iterators_equal_the_config_iterators_and_the_files(tmp_path):
 def test_the_plan_is_a_frozen_value_with_the_checks_messages(tmp_path):
   cfg, _ = make_corpus(tmp_path)
   plan = data.plan(cfg)
-  assert plan == data.check_data_config(cfg)
+  assert plan == data.check_data_config(cfg) == data.plan(DataConfig(**cfg.to_dict()))  # the trainer's typed config
   assert plan.dataset == "text_files" and plan.splits == ("train", "validation")
   assert plan.data_dir == str(tmp_path / "tfds") and plan.document_boundaries == "reset"
   with pytest.raises(dataclasses.FrozenInstanceError):

@@ -158,7 +158,7 @@ def plan(data_cfg: Any) -> DataPlan:
   return out
 
 
-check_data_config = plan  # the name config_lib and the command lines call
+check_data_config = plan  # the name train_config.check_inputs calls
 
 
 def as_plan(data: Union[DataPlan, Any]) -> DataPlan:

@@ -6,7 +6,7 @@ Needs a prepared TFDS text dataset (--config.data.name, default pg19) and the Ll
 Target: a v5p-128 slice (64 chips, fsdp 64, 4 sequences per chip); `python -m megalodon_jax.aot --config
 configs/mega200m.py --topology v5p-128` shows the per-chip memory (benchmarks/RESULTS.md, "Fitting the hardware").
 Without remat (this config's choice, for speed) every layer's activations are kept: 8 sequences per chip (v5p-64)
-need 98.5 GiB and do not fit; there use --config.model.remat=full or --config.grad_accum_steps=2.
+do not fit (same section); there use --config.model.remat=full or --config.grad_accum_steps=2.
 """
 
 from megalodon_jax.configs import default, paper_recipe, set_preset

@@ -12,7 +12,7 @@ Target: a v5p-128 slice (64 chips, fsdp 64, 2 sequences of 32K per chip). Its tr
 v5p chip (benchmarks/RESULTS.md, "Fitting the hardware"; check any variant with
 `python -m megalodon_jax.aot --config configs/megalodon_7b.py --topology v5p-128`). The same recipe at 4K context
 (--config.seq_len=4096 --config.batch_size=1024, 16 sequences per chip) fits too. One sequence per chip without the
-sequence axis fits at 64K tokens (--config.seq_len=65536 --config.batch_size=64) but not at 128K (108.8 GiB); longer
+sequence axis fits at 64K tokens (--config.seq_len=65536 --config.batch_size=64) but not at 128K (same section); longer
 contexts split each sequence over chips with --config.mesh.sequence.
 """
 

@@ -75,7 +75,7 @@ def toy_family(monkeypatch):
 
 
 def toy_config(**changes):
-  cfg = importlib.import_module("configs.tiny").get_config().to_dict()
+  cfg = importlib.import_module("megalodon_jax.configs.tiny").get_config().to_dict()
   cfg.update(family="toy", model={"width": 16}, seq_len=16, batch_size=8, total_steps=50,
              optimizer={**cfg["optimizer"], "lr": 0.1, "warmup_steps": 0, "clip": 0.0, "weight_decay": 0.0})
   cfg.update(changes)
@@ -122,7 +122,7 @@ def test_family_and_model_fields_are_validated_by_key(toy_family):
 
 def test_train_state_keeps_the_checkpoint_layout():
   """A TrainState saves as the dict of the runs written before it existed, and comes back from one."""
-  program = TrainProgram.build(importlib.import_module("configs.tiny").get_config(), jax.devices()[:1],
+  program = TrainProgram.build(importlib.import_module("megalodon_jax.configs.tiny").get_config(), jax.devices()[:1],
                                vocab_size=256)
   tree = program.abstract_state.to_tree()
   assert list(tree) == ["step", "params", "buffers", "opt_state", "rng"]

@@ -49,7 +49,7 @@ class _Run:
     self.cfg, self.workdir = cfg, workdir
     self.is_main = jax.process_index() == 0
     self.data_plan = check_inputs(cfg)
-    self.tokenizer = data_lib.make_tokenizer(cfg.data)
+    self.tokenizer = data_lib.make_tokenizer(self.data_plan)
     # A SentencePiece model's bytes: the run directory and every checkpoint carry a copy (tokenizer_copy.py).
     self.tokenizer_model = (self.tokenizer.model_bytes()
                             if isinstance(self.tokenizer, data_lib.SentencePieceTokenizer) else None)
@@ -88,11 +88,11 @@ def _train(run: _Run, cfg: TrainConfig, workdir: str, lock: Any, on_start: Optio
            ) -> dict[str, float]:
   program = run.program
   log.info("model: %s parameters; mesh %s", f"{program.model_config.num_params():,}", dict(program.mesh.shape))
-  data_lib.prepare(cfg.data)
+  data_lib.prepare(run.data_plan)
   pidx, pcount = program.data_split()
-  train_iter = data_lib.make_train_iterator(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+  train_iter = data_lib.make_train_iterator(run.data_plan, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                                             process_index=pidx, process_count=pcount)
-  eval_batches = data_lib.make_eval_batches(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+  eval_batches = data_lib.make_eval_batches(run.data_plan, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                             num_batches=cfg.eval_batches, process_index=pidx,
                                             process_count=pcount) if cfg.eval_every > 0 else []
 

@@ -50,7 +50,7 @@ def cpu_part(lengths: list[int], repeats: int) -> list[dict]:
   from jax.sharding import AxisType  # pylint: disable=import-outside-toplevel
 
   from benchmarks.common import compile_and_time  # pylint: disable=import-outside-toplevel
-  from megalodon_jax.checkpoints.model_state import split_model  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.model_state import split_model  # pylint: disable=import-outside-toplevel
   from megalodon_jax.config import MegalodonConfig  # pylint: disable=import-outside-toplevel
   from megalodon_jax.configs import default  # pylint: disable=import-outside-toplevel
   from megalodon_jax.model import MegalodonLM  # pylint: disable=import-outside-toplevel

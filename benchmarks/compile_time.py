@@ -30,7 +30,7 @@ def run_case(num_layers: int, scan: bool, remat: str, seq_len: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from megalodon_jax.checkpoints.model_state import split_model  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.model_state import split_model  # pylint: disable=import-outside-toplevel
   from megalodon_jax.config import MegalodonConfig  # pylint: disable=import-outside-toplevel
   from megalodon_jax.model import MegalodonLM  # pylint: disable=import-outside-toplevel
   from megalodon_jax.training import optimizer as opt_lib  # pylint: disable=import-outside-toplevel

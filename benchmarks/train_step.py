@@ -33,9 +33,9 @@ from flax import nnx  # pylint: disable=wrong-import-position
 
 from benchmarks.common import machine_info, memory_bytes, time_runs  # pylint: disable=wrong-import-position
 from megalodon_jax import flops as flops_lib  # pylint: disable=wrong-import-position
-from megalodon_jax.checkpoints.model_state import split_model  # pylint: disable=wrong-import-position
 from megalodon_jax.config import MegalodonConfig, preset  # pylint: disable=wrong-import-position
 from megalodon_jax.model import MegalodonLM  # pylint: disable=wrong-import-position
+from megalodon_jax.model_state import split_model  # pylint: disable=wrong-import-position
 from megalodon_jax.training import optimizer as opt_lib  # pylint: disable=wrong-import-position
 from megalodon_jax.training import train_step as ts  # pylint: disable=wrong-import-position
 

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from megalodon_jax.config import MegalodonConfig, rope_inv_freq
-from megalodon_jax.nn import documents
+from megalodon_jax.nn import document_boundaries
 from megalodon_jax.nn.attention import LayerCache
 from megalodon_jax.nn.block import MegalodonBlock
 from megalodon_jax.nn.init import truncated_normal
@@ -111,7 +111,7 @@ class MegalodonLM(nnx.Module):
       cache: None for a stand-alone sequence, or the Cache returned by `init_cache` / a previous call.
       positions: optional (B, L) int index of each token in its document, for packed rows
         (data.document_boundaries="reset"): where it is 0 a document starts and the model restarts (CEMA and
-        TimestepNorm state, attention), as if each document ran alone (nn/documents.py). None: no boundaries.
+        TimestepNorm state, attention), as if each document ran alone (nn/document_boundaries.py). None: no boundaries.
         With a cache, a document may continue across calls.
     Returns:
       logits (B, L, V_out) float32; with a cache, `(logits, new_cache)`.
@@ -126,7 +126,7 @@ class MegalodonLM(nnx.Module):
     if positions is not None:
       if cache_ids is None:  # a Cache built without the field: no cached ids yet
         cache_ids = jnp.zeros((input_ids.shape[0], c.chunk_size), jnp.int32)
-      docs = documents.from_positions(positions, cache_ids, cache.count)
+      docs = document_boundaries.from_positions(positions, cache_ids, cache.count)
     new_layers = []
     for block, layer_cache in zip(self.layers, cache.layers):
       x, layer_cache = block(x, inv_freq, layer_cache, cache.count, docs)
@@ -148,7 +148,7 @@ class MegalodonLM(nnx.Module):
     self._check_inputs(input_ids, None, positions)
     c = self.config
     x, inv_freq = self._embed(input_ids)
-    docs = None if positions is None else documents.from_positions(positions)
+    docs = None if positions is None else document_boundaries.from_positions(positions)
     if c.scan_layers and c.num_layers > 1:
       x = _scan_blocks(list(self.layers), x, inv_freq, c.remat_policy, docs)
     else:
@@ -217,7 +217,7 @@ def _remat_block(policy: str):
 
 
 def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
-                 docs: Optional[documents.Documents] = None) -> jax.Array:
+                 docs: Optional[document_boundaries.Documents] = None) -> jax.Array:
   """All blocks as one `lax.scan`, so the block is traced and compiled once whatever the depth.
 
   Parameters stay stored per block (checkpoints, conversion and sharding rules are the same with or without

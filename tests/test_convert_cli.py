@@ -26,13 +26,13 @@ from safetensors.torch import save_file as save_safetensors
 
 import fixtures
 from megalodon_jax.checkpoints import layout, model_io
-from megalodon_jax.checkpoints.model_state import merge_model, split_model
 from megalodon_jax.checkpoints.params import load_params, save_params
 from megalodon_jax.cli import convert as cli
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.convert import (StateDictError, from_official_state_dict, hf, state_dict_entries,
                                    to_official_state_dict, tp_shards)
 from megalodon_jax.model import MegalodonLM
+from megalodon_jax.model_state import merge_model, split_model
 from megalodon_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,7 +19,6 @@ from flax import nnx
 from gcs_emulator import _stray_gs_folders, fake_gcs, local_path  # pylint: disable=unused-import
 from megalodon_jax import paths
 from megalodon_jax.checkpoints.model_io import save_params_checkpoint
-from megalodon_jax.checkpoints.model_state import split_model
 from megalodon_jax.checkpoints.params import load_params
 from megalodon_jax.cli import convert as convert_cli
 from megalodon_jax.cli import evaluate as evaluate_cli
@@ -28,6 +27,7 @@ from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.data import check_data_config, jsonl, make_tokenizer, text_files
 from megalodon_jax.errors import CheckpointError, DataError
 from megalodon_jax.model import MegalodonLM
+from megalodon_jax.model_state import split_model
 from megalodon_jax.training import trainer
 from megalodon_jax.training.metrics import read_metrics
 from megalodon_jax.training.workdir_lock import LOCK_FILE_NAME, WorkdirLock

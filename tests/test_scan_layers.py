@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from megalodon_jax import MegalodonConfig, MegalodonLM
-from megalodon_jax.checkpoints.model_state import merge_model, split_model
+from megalodon_jax.model_state import merge_model, split_model
 from megalodon_jax.training import train_step as ts
 
 BASE = dict(num_layers=3, model_dim=32, z_dim=16, value_dim=48, num_heads=2, ffn_hidden_dim=64, cema_ndim=4,

@@ -12,9 +12,9 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from megalodon_jax.checkpoints.model_state import split_model
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.model import MegalodonLM
+from megalodon_jax.model_state import split_model
 from megalodon_jax.ops import cema as cema_ops
 from megalodon_jax.ops import sequence_parallel as sp
 from megalodon_jax.ops import timestep_norm as tsn

@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from megalodon_jax import flops
-from megalodon_jax.checkpoints.model_state import merge_model, split_model
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.model import MegalodonLM
+from megalodon_jax.model_state import merge_model, split_model
 from megalodon_jax.training import optimizer as opt_lib
 from megalodon_jax.training import train_step as ts
 

@@ -1,12 +1,11 @@
 """Checkpoints on disk: the one place that knows their Orbax layout, finds them and reads or writes them.
 
 Below `training`, `inference` and `convert`, which all import from here (and nothing here imports them):
-- `model_state`: a MegalodonLM split into the state a checkpoint holds (params, buffers) and merged back;
 - `layout`: folder and item names, finished steps, file-level checks that read no arrays;
 - `manager`: a training run's periodic async saves and resume (`Checkpointer`);
 - `params`: params-only checkpoints, and the params of any checkpoint onto given shardings;
 - `locate`: which folder a user's path means and the model config stored with it;
 - `model_io`: a MegalodonLM from any checkpoint, and written as a params-only checkpoint;
 - `errors`: `CheckpointError`, `ConvertError`.
-Nothing is imported here, so `import megalodon_jax.checkpoints.model_state` does not pull in orbax.
+Nothing is imported here, so `import megalodon_jax.checkpoints.layout` does not pull in orbax.
 """

@@ -22,11 +22,11 @@ from flax import nnx
 from megalodon_jax import paths
 from megalodon_jax.checkpoints import layout, output_guard, tokenizer_copy
 from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
-from megalodon_jax.checkpoints.model_state import merge_model, split_model
 from megalodon_jax.checkpoints.params import load_params, save_params
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.errors import CheckpointDamagedError, ConvertError
 from megalodon_jax.model import MegalodonLM
+from megalodon_jax.model_state import merge_model, split_model
 
 log = logging.getLogger("megalodon_jax")
 

@@ -32,7 +32,7 @@ from megalodon_jax.cli.args import Parser, prog_name
 from megalodon_jax.data import sources
 from megalodon_jax.data.tokenizers import ByteTokenizer
 from megalodon_jax.errors import InferenceError
-from megalodon_jax.inference import documents, options
+from megalodon_jax.inference import eval_documents, options
 
 CONTEXT_DEFINITION = ("context_length L: the scored tokens of each document are cut into consecutive blocks of L and "
                       "the model restarts from an empty cache at every block (at most L tokens of context, L/2 on "
@@ -96,7 +96,7 @@ def _check_split(args, checked) -> None:
   tokenizer stands in for a PyTorch checkpoint's, which is known only once the checkpoint loads."""
   if args.split is None:
     return
-  cfg = documents.data_config(checked.data_config, args.data, checked.tokenizer or ByteTokenizer())
+  cfg = eval_documents.data_config(checked.data_config, args.data, checked.tokenizer or ByteTokenizer())
   sources.prepare(cfg)
   sources.open_split(cfg, args.split, "--split")
 
@@ -108,7 +108,7 @@ def run(args) -> int:
     value = getattr(args, flag)
     if value is not None and value < (2 if flag == "max_document_tokens" else 1):
       raise InferenceError(f"--{flag}={value} is too small")
-  paths = documents.text_file_paths(args.text_files) if args.text_files is not None else None
+  paths = eval_documents.text_file_paths(args.text_files) if args.text_files is not None else None
   _check_outputs(args, paths)
   if args.window and args.segment_len is not None:
     raise InferenceError("--segment_len does not apply with --window (its step is --window_step_chunks chunks)")
@@ -122,11 +122,11 @@ def run(args) -> int:
   loaded = common.load(checked)
   tok = loaded.tokenizer
   if paths is not None:
-    docs = documents.text_file_documents(paths[:args.max_documents], tok)
+    docs = eval_documents.text_file_documents(paths[:args.max_documents], tok)
     source = {"text_files": len(paths[:args.max_documents])}
   else:
-    cfg = documents.data_config(loaded.data_config, args.data, tok)
-    docs = documents.split_documents(cfg, args.split, tok, args.max_documents)
+    cfg = eval_documents.data_config(loaded.data_config, args.data, tok)
+    docs = eval_documents.split_documents(cfg, args.split, tok, args.max_documents)
     source = {"split": args.split, "dataset": getattr(cfg, "dataset", "stdlib")}
   evaluator = Evaluator(loaded.model, segment_len=args.segment_len, window=window)
   eos = None if args.no_eos else tok.eos_id

@@ -12,7 +12,7 @@ from flax import nnx
 
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.nn.cema import ComplexEMA
-from megalodon_jax.nn.documents import Documents
+from megalodon_jax.nn.document_boundaries import Documents
 from megalodon_jax.nn.layers import Linear, RMSNorm, TimestepNorm
 from megalodon_jax.ops import attention as attn_ops
 from megalodon_jax.ops.partitioning import constrain
@@ -82,7 +82,7 @@ class MovingAverageGatedAttention(nnx.Module):
       inv_freq: (dz/2,) float32 RoPE frequencies.
       cache: this layer's LayerCache to continue a stream, or None for a stand-alone sequence.
       count: () int32 tokens already in the current chunk (with a cache).
-      docs: document boundaries of packed rows (nn/documents.py), or None: TimestepNorm and CEMA restart at
+      docs: document boundaries of packed rows (nn/document_boundaries.py), or None: TimestepNorm and CEMA restart at
         `docs.resets`, attention never crosses a document (`docs.segment_ids`; with a cache the cached slots' ids
         are `docs.cache_segment_ids`, the model's Cache.segment_ids, which the layer does not return).
     Returns:

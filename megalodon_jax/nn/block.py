@@ -9,7 +9,7 @@ from flax import nnx
 
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.nn.attention import LayerCache, MovingAverageGatedAttention
-from megalodon_jax.nn.documents import Documents
+from megalodon_jax.nn.document_boundaries import Documents
 from megalodon_jax.nn.ffn import NormalizedFeedForward
 from megalodon_jax.ops.partitioning import constrain
 
@@ -27,7 +27,7 @@ class MegalodonBlock(nnx.Module):
                count: Optional[jax.Array] = None, docs: Optional[Documents] = None):
     """x: (B, L, D) -> ((B, L, D), updated LayerCache or None). The FFN's residual is the block input x.
 
-    docs: document boundaries of packed rows (nn/documents.py); only the attention unit holds state to restart."""
+    docs: the rows' document boundaries (nn/document_boundaries.py); only the attention unit holds state to restart."""
     x = constrain(x, BTD)
     y, cache = self.mega(x, inv_freq, cache, count, docs)
     return constrain(self.nffn(constrain(y, BTD), x), BTD), cache

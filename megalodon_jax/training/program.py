@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from megalodon_jax.checkpoints.model_state import merge_model, split_model
+from megalodon_jax.model_state import merge_model, split_model
 from megalodon_jax.training import optimizer, sharding
 from megalodon_jax.training import train_step as ts
 from megalodon_jax.training.train_config import TrainConfig

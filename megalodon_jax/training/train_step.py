@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from megalodon_jax.checkpoints.model_state import merge_model
+from megalodon_jax.model_state import merge_model
 from megalodon_jax.training.loss import chunked_lm_loss, cross_entropy  # noqa: F401  (re-exported)
 
 

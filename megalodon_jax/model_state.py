@@ -1,8 +1,8 @@
-"""A MegalodonLM as the plain state a checkpoint holds, and back.
+"""An nnx model as plain state, and back: `split_model` separates its trainable params, its other saved variables
+(buffers such as RoPE frequencies and TimestepNorm priors) and its dropout RNG variables (rebuilt from the seed).
 
-`split_model` separates what is saved (trainable params; buffers such as RoPE frequencies and TimestepNorm priors)
-from what is not (the dropout RNG variables, rebuilt from the seed). Training, conversion, inference and the
-ahead-of-time compiles all use this one split, so a checkpoint's `params` tree is the same everywhere.
+The train step, the checkpoints, conversion and the ahead-of-time compiles all use this one split, so a
+checkpoint's `params` tree is the same everywhere.
 """
 
 from __future__ import annotations

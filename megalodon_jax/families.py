@@ -84,10 +84,12 @@ def register(family: ModelFamily) -> ModelFamily:
 
 
 def get(name: str, key: Optional[str] = "family") -> ModelFamily:
-  """The family called `name`; ConfigError naming `--config.<key>` for an unknown one."""
+  """The family called `name`; ConfigError for an unknown one, naming `--config.<key>` unless key is None (a
+  checkpoint's family)."""
   if name not in FAMILIES:
-    raise ConfigError(f"--config.{key}={name!r}: unknown model family{did_you_mean(name, FAMILIES)}; registered: "
-                      f"{', '.join(FAMILIES)}")
+    where = f"--config.{key}={name!r}: unknown" if key else "unknown"
+    raise ConfigError(f"{where} model family{'' if key else f' {name!r}'}{did_you_mean(name, FAMILIES)}; "
+                      f"registered: {', '.join(FAMILIES)}")
   return FAMILIES[name]
 
 

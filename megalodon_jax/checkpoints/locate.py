@@ -41,6 +41,12 @@ class CheckpointInfo:
   train_config: Optional[dict] = None
   tokenizer_model: Optional[bytes] = None
 
+  @property
+  def family(self) -> str:
+    """The model family (families.py) the params belong to: the training config's `family` (runs written before
+    families existed, and imported weights, are Megalodon)."""
+    return (self.train_config or {}).get("family", "megalodon")
+
 
 def _read_json(path: str, what: str) -> Any:
   try:

@@ -19,28 +19,27 @@ from typing import Any, Iterator, Optional
 import jax
 from flax import nnx
 
-from megalodon_jax import paths
+from megalodon_jax import families, paths
 from megalodon_jax.checkpoints import layout, output_guard, tokenizer_copy
 from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
 from megalodon_jax.checkpoints.params import load_params, save_params
 from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.errors import CheckpointDamagedError, ConvertError
-from megalodon_jax.model import MegalodonLM
 from megalodon_jax.model_state import merge_model, split_model
 
 log = logging.getLogger("megalodon_jax")
 
 
-def _default_variables(config: MegalodonConfig):
+def _default_variables(family: families.ModelFamily, config: Any):
   """(buffers, rng_vars) of a freshly built model; jitted so the unused weight init is never computed."""
   def build():
-    _, _, buffers, rng_vars = split_model(MegalodonLM(config, rngs=nnx.Rngs(0)))
+    _, _, buffers, rng_vars = split_model(family.build(config, nnx.Rngs(0)))
     return buffers, rng_vars
   return jax.jit(build)()
 
 
 def load_checkpoint(path: str, *, step: Optional[int] = None, device: Optional[jax.Device] = None,
-                    **execution: Any) -> tuple[MegalodonLM, MegalodonConfig, Optional[int]]:
+                    **execution: Any) -> tuple[families.LanguageModel, MegalodonConfig, Optional[int]]:
   """Loads the model of any checkpoint this project writes (see locate.py).
 
   Args:
@@ -65,7 +64,8 @@ def load_checkpoint(path: str, *, step: Optional[int] = None, device: Optional[j
     config = config.replace(**execution)
   device = device or jax.devices()[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
-  abstract = nnx.eval_shape(lambda: MegalodonLM(config, rngs=nnx.Rngs(0)))
+  family = families.get(info.family, key=None)
+  abstract = nnx.eval_shape(lambda: family.build(config, nnx.Rngs(0)))
   graphdef, abs_params, _, _ = split_model(abstract)
   abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abs_params)
   try:
@@ -75,7 +75,7 @@ def load_checkpoint(path: str, *, step: Optional[int] = None, device: Optional[j
       raise
     info, params = _load_an_earlier_step(path, info, abs_params, e)
   with jax.default_device(device):
-    buffers, rng_vars = _default_variables(config)
+    buffers, rng_vars = _default_variables(family, config)
   return merge_model(graphdef, params, buffers, rng_vars), config, info.step
 
 
@@ -144,8 +144,9 @@ def atomic_output(out: str, *, known: output_guard.KnownEntries, overwrite: bool
     raise
 
 
-def save_params_checkpoint(out: str, model: MegalodonLM, *, step: Optional[int] = None, source: Optional[str] = None,
-                           overwrite: bool = False, tokenizer_model: Optional[bytes] = None) -> None:
+def save_params_checkpoint(out: str, model: families.LanguageModel, *, step: Optional[int] = None,
+                           source: Optional[str] = None, overwrite: bool = False,
+                           tokenizer_model: Optional[bytes] = None) -> None:
   """Writes `model`'s params as a params-only Orbax checkpoint plus its config sidecar, atomically.
 
   Layout of `out`: the files of `params.save_params(out, params)` (`_METADATA`, `manifest.ocdbt`, ...; the

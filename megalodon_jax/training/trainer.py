@@ -90,8 +90,8 @@ def _train(run: _Run, cfg: TrainConfig, workdir: str, lock: Any, on_start: Optio
   log.info("model: %s parameters; mesh %s", f"{program.model_config.num_params():,}", dict(program.mesh.shape))
   data_lib.prepare(run.data_plan)
   pidx, pcount = program.data_split()
-  train_iter = data_lib.make_train_iterator(run.data_plan, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                                            process_index=pidx, process_count=pcount)
+  train_iter = data_lib.make_train_iterator(run.data_plan, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                                            seed=cfg.seed, process_index=pidx, process_count=pcount)
   eval_batches = data_lib.make_eval_batches(run.data_plan, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                             num_batches=cfg.eval_batches, process_index=pidx,
                                             process_count=pcount) if cfg.eval_every > 0 else []

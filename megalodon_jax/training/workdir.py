@@ -119,8 +119,8 @@ def check_workdir(workdir: str) -> None:
 
 
 def with_run_tokenizer(cfg: Any, workdir: str) -> Any:
-  """`cfg` (a TrainConfig), or a copy reading the run directory's SentencePiece model when `data.tokenizer_path` is gone (the run
-  directory was copied to another machine, or the file moved). A path that exists always wins (a different model
+  """`cfg` (a TrainConfig), or a copy reading the run directory's SentencePiece model when `data.tokenizer_path` is
+  gone (the run directory was copied to another machine, or the file moved). A path that exists always wins (a different model
   is then refused by `tokenizer_copy.write_copy`); with neither, validation reports the missing file."""
   if cfg.data.tokenizer != "sentencepiece":
     return cfg

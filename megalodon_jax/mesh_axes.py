@@ -45,47 +45,41 @@ PARAM, ACTIVATION = "param", "activation"
 REPLICATED = "replicated"
 
 
+Target = Union[None, str, tuple[str, ...]]
+
+
 class LogicalAxis(NamedTuple):
-  """One row of LOGICAL_AXES: the kind of array the name labels (PARAM or ACTIVATION) and its mesh axes in mesh
-  order (() = whole on every device)."""
+  """One row of LOGICAL_AXES: the kind of array the name labels (PARAM or ACTIVATION) and its mesh axes in the form
+  of a `logical_axis_rules` target: None (whole on every device), one mesh axis, or a tuple of them in mesh order."""
   kind: str
-  mesh_axes: tuple[str, ...]
+  target: Target
 
 
 LOGICAL_AXES: dict[str, LogicalAxis] = {
     # Parameters (nnx.Param logical_axes).
-    "vocab": LogicalAxis(PARAM, (TENSOR,)),
-    "embed": LogicalAxis(PARAM, (FSDP,)),
-    "embed_out": LogicalAxis(PARAM, (TENSOR,)),
-    "value": LogicalAxis(PARAM, (TENSOR,)),
-    "qk": LogicalAxis(PARAM, (TENSOR,)),
-    "mlp": LogicalAxis(PARAM, (TENSOR,)),
-    "cema_ndim": LogicalAxis(PARAM, ()),
+    "vocab": LogicalAxis(PARAM, TENSOR),
+    "embed": LogicalAxis(PARAM, FSDP),
+    "embed_out": LogicalAxis(PARAM, TENSOR),
+    "value": LogicalAxis(PARAM, TENSOR),
+    "qk": LogicalAxis(PARAM, TENSOR),
+    "mlp": LogicalAxis(PARAM, TENSOR),
+    "cema_ndim": LogicalAxis(PARAM, None),
     # Small; sharding them over fsdp makes XLA gather all chips' partial gradients at once.
-    "cema": LogicalAxis(PARAM, ()),
-    "norm": LogicalAxis(PARAM, ()),
+    "cema": LogicalAxis(PARAM, None),
+    "norm": LogicalAxis(PARAM, None),
     # Activations (ops.partitioning.constrain).
     "batch": LogicalAxis(ACTIVATION, BATCH_AXES),
-    "length": LogicalAxis(ACTIVATION, (SEQUENCE,)),
-    "act_embed": LogicalAxis(ACTIVATION, ()),
-    "heads": LogicalAxis(ACTIVATION, (TENSOR,)),
-    "act_value": LogicalAxis(ACTIVATION, (TENSOR,)),
-    "act_mlp": LogicalAxis(ACTIVATION, (TENSOR,)),
-    "act_vocab": LogicalAxis(ACTIVATION, (TENSOR,)),
-    REPLICATED: LogicalAxis(ACTIVATION, ()),
+    "length": LogicalAxis(ACTIVATION, SEQUENCE),
+    "act_embed": LogicalAxis(ACTIVATION, None),
+    "heads": LogicalAxis(ACTIVATION, TENSOR),
+    "act_value": LogicalAxis(ACTIVATION, TENSOR),
+    "act_mlp": LogicalAxis(ACTIVATION, TENSOR),
+    "act_vocab": LogicalAxis(ACTIVATION, TENSOR),
+    REPLICATED: LogicalAxis(ACTIVATION, None),
 }
-
-Target = Union[None, str, tuple[str, ...]]
-
-
-def _target(axes: tuple[str, ...]) -> Target:
-  """mesh axes in the form of a `logical_axis_rules` target: None, one axis name, or a tuple of them."""
-  return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
 # The parameter rows as the config's default `logical_axis_rules`.
 PARAM_RULES: tuple[tuple[str, Target], ...] = tuple(
-    (name, _target(row.mesh_axes)) for name, row in LOGICAL_AXES.items() if row.kind == PARAM)
+    (name, row.target) for name, row in LOGICAL_AXES.items() if row.kind == PARAM)
 
 
 def param_targets(rules: Sequence[tuple[str, Target]] = ()) -> dict[str, Target]:
@@ -96,11 +90,12 @@ def param_targets(rules: Sequence[tuple[str, Target]] = ()) -> dict[str, Target]
   return {**dict(PARAM_RULES), **dict(rules)}
 
 
-def _candidates(axes: Union[str, Sequence[str]]) -> tuple[str, ...]:
-  """Mesh axes from a logical name of LOGICAL_AXES, one mesh axis name, or a sequence of them."""
-  if isinstance(axes, str):
-    return LOGICAL_AXES[axes].mesh_axes if axes in LOGICAL_AXES else (axes,)
-  return tuple(axes)
+def axes_of(names: Union[Target, Sequence[str]]) -> tuple[str, ...]:
+  """Mesh axes as a tuple, from a logical name of LOGICAL_AXES (its target) or a target: None, a mesh axis name or
+  a sequence of them."""
+  if isinstance(names, str) and names in LOGICAL_AXES:
+    names = LOGICAL_AXES[names].target
+  return () if names is None else (names,) if isinstance(names, str) else tuple(names)
 
 
 def split_axes(mesh: Any, size: int, axes: Union[str, Sequence[str]], *, exclude: Sequence[str] = ()
@@ -108,7 +103,7 @@ def split_axes(mesh: Any, size: int, axes: Union[str, Sequence[str]], *, exclude
   """The mesh axes that actually split a dimension of `size`.
 
   Args:
-    mesh: a Mesh or AbstractMesh (`jax.sharding.get_abstract_mesh()`, empty outside a mesh), or None.
+    mesh: a Mesh or AbstractMesh (`jax.sharding.get_abstract_mesh()`, empty outside a mesh), or None (no mesh).
     size: the dimension's size.
     axes: the candidates, first preferred: a logical name of LOGICAL_AXES (its axes, in mesh order), a mesh axis
       name or a sequence of them.
@@ -118,11 +113,8 @@ def split_axes(mesh: Any, size: int, axes: Union[str, Sequence[str]], *, exclude
     or excluded are dropped, whose product divides `size` (batch 2 on data=2 x fsdp=4 splits over data only);
     () when none does.
   """
-  if mesh is None:
-    return ()
-  manual = set(getattr(mesh, "manual_axes", ()))
-  used = tuple(a for a in _candidates(axes) if a in mesh.axis_names and mesh.shape[a] > 1 and a not in manual
-               and a not in exclude)
+  names, manual = getattr(mesh, "axis_names", ()), getattr(mesh, "manual_axes", ())
+  used = tuple(a for a in axes_of(axes) if a in names and mesh.shape[a] > 1 and a not in manual and a not in exclude)
   while used and size % math.prod(mesh.shape[a] for a in used):
     used = used[:-1]
   return used
@@ -134,9 +126,8 @@ def sequence_axis(mesh: Any, length: int, chunk_size: int = 1) -> Optional[str]:
   None outside a mesh, without the axis or with size 1, inside a shard_map that made it manual, and when the slices
   would cut a chunk (a decoding step of one token, say).
   """
-  if length % chunk_size:
-    return None
-  return SEQUENCE_AXIS if split_axes(mesh, length // chunk_size, SEQUENCE_AXIS) else None
+  whole = length % chunk_size == 0 and split_axes(mesh, length // chunk_size, SEQUENCE_AXIS)
+  return SEQUENCE_AXIS if whole else None
 
 
 def logical_axes_table(mesh: Any, rules: Sequence[tuple[str, Target]] = ()) -> str:
@@ -153,11 +144,9 @@ def logical_axes_table(mesh: Any, rules: Sequence[tuple[str, Target]] = ()) -> s
   shape = dict(getattr(mesh, "shape", mesh))
   params = param_targets(rules)
   rows = [("logical axis", "kind", "mesh axes", "sizes")]
-  names = list(LOGICAL_AXES) + [n for n in params if n not in LOGICAL_AXES]
-  for name in names:
+  for name in {**LOGICAL_AXES, **params}:
     kind = LOGICAL_AXES[name].kind if name in LOGICAL_AXES else PARAM
-    target = params[name] if kind == PARAM else LOGICAL_AXES[name].mesh_axes
-    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = axes_of(params[name] if kind == PARAM else LOGICAL_AXES[name].target)
     sizes = [shape.get(a, 1) for a in axes]
     count = " x ".join(map(str, sizes)) + (f" = {math.prod(sizes)}" if len(sizes) > 1 else "")
     rows.append((name, kind, ", ".join(axes) or "(whole)", count or "1"))

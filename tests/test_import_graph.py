@@ -223,19 +223,19 @@ OTHER_MEANINGS = {
 
 def _not_a_mesh_axis(node: ast.Constant, parent: ast.AST) -> bool:
   """Whether a string literal is, by its place, some other "data" or "sequence": a dict literal's key (JSON
-  states), a set literal's member (config group names), or the key of a `.get(...)` or `[...]` lookup on anything
-  but a mesh's `.shape` (`state.get("data")`, `cfg["data"]`)."""
-  on_shape = lambda x: isinstance(x, ast.Attribute) and x.attr == "shape"  # pylint: disable=unnecessary-lambda-assignment
+  states), a set literal's member (config group names), a piece of an f-string's text, or the key of a `.get(...)`
+  or `[...]` lookup on anything but a mesh's `.shape` (`state.get("data")`, `cfg["data"]`)."""
   if isinstance(parent, ast.Dict):
     return any(key is node for key in parent.keys)
-  if isinstance(parent, ast.Set):
+  if isinstance(parent, (ast.Set, ast.JoinedStr)):
     return True
   if isinstance(parent, ast.Call) and isinstance(parent.func, ast.Attribute) and parent.args:
-    return parent.func.attr in ("get", "pop", "setdefault") and parent.args[0] is node and not on_shape(
-        parent.func.value)
-  if isinstance(parent, ast.Subscript):
-    return parent.slice is node and not on_shape(parent.value)
-  return False
+    key, of = parent.args[0], parent.func.value if parent.func.attr in ("get", "pop", "setdefault") else None
+  elif isinstance(parent, ast.Subscript):
+    key, of = parent.slice, parent.value
+  else:
+    return False
+  return key is node and of is not None and not (isinstance(of, ast.Attribute) and of.attr == "shape")
 
 
 def mesh_axis_literals() -> list[str]:

@@ -35,9 +35,12 @@ def test_the_vocabulary():
   # A string given to split_axes is a logical name or a mesh axis name, never both.
   assert not set(ma.MESH_AXES) & set(ma.LOGICAL_AXES)
   assert all(row.kind in (ma.PARAM, ma.ACTIVATION) for row in ma.LOGICAL_AXES.values())
-  assert all(set(row.mesh_axes) <= set(ma.MESH_AXES) for row in ma.LOGICAL_AXES.values())
+  rows = {name: ma.axes_of(name) for name in ma.LOGICAL_AXES}
+  assert rows["batch"] == (D, F) and rows["length"] == (S,) and rows["embed"] == (F,) and rows["act_embed"] == ()
+  assert all(set(axes) <= set(ma.MESH_AXES) for axes in rows.values())
   # Mesh order inside every row, so a prefix drops the innermost axes first.
-  assert all(list(r.mesh_axes) == sorted(r.mesh_axes, key=ma.MESH_AXES.index) for r in ma.LOGICAL_AXES.values())
+  assert all(list(axes) == sorted(axes, key=ma.MESH_AXES.index) for axes in rows.values())
+  assert ma.axes_of(None) == () and ma.axes_of(T) == (T,) and ma.axes_of([F, T]) == (F, T)
 
 
 def test_param_rules_are_the_default_config_rules():

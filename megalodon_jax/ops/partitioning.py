@@ -51,13 +51,13 @@ def activation_spec(shape: Sequence[int], axes: Sequence[Optional[str]], mesh) -
     if row is None or row.kind != mesh_axes.ACTIVATION:
       known = sorted(n for n, r in LOGICAL_AXES.items() if r.kind == mesh_axes.ACTIVATION)
       raise ValueError(f"unknown activation axis {name!r}; known: {known}")
-    split = mesh_axes.split_axes(mesh, size, row.mesh_axes, exclude=used)
+    split = mesh_axes.split_axes(mesh, size, row.target, exclude=used)
     used.update(split)
     if split:
       spec.append(split[0] if len(split) == 1 else split)
     else:  # no axes at all: whole on purpose; axes that do not divide the size: left to XLA
-      spec.append(None if not row.mesh_axes else P.UNCONSTRAINED)
-    pinned = pinned or bool(split) or not row.mesh_axes
+      spec.append(None if row.target is None else P.UNCONSTRAINED)
+    pinned = pinned or bool(split) or row.target is None
   if not pinned or all(s is None for s in spec):
     return None
   return P(*spec)

@@ -45,11 +45,6 @@ def sequence_mesh(length: int):
   return mesh if mesh_axes.sequence_axis(mesh, length) else None
 
 
-def _batch_axes(mesh, batch: int):
-  """The batch axes splitting `batch` rows (`mesh_axes.split_axes`), or None for a PartitionSpec entry."""
-  return mesh_axes.split_axes(mesh, batch, "batch") or None
-
-
 def _take(x: jax.Array, index: jax.Array) -> jax.Array:
   return jax.lax.dynamic_index_in_dim(x, index, axis=0, keepdims=False)
 
@@ -124,7 +119,7 @@ def cema(x: jax.Array, coeffs: cema_ops.CEMACoeffs, omega: jax.Array, h0: Option
     raise ValueError(f"sequence_parallel.cema needs an ambient mesh whose 'sequence' axis divides L={x.shape[1]}")
   batch, _, dim = x.shape
   nstate = coeffs.p.shape[1]
-  bax = _batch_axes(mesh, batch)
+  bax = mesh_axes.split_axes(mesh, batch, "batch") or None
   h0 = jnp.zeros((batch, dim, nstate, 2), jnp.float32) if h0 is None else h0.astype(jnp.float32)
 
   def body(x, coeffs, omega, h0, *maybe_resets):
@@ -215,7 +210,7 @@ def timestep_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, state: tsn.N
                      f"L={x.shape[1]}")
   if x.shape[1] > tsn.MAX_PIECE:
     raise ValueError(f"a TimestepNorm piece of {x.shape[1]} steps is longer than {tsn.MAX_PIECE}; split it")
-  bax = _batch_axes(mesh, x.shape[0])
+  bax = mesh_axes.split_axes(mesh, x.shape[0], "batch") or None
 
   def body(x, weight, bias, state, *maybe_mask):
     mask = maybe_mask[0] if maybe_mask else None
@@ -249,7 +244,7 @@ def _timestep_norm_resets(x, weight, bias, state, *, num_groups, eps, mask, rese
   if mesh is None:
     raise ValueError(f"sequence_parallel.timestep_norm needs an ambient mesh whose 'sequence' axis divides "
                      f"L={x.shape[1]}")
-  bax = _batch_axes(mesh, x.shape[0])
+  bax = mesh_axes.split_axes(mesh, x.shape[0], "batch") or None
   masks = () if mask is None else (mask,)
 
   def body(x, weight, bias, state, prior, resets, *maybe_mask):

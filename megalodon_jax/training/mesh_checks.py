@@ -11,8 +11,7 @@ import numbers
 from typing import Any
 
 from megalodon_jax.errors import ShardingError
-from megalodon_jax.mesh_axes import (  # noqa: F401  (BATCH_AXES re-exported for callers)
-    BATCH_AXES, DATA, FSDP, MESH_AXES, SEQUENCE_AXIS)
+from megalodon_jax.mesh_axes import BATCH_AXES, DATA, FSDP, MESH_AXES, SEQUENCE_AXIS
 
 Rules = tuple[tuple[str, Any], ...]
 

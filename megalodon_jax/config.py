@@ -13,10 +13,11 @@ from typing import Any, ClassVar, Mapping
 
 from megalodon_jax.architecture import OFFICIAL_FIELDS, Architecture, fail
 from megalodon_jax.errors import ConfigError
+from megalodon_jax.ops.impl_names import ATTENTION_IMPLEMENTATIONS, CEMA_IMPLEMENTATIONS, pallas_dropout_problem
 
-CEMA_IMPLS = ("auto", "fft", "associative_scan", "sequential", "chunked", "pallas")
-ATTENTION_IMPLS = ("auto", "xla", "pallas")
-REMAT_POLICIES = ("auto", "none", "full", "dots_saveable")
+# remat (besides "none" and "auto") -> the jax.checkpoint_policies entry a rematerialised block saves by (None:
+# nothing, it is all recomputed); model.py applies it.
+REMAT_POLICIES = {"full": None, "dots_saveable": "dots_with_no_batch_dims_saveable"}
 DTYPES = ("float32", "bfloat16", "float16")
 # "default" leaves jax's own setting (`jax_default_matmul_precision`, the backend default unless set); "high" and
 # "highest" are jax's precisions: on TPU "default" multiplies float32 operands in one bfloat16 pass, "high" in
@@ -35,9 +36,9 @@ class MegalodonConfig(Architecture):
   # ---- execution settings (ours) ----
   dtype: str = "float32"  # activations / matmuls; CEMA, norms, softmax and logits always run in float32
   param_dtype: str = "float32"  # parameter storage
-  cema_impl: str = "auto"  # auto | fft | associative_scan | sequential | chunked | pallas (all compute the same)
-  attention_impl: str = "auto"  # auto | xla | pallas
-  remat: str = "auto"  # auto (from layerwise_ckpt) | none | full | dots_saveable
+  cema_impl: str = "auto"  # auto | one of ops/impl_names.CEMA_IMPLEMENTATIONS (all compute the same)
+  attention_impl: str = "auto"  # auto | one of ops/impl_names.ATTENTION_IMPLEMENTATIONS
+  remat: str = "auto"  # auto (from layerwise_ckpt) | none | one of REMAT_POLICIES
   scan_layers: bool = False  # full forward as one lax.scan over stacked blocks: compile time flat in depth
   matmul_precision: str = "default"  # default | high | highest: precision of every matmul / einsum the model runs
 
@@ -93,12 +94,14 @@ EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(MegalodonConfig) if 
 
 def _validate_execution(c: MegalodonConfig) -> None:
   for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("matmul_precision", MATMUL_PRECISIONS),
-                        ("cema_impl", CEMA_IMPLS), ("attention_impl", ATTENTION_IMPLS), ("remat", REMAT_POLICIES)):
+                        ("cema_impl", ("auto", *CEMA_IMPLEMENTATIONS)),
+                        ("attention_impl", ("auto", *ATTENTION_IMPLEMENTATIONS)),
+                        ("remat", ("auto", "none", *REMAT_POLICIES))):
     if getattr(c, name) not in allowed:
       fail(c, name, getattr(c, name), f"must be one of {allowed}")
-  if c.attention_impl == "pallas" and c.attention_dropout > 0 and c.efficient_attn is None:
-    fail(c, "attention_impl", c.attention_impl, "implements DropKey attention dropout only: with attention_dropout > 0 "
-         "set efficient_attn to 'swift' or 'fused', or use attention_impl='xla' for plain softmax dropout")
+  problem = pallas_dropout_problem(c.attention_dropout, c.efficient_attn is not None)
+  if c.attention_impl == "pallas" and problem:
+    fail(c, "attention_impl", c.attention_impl, problem)
   if not isinstance(c.scan_layers, bool):
     fail(c, "scan_layers", c.scan_layers, "must be a bool (true or false)")
 

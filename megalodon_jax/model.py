@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from megalodon_jax.config import MegalodonConfig, rope_inv_freq
+from megalodon_jax.config import REMAT_POLICIES, MegalodonConfig, rope_inv_freq
 from megalodon_jax.nn import document_boundaries
 from megalodon_jax.nn.attention import LayerCache
 from megalodon_jax.nn.block import MegalodonBlock
@@ -23,10 +23,11 @@ from megalodon_jax.ops.attention import next_cache_segment_ids
 from megalodon_jax.ops.partitioning import constrain
 from megalodon_jax.ops.timestep_norm import NormState
 
-_REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+
+def _checkpoint_policy(remat: str):
+  """jax's checkpoint policy for a `remat_policy` other than "none" (config.REMAT_POLICIES)."""
+  name = REMAT_POLICIES[remat]
+  return None if name is None else getattr(jax.checkpoint_policies, name)
 
 
 def _under_matmul_precision(method):
@@ -213,7 +214,7 @@ def _remat_block(policy: str):
     return block(x, inv_freq, docs=docs)
   if policy == "none":
     return run
-  return nnx.remat(run, policy=_REMAT_POLICIES[policy])
+  return nnx.remat(run, policy=_checkpoint_policy(policy))
 
 
 def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
@@ -240,7 +241,7 @@ def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
     return h, nnx.state(block, nnx.RngState)
 
   if policy != "none":
-    body = jax.checkpoint(body, policy=_REMAT_POLICIES[policy])
+    body = jax.checkpoint(body, policy=_checkpoint_policy(policy))
   x, new_states = jax.lax.scan(body, x, stacked)
   for i, b in enumerate(blocks):
     nnx.update(b, jax.tree.map(lambda leaf: leaf[i], new_states))

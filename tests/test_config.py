@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import subprocess
+import sys
 
 import jax
 import pytest
 from flax import nnx
 
-from megalodon_jax.config import PRESET_NAMES, ConfigError, MegalodonConfig, preset
+from megalodon_jax.config import PRESET_NAMES, REMAT_POLICIES, ConfigError, MegalodonConfig, preset
 from megalodon_jax.model import MegalodonLM
 
 # The official `ModelConf` (megalodon/config.py): every field, in order, with its default
@@ -330,6 +332,23 @@ def test_bad_execution_strings(field, value, allowed):
   assert f"{field}={value!r}" in msg
   for a in allowed:  # the fix: the accepted values are listed
     assert a in msg
+
+
+def test_execution_choices_are_what_the_model_dispatches_on():
+  """cema_impl, attention_impl and remat accept the names the model runs (the CEMA dispatch table, the attention
+  implementations, the remat values with a jax checkpoint policy), read without importing jax."""
+  from megalodon_jax.ops import attention, cema  # pylint: disable=import-outside-toplevel
+  for name in ("auto", *cema.IMPLEMENTATIONS):
+    assert MegalodonConfig(**SMALL, cema_impl=name).cema_impl == name
+  assert all(fn.__name__ == f"cema_{name}" for name, fn in cema.IMPLEMENTATIONS.items())  # names paired right
+  for name in ("xla", "pallas"):
+    assert attention.resolve_attention_impl(MegalodonConfig(**SMALL, attention_impl=name).attention_impl) == name
+  for name, policy in REMAT_POLICIES.items():
+    assert MegalodonConfig(**SMALL, remat=name).remat_policy == name
+    assert policy is None or callable(getattr(jax.checkpoint_policies, policy))
+  code = "import sys, megalodon_jax.config; assert not [m for m in sys.modules if m.split('.')[0] == 'jax']"
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("field", ["num_layers", "model_dim", "z_dim", "value_dim", "num_heads", "ffn_hidden_dim",

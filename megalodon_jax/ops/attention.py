@@ -43,9 +43,10 @@ def resolve_attention_impl(impl: str, platform: Optional[str] = None) -> str:
 
 
 def _check_pallas_dropout(dropout_rate: float, drop_key: bool) -> None:
-  if dropout_rate > 0.0 and not drop_key:
-    raise ValueError("attention_impl='pallas' implements DropKey attention dropout only (efficient_attn='swift' or "
-                     "'fused'); with efficient_attn=None and attention_dropout > 0 use attention_impl='xla'")
+  from megalodon_jax.ops.impl_names import pallas_dropout_problem  # pylint: disable=import-outside-toplevel
+  problem = pallas_dropout_problem(dropout_rate, drop_key)
+  if problem:
+    raise ValueError(f"attention_impl='pallas' {problem}")
 
 
 def _pallas_options(dropout_rate: float, dropout_rng, drop_key: bool, batch: int, heads: int) -> dict:

@@ -20,16 +20,13 @@ from megalodon_jax.ops.cema.coefficients import CEMACoeffs
 from megalodon_jax.ops.cema.fft import cema_fft
 from megalodon_jax.ops.cema.pallas import cema_pallas
 from megalodon_jax.ops.cema.sequential import cema_sequential
+from megalodon_jax.ops.impl_names import CEMA_IMPLEMENTATIONS
 from pallas_kernels.platform import current_platform
 
-# name -> fn(x, coeffs, omega, h0, return_state, *, resets=None) -> (y, state or None)
-IMPLEMENTATIONS: dict[str, Callable] = {
-    "fft": cema_fft,
-    "associative_scan": cema_associative_scan,
-    "sequential": cema_sequential,
-    "chunked": cema_chunked,
-    "pallas": cema_pallas,
-}
+# name -> fn(x, coeffs, omega, h0, return_state, *, resets=None) -> (y, state or None); the names (jax-free, what a
+# config may choose) in their order
+IMPLEMENTATIONS: dict[str, Callable] = dict(zip(
+    CEMA_IMPLEMENTATIONS, (cema_fft, cema_associative_scan, cema_sequential, cema_chunked, cema_pallas), strict=True))
 
 
 def default_impl(length: int, backend: Optional[str] = None) -> str:

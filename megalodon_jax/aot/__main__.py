@@ -1,6 +1,8 @@
 """`python -m megalodon_jax.aot`: see megalodon_jax/cli/aot.py."""
 
-from megalodon_jax.cli.aot import run
+import sys
+
+from megalodon_jax.cli.aot import main
 
 if __name__ == "__main__":
-  run()
+  sys.exit(main())

@@ -1,2 +1,1 @@
-"""The command lines (train, generate, evaluate, convert, aot) and the flag handling they share; nothing else in
-the package imports them (tests/test_import_graph.py)."""
+"""The command lines (train, generate, evaluate, convert, aot) and their shared flags; nothing else imports them."""

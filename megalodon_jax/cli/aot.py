@@ -183,6 +183,3 @@ def _main(args: argparse.Namespace, overrides: list) -> int:
       print(_details(r), file=out)
   return 0 if all(r.fits for r in reports) else 1
 
-
-def run() -> None:
-  sys.exit(main())

@@ -1,5 +1,5 @@
-"""Shared pieces of the inference command lines: checkpoint flags, model loading, error handling (the argument
-parser itself is `cli/args.py`'s `Parser`).
+"""Shared pieces of the inference command lines: checkpoint flags and model loading (the argument parser itself is
+`cli/args.py`'s `Parser`).
 
 Nothing here imports jax until `load`: a command checks its flags, files and checkpoint path first
 (`check_checkpoint`), so bad input is reported before jax starts (well under a second).
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
 
 from megalodon_jax import platforms
 from megalodon_jax.config import MATMUL_PRECISIONS
-from megalodon_jax.errors import exit_on_error
 from megalodon_jax.inference import loading
 
 
@@ -52,9 +50,3 @@ def load(checked: loading.Checked) -> loading.Loaded:
   for note in loaded.notes:
     print(f"note: {note}", file=sys.stderr)
   return loaded
-
-
-def run_main(body: Callable[[], int]) -> int:
-  """Runs `body`; bad input (a MegalodonError, or an unreadable file) becomes one `error: ...` line on stderr and
-  status 2."""
-  return exit_on_error(body, also=(OSError,))

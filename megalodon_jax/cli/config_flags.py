@@ -1,12 +1,12 @@
 """Training configs on a command line: `--config tiny` (a shipped config by name) or `--config path/to/file.py`, and
 `--config.<key>=<value>` overrides of its ml_collections fields, with one-line errors.
 
-Used by train (`cli/train.py`) and the AOT planner (`cli/aot.py`). An override's key is a
-field path (`--config.optimizer.lr=1e-3`, `--config.model.num_layers 4`); its value is parsed by the field's current
-type: int, float, str as given, bool (`true`/`false`/`1`/`0`, or a bare `--config.tensorboard` for true and
-`--config.notensorboard` for false), tuple/list as a Python literal (`"('a', 'b')"`), and for a field that is None
-by default a Python literal or else a string. `None` sets a non-string field to None. Anything wrong (unknown config
-name, unloadable file, unknown key, unparsable value) raises `ConfigError` with one line that names the fix:
+Used by train (`cli/train.py`) and the AOT planner (`cli/aot.py`). An override's key is a field path
+(`--config.optimizer.lr=1e-3`, `--config.model.num_layers 4`); its value is parsed by the field's current type: int,
+float, str as given, bool (`true`/`false`/`1`/`0`, or a bare `--config.tensorboard` for true and
+`--config.notensorboard` for false), tuple/list as a Python literal (`"('a', 'b')"`), and for a field that is None by
+default a Python literal or else a string. `None` sets a non-string field to None. Anything wrong (unknown config name,
+unloadable file, unknown key, unparsable value) raises `ConfigError` with one line that names the fix:
 
     unknown config key --config.optimizer.lrr (did you mean --config.optimizer.lr?); every field is in configs/default.py
 

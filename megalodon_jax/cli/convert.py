@@ -191,5 +191,6 @@ def main(argv: Optional[Sequence[str]] = None, *, cpu_by_default: bool = False) 
 
 
 def run() -> int:
-  """The `megalodon-convert` console script: `main` on the CPU unless JAX_PLATFORMS chose a platform."""
+  """The `megalodon-convert` console script and `python -m megalodon_jax.convert`: `main` on the CPU unless
+  JAX_PLATFORMS chose a platform."""
   return main(cpu_by_default=True)

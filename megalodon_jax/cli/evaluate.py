@@ -31,7 +31,7 @@ from megalodon_jax.cli import common
 from megalodon_jax.cli.args import Parser, prog_name
 from megalodon_jax.data import sources
 from megalodon_jax.data.tokenizers import ByteTokenizer
-from megalodon_jax.errors import InferenceError
+from megalodon_jax.errors import InferenceError, exit_on_error
 from megalodon_jax.inference import eval_documents, options
 
 CONTEXT_DEFINITION = ("context_length L: the scored tokens of each document are cut into consecutive blocks of L and "
@@ -168,8 +168,4 @@ def run(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the command line; returns the exit status (0 ok, 2 bad input)."""
   args = build_parser().parse_args(argv)
-  return common.run_main(lambda: run(args))
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+  return exit_on_error(lambda: run(args), also=(OSError,))  # an unreadable file is bad input too

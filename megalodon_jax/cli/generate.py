@@ -28,7 +28,7 @@ from megalodon_jax import paths
 from megalodon_jax.checkpoints import output_guard
 from megalodon_jax.cli import common
 from megalodon_jax.cli.args import Parser, prog_name
-from megalodon_jax.errors import InferenceError
+from megalodon_jax.errors import InferenceError, exit_on_error
 from megalodon_jax.inference import options
 from megalodon_jax.inference.detokenize import TextStream
 
@@ -187,8 +187,4 @@ def run(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the command line; returns the exit status (0 ok, 2 bad input)."""
   args = build_parser().parse_args(argv)
-  return common.run_main(lambda: run(args))
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+  return exit_on_error(lambda: run(args), also=(OSError,))  # an unreadable file is bad input too

@@ -28,23 +28,18 @@ from megalodon_jax.cli import config_flags
 from megalodon_jax.cli.args import Parser, prog_name
 from megalodon_jax.errors import exit_on_error
 
-PROG = ("megalodon-train", "megalodon_jax.train_cli")
-
 
 def _config_flags() -> list[str]:
   """`--config.<key>` for every field of the default config: hints for a flag that forgot its `config.`."""
-  try:
-    cfg, _ = config_flags.load_config("default")
-  except Exception:  # pylint: disable=broad-except  (only a hint: no shipped configs, no hint)
-    return []
-  return [config_flags.PREFIX + k for k in config_flags.config_keys(cfg)]
+  return [config_flags.PREFIX + k for k in config_flags.config_keys(config_flags.load_config("default")[0])]
 
 
 def build_parser() -> Parser:
   names = ", ".join(config_flags.shipped_config_names())
   shim = os.path.basename(sys.argv[0] if sys.argv else "") == "train.py"
   p = Parser(
-      prog="python train.py" if shim else prog_name(*PROG), extra_hints=_config_flags,
+      prog="python train.py" if shim else prog_name("megalodon-train", "megalodon_jax.train_cli"),
+      extra_hints=_config_flags,
       description="Train (or resume) a Megalodon LM. Re-running the same command resumes from the workdir's latest "
                   "checkpoint.",
       epilog=f"--config.KEY=VALUE (or --config.KEY VALUE) overrides a field of the config, e.g. "
@@ -169,7 +164,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # Bad config, data, workdir or checkpoint: one `error:` line, status 2; a diverged loss (NonFiniteLossError):
   # status 1; Ctrl-C: status 130 after saving.
   return exit_on_error(body, also=(OSError,))
-
-
-if __name__ == "__main__":
-  sys.exit(main())

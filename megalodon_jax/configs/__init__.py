@@ -1,6 +1,5 @@
-"""Training configs: `python train.py --config <name>` (or `--config configs/<name>.py` in a checkout, where configs/
-links here); default.py documents every field. They import each other as `megalodon_jax.configs.<name>`; the large
-ones share the pieces below: official preset shapes and the paper's 7B optimizer recipe."""
+"""Training configs, `--config <name>` (a checkout's configs/ links here); default.py documents every field. They import
+each other as `megalodon_jax.configs.<name>`; below, what the large ones share: preset shapes, the paper's recipe."""
 
 import ml_collections
 

@@ -15,9 +15,8 @@ from megalodon_jax.architecture import OFFICIAL_FIELDS, Architecture, fail
 from megalodon_jax.errors import ConfigError
 from megalodon_jax.ops.impl_names import ATTENTION_IMPLEMENTATIONS, CEMA_IMPLEMENTATIONS, pallas_dropout_problem
 
-# remat (besides "none" and "auto") -> the jax.checkpoint_policies entry a rematerialised block saves by (None:
-# nothing, it is all recomputed); model.py applies it.
-REMAT_POLICIES = {"full": None, "dots_saveable": "dots_with_no_batch_dims_saveable"}
+# remat (besides "none" and "auto") -> the jax.checkpoint_policies entry a rematerialised block saves by (model.py)
+REMAT_POLICIES = {"full": "nothing_saveable", "dots_saveable": "dots_with_no_batch_dims_saveable"}
 DTYPES = ("float32", "bfloat16", "float16")
 # "default" leaves jax's own setting (`jax_default_matmul_precision`, the backend default unless set); "high" and
 # "highest" are jax's precisions: on TPU "default" multiplies float32 operands in one bfloat16 pass, "high" in
@@ -99,9 +98,8 @@ def _validate_execution(c: MegalodonConfig) -> None:
                         ("remat", ("auto", "none", *REMAT_POLICIES))):
     if getattr(c, name) not in allowed:
       fail(c, name, getattr(c, name), f"must be one of {allowed}")
-  problem = pallas_dropout_problem(c.attention_dropout, c.efficient_attn is not None)
-  if c.attention_impl == "pallas" and problem:
-    fail(c, "attention_impl", c.attention_impl, problem)
+  if c.attention_impl == "pallas" and (why := pallas_dropout_problem(c.attention_dropout, bool(c.efficient_attn))):
+    fail(c, "attention_impl", c.attention_impl, why)
   if not isinstance(c.scan_layers, bool):
     fail(c, "scan_layers", c.scan_layers, "must be a bool (true or false)")
 

@@ -24,12 +24,6 @@ from megalodon_jax.ops.partitioning import constrain
 from megalodon_jax.ops.timestep_norm import NormState
 
 
-def _checkpoint_policy(remat: str):
-  """jax's checkpoint policy for a `remat_policy` other than "none" (config.REMAT_POLICIES)."""
-  name = REMAT_POLICIES[remat]
-  return None if name is None else getattr(jax.checkpoint_policies, name)
-
-
 def _under_matmul_precision(method):
   """Runs a model method with `jax.default_matmul_precision(config.matmul_precision)` in force.
 
@@ -214,7 +208,7 @@ def _remat_block(policy: str):
     return block(x, inv_freq, docs=docs)
   if policy == "none":
     return run
-  return nnx.remat(run, policy=_checkpoint_policy(policy))
+  return nnx.remat(run, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[policy]))
 
 
 def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
@@ -241,7 +235,7 @@ def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
     return h, nnx.state(block, nnx.RngState)
 
   if policy != "none":
-    body = jax.checkpoint(body, policy=_checkpoint_policy(policy))
+    body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[policy]))
   x, new_states = jax.lax.scan(body, x, stacked)
   for i, b in enumerate(blocks):
     nnx.update(b, jax.tree.map(lambda leaf: leaf[i], new_states))

@@ -23,8 +23,7 @@ from megalodon_jax.ops.cema.sequential import cema_sequential
 from megalodon_jax.ops.impl_names import CEMA_IMPLEMENTATIONS
 from pallas_kernels.platform import current_platform
 
-# name -> fn(x, coeffs, omega, h0, return_state, *, resets=None) -> (y, state or None); the names (jax-free, what a
-# config may choose) in their order
+# name (impl_names, in order) -> fn(x, coeffs, omega, h0, return_state, *, resets=None) -> (y, state or None)
 IMPLEMENTATIONS: dict[str, Callable] = dict(zip(
     CEMA_IMPLEMENTATIONS, (cema_fft, cema_associative_scan, cema_sequential, cema_chunked, cema_pallas), strict=True))
 

@@ -22,6 +22,7 @@ from megalodon_jax import mesh_axes
 from megalodon_jax.mesh_axes import SEQUENCE_AXIS
 from megalodon_jax.ops import attention_dropout
 from megalodon_jax.ops.attention_dropout import AttentionDropout
+from megalodon_jax.ops.impl_names import ATTENTION_IMPLEMENTATIONS, pallas_dropout_problem
 from megalodon_jax.ops.norms import rms_norm
 from pallas_kernels.platform import current_platform
 
@@ -35,15 +36,14 @@ AUTO_ATTENTION_IMPL = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla",
 def resolve_attention_impl(impl: str, platform: Optional[str] = None) -> str:
   """"xla" or "pallas" for a config's `attention_impl` ("auto" | "xla" | "pallas") on `platform` (default: the
   platform being compiled for: the default backend, or an ahead-of-time target)."""
-  if impl not in ("auto", "xla", "pallas"):
-    raise ValueError(f"attention_impl={impl!r}: expected 'auto', 'xla' or 'pallas'")
+  if impl != "auto" and impl not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention_impl={impl!r}: expected one of {('auto', *ATTENTION_IMPLEMENTATIONS)}")
   if impl != "auto":
     return impl
   return AUTO_ATTENTION_IMPL.get(platform or current_platform(), "xla")
 
 
 def _check_pallas_dropout(dropout_rate: float, drop_key: bool) -> None:
-  from megalodon_jax.ops.impl_names import pallas_dropout_problem  # pylint: disable=import-outside-toplevel
   problem = pallas_dropout_problem(dropout_rate, drop_key)
   if problem:
     raise ValueError(f"attention_impl='pallas' {problem}")

@@ -146,7 +146,7 @@ class TrainConfig:
     try:
       mesh_checks.check_sequence(self.seq_len, getattr(self.model, "chunk_size", 1), sizes)
     except ShardingError as e:
-      raise ConfigError(f"--config.mesh.sequence={sizes['sequence']!r}: {e}") from None
+      raise ConfigError(f"--config.mesh.sequence={sizes[mesh_checks.SEQUENCE_AXIS]!r}: {e}") from None
     return shape
 
   @property

@@ -96,21 +96,9 @@ def _start_jax():
 
 
 def check_run(cfg, workdir: str):
-  """Everything train.py checks before jax's backends and jax.distributed start, so that a typo is reported at once
-  and a refused run creates nothing on disk: the config (model fields included), the workdir, `init_from`, the data
-  paths and the tokenizer. Returns the typed config to train with (a moved run reads its workdir's tokenizer copy).
-
-  Raises:
-    ConfigError (and the other MegalodonErrors of bad input).
-  """
-  from megalodon_jax import data  # pylint: disable=import-outside-toplevel
+  """The typed config to train with, after every check train.py makes before jax starts (`workdir.check_run`)."""
   from megalodon_jax.training import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-  from megalodon_jax.training.train_config import TrainConfig, check_inputs  # pylint: disable=import-outside-toplevel
-  cfg = workdir_lib.with_run_tokenizer(TrainConfig.of(cfg), workdir)
-  workdir_lib.check_workdir(workdir)
-  check_inputs(cfg)
-  cfg.model_config(data.make_tokenizer(cfg.data).vocab_size)
-  return cfg
+  return workdir_lib.check_run(cfg, workdir)[0]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

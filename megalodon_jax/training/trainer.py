@@ -37,7 +37,7 @@ from megalodon_jax.training import train_step as ts
 from megalodon_jax.training.metrics import MetricsLogger, loss_metrics, throughput
 from megalodon_jax.training.preemption import PreemptionFlag, TrainingInterrupted
 from megalodon_jax.training.program import TrainProgram
-from megalodon_jax.training.train_config import TrainConfig, check_inputs
+from megalodon_jax.training.train_config import TrainConfig
 
 log = logging.getLogger("megalodon_jax")
 
@@ -45,18 +45,16 @@ log = logging.getLogger("megalodon_jax")
 class _Run:
   """What one run in a workdir holds beside its program: the tokenizer and the checkpoint directory."""
 
-  def __init__(self, cfg: TrainConfig, workdir: str, devices: Optional[list]):
-    self.cfg, self.workdir = cfg, workdir
-    self.is_main = jax.process_index() == 0
-    self.data_plan = check_inputs(cfg)
-    self.tokenizer = data_lib.make_tokenizer(self.data_plan)
+  def __init__(self, cfg: Any, workdir: str, devices: Optional[list]):
+    self.cfg, self.data_plan, self.tokenizer = workdir_lib.check_run(cfg, workdir)
+    self.workdir, self.is_main = workdir, jax.process_index() == 0
     # A SentencePiece model's bytes: the run directory and every checkpoint carry a copy (tokenizer_copy.py).
     self.tokenizer_model = (self.tokenizer.model_bytes()
                             if isinstance(self.tokenizer, data_lib.SentencePieceTokenizer) else None)
     self.ckpt_dir = ckpt_layout.checkpoints_dir(workdir)
     if paths.as_path(self.ckpt_dir).exists():
       ckpt_layout.check_directory(self.ckpt_dir, check_steps=False)  # damaged steps: see _resume
-    self.program = TrainProgram.build(cfg, devices, vocab_size=self.tokenizer.vocab_size)
+    self.program = TrainProgram.build(self.cfg, devices, vocab_size=self.tokenizer.vocab_size)
 
 
 def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None, *,
@@ -73,9 +71,8 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None, *
     NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     TrainingInterrupted: Ctrl-C (SIGINT) stopped the run after saving its step.
   """
-  cfg = workdir_lib.with_run_tokenizer(TrainConfig.of(cfg), workdir)
-  workdir_lib.check_workdir(workdir)
   run = _Run(cfg, workdir, devices)
+  cfg = run.cfg
   # One writer per workdir: process 0 holds the lock for the whole run, the other processes share its outcome.
   lock = process_lock.hold(workdir, run.is_main)
   try:

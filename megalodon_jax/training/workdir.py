@@ -132,3 +132,22 @@ def with_run_tokenizer(cfg: Any, workdir: str) -> Any:
     return cfg
   log.warning("data.tokenizer_path=%r does not exist; using the run directory's copy %s", given, copy)
   return cfg.replace(data=cfg.data.replace(tokenizer_path=copy))
+
+
+def check_run(cfg: Any, workdir: str) -> tuple[Any, Any, Any]:
+  """Everything a training run checks before anything is built (train.py: before jax's backends start), so that a
+  typo is reported at once and a refused run creates nothing on disk: the config (model fields included), the
+  workdir, `init_from`, the data paths and the tokenizer. Returns (the typed config to train with, a moved run
+  reading its workdir's tokenizer copy; the data plan; the tokenizer).
+
+  Raises:
+    ConfigError (and the other MegalodonErrors of bad input).
+  """
+  from megalodon_jax import data  # pylint: disable=import-outside-toplevel  (the data package pulls in TFDS)
+  from megalodon_jax.training.train_config import TrainConfig, check_inputs  # pylint: disable=import-outside-toplevel
+  cfg = with_run_tokenizer(TrainConfig.of(cfg), workdir)
+  check_workdir(workdir)
+  plan = check_inputs(cfg)
+  tokenizer = data.make_tokenizer(plan)
+  cfg.model_config(tokenizer.vocab_size)
+  return cfg, plan, tokenizer

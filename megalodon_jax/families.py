@@ -42,16 +42,13 @@ class LanguageModel(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class ModelFamily:
-  """A registered family. `config` and `module` are "package.module:Name" paths, imported on first use."""
+  """A registered family. `section`, `module` and `flops` are import paths ("package.module:Name" for classes),
+  imported on first use."""
 
   name: str
-  config: str  # the model's config dataclass (vocab_size set)
-  section: str  # the training config's `model` section: the same fields, vocab_size -1 = the tokenizer's
+  section: str  # the training config's `model` section; `with_vocab(n)` gives the model's config
   module: str  # the nnx.Module class, built as module(config, rngs=rngs)
   flops: str  # a module with train_step_flops(config, batch, seq_len, *, causal_attention) and forward_flops(...)
-
-  def config_class(self) -> type:
-    return _load(self.config)
 
   def section_class(self) -> type:
     return _load(self.section)
@@ -93,6 +90,5 @@ def get(name: str, key: Optional[str] = "family") -> ModelFamily:
   return FAMILIES[name]
 
 
-MEGALODON = register(ModelFamily("megalodon", config="megalodon_jax.config:MegalodonConfig",
-                                 section="megalodon_jax.config:MegalodonSection",
+MEGALODON = register(ModelFamily("megalodon", section="megalodon_jax.config:MegalodonSection",
                                  module="megalodon_jax.model:MegalodonLM", flops="megalodon_jax.flops"))

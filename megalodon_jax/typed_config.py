@@ -29,11 +29,6 @@ def config_dict(obj: Any):
   return out
 
 
-def as_dict(obj: Any) -> dict[str, Any]:
-  """Plain nested dicts of a config dataclass (what `config.json` and checkpoint metadata hold)."""
-  return dataclasses.asdict(obj)
-
-
 def _is_float(hint: Any) -> bool:
   return hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint))
 

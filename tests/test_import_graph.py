@@ -327,9 +327,9 @@ def _assigned_keys(path: str) -> set[str]:
 def test_configs_share_the_typed_definition_of_every_field():
   """configs/default.py is the typed config's defaults plus the overrides it writes out: the same keys, and every
   value it does not assign is the typed default (a default re-typed there, or changed in one place only, fails)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
   import importlib.util  # pylint: disable=import-outside-toplevel
   from megalodon_jax.training.train_config import TrainConfig  # pylint: disable=import-outside-toplevel
-  from megalodon_jax.typed_config import as_dict  # pylint: disable=import-outside-toplevel
   path = os.path.join(REPO, "megalodon_jax", "configs", "default.py")
   if not os.path.exists(path):
     path = os.path.join(REPO, "configs", "default.py")
@@ -343,7 +343,7 @@ def test_configs_share_the_typed_definition_of_every_field():
       out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
     return out
 
-  shipped, typed = flat(module.get_config().to_dict()), flat(as_dict(TrainConfig()))
+  shipped, typed = flat(module.get_config().to_dict()), flat(dataclasses.asdict(TrainConfig()))
   assert set(shipped) == set(typed)
   overridden = _assigned_keys(path)
   assert overridden and overridden <= set(typed), overridden - set(typed)
@@ -351,6 +351,5 @@ def test_configs_share_the_typed_definition_of_every_field():
                                                                        if k not in overridden}
   # The model section's fields are the model config's: one definition of each (architecture.py, config.py).
   from megalodon_jax.config import MegalodonConfig  # pylint: disable=import-outside-toplevel
-  import dataclasses  # pylint: disable=import-outside-toplevel
   assert {k.split(".", 1)[1] for k in typed if k.startswith("model.")} == {
       f.name for f in dataclasses.fields(MegalodonConfig)}

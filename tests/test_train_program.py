@@ -65,7 +65,7 @@ def train_step_flops(config: ToyConfig, batch: int, seq_len: int, *, causal_atte
   return 3 * 2 * batch * seq_len * config.width * config.vocab_size
 
 
-TOY = families.ModelFamily("toy", config=f"{__name__}:ToyConfig", section=f"{__name__}:ToyConfig",
+TOY = families.ModelFamily("toy", section=f"{__name__}:ToyConfig",
                            module=f"{__name__}:ToyLM", flops=__name__)
 
 

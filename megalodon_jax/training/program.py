@@ -26,10 +26,12 @@ from megalodon_jax.training import optimizer, sharding
 from megalodon_jax.training import train_step as ts
 from megalodon_jax.training.train_config import TrainConfig
 
-# The (B, L) int32 arrays a step takes: tokens and targets, and with document_boundaries="reset" the document
-# positions (the model restarts where they are 0) and the target mask (data/pipeline.py).
-_CARRY_KEYS = ("inputs", "targets")
-_RESET_KEYS = _CARRY_KEYS + ("positions", "target_mask")
+
+def _batch_keys(config: TrainConfig) -> tuple[str, ...]:
+  """The (B, L) int32 arrays a step takes: tokens and targets, and with document_boundaries="reset" the document
+  positions (the model restarts where they are 0) and the target mask (data/pipeline.py)."""
+  reset = config.data.document_boundaries == "reset"
+  return ("inputs", "targets") + (("positions", "target_mask") if reset else ())
 
 
 @dataclasses.dataclass
@@ -38,8 +40,7 @@ class TrainProgram:
 
   config: the validated training config.  model_config: the family's model config (vocab_size set).
   mesh: the (data, sequence, fsdp, tensor) mesh.  graphdef / rng_vars: the model's static graph and its dropout RNG
-  variables (rebuilt from the seed at every step; only their structure matters).  tx / schedule: the optax optimizer
-  and its learning-rate schedule.  abstract_state: a `TrainState` of ShapeDtypeStructs with their target
+  variables (rebuilt from the seed at every step; only their structure matters).  tx: the optax optimizer.  abstract_state: a `TrainState` of ShapeDtypeStructs with their target
   shardings.  state_shardings: the same tree of NamedShardings (Variables kept around those of params and moments).
   batch_sharding: (B, L) split over the batch axes and the sequence axis.  train_step / eval_step: jitted, with
   those in/out shardings (the train step donates its state).
@@ -53,7 +54,6 @@ class TrainProgram:
   graphdef: Any
   rng_vars: Any
   tx: Any
-  schedule: Any
   abstract_state: ts.TrainState
   state_shardings: ts.TrainState
   batch_sharding: NamedSharding
@@ -83,8 +83,7 @@ class TrainProgram:
       rng_vars = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if a.dtype == jnp.uint32 else jax.random.key(0),
                               abs_rngs)
     batch_sharding = sharding.batch_sharding(mesh)
-    keys = _RESET_KEYS if config.data.document_boundaries == "reset" else _CARRY_KEYS
-    batch_sh = {k: batch_sharding for k in keys}
+    batch_sh = {k: batch_sharding for k in _batch_keys(config)}
     repl = sharding.replicated(mesh)
     train_step = jax.jit(ts.make_train_step(graphdef, rng_vars, tx, schedule, config.grad_accum_steps,
                                             config.loss_piece),
@@ -93,7 +92,7 @@ class TrainProgram:
     eval_step = jax.jit(ts.make_eval_step(graphdef, rng_vars, config.loss_piece),
                         in_shardings=(state_shardings, batch_sh), out_shardings=repl)
     return cls(config=config, model_config=model_config, devices=devices, mesh=mesh, rules=rules, graphdef=graphdef,
-               rng_vars=rng_vars, tx=tx, schedule=schedule,
+               rng_vars=rng_vars, tx=tx,
                abstract_state=sharding.with_shardings(abstract, state_shardings), state_shardings=state_shardings,
                batch_sharding=batch_sharding,
                # Rows shared by several processes (a `sequence` or `tensor` axis spanning hosts): every process then
@@ -103,8 +102,7 @@ class TrainProgram:
 
   @property
   def batch_keys(self) -> tuple[str, ...]:
-    """The (B, L) int32 arrays a step takes (see `_RESET_KEYS`)."""
-    return _RESET_KEYS if self.config.data.document_boundaries == "reset" else _CARRY_KEYS
+    return _batch_keys(self.config)
 
   def fresh_state(self) -> ts.TrainState:
     """Step-0 state, each array created directly with its sharding (no full copy on one device first)."""

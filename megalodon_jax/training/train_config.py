@@ -38,16 +38,12 @@ class MeshConfig:
   tensor: int = 1  # tensor parallelism over vocab / value / qk / mlp widths
 
 
-def _default_model() -> Any:
-  return families.MEGALODON.section_class()()
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a training run reads. `model` is the section class of `family` (families.py)."""
 
   family: str = "megalodon"  # the model family (families.FAMILIES); `model` holds its config fields
-  model: Any = dataclasses.field(default_factory=_default_model)
+  model: Any = dataclasses.field(default_factory=lambda: families.MEGALODON.section_class()())
   data: DataConfig = DataConfig()
   # ---- batch and schedule ----
   seed: int = 0  # parameter init, data order and dropout all derive from it
@@ -162,7 +158,7 @@ class TrainConfig:
 
   def to_json(self, indent: Optional[int] = None) -> str:
     """The config as JSON (config.json in a run directory, the checkpoints' metadata)."""
-    return json.dumps(typed_config.as_dict(self), indent=indent)
+    return json.dumps(dataclasses.asdict(self), indent=indent)
 
   def replace(self, **changes: Any) -> "TrainConfig":
     return dataclasses.replace(self, **changes)

@@ -2,9 +2,10 @@
 reach a model, and the registry that `--config.family` names.
 
 A family is a config class, a module class and its FLOP counts. The config class (a frozen dataclass with
-`vocab_size` and `num_params()`) and its training section (the same fields, `vocab_size=-1` meaning "the
-tokenizer's", `with_vocab(n)` giving the config) are the schema of the training config's `model` section
-(`typed_config`). The module class is an `nnx.Module` built as `module(config, rngs=...)` that provides the
+`vocab_size`, `chunk_size` (the block length sequences split into and prefill pieces align to; 1 for a model
+without chunks), `num_params()` and `official_kwargs()`, what a checkpoint records as its model) and its training
+section (the same fields, `vocab_size=-1` meaning "the tokenizer's", `with_vocab(n)` giving the config) are the
+schema of the training config's `model` section (`typed_config`). The module class is an `nnx.Module` built as `module(config, rngs=...)` that provides the
 `LanguageModel` methods. Adding a family (e.g. a Llama baseline) is one `register(...)` call; the trainer loop does
 not change.
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +30,16 @@ class ToyConfig:
   """A bigram model's config; vocab_size -1: the tokenizer's (so it is its own training section)."""
   vocab_size: int = -1
   width: int = 16
+  chunk_size: int = 1  # no chunks: any length splits anywhere
 
   def with_vocab(self, tokenizer_vocab_size: int) -> "ToyConfig":
     return dataclasses.replace(self, vocab_size=tokenizer_vocab_size if self.vocab_size == -1 else self.vocab_size)
 
   def num_params(self) -> int:
     return 2 * self.vocab_size * self.width
+
+  def official_kwargs(self) -> dict:
+    return dataclasses.asdict(self)
 
 
 class ToyLM(nnx.Module):
@@ -128,3 +134,31 @@ def test_train_state_keeps_the_checkpoint_layout():
   assert list(tree) == ["step", "params", "buffers", "opt_state", "rng"]
   back = type(program.abstract_state).from_tree(tree)
   assert jax.tree.structure(back) == jax.tree.structure(program.abstract_state)
+
+
+def test_the_trainer_runs_and_resumes_a_registered_family(toy_family, tmp_path):
+  """The trainer loop, unchanged, trains the toy family, checkpoints it and resumes it: the resumed run's losses are
+  the uninterrupted run's, bitwise."""
+  from megalodon_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.training.metrics import read_metrics  # pylint: disable=import-outside-toplevel
+
+  starts = []
+
+  def run(workdir, total_steps):
+    cfg = toy_config(total_steps=total_steps, checkpoint_every=2, log_every=1, eval_every=2, eval_batches=1,
+                     num_samples=1, sample_len=4, tensorboard=False, progress_bar="off", async_checkpointing=False)
+    cfg["data"] = {**cfg["data"], "data_dir": str(tmp_path / "tfds"), "max_documents": 40}
+    trainer.train_and_evaluate(cfg, str(workdir), devices=jax.devices()[:2], on_start=starts.append)
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir / "metrics.jsonl")) if "loss" in r}
+
+  straight = run(tmp_path / "straight", 4)
+  shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")  # as if stopped after the save of step 2
+  resumed = run(tmp_path / "resumed", 4)
+  assert starts == [0, 2]  # the second run resumed from the checkpoint of step 2
+  assert sorted(straight) == sorted(resumed) == [1, 2, 3, 4]
+  assert resumed == straight
+  assert straight[4] < straight[1]
+  meta = json.loads((tmp_path / "straight" / "config.json").read_text())
+  assert meta["family"] == "toy" and meta["model"] == {"vocab_size": -1, "width": 16, "chunk_size": 1}
+

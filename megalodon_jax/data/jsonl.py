@@ -39,28 +39,16 @@ def jsonl_documents(path: str, validation_percent: float, max_documents: int, te
 def open_lines(path: str) -> Iterator[IO[bytes]]:
   """`path` as a binary stream of its decompressed bytes (by suffix: .gz, .zst / .zstd, or plain)."""
   lower = path.lower()
-  if paths.is_remote(path):  # through epath; the decompressors take the stream
-    with paths.as_path(path).open("rb") as raw:
-      if lower.endswith(".gz"):
-        with gzip.GzipFile(fileobj=raw, mode="rb") as f:
-          yield f
-      elif lower.endswith((".zst", ".zstd")):
-        import zstandard  # pylint: disable=import-outside-toplevel
-        with zstandard.ZstdDecompressor().stream_reader(raw) as f:
-          yield io.BufferedReader(f)
-      else:
-        yield raw
-    return
-  if lower.endswith(".gz"):
-    with gzip.open(path, "rb") as f:
-      yield f
-  elif lower.endswith((".zst", ".zstd")):
-    import zstandard  # pylint: disable=import-outside-toplevel  # only JSONL.zst corpora need it
-    with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
-      yield io.BufferedReader(f)
-  else:
-    with open(path, "rb") as f:
-      yield f
+  with paths.as_path(path).open("rb") as raw:  # local or gs://; the decompressors take the stream
+    if lower.endswith(".gz"):
+      with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+        yield f
+    elif lower.endswith((".zst", ".zstd")):
+      import zstandard  # pylint: disable=import-outside-toplevel  # only JSONL.zst corpora need it
+      with zstandard.ZstdDecompressor().stream_reader(raw) as f:
+        yield io.BufferedReader(f)
+    else:
+      yield raw
 
 
 def _records(f: DocFile, text_key: str) -> Iterator[tuple[int, str]]:
@@ -102,10 +90,6 @@ def _check_text(text: str, where: str, text_key: str) -> None:
                     f"which is not text (UTF-8 cannot encode it)") from None
 
 
-def _count(f: DocFile, text_key: str) -> int:
-  return sum(1 for _ in _records(f, text_key))
-
-
 def held_out_count(records: int, validation_percent: float) -> int:
   """Records at the end of a file that the position rule holds out: about `validation_percent`, at least one when
   the file has two or more, never all of them."""
@@ -128,14 +112,10 @@ class MegalodonJsonl(text_files.DocumentFilesBuilder, skip_registration=True):
     for f in files:
       records = _records(f, key)
       if f.part:  # position rule: a first pass counts the records (and checks them all)
-        n = _count(f, key)
+        n = sum(1 for _ in _records(f, key))
         tail = held_out_count(n, percent)
         start, stop = (n - tail, n) if f.part == "tail" else (0, n - tail)
         records = (r for j, r in enumerate(records) if start <= j < stop)
       for number, text in records:
         yield i, {"text": text, "name": f"{f.name}:{number}"}
         i += 1
-
-
-def make_builder(documents: DocumentSet, data_dir: str) -> MegalodonJsonl:
-  return MegalodonJsonl(documents=documents, data_dir=data_dir, file_format="array_record")

@@ -160,19 +160,15 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
   return {**head, "rows": {"first": 0, "states": [merged[r] for r in range(batch_size)]}}
 
 
-def _per_process_batch(batch_size: int, process_count: int, process_index: int) -> int:
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise DataError(f"batch_size={batch_size!r}: must be an int >= 1")
+def _per_process_batch(seq_len: int, batch_size: int, process_count: int, process_index: int) -> int:
+  """Checks the settings both iterators share; returns the rows per process."""
+  sources.check_number("seq_len", seq_len, 1)
+  sources.check_number("batch_size", batch_size, 1)
   if not 0 <= process_index < process_count:
     raise DataError(f"process_index={process_index} is not in [0, process_count={process_count})")
   if batch_size % process_count:
     raise DataError(f"batch_size={batch_size} is not divisible by the process count {process_count}")
   return batch_size // process_count
-
-
-def _check_seq_len(seq_len: int) -> None:
-  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-    raise DataError(f"seq_len={seq_len!r}: must be an int >= 1")
 
 
 def make_train_iterator(data: Union[sources.DataPlan, Any], *, seq_len: int, batch_size: int, seed: int,
@@ -189,13 +185,10 @@ def make_train_iterator(data: Union[sources.DataPlan, Any], *, seq_len: int, bat
     DataError: bad settings, unprepared data or an empty split; from next(): a row that reads only empty documents
       for 8 * N + 64 documents in a row (N = the split's documents).
   """
-  _check_seq_len(seq_len)
-  local_batch = _per_process_batch(batch_size, process_count, process_index)
+  local_batch = _per_process_batch(seq_len, batch_size, process_count, process_index)
   plan = sources.as_plan(data)
   tokenizer = make_tokenizer(plan)
-  source = sources.open_split(plan, plan.train_split, "train_split")
-  if len(source) == 0:
-    raise DataError(f"data.train_split={plan.train_split!r} has no documents")
+  source = sources.open_split(plan, plan.train_split, "train_split")  # not empty
   docs = global_documents(grain.MapDataset.source(source), seed=seed)
   reader = DocumentReader(docs.map(_Tokenize(tokenizer, plan.add_eos)))
   reset = plan.document_boundaries == "reset"
@@ -223,10 +216,8 @@ def make_eval_batches(data: Union[sources.DataPlan, Any], *, seq_len: int, batch
   Raises:
     DataError: bad settings, unprepared data, or a split too short for one full batch.
   """
-  _check_seq_len(seq_len)
-  local_batch = _per_process_batch(batch_size, process_count, process_index)
-  if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-    raise DataError(f"num_batches={num_batches!r}: must be an int >= 1")
+  local_batch = _per_process_batch(seq_len, batch_size, process_count, process_index)
+  sources.check_number("num_batches", num_batches, 1)
   plan = sources.as_plan(data)
   key = "eval_split" if split is None else "split"
   split = plan.eval_split if split is None else split

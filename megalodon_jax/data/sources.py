@@ -27,7 +27,7 @@ from tensorflow_datasets.core import read_only_builder
 
 from megalodon_jax import paths
 from megalodon_jax.data import enwik8, jsonl, text_files
-from megalodon_jax.data.config import DataConfig
+from megalodon_jax.data.config import FIELDS, DataConfig
 from megalodon_jax.data.stdlib_corpus import stdlib_documents
 from megalodon_jax.data.tokenizers import check_tokenizer_config
 from megalodon_jax.errors import DataError
@@ -42,22 +42,18 @@ log = logging.getLogger(__name__)
 DATASETS = ("stdlib", "text_files", "jsonl", "enwik8", "tfds")
 DOCUMENT_BOUNDARIES = ("carry", "reset")
 
-_DEFAULTS = DataConfig()  # what an object lacking a field (an older config) gets: the field's one default
+_DEFAULTS = DataConfig()  # what an object lacking a field (an older config, a namespace) gets: its one default
 
 tfds.disable_progress_bar()
 
 
-def field(data_cfg: Any, key: str) -> Any:
-  """`data_cfg.<key>`, or its default when the object has no such attribute."""
-  return getattr(data_cfg, key, getattr(_DEFAULTS, key))
-
-
-def _check_number(key: str, value: Any, low: float, high: Optional[float], integer: bool) -> None:
+def check_number(name: str, value: Any, low: float, high: Optional[float] = None, integer: bool = True) -> None:
+  """Raises DataError unless `value` is an int (a number when not `integer`; never a bool) in [low, high]."""
   types = (int,) if integer else (int, float)
   if isinstance(value, bool) or not isinstance(value, types) or value < low or (high is not None and value > high):
     kind = "an int" if integer else "a number"
     bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-    raise DataError(f"data.{key}={value!r}: must be {kind} {bounds}")
+    raise DataError(f"{name}={value!r}: must be {kind} {bounds}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,45 +86,43 @@ def plan(data_cfg: Any) -> DataPlan:
   Raises:
     DataError: the first problem, naming its `data.*` key; ConfigError: a `tokenizer_path` with the byte tokenizer.
   """
-  dataset = field(data_cfg, "dataset")
+  cfg = DataConfig(**{k: getattr(data_cfg, k, getattr(_DEFAULTS, k)) for k in FIELDS})
+  dataset = cfg.dataset
   if dataset not in DATASETS:
     raise DataError(f"data.dataset={dataset!r} is unknown; use one of {DATASETS}")
-  check_tokenizer_config(data_cfg)
-  if paths.is_remote(field(data_cfg, "data_dir")):
-    raise DataError(f"data.data_dir={field(data_cfg, 'data_dir')!r}: the prepared records are read with local file "
+  check_tokenizer_config(cfg)
+  if paths.is_remote(cfg.data_dir):
+    raise DataError(f"data.data_dir={cfg.data_dir!r}: the prepared records are read with local file "
                     f"IO (array_record), so it must be a local folder; data.path and data.tokenizer_path may be "
                     f"gs:// URLs")
-  workers = field(data_cfg, "worker_count")
-  if workers != 0:
-    raise DataError(f"data.worker_count={workers!r}: only 0 is supported (documents are tokenized and packed in the "
-                    f"main process, which keeps up with training on the datasets here)")
-  if field(data_cfg, "document_boundaries") not in DOCUMENT_BOUNDARIES:
-    raise DataError(f"data.document_boundaries={field(data_cfg, 'document_boundaries')!r}: use 'carry' (state flows "
+  if cfg.worker_count != 0:
+    raise DataError(f"data.worker_count={cfg.worker_count!r}: only 0 is supported (documents are tokenized and "
+                    f"packed in the main process, which keeps up with training on the datasets here)")
+  if cfg.document_boundaries not in DOCUMENT_BOUNDARIES:
+    raise DataError(f"data.document_boundaries={cfg.document_boundaries!r}: use 'carry' (state flows "
                     f"across packed documents, the official training) or 'reset' (the model restarts at each)")
-  if not isinstance(field(data_cfg, "add_eos"), bool):
-    raise DataError(f"data.add_eos={field(data_cfg, 'add_eos')!r}: must be True or False")
+  if not isinstance(cfg.add_eos, bool):
+    raise DataError(f"data.add_eos={cfg.add_eos!r}: must be True or False")
   for key in ("train_split", "eval_split"):
-    if not isinstance(field(data_cfg, key), str) or not field(data_cfg, key):
-      raise DataError(f"data.{key}={field(data_cfg, key)!r}: must be a split name such as 'train'")
+    if not isinstance(getattr(cfg, key), str) or not getattr(cfg, key):
+      raise DataError(f"data.{key}={getattr(cfg, key)!r}: must be a split name such as 'train'")
   # data_dir "" is TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
-  root = os.path.expanduser(field(data_cfg, "data_dir") or tfds.core.constants.DATA_DIR)
-  out = DataPlan(dataset, (), root, tokenizer_path=field(data_cfg, "tokenizer_path") or "", **{
-      k: field(data_cfg, k) for k in ("train_split", "eval_split", "add_eos", "document_boundaries", "tokenizer",
-                                      "manual_dir")})
+  root = os.path.expanduser(cfg.data_dir or tfds.core.constants.DATA_DIR)
+  out = DataPlan(dataset, (), root, cfg.train_split, cfg.eval_split, cfg.add_eos, cfg.document_boundaries,
+                 cfg.tokenizer, cfg.tokenizer_path or "", cfg.manual_dir)
 
   if dataset in ("stdlib", "text_files", "jsonl"):
-    percent = field(data_cfg, "validation_percent")
-    _check_number("validation_percent", percent, 0, 100, integer=False)
-    max_docs = field(data_cfg, "max_documents")
-    _check_number("max_documents", max_docs, 0, None, integer=True)
+    percent, max_docs = cfg.validation_percent, cfg.max_documents
+    check_number("data.validation_percent", percent, 0, 100, integer=False)
+    check_number("data.max_documents", max_docs, 0)
     if dataset == "stdlib":
       docs = stdlib_documents(percent, max_docs)
       if not docs.files:
         raise DataError(f"data.dataset='stdlib': no .py files found under {docs.root}")
     elif dataset == "jsonl":
-      docs = jsonl.jsonl_documents(field(data_cfg, "path"), percent, max_docs, field(data_cfg, "text_key"))
+      docs = jsonl.jsonl_documents(cfg.path, percent, max_docs, cfg.text_key)
     else:
-      docs = text_files.text_files_documents(field(data_cfg, "path"), percent, max_docs)
+      docs = text_files.text_files_documents(cfg.path, percent, max_docs)
     out = dataclasses.replace(out, splits=text_files.SPLITS, documents=docs)
     if dataset == "text_files" and not _prepared(_builder(out)):  # once prepared, the files were checked
       text_files.check_text_files(docs.files)
@@ -147,14 +141,11 @@ def plan(data_cfg: Any) -> DataPlan:
         raise DataError(f"data.manual_dir: {path} holds {size:,} bytes of enwik8, expected exactly {expected:,}; "
                         f"the file is truncated or not enwik8 (re-download {enwik8.URL})")
   else:
-    out = _tfds_plan(data_cfg, out)
+    out = _tfds_plan(cfg, out)
 
-  for key in ("train_split", "eval_split"):
-    if getattr(out, key) not in out.splits:
-      raise DataError(f"data.{key}={getattr(out, key)!r}: data.dataset={dataset!r} has no such split; "
-                      f"it has {list(out.splits)}")
-  if out.documents is not None and not out.documents.split(out.train_split):
-    raise DataError(_empty_split_message(out, out.train_split, "data.train_split"))
+  for key in ("train_split", "eval_split"):  # both exist, then the training split has documents
+    _check_split(out, getattr(out, key), f"data.{key}", documents=False)
+  _check_split(out, out.train_split, "data.train_split")
   return out
 
 
@@ -166,8 +157,8 @@ def as_plan(data: Union[DataPlan, Any]) -> DataPlan:
   return data if isinstance(data, DataPlan) else plan(data)
 
 
-def _tfds_plan(data_cfg: Any, base: DataPlan) -> DataPlan:
-  name, root = field(data_cfg, "name"), base.data_dir
+def _tfds_plan(cfg: DataConfig, base: DataPlan) -> DataPlan:
+  name, root, text_key = cfg.name, base.data_dir, cfg.text_key
   if not name:
     raise DataError("data.name is empty; data.dataset='tfds' needs a prepared TFDS dataset name, e.g. 'pg19' or "
                     "'lm1b/<config>'")
@@ -185,7 +176,6 @@ def _tfds_plan(data_cfg: Any, base: DataPlan) -> DataPlan:
   if fmt is None or getattr(fmt, "value", fmt) != "array_record":
     raise DataError(f"data.name={name!r} in {builder.data_dir} is prepared as {getattr(fmt, 'value', fmt)}, but "
                     f"reading without TensorFlow needs array_record: rebuild it with --file_format=array_record")
-  text_key = field(data_cfg, "text_key")
   features = builder.info.features
   if text_key not in features.keys():
     raise DataError(f"data.text_key={text_key!r}: {name!r} has no such feature; it has {sorted(features.keys())}")
@@ -193,20 +183,31 @@ def _tfds_plan(data_cfg: Any, base: DataPlan) -> DataPlan:
                              text_key=text_key)
 
 
-def _empty_split_message(data_plan: DataPlan, split: str, label: str) -> str:
+def _check_split(data_plan: DataPlan, split: str, label: str, documents: bool = True) -> None:
+  """Raises DataError unless the dataset has `split` and, when `documents`, that split holds a document; `label`
+  names the setting it came from in messages."""
+  if split not in data_plan.splits:
+    raise DataError(f"{label}={split!r}: data.dataset={data_plan.dataset!r} has no such split; it has "
+                    f"{list(data_plan.splits)}")
+  if not documents or data_plan.documents is None or data_plan.documents.split(split):
+    return
   n, percent = len(data_plan.documents.files), data_plan.documents.validation_percent
   if data_plan.documents.rule == "position":
-    return (f"{label}={split!r} has no documents: the {n} selected files are too small to cut in two (each needs "
-            f"2 bytes or more)")
-  return (f"{label}={split!r} has no documents: data.validation_percent={percent} "
-          f"puts {'all' if split == 'train' else 'none'} of the {n} selected files in 'validation' (raise "
-          f"data.max_documents or add files{'' if split == 'train' else ', or raise data.validation_percent'})")
+    raise DataError(f"{label}={split!r} has no documents: the {n} selected files are too small to cut in two (each "
+                    f"needs 2 bytes or more)")
+  raise DataError(f"{label}={split!r} has no documents: data.validation_percent={percent} "
+                  f"puts {'all' if split == 'train' else 'none'} of the {n} selected files in 'validation' (raise "
+                  f"data.max_documents or add files{'' if split == 'train' else ', or raise data.validation_percent'})")
+
+
+_DOCUMENT_BUILDERS = {"stdlib": text_files.MegalodonStdlib, "text_files": text_files.MegalodonTextFiles,
+                      "jsonl": jsonl.MegalodonJsonl}
+
 
 def _builder(data_plan: DataPlan, raw_path: Optional[str] = None) -> tfds.core.DatasetBuilder:
-  if data_plan.documents is not None and data_plan.dataset == "jsonl":
-    return jsonl.make_builder(data_plan.documents, data_plan.data_dir)
-  if data_plan.documents is not None:
-    return text_files.make_builder(data_plan.documents, data_plan.data_dir)
+  if data_plan.documents is not None:  # stdlib / text_files / jsonl
+    return _DOCUMENT_BUILDERS[data_plan.dataset](documents=data_plan.documents, data_dir=data_plan.data_dir,
+                                                 file_format="array_record")
   if data_plan.dataset == "enwik8":
     return enwik8.MegalodonEnwik8(raw_path=raw_path, data_dir=data_plan.data_dir, file_format="array_record")
   return tfds.builder_from_directory(data_plan.builder_dir)
@@ -293,11 +294,7 @@ def open_split(data: Union[DataPlan, Any], split: str, key: str) -> TextSource:
   """
   data_plan = as_plan(data)
   label = f"data.{key}" if key in ("train_split", "eval_split") else key
-  if split not in data_plan.splits:
-    raise DataError(f"{label}={split!r}: data.dataset={data_plan.dataset!r} has no such split; it has "
-                    f"{list(data_plan.splits)}")
-  if data_plan.documents is not None and not data_plan.documents.split(split):
-    raise DataError(_empty_split_message(data_plan, split, label))
+  _check_split(data_plan, split, label)
   builder = _builder(data_plan)
   if data_plan.dataset != "tfds" and not _prepared(builder):
     raise DataError(f"data.dataset={data_plan.dataset!r} is not prepared in data.data_dir={data_plan.data_dir!r}; "

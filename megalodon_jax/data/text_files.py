@@ -101,18 +101,17 @@ class DocFile:
 
 def read_part(f: DocFile, validation_percent: float) -> bytes:
   """The bytes of `f`: the whole file, or its head / tail under the position rule (see `line_cut`)."""
-  if paths.is_remote(f.path):  # no mmap of an object: read it whole (a file part needs the cut of the whole)
-    data = paths.as_path(f.path).read_bytes()
-    if not f.part or f.size == 0:
-      return data
-    cut = line_cut(data, validation_percent)
-    return data[:cut] if f.part == "head" else data[cut:]
   if not f.part or f.size == 0:
-    with open(f.path, "rb") as fh:
-      return fh.read()
+    return paths.as_path(f.path).read_bytes()
+  if paths.is_remote(f.path):  # no mmap of an object: read it whole (a file part needs the cut of the whole)
+    return _part(paths.as_path(f.path).read_bytes(), f.part, validation_percent)
   with open(f.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-    cut = line_cut(data, validation_percent)  # mmap: only the pages around the cut are read
-    return data[:cut] if f.part == "head" else data[cut:]
+    return _part(data, f.part, validation_percent)  # mmap: only the pages around the cut are read
+
+
+def _part(data, part: str, validation_percent: float) -> bytes:
+  cut = line_cut(data, validation_percent)
+  return data[:cut] if part == "head" else data[cut:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,9 +335,3 @@ class MegalodonStdlib(DocumentFilesBuilder, skip_registration=True):
   """dataset="stdlib": this Python's standard-library sources."""
 
   name = "megalodon_stdlib"
-
-
-def make_builder(documents: DocumentSet, data_dir: str) -> DocumentFilesBuilder:
-  """The builder for `documents` (stdlib / text_files; jsonl has its own, `jsonl.make_builder`)."""
-  cls = MegalodonStdlib if documents.kind == "stdlib" else MegalodonTextFiles
-  return cls(documents=documents, data_dir=data_dir, file_format="array_record")

@@ -45,8 +45,7 @@ def global_documents(ds: grain.MapDataset, *, seed: int) -> grain.MapDataset:
 
 def document_order(num_documents: int, count: int, *, seed: int) -> np.ndarray:
   """The first `count` document indices of the global sequence: (count,) int64."""
-  ds = global_documents(grain.MapDataset.range(num_documents), seed=seed)
-  return np.asarray([ds[i] for i in range(count)], dtype=np.int64)
+  return row_documents(num_documents, count, seed=seed, batch_size=1, row=0)
 
 
 def row_documents(num_documents: int, count: int, *, seed: int, batch_size: int, row: int) -> np.ndarray:
@@ -150,12 +149,9 @@ class RowPacker:
     for f in self._pending:
       f.cancel()
     self._pending.clear()
-    self._doc, self._offset = np.zeros((0,), np.int32), 0
-    self._started = documents - 1 if offset else documents
-    if offset:
-      self._pending.append(self._reader.request(self._row + self._started * self._stride))
-      self._doc = self._pending.popleft().result()
-      self._started += 1
+    self._doc, self._offset, self._started = np.zeros((0,), np.int32), 0, documents
+    if offset:  # document `documents - 1` is in progress
+      self._doc = self._reader.request(self._row + (documents - 1) * self._stride).result()
       if offset >= self._doc.size:
         raise DataError(f"batch row {self._row}: state offset {offset} is past the end of its document "
                         f"({self._doc.size} tokens): the data changed since the state was saved")

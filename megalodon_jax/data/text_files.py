@@ -168,11 +168,8 @@ class DocumentSet:
 
 def stat_files(named_paths: Sequence[tuple[str, str]], max_documents: int) -> tuple[DocFile, ...]:
   """DocFiles for (name, path) pairs: sorted by name, the first `max_documents` kept (0 = all)."""
-  ordered = sorted(named_paths)
-  if max_documents:
-    ordered = ordered[:max_documents]
   out = []
-  for name, path in ordered:
+  for name, path in sorted(named_paths)[:max_documents or None]:
     if paths.is_remote(path):
       st = paths.as_path(path).stat()  # objects: whole seconds
       out.append(DocFile(name, path, int(st.length), int(st.mtime) * 10**9))

@@ -101,19 +101,18 @@ def check_tokenizer_config(data_cfg: Any) -> None:
   """Raises DataError for an unknown `data.tokenizer` or a missing `data.tokenizer_path`, ConfigError for a
   `data.tokenizer_path` that the byte tokenizer would ignore; loads nothing."""
   name = getattr(data_cfg, "tokenizer", "bytes")
+  path = getattr(data_cfg, "tokenizer_path", "") or ""
   if name not in TOKENIZERS:
     raise DataError(f"data.tokenizer={name!r} is unknown; use one of {TOKENIZERS}")
-  if name == "bytes" and (getattr(data_cfg, "tokenizer_path", "") or ""):
-    raise ConfigError(f"data.tokenizer_path={data_cfg.tokenizer_path!r} is set but data.tokenizer='bytes' never "
+  if name == "bytes" and path:
+    raise ConfigError(f"data.tokenizer_path={path!r} is set but data.tokenizer='bytes' never "
                       f"reads it: pass --config.data.tokenizer=sentencepiece to train with that model, or leave "
                       f"data.tokenizer_path empty for bytes")
-  if name == "sentencepiece":
-    path = getattr(data_cfg, "tokenizer_path", "") or ""
-    if not path:
-      raise DataError("data.tokenizer_path is empty; data.tokenizer='sentencepiece' needs the .model file, e.g. "
-                      "--config.data.tokenizer_path=/path/to/tokenizer.model")
-    if not paths.as_path(path).is_file():
-      raise DataError(f"data.tokenizer_path={path!r} does not exist (or is not a file)")
+  if name == "sentencepiece" and not path:
+    raise DataError("data.tokenizer_path is empty; data.tokenizer='sentencepiece' needs the .model file, e.g. "
+                    "--config.data.tokenizer_path=/path/to/tokenizer.model")
+  if name == "sentencepiece" and not paths.as_path(path).is_file():
+    raise DataError(f"data.tokenizer_path={path!r} does not exist (or is not a file)")
 
 
 def make_tokenizer(data_cfg: Any) -> Union[ByteTokenizer, SentencePieceTokenizer]:

@@ -49,16 +49,7 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 def peak_flops(device_kind: str) -> Optional[float]:
   """Peak dense bf16 FLOP/s of one device from its jax `device_kind`, or None for an unknown device (e.g. CPU)."""
   kind = device_kind.lower()
-  for key, value in PEAK_BF16_FLOPS:
-    if key.lower() in kind:
-      return value
-  return None
-
-
-def _chunk_lengths(chunk_size: int, seq_len: int) -> list[int]:
-  """Lengths of the attention chunks of a sequence: full chunks of C, then the remainder if any."""
-  full, rest = divmod(seq_len, chunk_size)
-  return [chunk_size] * full + ([rest] if rest else [])
+  return next((value for key, value in PEAK_BF16_FLOPS if key.lower() in kind), None)
 
 
 def forward_flops(config: MegalodonConfig, batch: int, seq_len: int, *,
@@ -101,10 +92,10 @@ def forward_flops(config: MegalodonConfig, batch: int, seq_len: int, *,
     return float(batch) * layers * sum(2.0 * n * n * (Z + E) for n in lengths)
 
   c_eff = min(c.chunk_size, seq_len)  # ops/attention.py: a sequence shorter than C is one chunk of L
-  lengths = _chunk_lengths(c_eff, seq_len)
-  out["attention_full"] = attention(lengths)
+  full, rest = divmod(seq_len, c_eff)  # full chunks of C, then one of the remainder (a chunk of 0 costs 0)
+  out["attention_full"] = attention([c_eff] * full + [rest])
   out["attention_causal"] = 0.5 * out["attention_full"]
-  out["attention_padded"] = attention([c_eff] * len(lengths))
+  out["attention_padded"] = attention([c_eff] * (full + (rest > 0)))  # the last chunk zero-padded to C
   out["attention"] = out["attention_causal"] if causal_attention else out["attention_full"]
 
   n_fft = 2 * (1 << max(0, (seq_len - 1).bit_length()))

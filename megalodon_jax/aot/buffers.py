@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import pathlib
 import re
 from typing import Optional
 
@@ -42,15 +43,9 @@ class BufferReport:
   largest: tuple[Temporary, ...]
 
 
-def _strip_layout(shape: str) -> str:
-  """"bf16[8,128,32000]{2,1,0:T(8,128)(2,1)}" -> "bf16[8,128,32000]"."""
-  return re.sub(r"\{[^}]*\}$", "", shape)
-
-
 def _find(dump_dir: str, suffix: str, module_hint: str) -> Optional[str]:
   """The dump file ending in `suffix` of the largest module whose name contains `module_hint`."""
   files = [f for f in glob.glob(os.path.join(dump_dir, f"*{suffix}")) if module_hint in os.path.basename(f)]
-  files = [f for f in files if f.endswith(suffix)]
   return max(files, key=os.path.getsize) if files else None
 
 
@@ -116,7 +111,8 @@ def parse(assignment_text: str, names: Optional[dict[str, str]] = None, top: int
       continue
     v = _VALUE.match(line)
     if v:
-      instr, size, shape = v.group(1), int(v.group(2)), _strip_layout(v.group(4).strip())
+      # The layout stripped: "bf16[8,128,32000]{2,1,0:T(8,128)(2,1)}" -> "bf16[8,128,32000]".
+      instr, size, shape = v.group(1), int(v.group(2)), re.sub(r"\{[^}]*\}$", "", v.group(4).strip())
       if shape.startswith("("):  # a tuple: a table of pointers to other buffers
         continue
       op = names.get(instr, "")
@@ -133,12 +129,8 @@ def read_dump(dump_dir: str, module_hint: str, top: int = 8) -> Optional[BufferR
   if path is None:
     return None
   hlo_path = _find(dump_dir, "after_optimizations.txt", module_hint)
-  names = {}
-  if hlo_path is not None:
-    with open(hlo_path) as f:
-      names = op_names(f.read())
-  with open(path) as f:
-    return parse(f.read(), names, top)
+  names = op_names(pathlib.Path(hlo_path).read_text()) if hlo_path is not None else {}
+  return parse(pathlib.Path(path).read_text(), names, top)
 
 
 def short_op(op_name: str, width: int = 90) -> str:

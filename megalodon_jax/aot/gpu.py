@@ -129,11 +129,8 @@ def prepare_environment() -> dict[str, str]:
     RuntimeError: jax already discovered its plugins without registering the CUDA one (the start-up check failed
       because the variables came too late): set them in the shell, or call this first thing in the process.
   """
-  set_now = {}
-  for name, value in _ENV.items():
-    if name not in os.environ:
-      os.environ[name] = value
-      set_now[name] = value
+  set_now = {name: value for name, value in _ENV.items() if name not in os.environ}
+  os.environ.update(set_now)
   discovered, cuda_registered = _plugin_state()
   if discovered and not cuda_registered:
     raise RuntimeError(
@@ -161,11 +158,9 @@ def _topology_devices(kind: str, topology: str) -> tuple:
   try:
     desc = topologies.get_topology_desc(platform=LOWERING_PLATFORM, target_config=target_config(kind),
                                         topology=topology)
-  except NotImplementedError as e:
-    ok, why = cuda_available()
-    hint = why if not ok else ("the CUDA plugin did not register: call prepare_environment() before jax starts "
-                               "its backends")
-    raise RuntimeError(f"no abstract CUDA devices ({e}); {hint}") from e
+  except NotImplementedError as e:  # gpu_devices checked that the plugin is installed: it did not register
+    raise RuntimeError(f"no abstract CUDA devices ({e}); the CUDA plugin did not register: call prepare_environment() "
+                       "before jax starts its backends") from e
   return tuple(desc.devices)
 
 

@@ -82,42 +82,29 @@ def compile_program(program: Program, target: Target, mesh, settings: dict, *, d
         compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
     except Exception as e:  # pylint: disable=broad-except
       seconds = time.perf_counter() - start
-      message = str(e)
-      temp = _oom_temp_gib(message)
+      temp = _oom_temp_gib(str(e)) or 0.0
       report = Report(**base, compiled=False, compile_seconds=seconds, argument_gib=0.0, output_gib=0.0,
-                      alias_gib=0.0, temp_gib=temp or 0.0, peak_gib=temp or 0.0, fits=False, xla_flops=None,
-                      error=_first_lines(message))
-      _add_buffers(report, dump, program.name, top)
-      report.suggestions = suggest(report)
-      return report
-    seconds = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    arg, out = mem.argument_size_in_bytes / GIB, mem.output_size_in_bytes / GIB
-    alias, temp = mem.alias_size_in_bytes / GIB, mem.temp_size_in_bytes / GIB
-    peak = arg + out - alias + temp
-    report = Report(**base, compiled=True, compile_seconds=seconds, argument_gib=arg, output_gib=out,
-                    alias_gib=alias, temp_gib=temp, peak_gib=peak, fits=peak <= FIT_FRACTION * hbm,
-                    xla_flops=float(cost.get("flops", 0.0)) if cost else None)
-    _add_buffers(report, dump, program.name, top)
+                      alias_gib=0.0, temp_gib=temp, peak_gib=temp, fits=False, xla_flops=None,
+                      error="\n".join([l for l in str(e).splitlines() if l.strip()][:3]))
+    else:
+      seconds = time.perf_counter() - start
+      mem = compiled.memory_analysis()
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      arg, out = mem.argument_size_in_bytes / GIB, mem.output_size_in_bytes / GIB
+      alias, temp = mem.alias_size_in_bytes / GIB, mem.temp_size_in_bytes / GIB
+      peak = arg + out - alias + temp
+      report = Report(**base, compiled=True, compile_seconds=seconds, argument_gib=arg, output_gib=out,
+                      alias_gib=alias, temp_gib=temp, peak_gib=peak, fits=peak <= FIT_FRACTION * hbm,
+                      xla_flops=float(cost.get("flops", 0.0)) if cost else None)
+    parsed = buffers.read_dump(dump, f"jit_{program.name}", top) or buffers.read_dump(dump, program.name, top)
+    if parsed is not None:
+      report.buffer_temp_gib = parsed.temp_bytes / GIB
+      report.largest = [{"shape": t.shape, "gib": t.bytes / GIB, "instruction": t.instruction, "source": t.op_name}
+                        for t in parsed.largest]
     if not report.fits:
       report.suggestions = suggest(report)
     return report
-
-
-def _first_lines(message: str, count: int = 3) -> str:
-  lines = [l for l in message.splitlines() if l.strip()]
-  return "\n".join(lines[:count])
-
-
-def _add_buffers(report: Report, dump: str, name: str, top: int) -> None:
-  parsed = buffers.read_dump(dump, f"jit_{name}", top) or buffers.read_dump(dump, name, top)
-  if parsed is None:
-    return
-  report.buffer_temp_gib = parsed.temp_bytes / GIB
-  report.largest = [{"shape": t.shape, "gib": t.bytes / GIB, "instruction": t.instruction, "source": t.op_name}
-                    for t in parsed.largest]
 
 
 def _global_batch_tensors(report: Report) -> list[str]:

@@ -20,14 +20,12 @@ from megalodon_jax import mesh_axes
 from megalodon_jax.inference.generation import DEFAULT_PREFILL_TOKENS
 from megalodon_jax.training.program import TrainProgram
 
-PROGRAMS = ("train_step", "prefill", "decode")
-
 
 @dataclasses.dataclass
 class Program:
   """A jitted function and the abstract arguments to trace it with.
 
-  name: one of PROGRAMS.  fn: the jitted function.  args: ShapeDtypeStructs carrying shardings.
+  name: "train_step", "prefill" or "decode".  fn: the jitted function.  args: ShapeDtypeStructs carrying shardings.
   analytic_flops: FLOPs per chip from megalodon_jax/flops.py.  shape: what the program processes, for the report
   (batch, sequence length, sequences per chip).
   """
@@ -36,10 +34,6 @@ class Program:
   args: tuple
   analytic_flops: float
   shape: dict
-
-
-def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
 def _batch_shards(mesh) -> int:
@@ -83,9 +77,9 @@ def inference_programs(run: TrainProgram, batch: Optional[int] = None,
   # replicated.
   cache_sh = jax.tree.map(lambda x: _batch_spec(mesh, batch, x.ndim) if x.ndim else NamedSharding(mesh, P()),
                           cache_abstract)
-  cache = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), cache_abstract, cache_sh)
+  cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache_abstract, cache_sh)
   ids_sh = _batch_spec(mesh, batch, 2)
-  param_sh, buffer_sh = run.state_shardings.params, run.state_shardings.buffers
+  in_sh = (run.state_shardings.params, run.state_shardings.buffers, cache_sh, ids_sh)
 
   def prefill(p, b, c, ids):
     return run.model(state_of(p, b))(ids, cache=c)[1]
@@ -94,16 +88,12 @@ def inference_programs(run: TrainProgram, batch: Optional[int] = None,
     logits, c = run.model(state_of(p, b))(ids, cache=c)
     return logits[:, -1], c
 
-  prefill_fn = jax.jit(prefill, in_shardings=(param_sh, buffer_sh, cache_sh, ids_sh), out_shardings=cache_sh,
-                       donate_argnums=2)
-  decode_fn = jax.jit(decode, in_shardings=(param_sh, buffer_sh, cache_sh, ids_sh),
-                      out_shardings=(ids_sh, cache_sh), donate_argnums=2)
   flops_lib = run.config.model_family.flops_module()
-  chips = len(run.devices)
   out = []
-  for name, fn, length in (("prefill", prefill_fn, piece), ("decode", decode_fn, 1)):
-    ids = _sds((batch, length), jnp.int32, ids_sh)
-    flops = flops_lib.forward_flops(model_cfg, batch, length, causal_attention=True)["matmul"] / chips
-    out.append(Program(name, fn, (params, buffers, cache, ids), flops,
+  for fn, out_sh, length in ((prefill, cache_sh, piece), (decode, (ids_sh, cache_sh), 1)):
+    jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=2)
+    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=ids_sh)
+    flops = flops_lib.forward_flops(model_cfg, batch, length, causal_attention=True)["matmul"] / len(run.devices)
+    out.append(Program(fn.__name__, jitted, (params, buffers, cache, ids), flops,
                        {"batch": batch, "seq_len": length, "seqs_per_chip": batch / shards}))
   return out

@@ -81,8 +81,7 @@ def known_names() -> list[str]:
 def parse_tpu(name: str) -> tuple[TpuGeneration, str]:
   """(generation, libtpu topology name) for a TPU slice name; raises TopologyError otherwise."""
   text = name.strip().lower()
-  by_prefix = {g.name: g for g in TPU_GENERATIONS.values()}
-  by_prefix.update({alias: g for g in TPU_GENERATIONS.values() for alias in g.aliases})
+  by_prefix = {**TPU_GENERATIONS, **{alias: g for g in TPU_GENERATIONS.values() for alias in g.aliases}}
   m = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)+)", text)
   if m and m.group(1) in by_prefix:
     gen = by_prefix[m.group(1)]
@@ -117,8 +116,7 @@ def _tpu_target(name: str) -> Target:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  sizes = [int(s) for s in topo_name.split(":")[1].split("x")]
-  chips = math.prod(sizes)
+  chips = math.prod(int(s) for s in topo_name.split(":")[1].split("x"))
   kwargs = {"chips_per_host_bounds": (1, 1, 1)} if chips == 1 else {}
   try:
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topo_name, **kwargs).devices
@@ -131,34 +129,28 @@ def _tpu_target(name: str) -> Target:
                 topology=topo_name)
 
 
-def _gpu_target(kind: str, count: int, name: str) -> Target:
+def resolve(name: str) -> Target:
+  """The Target for `name` (see the module docstring). Raises TopologyError for an unknown name."""
+  m = re.fullmatch(r"(h100|a100)-(\d+)", name.strip().lower())
+  if not m:
+    return _tpu_target(name)
+  kind, count = m.group(1), int(m.group(2))
+  if count < 1:
+    raise TopologyError(f"topology {name!r}: the GPU count must be >= 1")
   from megalodon_jax.aot import gpu  # pylint: disable=import-outside-toplevel
   ok, why = gpu.cuda_available()
   if not ok:
     raise TopologyError(f"topology {name!r} needs the CUDA plugin: {why}")
-  spec = gpu.GPU_KINDS[kind]
   devices = gpu.gpu_devices(kind, count)
-  return Target(name=name, platform="gpu", chips=count, devices=tuple(devices), hbm_bytes=spec.hbm_bytes,
+  return Target(name=name, platform="gpu", chips=count, devices=tuple(devices), hbm_bytes=gpu.GPU_KINDS[kind].hbm_bytes,
                 device_kind=devices[0].device_kind, topology=f"{kind} x {count}")
-
-
-def resolve(name: str) -> Target:
-  """The Target for `name` (see the module docstring). Raises TopologyError for an unknown name."""
-  m = re.fullmatch(r"(h100|a100)-(\d+)", name.strip().lower())
-  if m:
-    count = int(m.group(2))
-    if count < 1:
-      raise TopologyError(f"topology {name!r}: the GPU count must be >= 1")
-    return _gpu_target(m.group(1), count, name)
-  return _tpu_target(name)
 
 
 def is_known(name: str) -> Optional[str]:
   """None if `name` parses as a target name, else the error message (no devices are created)."""
-  if re.fullmatch(r"(h100|a100)-([1-9]\d*)", name.strip().lower()):
-    return None
   try:
-    parse_tpu(name)
+    if not re.fullmatch(r"(h100|a100)-([1-9]\d*)", name.strip().lower()):
+      parse_tpu(name)
   except TopologyError as e:
     return str(e)
   return None

@@ -1,5 +1,5 @@
-"""Shared pieces of the inference command lines: checkpoint flags and model loading (the argument parser itself is
-`cli/args.py`'s `Parser`).
+"""Shared pieces of the inference command lines: checkpoint flags, comma-separated integer flags and model loading
+(the argument parser itself is `cli/args.py`'s `Parser`).
 
 Nothing here imports jax until `load`: a command checks its flags, files and checkpoint path first
 (`check_checkpoint`), so bad input is reported before jax starts (well under a second).
@@ -12,6 +12,7 @@ import sys
 
 from megalodon_jax import platforms
 from megalodon_jax.config import MATMUL_PRECISIONS
+from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference import loading
 
 
@@ -32,6 +33,15 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--matmul_precision", choices=MATMUL_PRECISIONS, default=None,
                  help="precision of the model's matmuls (default: the checkpoint's); float32 on TPU needs highest for "
                       "full float32 products")
+
+
+def parse_ints(text: str, flag: str, what: str) -> list[int]:
+  """The integers of a comma-separated flag value (spaces and empty items ignored); InferenceError naming `flag` and
+  `what` was expected otherwise."""
+  try:
+    return [int(t) for t in text.replace(" ", "").split(",") if t]
+  except ValueError:
+    raise InferenceError(f"{flag} {text!r}: expected comma-separated {what}") from None
 
 
 def check_checkpoint(args: argparse.Namespace) -> loading.Checked:

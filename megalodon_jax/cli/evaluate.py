@@ -70,16 +70,6 @@ def build_parser() -> Parser:
   return p
 
 
-def _context_lengths(text: str) -> list[int]:
-  try:
-    values = [int(t) for t in text.replace(" ", "").split(",") if t]
-  except ValueError:
-    raise InferenceError(f"--context_lengths {text!r}: expected comma-separated integers") from None
-  if any(v < 1 for v in values):
-    raise InferenceError(f"--context_lengths {text!r}: lengths must be >= 1")
-  return values
-
-
 def _check_outputs(args, text_files: Optional[list[str]]) -> None:
   """--output and --plot are new files or files of ours: never a folder, an input document, the other output,
   something inside the checkpoint, or an existing file of its run directory (checkpoints/output_guard.py)."""
@@ -91,11 +81,9 @@ def _check_outputs(args, text_files: Optional[list[str]]) -> None:
 
 
 def _check_split(args, checked) -> None:
-  """--data and --split, checked before the weights load: the split is opened once here (which needs the dataset
-  prepared, as reading it would anyway). The documents are read as bytes whatever the tokenizer, so the byte
+  """--data and --split (given), checked before the weights load: the split is opened once here (which needs the
+  dataset prepared, as reading it would anyway). The documents are read as bytes whatever the tokenizer, so the byte
   tokenizer stands in for a PyTorch checkpoint's, which is known only once the checkpoint loads."""
-  if args.split is None:
-    return
   cfg = eval_documents.data_config(checked.data_config, args.data, checked.tokenizer or ByteTokenizer())
   sources.prepare(cfg)
   sources.open_split(cfg, args.split, "--split")
@@ -103,7 +91,9 @@ def _check_split(args, checked) -> None:
 
 def run(args) -> int:
   # Everything cheap is checked before the model loads.
-  lengths = _context_lengths(args.context_lengths)
+  lengths = common.parse_ints(args.context_lengths, "--context_lengths", "integers")
+  if any(v < 1 for v in lengths):
+    raise InferenceError(f"--context_lengths {args.context_lengths!r}: lengths must be >= 1")
   for flag in ("max_documents", "max_document_tokens", "segment_len", "rows_budget"):
     value = getattr(args, flag)
     if value is not None and value < (2 if flag == "max_document_tokens" else 1):
@@ -114,7 +104,8 @@ def run(args) -> int:
     raise InferenceError("--segment_len does not apply with --window (its step is --window_step_chunks chunks)")
   window = options.NormWindow(args.window_truncate_chunks, args.window_step_chunks) if args.window else None
   checked = common.check_checkpoint(args)
-  _check_split(args, checked)
+  if args.split is not None:
+    _check_split(args, checked)
   # pylint: disable=import-outside-toplevel  (they import jax: after every check above)
   from megalodon_jax.inference import long_context
   from megalodon_jax.inference.evaluation import Evaluator

@@ -58,13 +58,6 @@ def build_parser() -> Parser:
   return p
 
 
-def _parse_ids(text: str, flag: str) -> list[int]:
-  try:
-    return [int(t) for t in text.replace(" ", "").split(",") if t]
-  except ValueError:
-    raise InferenceError(f"{flag} {text!r}: expected comma-separated integer token ids") from None
-
-
 def _utf8_error(flag: str, what: str, offset: int, byte: int) -> InferenceError:
   return InferenceError(f"{flag} {what}: byte {offset} (0x{byte:02x}) is not valid UTF-8; prompts are UTF-8 text "
                         f"(pass token ids with --prompt_ids instead)")
@@ -101,7 +94,7 @@ def _collect_prompts(args) -> list:
     if not lines:
       raise InferenceError(f"--prompt_lines {args.prompt_lines}: the file holds no non-empty line")
     prompts += lines
-  prompts += [_parse_ids(text, "--prompt_ids") for text in args.prompt_ids]
+  prompts += [common.parse_ints(text, "--prompt_ids", "integer token ids") for text in args.prompt_ids]
   if not prompts:
     raise InferenceError("no prompt given: use --prompt, --prompt_file, --prompt_lines or --prompt_ids")
   for i, pr in enumerate(prompts):
@@ -121,7 +114,7 @@ def run(args) -> int:
     options.check_sampling(args.temperature, args.top_k, args.top_p)
   except ValueError as e:
     raise InferenceError(f"--{e}") from None
-  stop_ids = _parse_ids(args.stop_ids, "--stop_ids")
+  stop_ids = common.parse_ints(args.stop_ids, "--stop_ids", "integer token ids")
   checked = common.check_checkpoint(args)
   # An Orbax checkpoint's recorded config gives the chunk size now; a PyTorch one's is read with the weights.
   chunk_size = checked.info.config.chunk_size if checked.info is not None else None
@@ -152,12 +145,11 @@ def run(args) -> int:
   if single and args.echo:
     out.write(tok.decode(ids[0]))
     out.flush()
-  start, total, printed = time.perf_counter(), 0, [False] * len(ids)
+  start, printed = time.perf_counter(), [False] * len(ids)
   reasons = ["length"] * len(ids)
   for update in gen.stream(ids, max_new_tokens=args.max_new_tokens, sampler=sampler, stop_ids=stop_ids,
                            seed=args.seed):
     for i, new in enumerate(update.new_tokens):
-      total += len(new)
       counts[i] += len(new)
       piece = streams[i].push(new)
       if update.finished[i] and not printed[i]:
@@ -173,7 +165,7 @@ def run(args) -> int:
     out.flush()
   if single:
     out.write("\n")
-  seconds = time.perf_counter() - start
+  seconds, total = time.perf_counter() - start, sum(counts)
   print(f"[{total} tokens in {seconds:.2f} s, {total / max(seconds, 1e-9):.1f} tokens/s including compilation]",
         file=sys.stderr)
   if args.output_jsonl:

@@ -22,7 +22,7 @@ from megalodon_jax.aot import gpu  # no jax: it reads installed packages and set
 from megalodon_jax.aot import topology as topo_lib
 from megalodon_jax.cli import config_flags
 from megalodon_jax.cli.args import Parser, prog_name
-from megalodon_jax.errors import EXIT_BAD_INPUT, ConfigError, exit_on_error
+from megalodon_jax.errors import ConfigError, TopologyError, exit_on_error
 
 PROGRAMS = ("train_step", "prefill", "decode")
 
@@ -48,11 +48,6 @@ def build_parser() -> Parser:
   return p
 
 
-def _fail(message: str) -> int:
-  print(f"error: {message}", file=sys.stderr)
-  return EXIT_BAD_INPUT
-
-
 def vocab_size_for(cfg) -> int:
   """The vocabulary the model is built with: model.vocab_size, or the byte tokenizer's 256, or the SentencePiece
   model's size when its file is readable. Raises ConfigError naming the flag to set otherwise."""
@@ -68,13 +63,13 @@ def vocab_size_for(cfg) -> int:
                     "tokenizer) or --config.data.tokenizer_path to a readable SentencePiece model")
 
 
-def _settings(cfg, model_cfg, seq_len: int) -> dict:
+def _settings(cfg, model_cfg, seq_len: int, platform: str) -> dict:
   from megalodon_jax.ops.attention import resolve_attention_impl  # pylint: disable=import-outside-toplevel
   from megalodon_jax.ops.cema import default_impl  # pylint: disable=import-outside-toplevel
   return {
       "remat": model_cfg.remat_policy, "scan_layers": model_cfg.scan_layers, "dtype": model_cfg.dtype,
-      "attention_impl": resolve_attention_impl(model_cfg.attention_impl),
-      "cema_impl": model_cfg.cema_impl if model_cfg.cema_impl != "auto" else default_impl(seq_len),
+      "attention_impl": resolve_attention_impl(model_cfg.attention_impl, platform),
+      "cema_impl": model_cfg.cema_impl if model_cfg.cema_impl != "auto" else default_impl(seq_len, platform),
       "grad_accum_steps": cfg.grad_accum_steps, "loss_piece": cfg.loss_piece, "mesh_data": cfg.mesh.data,
   }
 
@@ -104,8 +99,8 @@ def _details(r) -> str:
                  f"{r.alias_gib:.2f}), temporaries {r.temp_gib:.2f} GiB; peak {r.peak_gib:.2f} of {r.hbm_gib:.2f} GiB")
   if r.largest:
     lines.append("  largest temporaries (per chip):")
-    for t in r.largest:
-      lines.append(f"    {t['gib']:8.3f} GiB  {t['shape']:<28} {short_op(t['source'] or t['instruction'])}")
+    lines.extend(f"    {t['gib']:8.3f} GiB  {t['shape']:<28} {short_op(t['source'] or t['instruction'])}"
+                 for t in r.largest)
   if r.suggestions:
     lines.append("  try:")
     lines.extend(f"    - {s}" for s in r.suggestions)
@@ -123,12 +118,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(args: argparse.Namespace, overrides: list) -> int:
   problem = topo_lib.is_known(args.topology)
-  if problem:
-    return _fail(problem)
+  if problem:  # bad input, like every error below: exit_on_error prints it and returns 2
+    raise TopologyError(problem)
   programs_wanted = [p for p in args.programs.replace(" ", "").split(",") if p]
   unknown = sorted(set(programs_wanted) - set(PROGRAMS))
   if unknown:
-    return _fail(f"--programs: unknown {unknown}; choose from train_step, prefill, decode")
+    raise ConfigError(f"--programs: unknown {unknown}; choose from train_step, prefill, decode")
   cfg, _ = config_flags.load_config(args.config)  # ConfigError: exit_on_error -> 2
   config_flags.apply_overrides(cfg, overrides)
   # The whole config, as train.py checks it, before jax starts (the mesh as far as it goes without the target's
@@ -140,8 +135,8 @@ def _main(args: argparse.Namespace, overrides: list) -> int:
     gpu.prepare_environment()  # before jax starts its backends
   try:
     vocab = vocab_size_for(cfg)
-  except ValueError as e:
-    return _fail(str(e))
+  except ValueError as e:  # ConfigError, or a ValueError from reading the SentencePiece model
+    raise ConfigError(str(e)) from None
   cfg.model_config(vocab)  # a vocab_size below the tokenizer's (ConfigError -> 2), as the run below builds it
   if gpu_target and not gpu.cuda_available()[0]:
     # Without the CUDA plugin, resolving the GPU target fails at its first check, which needs no jax: made here,
@@ -157,27 +152,23 @@ def _main(args: argparse.Namespace, overrides: list) -> int:
   target = topo_lib.resolve(args.topology)  # TopologyError, ConfigError, ShardingError: exit_on_error -> 2
   with target_platform(target.platform):
     run = TrainProgram.build(cfg, list(target.devices), vocab_size=vocab)
+  out = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON lines only
   print(f"logical axes on the mesh {dict(run.mesh.shape)}:\n{mesh_axes.logical_axes_table(run.mesh, run.rules)}",
-        file=sys.stderr if args.json else sys.stdout)
+        file=out)
   with jax.set_mesh(run.mesh), target_platform(target.platform):
-    todo = []
-    if "train_step" in programs_wanted:
-      todo.append(programs.train_program(run))
+    todo = [programs.train_program(run)] if "train_step" in programs_wanted else []
     if {"prefill", "decode"} & set(programs_wanted):
       todo += [p for p in programs.inference_programs(run, args.infer_batch, args.prefill_tokens)
                if p.name in programs_wanted]
   reports = []
   for program in todo:
-    with target_platform(target.platform):
-      settings = _settings(cfg, run.model_config, program.shape["seq_len"])
+    settings = _settings(cfg, run.model_config, program.shape["seq_len"], target.platform)
     dump = os.path.join(args.dump_dir, program.name) if args.dump_dir else None
     report = planner.compile_program(program, target, run.mesh, settings, dump_dir=dump, top=args.top)
     reports.append(report)
     if args.json:
       print(json.dumps(report.as_json()), flush=True)
-  table = _table(reports)
-  out = sys.stderr if args.json else sys.stdout
-  print(table, file=out)
+  print(_table(reports), file=out)
   for r in reports:
     if not r.fits:
       print(_details(r), file=out)

@@ -108,20 +108,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   rest, overrides = config_flags.split_overrides(argv)
   args = build_parser().parse_args(rest)
 
-  run: dict = {}
-
-  def configure() -> int:  # ConfigError (unknown name, unloadable file, bad key or value): one line, status 2
-    run["cfg"], path = config_flags.load_config(args.config)
-    config_flags.apply_overrides(run["cfg"], overrides)
-    run["workdir"] = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(path))[0])
-    return 0
-
-  status = exit_on_error(configure)
-  if status:
-    return status
-  cfg, workdir = run["cfg"], run["workdir"]
-
   def body() -> int:
+    cfg, path = config_flags.load_config(args.config)  # ConfigError: unknown name, unloadable file, bad key or value
+    config_flags.apply_overrides(cfg, overrides)
+    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(path))[0])
     from megalodon_jax.training import run_summary  # pylint: disable=import-outside-toplevel
     done = run_summary.already_finished(workdir, cfg.total_steps)
     if done is not None:  # before jax.distributed, data preparation and any compile

@@ -31,12 +31,8 @@ def canonical_flag(arg: str) -> str:
 
 def canonical_argv(argv: Sequence[str]) -> list[str]:
   """`canonical_flag` over an argument list, up to a bare `--` (what follows it is positional text)."""
-  out = list(argv)
-  for i, arg in enumerate(out):
-    if arg == "--":
-      break
-    out[i] = canonical_flag(arg)
-  return out
+  end = argv.index("--") if "--" in argv else len(argv)
+  return [canonical_flag(arg) for arg in argv[:end]] + list(argv[end:])
 
 
 def prog_name(script: str, module: str) -> str:
@@ -78,8 +74,7 @@ class Parser(argparse.ArgumentParser):
     self.extra_hints = extra_hints
 
   def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace=None):
-    args = sys.argv[1:] if args is None else args
-    return super().parse_known_args(canonical_argv(args), namespace)
+    return super().parse_known_args(canonical_argv(sys.argv[1:] if args is None else args), namespace)
 
   def parse_args(self, args: Optional[Sequence[str]] = None, namespace=None) -> argparse.Namespace:
     ns, extras = self.parse_known_args(args, namespace)

@@ -84,18 +84,16 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, Opt
   i = 0
   while i < len(argv):
     arg = argv[i]
-    if arg.startswith(PREFIX):
-      key, eq, value = arg[len(PREFIX):].partition("=")
-      if eq:
-        overrides.append((key, value))
-      elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-        overrides.append((key, argv[i + 1]))
-        i += 1
-      else:
-        overrides.append((key, None))
-    else:
-      rest.append(arg)
     i += 1
+    if not arg.startswith(PREFIX):
+      rest.append(arg)
+      continue
+    key, eq, value = arg[len(PREFIX):].partition("=")
+    if not eq:
+      value = None
+      if i < len(argv) and not argv[i].startswith("--"):
+        value, i = argv[i], i + 1
+    overrides.append((key, value))
   return rest, overrides
 
 
@@ -122,8 +120,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[tuple[st
     if key not in keys:
       hint = did_you_mean(key, keys, prefix=PREFIX)
       raise ConfigError(f"unknown config key {PREFIX}{key}{hint}; every field is in configs/default.py")
-    current = config_path.get_value(key, cfg)
-    value = parse_value(key, current, text)
+    value = parse_value(key, config_path.get_value(key, cfg), text)
     try:
       config_path.set_value(key, cfg, value)
     except (TypeError, ValueError, AttributeError, KeyError) as e:
@@ -150,24 +147,18 @@ def parse_value(key: str, current: Any, text: Optional[str]) -> Any:
     return None
   if isinstance(current, str):
     return text
-  if isinstance(current, int):
-    try:
-      return int(text)
-    except ValueError:
-      raise ConfigError(f"{flag}={text}: expected an integer (now {current!r})") from None
-  if isinstance(current, float):
-    try:
-      return float(text)
-    except ValueError:
-      raise ConfigError(f"{flag}={text}: expected a number (now {current!r})") from None
+  for kind, expected in ((int, "an integer"), (float, "a number")):
+    if isinstance(current, kind):
+      try:
+        return kind(text)
+      except ValueError:
+        raise ConfigError(f"{flag}={text}: expected {expected} (now {current!r})") from None
   literal = _literal(text)
   if isinstance(current, (tuple, list)):
     if literal is _NOT_LITERAL:
       raise ConfigError(f"{flag}={text}: expected a Python tuple literal like \"('a', 'b')\" (now {current!r})")
     return type(current)(literal if isinstance(literal, (tuple, list)) else (literal,))
-  if literal is _NOT_LITERAL:
-    return text  # a None-valued (or untyped) field: a plain word is a string
-  return literal
+  return text if literal is _NOT_LITERAL else literal  # a None-valued (or untyped) field: a plain word is a string
 
 
 _NOT_LITERAL = object()

@@ -94,8 +94,10 @@ def build_parser() -> Parser:
   return parser
 
 
-def _check_out(args: argparse.Namespace) -> None:
-  """--out is new, empty, or an earlier output of this subcommand (`output_guard.check_output_folder`)."""
+def _check_out(args: argparse.Namespace, sources: list[tuple[str, str]]) -> None:
+  """--out is separate from what the subcommand reads (`sources`: (what, path) pairs) and new, empty, or an earlier
+  output of this subcommand (`output_guard.check_separate`, `output_guard.check_output_folder`)."""
+  output_guard.check_separate(args.out, "--out", sources, ConvertError)
   known = EXPORT_ENTRIES if args.command == "to-pytorch" else output_guard.PARAMS_CHECKPOINT_ENTRIES
   output_guard.check_output_folder(args.out, "--out", known, ConvertError, overwrite=args.overwrite)
 
@@ -120,8 +122,7 @@ def to_pytorch(args: argparse.Namespace) -> None:
               output_guard.checkpoint_areas(args.checkpoint).root)
   else:
     source = ("--checkpoint", args.checkpoint)  # not a checkpoint: refused below, by locate_checkpoint
-  output_guard.check_separate(args.out, "--out", [source], ConvertError)
-  _check_out(args)  # before the (slow) restore
+  _check_out(args, [source])  # before the (slow) restore
   tokenizer_model = locate_checkpoint(args.checkpoint, args.step).tokenizer_model
   cpu = _start_jax(args)
   # pylint: disable=import-outside-toplevel  (jax, flax, orbax: after the checks above)
@@ -152,8 +153,7 @@ def to_pytorch(args: argparse.Namespace) -> None:
 
 def from_pytorch(args: argparse.Namespace) -> None:
   sources = [("--torch", args.torch)] + ([("--config", args.config)] if args.config else [])
-  output_guard.check_separate(args.out, "--out", sources, ConvertError)  # before reading the tensors
-  _check_out(args)
+  _check_out(args, sources)  # before reading the tensors
   if not paths.is_remote(args.torch) and not (args.config and paths.is_remote(args.config)):
     torch_path = os.path.abspath(os.path.expanduser(args.torch))
     if not os.path.exists(torch_path):  # torch_files.read_official's first check, made before importing it

@@ -24,25 +24,27 @@ class TextStream:
     self._bytes = isinstance(tokenizer, ByteTokenizer)
     self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     self._ids: list[int] = []
-    self._emitted = ""
+    self._printed = 0  # characters printed so far
 
   def push(self, ids: Sequence[int]) -> str:
     """The printable text that `ids` (the next tokens) add."""
     if self._bytes:
       return self._decoder.decode(bytes(int(i) for i in ids))
     self._ids.extend(int(i) for i in ids)
-    text = self._tokenizer.decode(self._ids).rstrip(_REPLACEMENT)
-    # Normally `text` extends what was printed; if a tokenizer rewrote earlier text, only the part past the printed
-    # length is new (printed text cannot be taken back).
-    new = text[len(self._emitted):]
-    self._emitted = text if len(text) >= len(self._emitted) else self._emitted
-    return new
+    return self._past_printed(self._tokenizer.decode(self._ids).rstrip(_REPLACEMENT))
 
   def flush(self) -> str:
     """Whatever was held back (an incomplete character at the very end, shown as U+FFFD)."""
     if self._bytes:
       return self._decoder.decode(b"", final=True)
-    text = self._tokenizer.decode(self._ids)
-    new = text[len(self._emitted):]
-    self._emitted = text if len(text) >= len(self._emitted) else self._emitted
+    return self._past_printed(self._tokenizer.decode(self._ids))
+
+  def _past_printed(self, text: str) -> str:
+    """The part of the decoded `text` past the printed length, which it then counts as printed.
+
+    Normally `text` extends what was printed; if a tokenizer rewrote earlier text, only the part past the printed
+    length is new (printed text cannot be taken back).
+    """
+    new = text[self._printed:]
+    self._printed = max(self._printed, len(text))
     return new

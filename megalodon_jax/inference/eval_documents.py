@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import types
@@ -24,21 +23,16 @@ def text_file_paths(spec: str) -> list[str]:
   for part in (p.strip() for p in spec.split(",")):
     if not part:
       continue
-    if paths_lib.is_remote(part):  # gs://...: the same rules through epath
-      p = paths_lib.as_path(part)
-      found = (paths_lib.list_files(part) if p.is_dir() else [part] if p.is_file()
-               else [m for m in paths_lib.glob_files(part) if paths_lib.as_path(m).is_file()])
-      if not found:
-        raise InferenceError(f"--text_files: {part!r} matches no file")
-      out.extend(found)
-      continue
-    path = os.path.expanduser(part)
-    if os.path.isdir(path):
-      found = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files)
-    elif os.path.isfile(path):
+    remote = paths_lib.is_remote(part)  # gs://...: the same rules through epath
+    path = part if remote else os.path.expanduser(part)
+    is_file = (lambda m: paths_lib.as_path(m).is_file()) if remote else os.path.isfile
+    if paths_lib.as_path(path).is_dir():
+      found = (paths_lib.list_files(path) if remote
+               else sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files))
+    elif is_file(path):
       found = [path]
     else:
-      found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+      found = [m for m in paths_lib.glob_files(path) if is_file(m)]
     if not found:
       raise InferenceError(f"--text_files: {part!r} matches no file")
     out.extend(found)
@@ -57,13 +51,6 @@ def text_file_documents(paths: Sequence[str], tokenizer: Tokenizer) -> Iterator[
     yield np.asarray(tokenizer.encode_bytes(data))
 
 
-def _parse_value(text: str):
-  try:
-    return json.loads(text)
-  except ValueError:
-    return text
-
-
 def data_config(stored: Optional[dict], overrides: Sequence[str], tokenizer: Tokenizer) -> types.SimpleNamespace:
   """The data settings to read a split with: the checkpoint's training `data` config, then `key=value` overrides.
 
@@ -76,7 +63,10 @@ def data_config(stored: Optional[dict], overrides: Sequence[str], tokenizer: Tok
       raise InferenceError(f"--data {item!r}: expected KEY=VALUE, e.g. --data dataset=text_files")
     if key not in DATA_FIELDS:
       raise InferenceError(f"--data {key}: unknown data setting; known: {sorted(DATA_FIELDS)}")
-    cfg[key] = _parse_value(value)
+    try:
+      cfg[key] = json.loads(value)
+    except ValueError:
+      cfg[key] = value
   if isinstance(tokenizer, SentencePieceTokenizer):
     cfg.update(tokenizer="sentencepiece", tokenizer_path=tokenizer.path)
   else:

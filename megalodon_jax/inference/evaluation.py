@@ -92,10 +92,6 @@ class Evaluator:
       self.segment_len = segment_len or default_segment_len(model)
     self.graphdef, self.state = nnx.split(model)
 
-  def _replace_norms(self, cache: Cache, ids: jax.Array) -> Cache:
-    norms, final = _window_norms(self.graphdef, self.state, ids)
-    return cache._replace(layers=tuple(l._replace(norm=n) for l, n in zip(cache.layers, norms)), final_norm=final)
-
   def pieces(self, length: int, row_len: int) -> list[tuple[int, int, bool]]:
     """The calls that feed rows of real length `length` held in arrays of `row_len`: (start, size, renormalise).
 
@@ -143,9 +139,7 @@ class Evaluator:
     length = t if length is None else length
     plan = self.pieces(length, t)
     padded = max(t, max(start + size for start, size, _ in plan))
-    x = np.zeros((r, padded), np.int32)
-    y = np.zeros((r, padded), np.int32)
-    x[:, :t], y[:, :t] = inputs, targets
+    x, y = (np.pad(a.astype(np.int32), ((0, 0), (0, padded - t))) for a in (inputs, targets))
     w, c = self.window, self.config.chunk_size
     cache = self.model.init_cache(r)
     out = []
@@ -155,8 +149,8 @@ class Evaluator:
                             jnp.asarray(y[:, start:end]))
       out.append(nll)  # kept on device: the host waits only once, at the end
       if renormalise:
-        cache = self._replace_norms(cache, jnp.asarray(x[:, end - w.window_chunks * c:end]))
-    nll = np.full((r, padded), np.nan, np.float32)  # NaN marks positions a window schedule never reached
+        norms, final = _window_norms(self.graphdef, self.state, jnp.asarray(x[:, end - w.window_chunks * c:end]))
+        cache = cache._replace(layers=tuple(l._replace(norm=n) for l, n in zip(cache.layers, norms)), final_norm=final)
     done = np.concatenate([np.asarray(o) for o in out], axis=1)
-    nll[:, :done.shape[1]] = done
-    return nll[:, :t]
+    # NaN marks positions a window schedule never reached
+    return np.pad(done, ((0, 0), (0, padded - done.shape[1])), constant_values=np.nan)[:, :t]

@@ -167,8 +167,7 @@ class Generator:
   def _stop_array(self, stop_ids, batch: int, padded_batch: int) -> np.ndarray:
     """(padded_batch, S) int32 stop ids, -1 = unused slot; `stop_ids` is one list for all rows or one per row."""
     v = self.config.vocab_size
-    per_row = len(stop_ids) > 0 and all(isinstance(s, (list, tuple, np.ndarray)) for s in stop_ids)
-    if per_row:
+    if len(stop_ids) > 0 and all(isinstance(s, (list, tuple, np.ndarray)) for s in stop_ids):  # one list per row
       if len(stop_ids) != batch:
         raise InferenceError(f"stop_ids has {len(stop_ids)} per-row lists for {batch} prompts")
       rows = [_check_ids(s, v, f"stop_ids[{i}]") for i, s in enumerate(stop_ids)]
@@ -221,32 +220,28 @@ class Generator:
       raise InferenceError("prompt plus max_new_tokens must stay below 2^31 tokens per call")
     bp = _pow2_at_least(b)
     pp = _pow2_at_least(int(lengths.max()), _MIN_PROMPT_BUCKET)
-    shortest = int(np.argmin(lengths))
+    padded_rows = rows + [min(rows, key=len)] * (bp - b)  # the shortest prompt: changes neither P0 nor step count
     prompt_arr = np.zeros((bp, pp), np.int32)
-    for i in range(bp):  # padding rows repeat the shortest prompt: they change neither P0 nor the step count
-      r = rows[i] if i < b else rows[shortest]
+    for i, r in enumerate(padded_rows):
       prompt_arr[i, :r.size] = r
-    len_arr = np.concatenate([lengths, np.full(bp - b, lengths[shortest])]).astype(np.int32)
+    len_arr = np.array([r.size for r in padded_rows], np.int32)
     stops = self._stop_array(stop_ids, b, bp)
     p0 = int(lengths.min()) - 1  # prefilled tokens; the next one is fed by the first decode step
 
     cache = self.prefill(prompt_arr[:, :p0], self.model.init_cache(bp))
-    done = np.arange(bp) >= b
     no_logits = jnp.zeros((bp, c.vocab_size), jnp.float32)  # unused: every row is inside its prompt at step one
-    carry = _DecodeState(cache, no_logits, jnp.int32(p0), jnp.asarray(done), jnp.zeros((bp,), bool),
+    carry = _DecodeState(cache, no_logits, jnp.int32(p0), jnp.arange(bp) >= b, jnp.zeros((bp,), bool),
                          jnp.zeros((bp,), jnp.int32))
     args = (jnp.asarray(prompt_arr), jnp.asarray(len_arr), jnp.asarray(stops), jnp.int32(max_new_tokens),
             jax.random.key(seed), sampler.as_arrays())
-    remaining = int(lengths.max()) - p0 + max_new_tokens  # steps after which every row has ended by length
-    reported = np.zeros(b, bool)
-    while remaining > 0 and not reported.all():
+    # Every row ends within max(lengths) - p0 + max_new_tokens steps (by length at the latest).
+    done = np.zeros(b, bool)
+    while not done.all():
       carry, tokens, emitted = _decode(self.graphdef, self.state, carry, *args, steps=self.block_size)
-      remaining -= self.block_size
       tokens, emitted = np.asarray(tokens), np.asarray(emitted)
       done, stopped = np.asarray(carry.done)[:b], np.asarray(carry.stopped)[:b]
       new = [tokens[emitted[:, i], i].tolist() for i in range(b)]
       reasons = [("stop" if stopped[i] else "length") if done[i] else None for i in range(b)]
-      reported = done
       yield Update(new, done.tolist(), reasons)
 
   def generate(self, prompts: Sequence[Sequence[int]], **kwargs) -> list[Completion]:

@@ -30,7 +30,6 @@ import numpy as np
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference.evaluation import Evaluator, length_bucket
 
-LN2 = math.log(2.0)
 _MAX_BUCKETS = 64
 
 
@@ -67,8 +66,7 @@ class _Row:
   x: np.ndarray
   y: np.ndarray
   first_position: int  # position in its document of the row's first scored token
-  full: bool  # a whole document (full context), or a block of context length `context`
-  context: Optional[int]
+  context: Optional[int]  # None: a whole document (full context); else a block of this context length
   also: tuple  # context lengths for which this full-context row is also the answer (L >= document)
 
 
@@ -86,7 +84,7 @@ class _Batcher:
     n = row.x.size
     seg = self.evaluator.segment_len
     # A block row takes its context length's width, so a document's last, shorter block joins the others.
-    target = n if row.full else row.context
+    target = n if row.context is None else row.context
     if target > seg:  # long rows go alone, padded to whole segments only
       width, count = -(-n // seg) * seg, 1
     else:  # short rows share power-of-two widths, as many per batch as the budget allows
@@ -107,21 +105,18 @@ class _Batcher:
       self._run(key)
 
   def _run(self, key) -> None:
-    rows = self.pending.pop(key, [])
-    if not rows:
-      return
+    rows = self.pending.pop(key)
     width, count = key[0], key[1]  # a batch that is not full is padded with empty rows: one shape per key
-    x = np.zeros((count, width), np.int32)
-    y = np.zeros((count, width), np.int32)
+    xy = np.zeros((2, count, width), np.int32)  # inputs, targets
     for i, row in enumerate(rows):
-      x[i, :row.x.size], y[i, :row.y.size] = row.x, row.y
-    nll = self.evaluator.rows_nll(x, y, length=max(r.x.size for r in rows))
+      xy[:, i, :row.x.size] = row.x, row.y
+    nll = self.evaluator.rows_nll(*xy, length=max(r.x.size for r in rows))
     res = self.results
     for i, row in enumerate(rows):
       values = nll[i, :row.x.size]
       if not np.all(np.isfinite(values)):
         raise FloatingPointError(f"non-finite loss in a row at document position {row.first_position}")
-      if row.full:
+      if row.context is None:
         res.full.add(values)
         positions = row.first_position + np.arange(values.size)
         buckets = np.minimum(np.floor(np.log2(positions)).astype(np.int64), _MAX_BUCKETS - 1)
@@ -161,8 +156,7 @@ def evaluate_documents(evaluator: Evaluator, documents: Iterable[np.ndarray], *,
     ids = np.asarray(doc, np.int64).reshape(-1)
     if eos_id is not None:
       ids = np.concatenate([[eos_id], ids])
-    if max_document_tokens is not None:
-      ids = ids[:max_document_tokens]
+    ids = ids[:max_document_tokens]  # (None: all)
     if ids.size < 2:
       results.skipped_documents += 1
       continue
@@ -170,12 +164,11 @@ def evaluate_documents(evaluator: Evaluator, documents: Iterable[np.ndarray], *,
     results.longest_document = max(results.longest_document, int(ids.size))
     x, y = ids[:-1], ids[1:]
     n = x.size
-    batcher.add(_Row(x, y, 1, True, None, tuple(length for length in lengths if length >= n)))
-    for length in lengths:
-      if length >= n:
-        continue
+    shorter = [length for length in lengths if length < n]  # `lengths` is sorted: the others follow
+    batcher.add(_Row(x, y, 1, None, tuple(lengths[len(shorter):])))
+    for length in shorter:
       for s in range(0, n, length):
-        batcher.add(_Row(x[s:s + length], y[s:s + length], s + 1, False, length, ()))
+        batcher.add(_Row(x[s:s + length], y[s:s + length], s + 1, length, ()))
   batcher.finish()
   if results.documents == 0:
     raise InferenceError(f"no document has two or more tokens to evaluate ({results.skipped_documents} skipped)")
@@ -187,17 +180,15 @@ def metrics(loss: float, byte_level: bool) -> dict:
   """loss (nats per token) -> {"loss", "ppl"} plus "bpb" (bits per byte) when tokens are bytes."""
   out = {"loss": loss, "ppl": math.exp(loss) if loss < 700 else float("inf")}
   if byte_level:
-    out["bpb"] = loss / LN2
+    out["bpb"] = loss / math.log(2.0)
   return out
 
 
 def report(results: Results, *, byte_level: bool, settings: dict) -> dict:
   """The JSON report: settings, totals, by position, by maximum context length."""
-  positions = []
-  for k in np.nonzero(results.position_tokens)[0]:
-    n = int(results.position_tokens[k])
-    positions.append({"start": 1 << int(k), "end": 1 << (int(k) + 1), "tokens": n,
-                      **metrics(float(results.position_nll[k] / n), byte_level)})
+  counts = results.position_tokens
+  positions = [{"start": 1 << int(k), "end": 1 << (int(k) + 1), "tokens": int(counts[k]),
+                **metrics(float(results.position_nll[k] / counts[k]), byte_level)} for k in np.nonzero(counts)[0]]
   contexts = [{"context_length": length, "tokens": t.tokens, **metrics(t.loss, byte_level)}
               for length, t in sorted(results.by_context.items())]
   contexts.append({"context_length": None, "tokens": results.full.tokens, **metrics(results.full.loss, byte_level)})
@@ -223,17 +214,13 @@ def plot(report_dict: dict, path: str) -> None:
   pos = report_dict["by_position"]
   axes[0].plot([math.sqrt(p["start"] * p["end"]) for p in pos], [p[key] for p in pos], marker="o")
   axes[0].set_xscale("log", base=2)
-  axes[0].set_xlabel("position in document (tokens before)")
-  axes[0].set_ylabel(label)
-  axes[0].set_title("full context: loss by position")
+  axes[0].set(xlabel="position in document (tokens before)", ylabel=label, title="full context: loss by position")
   ctx = [c for c in report_dict["by_context_length"] if c["context_length"] is not None]
   if ctx:
     axes[1].plot([c["context_length"] for c in ctx], [c[key] for c in ctx], marker="o", label="max context L")
     axes[1].set_xscale("log", base=2)
   axes[1].axhline(report_dict[key], color="gray", linestyle="--", label="full context")
-  axes[1].set_xlabel("maximum context length L (tokens)")
-  axes[1].set_ylabel(label)
-  axes[1].set_title("loss vs context length")
+  axes[1].set(xlabel="maximum context length L (tokens)", ylabel=label, title="loss vs context length")
   axes[1].legend()
   window = report_dict.get("window", {})
   fig.suptitle(f"{report_dict.get('checkpoint', '')}  (TimestepNorm window: "

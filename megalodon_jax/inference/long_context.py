@@ -190,8 +190,7 @@ def report(results: Results, *, byte_level: bool, settings: dict) -> dict:
   positions = [{"start": 1 << int(k), "end": 1 << (int(k) + 1), "tokens": int(counts[k]),
                 **metrics(float(results.position_nll[k] / counts[k]), byte_level)} for k in np.nonzero(counts)[0]]
   contexts = [{"context_length": length, "tokens": t.tokens, **metrics(t.loss, byte_level)}
-              for length, t in sorted(results.by_context.items())]
-  contexts.append({"context_length": None, "tokens": results.full.tokens, **metrics(results.full.loss, byte_level)})
+              for length, t in [*sorted(results.by_context.items()), (None, results.full)]]  # None: full context
   return {
       **settings,
       "documents": results.documents, "skipped_documents": results.skipped_documents,

@@ -234,10 +234,12 @@ class Generator:
                          jnp.zeros((bp,), jnp.int32))
     args = (jnp.asarray(prompt_arr), jnp.asarray(len_arr), jnp.asarray(stops), jnp.int32(max_new_tokens),
             jax.random.key(seed), sampler.as_arrays())
-    # Every row ends within max(lengths) - p0 + max_new_tokens steps (by length at the latest).
+    # Every row ends within this many steps (by length at the latest); the bound also keeps a host loop finite.
+    steps_left = int(lengths.max()) - p0 + max_new_tokens
     done = np.zeros(b, bool)
-    while not done.all():
+    while steps_left > 0 and not done.all():
       carry, tokens, emitted = _decode(self.graphdef, self.state, carry, *args, steps=self.block_size)
+      steps_left -= self.block_size
       tokens, emitted = np.asarray(tokens), np.asarray(emitted)
       done, stopped = np.asarray(carry.done)[:b], np.asarray(carry.stopped)[:b]
       new = [tokens[emitted[:, i], i].tolist() for i in range(b)]

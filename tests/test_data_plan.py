@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from test_data_order import global_batches
+
 from megalodon_jax.configs import default as default_config
 from megalodon_jax import data
 from megalodon_jax.data import text_files
@@ -85,14 +87,6 @@ def test_a_plan_reads_the_files_as_planned(tmp_path):
       np.testing.assert_array_equal(a[k], b[k])
   with pytest.raises(data.DataError, match=r"is not prepared in data.data_dir=.*call megalodon_jax.data.prepare"):
     data.make_eval_batches(cfg, **kw)
-
-
-def global_batches(iterators, steps):
-  out = []
-  for _ in range(steps):
-    local = [next(it) for it in iterators]
-    out.append({k: np.concatenate([b[k] for b in local]) for k in local[0]})
-  return out
 
 
 def assert_same(got, want):

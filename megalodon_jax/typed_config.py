@@ -29,6 +29,18 @@ def config_dict(obj: Any):
   return out
 
 
+def unknown_key(section: str, name: str, known) -> ConfigError:
+  """The error for `--config.<section><name>`, which is no field, with the closest of `known` (names in the
+  section)."""
+  hint = did_you_mean(name, known, prefix=PREFIX + section)
+  return ConfigError(f"unknown config key {PREFIX}{section}{name}{hint}; every field is in configs/default.py")
+
+
+def field_error(section: str, e: FieldError) -> ConfigError:
+  """`e`, raised by the config class of `section` ("model." or "" for the top level), under its command-line key."""
+  return ConfigError(f"{PREFIX}{section}{e.field}={e.value!r}: {e.why}")
+
+
 def _is_float(hint: Any) -> bool:
   return hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint))
 
@@ -56,8 +68,7 @@ def from_mapping(cls: type, values: Mapping[str, Any], key: str = "", *, classes
   kwargs = {}
   for name, value in values.items():
     if name not in names:
-      raise ConfigError(f"unknown config key {PREFIX}{key}{name}{did_you_mean(name, names, prefix=PREFIX + key)}; "
-                        "every field is in configs/default.py")
+      raise unknown_key(key, name, names)
     section = (classes or {}).get(name) or (hints[name] if dataclasses.is_dataclass(hints[name]) else None)
     if section is not None and isinstance(value, Mapping):
       kwargs[name] = from_mapping(section, value, f"{key}{name}.")
@@ -66,4 +77,4 @@ def from_mapping(cls: type, values: Mapping[str, Any], key: str = "", *, classes
   try:
     return cls(**kwargs)
   except FieldError as e:
-    raise ConfigError(f"{PREFIX}{key}{e.field}={e.value!r}: {e.why}") from None
+    raise field_error(key, e) from None

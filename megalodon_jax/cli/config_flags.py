@@ -24,8 +24,8 @@ import ml_collections
 from ml_collections.config_flags import config_path
 
 from megalodon_jax.errors import ConfigError, did_you_mean
+from megalodon_jax.typed_config import PREFIX, unknown_key
 
-PREFIX = "--config."
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -118,8 +118,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[tuple[st
       if negated in keys and isinstance(config_path.get_value(negated, cfg), bool):
         key, text = negated, "false"
     if key not in keys:
-      hint = did_you_mean(key, keys, prefix=PREFIX)
-      raise ConfigError(f"unknown config key {PREFIX}{key}{hint}; every field is in configs/default.py")
+      raise unknown_key("", key, keys)
     value = parse_value(key, config_path.get_value(key, cfg), text)
     try:
       config_path.set_value(key, cfg, value)

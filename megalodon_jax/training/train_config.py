@@ -154,7 +154,7 @@ class TrainConfig:
     try:
       return self.model.with_vocab(tokenizer_vocab_size)
     except FieldError as e:
-      raise ConfigError(f"{typed_config.PREFIX}model.{e.field}={e.value!r}: {e.why}") from None
+      raise typed_config.field_error("model.", e) from None
 
   def to_json(self, indent: Optional[int] = None) -> str:
     """The config as JSON (config.json in a run directory, the checkpoints' metadata)."""

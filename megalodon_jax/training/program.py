@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from megalodon_jax import mesh_axes
 from megalodon_jax.model_state import merge_model, split_model
 from megalodon_jax.training import optimizer, sharding
 from megalodon_jax.training import train_step as ts
@@ -146,6 +147,15 @@ class TrainProgram:
     """The global batch as ShapeDtypeStructs with its sharding (to lower the train step without data)."""
     shape = (self.config.batch_size, self.config.seq_len)
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding) for k in self.batch_keys}
+
+  def shardings_report(self, params: Any) -> str:
+    """`shardings.txt` of a run: the mesh and batch layout, the logical-axis table on this mesh, and one row per
+    parameter of `params` (`sharding.describe`)."""
+    slice_len = self.config.seq_len // self.mesh.shape[mesh_axes.SEQUENCE_AXIS]
+    return (f"# mesh {dict(self.mesh.shape)}; batches (B, L): {self.batch_sharding.spec} (B over the batch axes, L "
+            f"over the sequence axis: {slice_len} tokens per slice)\n\n"
+            + mesh_axes.logical_axes_table(self.mesh, self.rules) + "\n"
+            + sharding.describe(params, self.state_shardings.params))
 
   def train_step_flops(self) -> float:
     """Analytic FLOPs of one train step (all chips), causal attention counted at half: the MFU numerator."""

@@ -159,16 +159,6 @@ def describe(state: Any, shardings: Any) -> str:
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows) + "\n"
 
 
-def shardings_report(params: Any, param_shardings: Any, mesh: Mesh, config: Any) -> str:
-  """`shardings.txt` of a run: the mesh and batch layout, the logical-axis table on this mesh, and one row per
-  parameter (`describe`)."""
-  slice_len = config.seq_len // mesh.shape[mesh_axes.SEQUENCE_AXIS]
-  return (f"# mesh {dict(mesh.shape)}; batches (B, L): {batch_sharding(mesh).spec} (B over the batch axes, L over "
-          f"the sequence axis: {slice_len} tokens per slice)\n\n"
-          + mesh_axes.logical_axes_table(mesh, check_rules(config.logical_axis_rules)) + "\n"
-          + describe(params, param_shardings))
-
-
 def sharded_init(make_model: Callable[[], nnx.Module], rules: Any, mesh: Mesh) -> nnx.Module:
   """Builds `make_model()` with every variable created directly on its sharding (no full copy on one device).
 

@@ -30,7 +30,7 @@ from megalodon_jax.checkpoints.params import load_params
 from megalodon_jax.errors import NonFiniteLossError
 from megalodon_jax.inference.generation import Generator
 from megalodon_jax.inference.sampling import Sampler
-from megalodon_jax.training import process_lock, sharding
+from megalodon_jax.training import process_lock
 from megalodon_jax.training import workdir as workdir_lib
 from megalodon_jax.training import data_state as data_state_lib
 from megalodon_jax.training import train_step as ts
@@ -111,8 +111,7 @@ def _train(run: _Run, cfg: TrainConfig, workdir: str, lock: Any, on_start: Optio
         if run.tokenizer_model is not None:  # before config.json: a run dir of another tokenizer is refused untouched
           tokenizer_copy.write_copy(workdir, run.tokenizer_model, what=f"the run directory {workdir}")
         paths.as_path(paths.join(workdir, "config.json")).write_text(cfg.to_json(indent=2))
-        paths.as_path(paths.join(workdir, "shardings.txt")).write_text(
-            sharding.shardings_report(state.params, program.state_shardings.params, program.mesh, cfg))
+        paths.as_path(paths.join(workdir, "shardings.txt")).write_text(program.shardings_report(state.params))
     except BaseException:
       ckpt.close()  # an open manager's threads would print orbax's shutdown traceback at exit
       raise

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from megalodon_jax import mesh_axes
-from megalodon_jax.inference.generation import DEFAULT_PREFILL_TOKENS
+from megalodon_jax.inference.generation import default_prefill_piece
 from megalodon_jax.training.program import TrainProgram
 
 
@@ -52,10 +52,10 @@ def train_program(run: TrainProgram) -> Program:
 
 
 def _batch_spec(mesh, batch: int, ndim: int) -> NamedSharding:
-  """A (batch, ...) array split over the batch axes on its first dimension when they divide it, else replicated."""
-  axes = mesh_axes.split_axes(mesh, batch, mesh_axes.BATCH_AXES)
-  return NamedSharding(mesh, P(axes if axes and math.prod(mesh.shape[a] for a in axes) == _batch_shards(mesh)
-                               else None, *([None] * (ndim - 1))))
+  """A (batch, ...) array split over all the batch axes on its first dimension when they divide it, else
+  replicated."""
+  axes = mesh_axes.BATCH_AXES if batch % _batch_shards(mesh) == 0 else None
+  return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
 
 
 def inference_programs(run: TrainProgram, batch: Optional[int] = None,
@@ -68,7 +68,7 @@ def inference_programs(run: TrainProgram, batch: Optional[int] = None,
   mesh = run.mesh
   shards = _batch_shards(mesh)
   batch = batch or shards
-  piece = prefill_tokens or model_cfg.chunk_size * max(1, DEFAULT_PREFILL_TOKENS // model_cfg.chunk_size)
+  piece = prefill_tokens or default_prefill_piece(model_cfg.chunk_size)
   params, buffers = run.abstract_state.params, run.abstract_state.buffers
   state_of = lambda p, b: run.abstract_state.replace(params=p, buffers=b)  # noqa: E731
 

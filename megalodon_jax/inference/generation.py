@@ -45,6 +45,11 @@ _MIN_PROMPT_BUCKET = 16
 _STOP_SLOTS = 4  # stop-id arrays are padded to a multiple of this (with -1) so their count rarely recompiles
 
 
+def default_prefill_piece(chunk_size: int) -> int:
+  """Tokens per prefill call when none is asked for: about DEFAULT_PREFILL_TOKENS, in whole chunks."""
+  return chunk_size * max(1, DEFAULT_PREFILL_TOKENS // chunk_size)
+
+
 @dataclasses.dataclass
 class Completion:
   """One row's result: generated ids (no prompt, no stop id) and why it ended ("stop" or "length")."""
@@ -153,7 +158,7 @@ class Generator:
                block_size: int = DEFAULT_BLOCK_SIZE):
     c = model.config
     if prefill_piece is None:
-      prefill_piece = c.chunk_size * max(1, DEFAULT_PREFILL_TOKENS // c.chunk_size)
+      prefill_piece = default_prefill_piece(c.chunk_size)
     check_decode_sizes(prefill_piece, block_size, c.chunk_size)
     model.eval()
     self.model = model

@@ -93,3 +93,5 @@ def get(name: str, key: Optional[str] = "family") -> ModelFamily:
 
 MEGALODON = register(ModelFamily("megalodon", section="megalodon_jax.config:MegalodonSection",
                                  module="megalodon_jax.model:MegalodonLM", flops="megalodon_jax.flops"))
+LLAMA = register(ModelFamily("llama", section="megalodon_jax.llama.config:LlamaSection",
+                             module="megalodon_jax.llama.model:LlamaLM", flops="megalodon_jax.llama.flops"))

@@ -70,12 +70,30 @@ class MegalodonConfig(Architecture):
       raise ConfigError(f"from_official: {bad_exec} are ModelConf fields; pass them inside `conf`")
     return cls(**dict(conf), **execution)
 
+  @classmethod
+  def execution_fields(cls) -> tuple[str, ...]:
+    """The execution settings (saved beside a checkpoint's architecture, overridable when loading it)."""
+    return EXECUTION_FIELDS
+
+  @classmethod
+  def from_checkpoint(cls, model: Mapping[str, Any], execution: Mapping[str, Any]) -> "MegalodonConfig":
+    """The config a checkpoint records: `model` = official ModelConf kwargs; the execution settings among
+    `execution` (other keys, e.g. a training section's, are skipped)."""
+    return MegalodonConfig.from_official(model, **{k: v for k, v in execution.items() if k in EXECUTION_FIELDS})
+
 
 @dataclasses.dataclass(frozen=True)
 class MegalodonSection(MegalodonConfig):
-  """The `model` section of a training config: a MegalodonConfig whose vocab_size may be -1, the tokenizer's."""
+  """The `model` section of a training config: a MegalodonConfig whose vocab_size may be -1, the tokenizer's, and
+  the family's name."""
 
   _VOCAB_MAY_BE_UNSET: ClassVar[bool] = True
+  family: str = "megalodon"  # the model family (megalodon_jax/families.py); picks this section's class
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.family != "megalodon":
+      fail(self, "family", self.family, "must be 'megalodon' in a Megalodon model section")
 
   def with_vocab(self, tokenizer_vocab_size: int) -> MegalodonConfig:
     """The model's config: vocab_size -1 becomes the tokenizer's size; a set one must hold every token id."""
@@ -83,7 +101,7 @@ class MegalodonSection(MegalodonConfig):
     if vocab < tokenizer_vocab_size:
       fail(self, "vocab_size", self.vocab_size, f"is smaller than the tokenizer's vocabulary ({tokenizer_vocab_size});"
            " use -1 to take the tokenizer's size")
-    return MegalodonConfig(**{**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+    return MegalodonConfig(**{**{f.name: getattr(self, f.name) for f in dataclasses.fields(MegalodonConfig)},
                               "vocab_size": vocab})
 
 

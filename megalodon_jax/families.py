@@ -34,8 +34,9 @@ class LanguageModel(Protocol):
   def head(self, features):
     """(B, T, D) -> (B, T, V) float32 logits (the loss applies it a piece at a time)."""
 
-  def init_cache(self, batch_size: int):
-    """The empty streaming state for `batch_size` sequences (a pytree)."""
+  def init_cache(self, batch_size: int, max_length: Optional[int] = None):
+    """The empty streaming state for `batch_size` sequences (a pytree) that will hold up to `max_length` tokens
+    (a constant-size cache ignores it; a KV cache needs it)."""
 
   def __call__(self, input_ids, cache=None):
     """(B, L) ids -> (B, L, V) logits, and with a cache the cache after them: (logits, cache)."""
@@ -50,9 +51,15 @@ class ModelFamily:
   section: str  # the training config's `model` section; `with_vocab(n)` gives the model's config
   module: str  # the nnx.Module class, built as module(config, rngs=rngs)
   flops: str  # a module with train_step_flops(config, batch, seq_len, *, causal_attention) and forward_flops(...)
+  # The model's config class (what `section.with_vocab(n)` returns; its `from_checkpoint(model, execution)` and
+  # `execution_fields()` read checkpoints); "" = the section class itself.
+  config: str = ""
 
   def section_class(self) -> type:
     return _load(self.section)
+
+  def config_class(self) -> type:
+    return _load(self.config or self.section)
 
   def flops_module(self) -> Any:
     return importlib.import_module(self.flops)
@@ -81,6 +88,14 @@ def register(family: ModelFamily) -> ModelFamily:
   return family
 
 
+def of_config(config: Any) -> ModelFamily:
+  """The registered family whose model config `config` is (ValueError for none)."""
+  for family in FAMILIES.values():
+    if isinstance(config, family.config_class()):
+      return family
+  raise ValueError(f"{type(config).__name__} is the config of no registered model family")
+
+
 def get(name: str, key: Optional[str] = "family") -> ModelFamily:
   """The family called `name`; ConfigError for an unknown one, naming `--config.<key>` unless key is None (a
   checkpoint's family)."""
@@ -92,6 +107,9 @@ def get(name: str, key: Optional[str] = "family") -> ModelFamily:
 
 
 MEGALODON = register(ModelFamily("megalodon", section="megalodon_jax.config:MegalodonSection",
-                                 module="megalodon_jax.model:MegalodonLM", flops="megalodon_jax.flops"))
+                                 module="megalodon_jax.model:MegalodonLM", flops="megalodon_jax.flops",
+                                 config="megalodon_jax.config:MegalodonConfig"))
+# The Llama-style baseline (megalodon_jax/llama/): the same trainer, data, sharding, checkpoints and planner.
 LLAMA = register(ModelFamily("llama", section="megalodon_jax.llama.config:LlamaSection",
-                             module="megalodon_jax.llama.model:LlamaLM", flops="megalodon_jax.llama.flops"))
+                             module="megalodon_jax.llama.model:LlamaLM", flops="megalodon_jax.llama.flops",
+                             config="megalodon_jax.llama.config:LlamaConfig"))

@@ -82,8 +82,12 @@ class MegalodonLM(nnx.Module):
         c.model_dim, c.out_size, use_bias=False, init_mode=c.init_mode, axes=("embed", "vocab"), dtype=dt,
         param_dtype=pdt, rngs=rngs, kernel_init=emb_init)
 
-  def init_cache(self, batch_size: int) -> Cache:
-    """An empty stream: no cached tokens, zero CEMA states, norm states from the TimestepNorm priors."""
+  def init_cache(self, batch_size: int, max_length: Optional[int] = None) -> Cache:
+    """An empty stream: no cached tokens, zero CEMA states, norm states from the TimestepNorm priors.
+
+    `max_length` (the tokens a stream will hold, which a growing cache needs) is ignored: this one's size is
+    constant."""
+    del max_length
     c = self.config
     dt = jnp.dtype(c.dtype)
     layers = tuple(

@@ -329,7 +329,7 @@ def test_configs_share_the_typed_definition_of_every_field():
   value it does not assign is the typed default (a default re-typed there, or changed in one place only, fails)."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   import importlib.util  # pylint: disable=import-outside-toplevel
-  from megalodon_jax.training.train_config import TrainConfig  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.training.train_config import command_line_dict  # pylint: disable=import-outside-toplevel
   path = os.path.join(REPO, "megalodon_jax", "configs", "default.py")
   if not os.path.exists(path):
     path = os.path.join(REPO, "configs", "default.py")
@@ -343,13 +343,14 @@ def test_configs_share_the_typed_definition_of_every_field():
       out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
     return out
 
-  shipped, typed = flat(module.get_config().to_dict()), flat(dataclasses.asdict(TrainConfig()))
+  shipped, typed = flat(module.get_config().to_dict()), flat(command_line_dict().to_dict())
   assert set(shipped) == set(typed)
   overridden = _assigned_keys(path)
   assert overridden and overridden <= set(typed), overridden - set(typed)
   assert {k: v for k, v in shipped.items() if k not in overridden} == {k: v for k, v in typed.items()
                                                                        if k not in overridden}
-  # The model section's fields are the model config's: one definition of each (architecture.py, config.py).
-  from megalodon_jax.config import MegalodonConfig  # pylint: disable=import-outside-toplevel
+  # The model section's fields are the families' sections': one definition of each (architecture.py, config.py,
+  # llama/config.py), a name both families have meaning the same thing in both.
+  from megalodon_jax import families  # pylint: disable=import-outside-toplevel
   assert {k.split(".", 1)[1] for k in typed if k.startswith("model.")} == {
-      f.name for f in dataclasses.fields(MegalodonConfig)}
+      f.name for family in families.FAMILIES.values() for f in dataclasses.fields(family.section_class())}

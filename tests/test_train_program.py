@@ -31,6 +31,7 @@ class ToyConfig:
   vocab_size: int = -1
   width: int = 16
   chunk_size: int = 1  # no chunks: any length splits anywhere
+  family: str = "toy"
 
   def with_vocab(self, tokenizer_vocab_size: int) -> "ToyConfig":
     return dataclasses.replace(self, vocab_size=tokenizer_vocab_size if self.vocab_size == -1 else self.vocab_size)
@@ -58,7 +59,7 @@ class ToyLM(nnx.Module):
   def head(self, features):
     return (features @ self.out[...]).astype(jnp.float32)
 
-  def init_cache(self, batch_size: int):
+  def init_cache(self, batch_size: int, max_length=None):
     return ()
 
   def __call__(self, input_ids, cache=None):
@@ -82,7 +83,7 @@ def toy_family(monkeypatch):
 
 def toy_config(**changes):
   cfg = importlib.import_module("megalodon_jax.configs.tiny").get_config().to_dict()
-  cfg.update(family="toy", model={"width": 16}, seq_len=16, batch_size=8, total_steps=50,
+  cfg.update(model={"family": "toy", "width": 16}, seq_len=16, batch_size=8, total_steps=50,
              optimizer={**cfg["optimizer"], "lr": 0.1, "warmup_steps": 0, "clip": 0.0, "weight_decay": 0.0})
   cfg.update(changes)
   return cfg
@@ -119,11 +120,11 @@ def test_a_registered_family_trains_in_the_train_program(toy_family):
 
 
 def test_family_and_model_fields_are_validated_by_key(toy_family):
-  with pytest.raises(ConfigError, match=r"--config\.family='tyo': unknown model family \(did you mean toy\?\); "
-                                        r"registered: megalodon, toy"):
-    TrainConfig.of(toy_config(family="tyo"))
-  with pytest.raises(ConfigError, match=r"unknown config key --config\.model\.num_layers"):
-    TrainConfig.of(toy_config(model={"num_layers": 2}))
+  with pytest.raises(ConfigError, match=r"--config\.model\.family='tyo': unknown model family \(did you mean toy\?\); "
+                                        r"registered: megalodon, llama, toy"):
+    TrainConfig.of(toy_config(model={"family": "tyo"}))
+  with pytest.raises(ConfigError, match=r"unknown config key --config\.model\.num_layer\b"):
+    TrainConfig.of(toy_config(model={"family": "toy", "num_layer": 2}))
 
 
 def test_train_state_keeps_the_checkpoint_layout():
@@ -160,5 +161,5 @@ def test_the_trainer_runs_and_resumes_a_registered_family(toy_family, tmp_path):
   assert resumed == straight
   assert straight[4] < straight[1]
   meta = json.loads((tmp_path / "straight" / "config.json").read_text())
-  assert meta["family"] == "toy" and meta["model"] == {"vocab_size": -1, "width": 16, "chunk_size": 1}
+  assert meta["model"] == {"vocab_size": -1, "width": 16, "chunk_size": 1, "family": "toy"}
 

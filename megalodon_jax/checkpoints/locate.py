@@ -16,10 +16,10 @@ import json
 import os
 from typing import Any, Optional
 
-from megalodon_jax import paths
+from megalodon_jax import families, paths
 from megalodon_jax.checkpoints import layout, tokenizer_copy
-from megalodon_jax.config import EXECUTION_FIELDS, ConfigError, MegalodonConfig
-from megalodon_jax.errors import ConvertError
+from megalodon_jax.config import EXECUTION_FIELDS, ConfigError
+from megalodon_jax.errors import ConvertError, FieldError
 
 __all__ = ["EXECUTION_FIELDS", "CheckpointInfo", "locate_checkpoint"]
 
@@ -36,16 +36,12 @@ class CheckpointInfo:
   """
   kind: str
   params_path: str
-  config: MegalodonConfig
+  config: Any  # the family's model config (MegalodonConfig for Megalodon)
   step: Optional[int]
   train_config: Optional[dict] = None
   tokenizer_model: Optional[bytes] = None
 
-  @property
-  def family(self) -> str:
-    """The model family (families.py) the params belong to: the training config's `family` (runs written before
-    families existed, and imported weights, are Megalodon)."""
-    return (self.train_config or {}).get("family", "megalodon")
+  family: str = "megalodon"  # the model family (families.py) the params belong to
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -57,13 +53,23 @@ def _read_json(path: str, what: str) -> Any:
     raise ConvertError(f"{path} ({what}) is unreadable or not JSON: {e}") from None
 
 
-def _config(model: Any, execution: Any, where: str) -> MegalodonConfig:
+def _family(name: Any, where: str) -> str:
+  """A recorded family name, checked against the registry (runs written before families existed, and imported
+  weights, record none: Megalodon)."""
+  name = "megalodon" if name is None else name
+  if name not in families.FAMILIES:
+    raise ConvertError(f"{where}: the checkpoint's model family {name!r} is not registered (known: "
+                       f"{', '.join(families.FAMILIES)})")
+  return name
+
+
+def _config(model: Any, execution: Any, where: str, family: str = "megalodon") -> Any:
   if not isinstance(model, dict):
-    raise ConvertError(f"{where} holds no model config (expected a JSON object of official ModelConf fields)")
-  execution = {k: v for k, v in execution.items() if k in EXECUTION_FIELDS} if isinstance(execution, dict) else {}
+    raise ConvertError(f"{where} holds no model config (expected a JSON object of the model's architecture fields)")
+  execution = execution if isinstance(execution, dict) else {}
   try:
-    return MegalodonConfig.from_official(model, **execution)
-  except (ConfigError, TypeError) as e:
+    return families.FAMILIES[family].config_class().from_checkpoint(model, execution)
+  except (ConfigError, FieldError, TypeError) as e:
     raise ConvertError(f"{where}: invalid model config: {e}") from None
 
 
@@ -97,8 +103,9 @@ def locate_checkpoint(path: str, step: Optional[int] = None) -> CheckpointInfo:
     saved_step = side.get("step")
     if step is not None and step != saved_step:
       raise ConvertError(f"{root} holds one params checkpoint (step {saved_step}); --step {step} does not apply")
-    return CheckpointInfo("params", root, _config(side.get("model"), side.get("execution"), sidecar), saved_step,
-                          tokenizer_model=tokenizer_copy.read_copy(root))
+    family = _family(side.get("family"), sidecar)
+    return CheckpointInfo("params", root, _config(side.get("model"), side.get("execution"), sidecar, family),
+                          saved_step, tokenizer_model=tokenizer_copy.read_copy(root), family=family)
   if kind == "step":
     name = os.path.basename(root)
     if step is not None and (not name.isdigit() or int(name) != step):
@@ -111,9 +118,11 @@ def locate_checkpoint(path: str, step: Optional[int] = None) -> CheckpointInfo:
     train_config = meta.get("config")  # the training ConfigDict as JSON: its "model" holds the execution settings
     train_config = train_config if isinstance(train_config, dict) else None
     execution = train_config.get("model") if train_config is not None else None
+    # The family is the model section's (`model.family`; a top-level "family" in runs of the first families release).
+    family = _family((execution or {}).get("family", (train_config or {}).get("family")), meta_path)
     saved_step = meta.get("step", int(name) if name.isdigit() else None)
-    return CheckpointInfo("step", root, _config(meta.get("model"), execution, meta_path), saved_step, train_config,
-                          tokenizer_copy.embedded(meta, meta_path))
+    return CheckpointInfo("step", root, _config(meta.get("model"), execution, meta_path, family), saved_step,
+                          train_config, tokenizer_copy.embedded(meta, meta_path), family)
   if kind == "workdir":
     return locate_checkpoint(layout.checkpoints_dir(root), step)
   steps = layout.finished_steps(root)

@@ -21,9 +21,8 @@ from flax import nnx
 
 from megalodon_jax import families, paths
 from megalodon_jax.checkpoints import layout, output_guard, tokenizer_copy
-from megalodon_jax.checkpoints.locate import EXECUTION_FIELDS, locate_checkpoint
+from megalodon_jax.checkpoints.locate import locate_checkpoint
 from megalodon_jax.checkpoints.params import load_params, save_params
-from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.errors import CheckpointDamagedError, ConvertError
 from megalodon_jax.model_state import merge_model, split_model
 
@@ -39,7 +38,7 @@ def _default_variables(family: families.ModelFamily, config: Any):
 
 
 def load_checkpoint(path: str, *, step: Optional[int] = None, device: Optional[jax.Device] = None,
-                    **execution: Any) -> tuple[families.LanguageModel, MegalodonConfig, Optional[int]]:
+                    **execution: Any) -> tuple[families.LanguageModel, Any, Optional[int]]:
   """Loads the model of any checkpoint this project writes (see locate.py).
 
   Args:
@@ -58,9 +57,10 @@ def load_checkpoint(path: str, *, step: Optional[int] = None, device: Optional[j
   info = locate_checkpoint(path, step)
   config = info.config
   if execution:
-    bad = sorted(set(execution) - set(EXECUTION_FIELDS))
+    allowed = type(config).execution_fields()
+    bad = sorted(set(execution) - set(allowed))
     if bad:
-      raise ConvertError(f"load_checkpoint: {bad} are not execution settings; allowed: {list(EXECUTION_FIELDS)}")
+      raise ConvertError(f"load_checkpoint: {bad} are not execution settings; allowed: {list(allowed)}")
     config = config.replace(**execution)
   device = device or jax.devices()[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
@@ -161,8 +161,9 @@ def save_params_checkpoint(out: str, model: families.LanguageModel, *, step: Opt
   """
   _, params, _, _ = split_model(model)
   config = model.config
-  sidecar = {"format": layout.PARAMS_FORMAT, "model": config.official_kwargs(),
-             "execution": {k: getattr(config, k) for k in EXECUTION_FIELDS}, "step": step, "source": source}
+  sidecar = {"format": layout.PARAMS_FORMAT, "family": families.of_config(config).name, "model": config.official_kwargs(),
+             "execution": {k: getattr(config, k) for k in type(config).execution_fields()}, "step": step,
+             "source": source}
   with atomic_output(out, overwrite=overwrite, known=output_guard.PARAMS_CHECKPOINT_ENTRIES) as tmp:
     save_params(tmp, params)
     paths.as_path(tmp).joinpath(layout.CONFIG_FILE).write_text(json.dumps(sidecar, indent=2), encoding="utf-8")

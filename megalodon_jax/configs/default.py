@@ -11,12 +11,11 @@ default `logical_axis_rules` in megalodon_jax/mesh_axes.py. A config file starts
 it changes, each with its reason; the other shipped configs start from this one.
 """
 
-from megalodon_jax.training.train_config import TrainConfig
-from megalodon_jax.typed_config import config_dict
+from megalodon_jax.training.train_config import command_line_dict
 
 
 def get_config():
-  c = config_dict(TrainConfig())
+  c = command_line_dict()
   m = c.model
   # A model small enough to train in minutes on one accelerator, as a starting point to scale from (the model's
   # own defaults, 8 x 1024 with 2048-token chunks, are the official ModelConf's).

@@ -25,7 +25,7 @@ from flax import nnx
 
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference.options import NormWindow  # defined without jax: evaluate checks it before jax starts
-from megalodon_jax.model import Cache, MegalodonLM
+from megalodon_jax.families import LanguageModel
 
 # Bytes of activations and logits per token of a segment, roughly, to size the default segment: the logits
 # (V floats) and the widest block activations dominate (inference keeps one block's activations live at a time).
@@ -33,10 +33,11 @@ _DEFAULT_SEGMENT_BYTES = 1 << 30
 _MAX_DEFAULT_SEGMENT = 1 << 16
 
 
-def default_segment_len(model: MegalodonLM) -> int:
+def default_segment_len(model: LanguageModel) -> int:
   """Tokens per call: a power-of-two multiple of the chunk whose logits and activations fit about 1 GiB."""
   c = model.config
-  per_token = 4 * (c.out_size + 16 * max(c.model_dim, c.value_dim, c.ffn_hidden_dim))
+  widest = max(c.model_dim, getattr(c, "value_dim", 0), c.ffn_hidden_dim)
+  per_token = 4 * (getattr(c, "out_size", c.vocab_size) + 16 * widest)
   tokens = max(1, min(_MAX_DEFAULT_SEGMENT, _DEFAULT_SEGMENT_BYTES // per_token))
   return c.chunk_size * (1 << max(0, (tokens // c.chunk_size).bit_length() - 1))
 
@@ -51,7 +52,7 @@ def length_bucket(length: int, chunk_size: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _segment(graphdef: nnx.GraphDef, state, cache: Cache, ids: jax.Array, targets: jax.Array):
+def _segment(graphdef: nnx.GraphDef, state, cache, ids: jax.Array, targets: jax.Array):
   """ids, targets: (R, S) int32 -> (nll (R, S) float32, cache)."""
   logits, cache = nnx.merge(graphdef, state)(ids, cache=cache)
   lse = jax.nn.logsumexp(logits, axis=-1)
@@ -78,7 +79,7 @@ class Evaluator:
   Compiled programs are shared by all Evaluators of models with the same structure.
   """
 
-  def __init__(self, model: MegalodonLM, *, segment_len: Optional[int] = None, window: Optional[NormWindow] = None):
+  def __init__(self, model: LanguageModel, *, segment_len: Optional[int] = None, window: Optional[NormWindow] = None):
     c = model.config
     if segment_len is not None and segment_len < 1:
       raise InferenceError(f"segment_len must be >= 1, got {segment_len}")
@@ -86,6 +87,9 @@ class Evaluator:
     self.model = model
     self.config = c
     self.window = window
+    if window is not None and not hasattr(c, "norm_num_groups"):
+      raise InferenceError(f"the TimestepNorm window applies to Megalodon models only, not to a "
+                           f"{type(c).__name__}")
     if window is not None:
       self.segment_len = window.step_chunks * c.chunk_size
     else:
@@ -141,7 +145,7 @@ class Evaluator:
     padded = max(t, max(start + size for start, size, _ in plan))
     x, y = (np.pad(a.astype(np.int32), ((0, 0), (0, padded - t))) for a in (inputs, targets))
     w, c = self.window, self.config.chunk_size
-    cache = self.model.init_cache(r)
+    cache = self.model.init_cache(r, max_length=padded)
     out = []
     for start, size, renormalise in plan:
       end = start + size

@@ -22,13 +22,17 @@ sample depends on the seed, its index and its prompt, but not on the rows after 
 
 The decode position is an int32 counter local to one call (it would wrap after 2^31 - 1 tokens of prompt plus
 generation in a single call); the model's own counters do not wrap (model.Cache, ops.timestep_norm.NormState).
+
+Any model family runs here (families.LanguageModel). A model whose cache grows with the context (the Llama
+baseline's KV cache) is given its capacity, `init_cache(batch, max_length=...)`: every token a call will feed,
+rounded up to a power of two so that similar requests share compiled programs; Megalodon's cache ignores it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +42,7 @@ from flax import nnx
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference.options import DEFAULT_BLOCK_SIZE, check_decode_sizes
 from megalodon_jax.inference.sampling import Sampler, sample_logits
-from megalodon_jax.model import Cache, MegalodonLM
+from megalodon_jax.families import LanguageModel
 
 DEFAULT_PREFILL_TOKENS = 4096
 _MIN_PROMPT_BUCKET = 16
@@ -69,7 +73,7 @@ class Update(NamedTuple):
 
 
 class _DecodeState(NamedTuple):
-  cache: Cache
+  cache: Any  # the model's cache pytree (families.LanguageModel.init_cache)
   logits: jax.Array  # (B, V) float32: the prediction for the token at `pos`
   pos: jax.Array  # () int32: tokens consumed so far by every row
   done: jax.Array  # (B,) bool
@@ -109,7 +113,7 @@ def _check_ids(ids: Sequence[int], vocab_size: int, what: str) -> np.ndarray:
 # The jitted functions live at module level with the graphdef as a static argument, so every Generator of the same
 # model structure shares the compiled programs (one per shape bucket).
 @functools.partial(jax.jit, static_argnums=0)
-def _prefill(graphdef: nnx.GraphDef, state, cache: Cache, ids: jax.Array) -> Cache:
+def _prefill(graphdef: nnx.GraphDef, state, cache: Any, ids: jax.Array) -> Any:
   """ids: (B, L) int32 -> the cache after them (the unused logits are dropped by XLA)."""
   return nnx.merge(graphdef, state)(ids, cache=cache)[1]
 
@@ -154,7 +158,7 @@ class Generator:
   Compiled programs are shared by all Generators of models with the same structure (one per shape bucket).
   """
 
-  def __init__(self, model: MegalodonLM, *, prefill_piece: Optional[int] = None,
+  def __init__(self, model: LanguageModel, *, prefill_piece: Optional[int] = None,
                block_size: int = DEFAULT_BLOCK_SIZE):
     c = model.config
     if prefill_piece is None:
@@ -184,13 +188,13 @@ class Generator:
       out[i, :len(r)] = r
     return out
 
-  def prefill(self, ids: np.ndarray, cache: Optional[Cache] = None) -> Cache:
+  def prefill(self, ids: np.ndarray, cache: Optional[Any] = None) -> Any:
     """Feeds ids (B, L) through the model in `prefill_plan` pieces; returns the cache (no logits are formed).
 
     `cache` continues a stream (default: an empty one of batch B). Ids are not range-checked here.
     """
     ids = np.asarray(ids, np.int32)
-    cache = self.model.init_cache(ids.shape[0]) if cache is None else cache
+    cache = self.model.init_cache(ids.shape[0], max_length=ids.shape[1]) if cache is None else cache
     start = 0
     for n in prefill_plan(ids.shape[1], self.config.chunk_size, self.prefill_piece):
       cache = _prefill(self.graphdef, self.state, cache, jnp.asarray(ids[:, start:start + n]))
@@ -233,14 +237,15 @@ class Generator:
     stops = self._stop_array(stop_ids, b, bp)
     p0 = int(lengths.min()) - 1  # prefilled tokens; the next one is fed by the first decode step
 
-    cache = self.prefill(prompt_arr[:, :p0], self.model.init_cache(bp))
+    # Every row ends within this many steps (by length at the latest); the bound also keeps a host loop finite.
+    steps_left = int(lengths.max()) - p0 + max_new_tokens
+    capacity = _pow2_at_least(p0 + -(-steps_left // self.block_size) * self.block_size)  # tokens ever fed
+    cache = self.prefill(prompt_arr[:, :p0], self.model.init_cache(bp, max_length=capacity))
     no_logits = jnp.zeros((bp, c.vocab_size), jnp.float32)  # unused: every row is inside its prompt at step one
     carry = _DecodeState(cache, no_logits, jnp.int32(p0), jnp.arange(bp) >= b, jnp.zeros((bp,), bool),
                          jnp.zeros((bp,), jnp.int32))
     args = (jnp.asarray(prompt_arr), jnp.asarray(len_arr), jnp.asarray(stops), jnp.int32(max_new_tokens),
             jax.random.key(seed), sampler.as_arrays())
-    # Every row ends within this many steps (by length at the latest); the bound also keeps a host loop finite.
-    steps_left = int(lengths.max()) - p0 + max_new_tokens
     done = np.zeros(b, bool)
     while steps_left > 0 and not done.all():
       carry, tokens, emitted = _decode(self.graphdef, self.state, carry, *args, steps=self.block_size)

@@ -13,10 +13,11 @@ F = ffn_hidden_dim (the SwiGLU hidden size), V = vocab_size.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 from megalodon_jax.architecture import DEFAULT_ROPE_BASE, fail, is_int, is_number
 from megalodon_jax.config import DTYPES, MATMUL_PRECISIONS, REMAT_POLICIES
+from megalodon_jax.errors import ConfigError
 
 # auto: cuDNN flash attention on GPU (jax.nn.dot_product_attention), splash attention on TPU
 # (jax.experimental.pallas.ops.tpu), XLA elsewhere.
@@ -114,6 +115,19 @@ class LlamaConfig:
   def replace(self, **changes: Any) -> "LlamaConfig":
     return dataclasses.replace(self, **changes)
 
+  @classmethod
+  def execution_fields(cls) -> tuple[str, ...]:
+    """The execution settings (saved beside a checkpoint's architecture, overridable when loading it)."""
+    return EXECUTION_FIELDS
+
+  @classmethod
+  def from_checkpoint(cls, model: Mapping[str, Any], execution: Mapping[str, Any]) -> "LlamaConfig":
+    """The config a checkpoint records: `model` = `official_kwargs()`; the execution settings among `execution`."""
+    unknown = sorted(set(model) - set(ARCHITECTURE_FIELDS))
+    if unknown:
+      raise ConfigError(f"unknown Llama architecture field(s) {unknown}; known: {list(ARCHITECTURE_FIELDS)}")
+    return LlamaConfig(**dict(model), **{k: v for k, v in execution.items() if k in EXECUTION_FIELDS})
+
   def official_kwargs(self) -> dict[str, Any]:
     """The architecture (ARCHITECTURE_FIELDS) as a checkpoint records it."""
     return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
@@ -138,7 +152,12 @@ class LlamaSection(LlamaConfig):
   """The `model` section of a training config with family "llama": vocab_size may be -1 (the tokenizer's)."""
 
   _VOCAB_MAY_BE_UNSET: ClassVar[bool] = True
-  family: str = "llama"  # the model family (megalodon_jax/families.py)
+  family: str = "llama"  # the model family (megalodon_jax/families.py); picks this section's class
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.family != "llama":
+      fail(self, "family", self.family, "must be 'llama' in a Llama model section")
 
   def with_vocab(self, tokenizer_vocab_size: int) -> LlamaConfig:
     """The model's config: vocab_size -1 becomes the tokenizer's size; a set one must hold every token id."""
@@ -148,3 +167,7 @@ class LlamaSection(LlamaConfig):
            " use -1 to take the tokenizer's size")
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LlamaConfig)}
     return LlamaConfig(**{**fields, "vocab_size": vocab})
+
+
+# Execution settings: the fields that are not architecture (dtypes, kernels, remat, scanning, precision).
+EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(LlamaConfig) if f.name not in ARCHITECTURE_FIELDS)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from megalodon_jax import families, paths, typed_config
 from megalodon_jax.data.config import DataConfig
@@ -40,9 +41,8 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Everything a training run reads. `model` is the section class of `family` (families.py)."""
+  """Everything a training run reads. `model` is the section class of its `family` field (families.py)."""
 
-  family: str = "megalodon"  # the model family (families.FAMILIES); `model` holds its config fields
   model: Any = dataclasses.field(default_factory=lambda: families.MEGALODON.section_class()())
   data: DataConfig = DataConfig()
   # ---- batch and schedule ----
@@ -124,8 +124,17 @@ class TrainConfig:
     if isinstance(config, cls):
       return config
     values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    family = families.get(values.get("family", "megalodon"))
-    return typed_config.from_mapping(cls, values, classes={"model": family.section_class()})
+    model = values.get("model")
+    if not isinstance(model, Mapping):
+      family = families.get(getattr(model, "family", "megalodon"), key="model.family")
+      return typed_config.from_mapping(cls, values, classes={"model": family.section_class()})
+    family = families.get(model.get("family", "megalodon"), key="model.family")
+    model, ignored = _split_model_section(family, model)
+    typed = typed_config.from_mapping(cls, {**values, "model": model}, classes={"model": family.section_class()})
+    if ignored:
+      _log_once(f"model.family={family.name} ignores the fields of other families this config sets: "
+                + ", ".join(f"{k}={v!r}" for k, v in ignored.items()))
+    return typed
 
   def check_devices(self, num_devices: int) -> tuple[int, ...]:
     """The mesh sizes (data, sequence, fsdp, tensor) over `num_devices`, after checking that the batch and the
@@ -146,8 +155,13 @@ class TrainConfig:
     return shape
 
   @property
+  def family(self) -> str:
+    """The model family's name (`model.family`)."""
+    return self.model.family
+
+  @property
   def model_family(self) -> families.ModelFamily:
-    return families.get(self.family)
+    return families.get(self.family, key="model.family")
 
   def model_config(self, tokenizer_vocab_size: int) -> Any:
     """The model's config, vocab_size -1 taken from the tokenizer. Raises ConfigError naming model.vocab_size."""
@@ -162,6 +176,48 @@ class TrainConfig:
 
   def replace(self, **changes: Any) -> "TrainConfig":
     return dataclasses.replace(self, **changes)
+
+
+def _section_defaults(family: families.ModelFamily) -> dict[str, Any]:
+  section = family.section_class()
+  return {f.name: getattr(section(), f.name) for f in dataclasses.fields(section) if f.init}
+
+
+def _split_model_section(family: families.ModelFamily, model: Mapping[str, Any]) -> tuple[dict, dict]:
+  """(the fields of `family`'s section, {field: value} of the other families' fields set away from their
+  defaults}). Keys no family has stay in the first, for the unknown-key error."""
+  own = set(_section_defaults(family))
+  others: dict[str, Any] = {}
+  for other in families.FAMILIES.values():
+    if other is not family:
+      for name, default in _section_defaults(other).items():
+        others.setdefault(name, default)
+  kept = {k: v for k, v in model.items() if k in own or k not in others}
+  ignored = {k: v for k, v in model.items() if k not in kept and k != "family" and v != others[k]}
+  return kept, ignored
+
+
+_LOGGED: set = set()
+
+
+def _log_once(message: str) -> None:
+  if message not in _LOGGED:
+    _LOGGED.add(message)
+    logging.getLogger("megalodon_jax").info(message)
+
+
+def command_line_dict(config: Optional[TrainConfig] = None):
+  """The ConfigDict of `config` (default: the defaults) that `configs/*.py` start from: its own fields, and in
+  `model` also every other registered family's fields at their defaults, so one config file runs with any
+  `--config.model.family` (a family reads its fields and ignores the others')."""
+  c = typed_config.config_dict(config if config is not None else TrainConfig())
+  family = families.get(c.model.family, key="model.family")
+  for other in families.FAMILIES.values():
+    if other is not family:
+      for name, default in _section_defaults(other).items():
+        if name not in c.model:
+          c.model[name] = default
+  return c
 
 
 def check_inputs(config: TrainConfig) -> Any:

@@ -1,0 +1,596 @@
+"""Megalodon against a Llama-style baseline of the same size, both trained by this project's trainer on the same
+data, token budget and schedule.
+
+  python benchmarks/head_to_head.py                     # --protocol cpu: about 1M params, the whole protocol on 2 CPU cores
+  python benchmarks/head_to_head.py --protocol gpu      # 11M params, 6 x 384, bf16, 3 seeds (one H100)
+  python benchmarks/head_to_head.py --protocol gpu --manual_dir data/enwik8   # on enwik8 instead of the stdlib corpus
+  python benchmarks/head_to_head.py --smoke --out /tmp/h2h                    # seconds: tiny models, a few steps
+
+Per family (megalodon, llama):
+1. a learning-rate sweep: one short run per rate (the same schedule shape, `sweep_steps` steps); the rate with the
+   lowest final validation bpb is chosen;
+2. `seeds` full runs at that rate (`steps` x `batch` x `seq_len` tokens each);
+3. on the first seed's final model: bpb against evaluation context length on the longest held-out documents
+   (the eval split): Megalodon streams each document through its constant-size cache; Llama is scored with sliding
+   windows of its trained length (stride half of it, each token scored once) and with its KV cache over the whole
+   document (`benchmarks/h2h_scoring.py`); and the bytes of the one-sequence generation cache at 1K, 32K and 1M tokens
+   of context.
+Each training run is a fresh process running `megalodon_jax.training.trainer.train_and_evaluate` (so that its peak
+memory is its own: process RSS high-water mark on CPU, the allocator's peak bytes on an accelerator); the curves
+are the trainer's metrics.jsonl (eval_bpb at every eval step). Tokens are bytes (`data.tokenizer="bytes"`), so
+bits per byte = nats per token / ln 2.
+
+The parameter counts are matched: the Llama FFN width is solved from the Megalodon count (`MegalodonConfig.
+num_params()` against `LlamaConfig.num_params()`), and the run refuses to start when they differ by more than 5%.
+
+Writes to --out (default benchmarks/results/): head_to_head_<protocol>_<family>_<kind>_<lr>_s<seed>.json per run,
+head_to_head_<protocol>.json (the summary: curves, tables, the chosen recipes, machine) and head_to_head_<protocol>.png
+(bpb against tokens seen: mean of seeds with the seeds' range; bpb against context length). Run directories go to
+--workdirs (default a temporary folder, deleted at the end unless --keep_workdirs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+FAMILIES = ("megalodon", "llama")
+CACHE_CONTEXTS = (1024, 32768, 1 << 20)
+MAX_PARAM_GAP = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """One benchmark's sizes. `megalodon` / `llama`: model fields (the training config's `model` section);
+  Llama's `ffn_hidden_dim` is solved to match Megalodon's parameter count when absent."""
+
+  name: str
+  megalodon: dict
+  llama: dict
+  seq_len: int
+  batch_size: int
+  steps: int
+  sweep_steps: int
+  lrs: tuple
+  seeds: tuple
+  eval_every: int
+  eval_batches: int
+  log_every: int
+  warmup_fraction: float
+  contexts: tuple  # evaluation context lengths (tokens), kept where the documents are long enough
+  context_docs: int  # documents per context length
+  piece: int  # tokens per cached call when streaming
+  max_documents: int = 0  # stdlib corpus: the first N files (0 = all)
+  weight_decay: float = 0.1
+  clip: float = 1.0
+
+
+_MEGA_CPU = dict(num_layers=4, model_dim=128, z_dim=64, value_dim=256, num_heads=2, ffn_hidden_dim=256, swiglu=True,
+                 cema_ndim=8, chunk_size=128, norm_num_groups=16, dtype="float32")
+_MEGA_GPU = dict(num_layers=6, model_dim=384, z_dim=192, value_dim=384, num_heads=3, ffn_hidden_dim=1024, swiglu=True,
+                 cema_ndim=8, chunk_size=256, dtype="bfloat16")
+_MEGA_SMOKE = dict(num_layers=1, model_dim=32, z_dim=16, value_dim=64, num_heads=1, ffn_hidden_dim=64, swiglu=True,
+                   cema_ndim=4, chunk_size=32, norm_num_groups=8, dtype="float32")
+
+PROTOCOLS = {
+    # Sized from timings on this 2-core machine (the report's estimate): see cpu_time_estimate in the summary.
+    "cpu": Protocol(name="cpu", megalodon=_MEGA_CPU,
+                    llama=dict(num_layers=4, model_dim=128, num_heads=2, dtype="float32"),
+                    seq_len=512, batch_size=8, steps=300, sweep_steps=100, lrs=(2e-3, 4e-3, 8e-3), seeds=(0, 1),
+                    eval_every=50, eval_batches=8, log_every=10, warmup_fraction=0.1,
+                    contexts=(512, 2048, 8192, 32768), context_docs=2, piece=512, max_documents=400),
+    # The peer's shapes: 6 x 384; 1200 steps x 16 x 512 bytes; bf16; 3 seeds.
+    "gpu": Protocol(name="gpu", megalodon=_MEGA_GPU,
+                    llama=dict(num_layers=6, model_dim=384, num_heads=6, head_dim=64, dtype="bfloat16"),
+                    seq_len=512, batch_size=16, steps=1200, sweep_steps=300, lrs=(1e-3, 2e-3, 4e-3), seeds=(0, 1, 2),
+                    eval_every=100, eval_batches=16, log_every=50, warmup_fraction=0.1,
+                    contexts=(512, 2048, 8192, 32768), context_docs=4, piece=512),
+    "smoke": Protocol(name="smoke", megalodon=_MEGA_SMOKE,
+                      llama=dict(num_layers=1, model_dim=32, num_heads=2, dtype="float32"),
+                      seq_len=64, batch_size=4, steps=6, sweep_steps=6, lrs=(3e-3,), seeds=(0,),
+                      eval_every=3, eval_batches=1, log_every=1, warmup_fraction=0.2,
+                      contexts=(64, 256), context_docs=1, piece=64, max_documents=60),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model sizes and training configs (no jax here: the parent process only plans, reads and plots).
+
+def megalodon_config(fields: dict):
+  from megalodon_jax.config import MegalodonConfig  # pylint: disable=import-outside-toplevel
+  names = {f.name for f in dataclasses.fields(MegalodonConfig)}
+  return MegalodonConfig(**{k: v for k, v in fields.items() if k in names}, vocab_size=256)
+
+
+def llama_config(fields: dict):
+  from megalodon_jax.llama.config import LlamaConfig  # pylint: disable=import-outside-toplevel
+  names = {f.name for f in dataclasses.fields(LlamaConfig)}
+  return LlamaConfig(**{k: v for k, v in fields.items() if k in names}, vocab_size=256)
+
+
+def matched_llama(protocol: Protocol) -> tuple[dict, int, int]:
+  """(Llama model fields with ffn_hidden_dim solved so its parameter count matches Megalodon's, Megalodon's count,
+  Llama's count). The FFN width is a multiple of 8 when that stays within 1%, else the nearest integer."""
+  target = megalodon_config(protocol.megalodon).num_params()
+  fields = dict(protocol.llama)
+  if "ffn_hidden_dim" not in fields:
+    base = llama_config({**fields, "ffn_hidden_dim": 1}).num_params()
+    per_unit = llama_config({**fields, "ffn_hidden_dim": 2}).num_params() - base
+    exact = max(1.0, 1 + (target - base) / per_unit)
+    ffn = max(8, int(round(exact / 8)) * 8)
+    if abs(llama_config({**fields, "ffn_hidden_dim": ffn}).num_params() - target) > 0.01 * target:
+      ffn = max(1, int(round(exact)))
+    fields["ffn_hidden_dim"] = ffn
+  count = llama_config(fields).num_params()
+  if abs(count - target) > MAX_PARAM_GAP * target:
+    raise SystemExit(f"head_to_head: parameter counts differ by more than {MAX_PARAM_GAP:.0%}: megalodon {target:,}, "
+                     f"llama {count:,} ({fields})")
+  return fields, target, count
+
+
+def _section_fields(family: str) -> Optional[set]:
+  """The field names the training config's model section takes for `family` (None: unknown, pass everything)."""
+  from megalodon_jax import families  # pylint: disable=import-outside-toplevel
+  try:
+    return {f.name for f in dataclasses.fields(families.get(family).section_class())}
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def train_config(family: str, model_fields: dict, protocol: Protocol, *, lr: float, steps: int, seed: int,
+                 data_dir: str, manual_dir: str) -> dict:
+  """The trainer's config (a plain dict, validated by TrainConfig.of in the run) of one run."""
+  from megalodon_jax.training.train_config import TrainConfig  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.typed_config import config_dict  # pylint: disable=import-outside-toplevel
+  cfg = config_dict(TrainConfig()).to_dict()
+  names = _section_fields(family)
+  model = {k: v for k, v in model_fields.items() if names is None or k in names}
+  # The family is named where this checkout's TrainConfig takes it: top-level `family`, or `model.family`.
+  if "family" in {f.name for f in dataclasses.fields(TrainConfig)}:
+    cfg["family"] = family
+  if names is None or "family" in names:
+    model["family"] = family
+  cfg["model"] = model
+  cfg["data"] = {**cfg["data"], "tokenizer": "bytes", "data_dir": data_dir}
+  if manual_dir:
+    cfg["data"].update(dataset="enwik8", manual_dir=manual_dir)
+  else:
+    cfg["data"].update(dataset="stdlib", max_documents=protocol.max_documents)
+  log_every = min(protocol.log_every, steps)
+  eval_every = max(log_every, protocol.eval_every // log_every * log_every)
+  cfg.update(seed=seed, seq_len=protocol.seq_len, batch_size=protocol.batch_size, total_steps=steps,
+             log_every=log_every, eval_every=eval_every, eval_batches=protocol.eval_batches,
+             checkpoint_every=10 * steps, checkpoint_keep=1, async_checkpointing=False, num_samples=0,
+             tensorboard=False, progress_bar="off")
+  cfg["optimizer"] = {**cfg["optimizer"], "lr": lr, "warmup_steps": max(1, int(protocol.warmup_fraction * steps)),
+                      "scheduler": "cosine", "end_ratio": 0.1, "weight_decay": protocol.weight_decay,
+                      "clip": protocol.clip}
+  return cfg
+
+
+def recipe_overrides(cfg: dict) -> list[str]:
+  """The run's config as command-line overrides of train.py (the fields this script sets)."""
+  out = [f"--config.family={cfg['family']}"] if "family" in cfg else []
+  out += [f"--config.model.{k}={v}" for k, v in cfg["model"].items() if not (k == "family" and "family" in cfg)]
+  out += [f"--config.data.{k}={cfg['data'][k]}" for k in ("dataset", "tokenizer", "max_documents", "manual_dir")
+          if k in cfg["data"] and cfg["data"][k] not in ("", None)]
+  out += [f"--config.{k}={cfg[k]}" for k in ("seq_len", "batch_size", "total_steps", "seed", "eval_every")]
+  out += [f"--config.optimizer.{k}={cfg['optimizer'][k]}"
+          for k in ("lr", "warmup_steps", "scheduler", "end_ratio", "weight_decay", "clip")]
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run, in its own process: train, then (optionally) the long-context evaluation and the cache sizes.
+
+def worker(spec_path: str) -> None:
+  with open(spec_path, encoding="utf-8") as f:
+    spec = json.load(f)
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from megalodon_jax import platforms  # pylint: disable=import-outside-toplevel
+  platforms.skip_absent_tpu()  # before the backends start: no libtpu warnings on a machine without a TPU
+  from megalodon_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.training.metrics import read_metrics  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.training.train_config import TrainConfig  # pylint: disable=import-outside-toplevel
+
+  device = jax.devices()[0]
+  cfg, workdir = spec["config"], spec["workdir"]
+  t0 = time.perf_counter()
+  last = trainer.train_and_evaluate(cfg, workdir, devices=[device])
+  wall = time.perf_counter() - t0
+  result: dict[str, Any] = {"wall_s": wall, "last": last,
+                            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    stats = {}
+  if "peak_bytes_in_use" in stats:
+    result["peak_device_bytes"] = int(stats["peak_bytes_in_use"])
+  result["metrics"] = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+
+  if spec.get("long_context"):
+    from benchmarks import h2h_scoring  # pylint: disable=import-outside-toplevel
+    from megalodon_jax.checkpoints.model_io import load_checkpoint  # pylint: disable=import-outside-toplevel
+    from megalodon_jax.data.sources import open_split  # pylint: disable=import-outside-toplevel
+    lc = spec["long_context"]
+    family = spec["family"]
+    model, _, _ = load_checkpoint(workdir)
+    typed = TrainConfig.of(cfg)
+    plan = data_lib.plan(typed.data)
+    tokenizer = data_lib.make_tokenizer(typed.data)
+    source = open_split(plan, typed.data.eval_split, "eval_split")
+    docs = [np.asarray(tokenizer.encode_bytes(source[i]), np.int32) for i in range(len(source))]
+    longest = max(len(d) for d in docs)
+    lengths = h2h_scoring.context_lengths(list(lc["contexts"]), longest, lc["piece"])
+    print(f"long-context evaluation of {family}: {len(docs)} held-out documents, longest {longest} tokens; "
+          f"contexts {lengths}", flush=True)
+    t1 = time.perf_counter()
+    result["context_eval"] = h2h_scoring.score_contexts(
+        model, family, docs, lengths=lengths, num_docs=lc["docs"], piece=lc["piece"], train_window=typed.seq_len,
+        log=lambda s: print(s, flush=True))
+    result["context_eval_s"] = time.perf_counter() - t1
+    result["eval_documents"] = {"count": len(docs), "longest_tokens": int(longest)}
+    result["cache_memory"] = [h2h_scoring.cache_bytes(model, family, n) for n in CACHE_CONTEXTS]
+  with open(spec["result"], "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1, default=_json_default)
+
+
+def _json_default(value):
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parent: plan, run, summarise.
+
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def run_summary(family: str, kind: str, lr: float, seed: int, cfg: dict, result: dict, param_count: int) -> dict:
+  """The JSON of one run: its curve (eval_bpb against tokens seen), throughput, memory and wall time."""
+  tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
+  records = result["metrics"]
+  curve = [{"step": r["step"], "tokens": r["step"] * tokens_per_step, "eval_bpb": r["eval_bpb"]}
+           for r in records if "eval_bpb" in r]
+  timed = [r for r in records if "step_time" in r][1:] or [r for r in records if "step_time" in r]
+  step_time = statistics.median(r["step_time"] for r in timed) if timed else float("nan")
+  out = {"family": family, "kind": kind, "lr": lr, "seed": seed, "params": param_count,
+         "steps": cfg["total_steps"], "tokens": cfg["total_steps"] * tokens_per_step,
+         "eval_curve": curve, "final_eval_bpb": curve[-1]["eval_bpb"] if curve else float("nan"),
+         "final_train_bpb": next((r["bpb"] for r in reversed(records) if "bpb" in r), float("nan")),
+         "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time if step_time > 0 else float("nan"),
+         "wall_s": result["wall_s"], "peak_rss_bytes": result["peak_rss_bytes"],
+         "peak_device_bytes": result.get("peak_device_bytes"), "config": cfg, "recipe": recipe_overrides(cfg)}
+  for key in ("context_eval", "context_eval_s", "cache_memory", "eval_documents"):
+    if key in result:
+      out[key] = result[key]
+  return out
+
+
+class Runner:
+  """Starts each run as `python head_to_head.py --worker SPEC` and collects its JSON."""
+
+  def __init__(self, protocol: Protocol, args: argparse.Namespace, workdirs: str):
+    self.protocol, self.args, self.workdirs = protocol, args, workdirs
+    self.env = dict(os.environ)
+    self.env["PYTHONPATH"] = REPO_ROOT + os.pathsep + self.env.get("PYTHONPATH", "")
+    # Runs differing only by seed compile the same step: a persistent compilation cache shares it.
+    # (the tests' cache folder: MEGALODON_JAX_CACHE, else ~/.cache/megalodon-jax/xla).
+    self.env.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get(
+        "MEGALODON_JAX_CACHE", os.path.expanduser("~/.cache/megalodon-jax/xla")))
+    self.env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+  def run(self, family: str, kind: str, cfg: dict, long_context: bool) -> dict:
+    name = f"{family}_{kind}_lr{cfg['optimizer']['lr']:g}_s{cfg['seed']}"
+    workdir = os.path.join(self.workdirs, name)
+    if os.path.exists(workdir):
+      shutil.rmtree(workdir)  # a fresh run, never a resume of an older one
+    spec = {"family": family, "config": cfg, "workdir": workdir, "result": os.path.join(self.workdirs, name + ".json"),
+            "long_context": ({"contexts": list(self.protocol.contexts), "docs": self.protocol.context_docs,
+                              "piece": self.protocol.piece} if long_context else None)}
+    spec_path = os.path.join(self.workdirs, name + ".spec.json")
+    with open(spec_path, "w", encoding="utf-8") as f:
+      json.dump(spec, f)
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {cfg['total_steps']} steps", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", spec_path], env=self.env,
+                          cwd=REPO_ROOT, check=False, stdout=None if self.args.verbose else subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+      raise SystemExit(f"head_to_head: run {name} failed (exit {proc.returncode}):\n{(proc.stdout or '')[-4000:]}")
+    if proc.stdout:
+      for line in proc.stdout.splitlines():
+        if line.startswith("  ") or line.startswith("long-context"):
+          print(line, flush=True)
+    with open(spec["result"], encoding="utf-8") as f:
+      result = json.load(f)
+    result["process_s"] = time.perf_counter() - t0
+    return result
+
+
+def _mean_curve(runs: list[dict]) -> list[dict]:
+  by_step: dict[int, list] = {}
+  for r in runs:
+    for p in r["eval_curve"]:
+      by_step.setdefault(p["step"], []).append(p)
+  out = []
+  for step in sorted(by_step):
+    vals = [p["eval_bpb"] for p in by_step[step]]
+    out.append({"step": step, "tokens": by_step[step][0]["tokens"], "mean": statistics.fmean(vals),
+                "min": min(vals), "max": max(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
+                "seeds": len(vals)})
+  return out
+
+
+def plot(summary: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+  colors = {"megalodon": "tab:blue", "llama": "tab:orange"}
+  for family, fam in summary["families"].items():
+    c = colors.get(family)
+    for run in fam["runs"]:
+      pts = run["eval_curve"]
+      ax1.plot([p["tokens"] for p in pts], [p["eval_bpb"] for p in pts], color=c, alpha=0.3, lw=0.8)
+    mean = fam["mean_curve"]
+    xs = [p["tokens"] for p in mean]
+    ax1.plot(xs, [p["mean"] for p in mean], color=c, lw=2,
+             label=f"{family} ({fam['params'] / 1e6:.2f}M, lr {fam['chosen_lr']:g}, {len(fam['runs'])} seeds)")
+    ax1.fill_between(xs, [p["min"] for p in mean], [p["max"] for p in mean], color=c, alpha=0.15)
+  ax1.set_xlabel("training tokens seen")
+  ax1.set_ylabel("validation bits per byte")
+  ax1.set_title(f"head to head ({summary['protocol']}): validation bpb")
+  finals = [p["mean"] for fam in summary["families"].values() for p in fam["mean_curve"][1:]]
+  if finals:  # the untrained step-0 point (8 bpb) would flatten the rest
+    lo, hi = min(finals), max(finals)
+    ax1.set_ylim(lo - 0.05 * (hi - lo + 1e-3), hi + 0.05 * (hi - lo + 1e-3))
+  ax1.legend(fontsize=8)
+  ax1.grid(alpha=0.3)
+  styles = {"stream": "-", "full_kv_cache": "--", "sliding_window": ":"}
+  for row_family, fam in summary["families"].items():
+    by_method: dict[str, list] = {}
+    for row in fam.get("context_eval", []):
+      by_method.setdefault(row["method"], []).append(row)
+    for method, rows in by_method.items():
+      rows.sort(key=lambda r: r["context"])
+      ax2.plot([r["context"] for r in rows], [r["bpb"] for r in rows], styles.get(method, "-"), marker="o",
+               color=colors.get(row_family), label=f"{row_family} {method}")
+  ax2.set_xscale("log", base=2)
+  ax2.set_xlabel("evaluation context length (tokens)")
+  ax2.set_ylabel("bits per byte")
+  ax2.set_title("held-out documents by context length")
+  ax2.legend(fontsize=8)
+  ax2.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _fmt_bytes(n: Optional[float]) -> str:
+  if n is None:
+    return "-"
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(n) < 1024 or unit == "TiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return str(n)
+
+
+def tables(summary: dict) -> str:
+  lines = []
+  fams = summary["families"]
+  lines.append("== learning-rate sweep (final validation bpb of the short runs) ==")
+  for family, fam in fams.items():
+    cells = ", ".join(f"{s['lr']:g}: {s['final_eval_bpb']:.4f}" for s in fam["sweep"])
+    lines.append(f"{family:10s} {cells}  -> lr {fam['chosen_lr']:g}")
+  lines.append("")
+  lines.append("== validation bpb against training tokens (mean over seeds [min, max]) ==")
+  steps = sorted({p["step"] for fam in fams.values() for p in fam["mean_curve"]})
+  lines.append(f"{'step':>6s} {'tokens':>10s} " + " ".join(f"{f:>24s}" for f in fams))
+  for step in steps:
+    cells = []
+    tokens = None
+    for fam in fams.values():
+      p = next((p for p in fam["mean_curve"] if p["step"] == step), None)
+      tokens = p["tokens"] if p else tokens
+      cells.append(f"{p['mean']:.4f} [{p['min']:.4f},{p['max']:.4f}]" if p else "-")
+    lines.append(f"{step:6d} {tokens or 0:10d} " + " ".join(f"{c:>24s}" for c in cells))
+  lines.append("")
+  lines.append("== throughput and memory (full runs; medians over seeds) ==")
+  mem_kind = summary["memory_measure"]
+  lines.append(f"{'family':10s} {'params':>10s} {'tokens/s':>10s} {'step ms':>9s} {'wall s':>8s} {mem_kind:>22s}")
+  for family, fam in fams.items():
+    t = fam["throughput"]
+    lines.append(f"{family:10s} {fam['params']:10,d} {t['tokens_per_s']:10.0f} {1e3 * t['step_time_s']:9.1f} "
+                 f"{t['wall_s']:8.1f} {_fmt_bytes(t['peak_memory_bytes']):>22s}")
+  lines.append("")
+  lines.append("== bpb against evaluation context length (held-out documents; first seed's model) ==")
+  rows = [r for fam in fams.values() for r in fam.get("context_eval", [])]
+  contexts = sorted({r["context"] for r in rows})
+  lines.append(f"{'model / method':28s} " + " ".join(f"{c:>9d}" for c in contexts))
+  for family, fam in fams.items():
+    methods = sorted({r["method"] for r in fam.get("context_eval", [])})
+    for m in methods:
+      cells = []
+      for c in contexts:
+        r = next((r for r in fam["context_eval"] if r["method"] == m and r["context"] == c), None)
+        cells.append(f"{r['bpb']:9.4f}" if r else f"{'-':>9s}")
+      lines.append(f"{family + ' ' + m:28s} " + " ".join(cells))
+  lines.append("")
+  lines.append("== generation cache per sequence ==")
+  lines.append(f"{'family':10s} " + " ".join(f"{n:>14,d}" for n in CACHE_CONTEXTS) + "  tokens of context")
+  for family, fam in fams.items():
+    by_n = {c["tokens"]: c["bytes"] for c in fam.get("cache_memory", [])}
+    lines.append(f"{family:10s} " + " ".join(f"{_fmt_bytes(by_n.get(n)):>14s}" for n in CACHE_CONTEXTS))
+  lines.append("")
+  for family, fam in fams.items():
+    lines.append(f"chosen {family} recipe: " + " ".join(fam["recipe"]))
+  return "\n".join(lines)
+
+
+def cpu_time_estimate() -> dict:
+  """How the CPU protocol was sized (measured on the 2-core development machine, float32): see the module's
+  report. Kept in the summary so a rerun can compare."""
+  return dict(
+      measured_on="2 shared CPU cores (the development machine), float32, seq_len 512, batch 8",
+      note="estimate = sweep (3 lrs x 2 families x sweep_steps) + seeds (2 x 2 x steps) + per-run startup/compile "
+           "+ evals + long-context scoring; see benchmarks/head_to_head.py PROTOCOLS['cpu']")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--protocol", choices=("cpu", "gpu", "smoke"), default="cpu")
+  parser.add_argument("--smoke", action="store_true", help="= --protocol smoke: tiny models, a few steps, seconds")
+  parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results"),
+                      help="folder of the JSON and PNG outputs")
+  parser.add_argument("--workdirs", default="", help="folder of the run directories (default: a temporary folder)")
+  parser.add_argument("--keep_workdirs", action="store_true")
+  parser.add_argument("--data_dir", default="", help="data.data_dir: where the TFDS datasets are prepared")
+  parser.add_argument("--manual_dir", default="", help="data.manual_dir holding enwik8 (then dataset enwik8)")
+  parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of megalodon,llama")
+  parser.add_argument("--lrs", default="", help="override the sweep's learning rates (comma-separated)")
+  parser.add_argument("--seeds", type=int, default=0, help="override the number of seeds")
+  parser.add_argument("--plan", action="store_true", help="print the configs and parameter counts, run nothing")
+  parser.add_argument("--verbose", action="store_true", help="show the runs' own output")
+  parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.worker:
+    worker(args.worker)
+    return 0
+  protocol = PROTOCOLS["smoke" if args.smoke else args.protocol]
+  if args.lrs:
+    protocol = dataclasses.replace(protocol, lrs=tuple(float(x) for x in args.lrs.split(",")))
+  if args.seeds:
+    protocol = dataclasses.replace(protocol, seeds=tuple(range(args.seeds)))
+  families = [f.strip() for f in args.families.split(",") if f.strip()]
+  if set(families) - set(FAMILIES):
+    parser.error(f"--families: unknown {sorted(set(families) - set(FAMILIES))}")
+  llama_fields, mega_params, llama_params = matched_llama(protocol)
+  model_fields = {"megalodon": protocol.megalodon, "llama": llama_fields}
+  params = {"megalodon": mega_params, "llama": llama_params}
+  print(f"head_to_head --protocol {protocol.name}: megalodon {mega_params:,} params, llama {llama_params:,} params "
+        f"(ffn {llama_fields['ffn_hidden_dim']}; gap {abs(llama_params - mega_params) / mega_params:.2%}); "
+        f"{protocol.steps} steps x {protocol.batch_size} x {protocol.seq_len} tokens, lrs {list(protocol.lrs)}, "
+        f"seeds {list(protocol.seeds)}", flush=True)
+  data_dir = os.path.abspath(args.data_dir) if args.data_dir else ""
+  manual_dir = os.path.abspath(args.manual_dir) if args.manual_dir else ""
+
+  def config(family, lr, steps, seed):
+    return train_config(family, model_fields[family], protocol, lr=lr, steps=steps, seed=seed, data_dir=data_dir,
+                        manual_dir=manual_dir)
+
+  if args.plan:
+    for family in families:
+      print(family, json.dumps(config(family, protocol.lrs[0], protocol.steps, 0), indent=1))
+    return 0
+  os.makedirs(args.out, exist_ok=True)
+  workdirs = args.workdirs or tempfile.mkdtemp(prefix="head_to_head_")
+  os.makedirs(workdirs, exist_ok=True)
+  runner = Runner(protocol, args, workdirs)
+  prefix = os.path.join(args.out, f"head_to_head_{protocol.name}")
+  started = time.time()
+  summary: dict[str, Any] = {"protocol": protocol.name, "settings": dataclasses.asdict(protocol),
+                             "dataset": "enwik8" if manual_dir else "stdlib", "families": {}}
+  summary["settings"]["llama"] = llama_fields
+  try:
+    for family in families:
+      fam: dict[str, Any] = {"params": params[family], "model": model_fields[family], "sweep": []}
+      summary["families"][family] = fam
+      # 1. the sweep (skipped with one rate: the seed runs use it)
+      if len(protocol.lrs) > 1:
+        for lr in protocol.lrs:
+          cfg = config(family, lr, protocol.sweep_steps, protocol.seeds[0])
+          res = run_summary(family, "sweep", lr, cfg["seed"], cfg, runner.run(family, "sweep", cfg, False),
+                            params[family])
+          _write(f"{prefix}_{family}_sweep_lr{lr:g}_s{cfg['seed']}.json", res)
+          fam["sweep"].append({"lr": lr, "final_eval_bpb": res["final_eval_bpb"], "steps": res["steps"]})
+          print(f"  {family} sweep lr {lr:g}: final eval bpb {res['final_eval_bpb']:.4f}", flush=True)
+        ok = [s for s in fam["sweep"] if _finite(s["final_eval_bpb"])]
+        fam["chosen_lr"] = min(ok, key=lambda s: s["final_eval_bpb"])["lr"] if ok else protocol.lrs[0]
+      else:
+        fam["chosen_lr"] = protocol.lrs[0]
+      # 2. the seeds at the chosen rate; 3. the long-context evaluation on the first seed's model
+      runs = []
+      for i, seed in enumerate(protocol.seeds):
+        cfg = config(family, fam["chosen_lr"], protocol.steps, seed)
+        res = run_summary(family, "full", fam["chosen_lr"], seed, cfg, runner.run(family, "full", cfg, i == 0),
+                          params[family])
+        _write(f"{prefix}_{family}_full_lr{fam['chosen_lr']:g}_s{seed}.json", res)
+        if not fam["sweep"]:
+          fam["sweep"].append({"lr": fam["chosen_lr"], "final_eval_bpb": res["final_eval_bpb"], "steps": res["steps"]})
+        runs.append(res)
+        print(f"  {family} seed {seed}: final eval bpb {res['final_eval_bpb']:.4f}, {res['tokens_per_s']:.0f} tokens/s,"
+              f" wall {res['wall_s']:.1f} s", flush=True)
+      fam["runs"] = [{k: r[k] for k in ("seed", "eval_curve", "final_eval_bpb", "tokens_per_s", "step_time_s",
+                                        "wall_s", "peak_rss_bytes", "peak_device_bytes")} for r in runs]
+      fam["mean_curve"] = _mean_curve(runs)
+      finals = [r["final_eval_bpb"] for r in runs]
+      fam["final_eval_bpb"] = {"mean": statistics.fmean(finals), "min": min(finals), "max": max(finals),
+                               "std": statistics.pstdev(finals) if len(finals) > 1 else 0.0}
+      peaks = [r["peak_device_bytes"] or r["peak_rss_bytes"] for r in runs]
+      fam["throughput"] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+                           "step_time_s": statistics.median(r["step_time_s"] for r in runs),
+                           "wall_s": statistics.median(r["wall_s"] for r in runs),
+                           "peak_memory_bytes": max(peaks)}
+      for key in ("context_eval", "context_eval_s", "cache_memory", "eval_documents"):
+        fam[key] = runs[0].get(key)
+      fam["recipe"] = runs[0]["recipe"]
+      fam["config"] = runs[0]["config"]
+  finally:
+    if not args.keep_workdirs and not args.workdirs:
+      shutil.rmtree(workdirs, ignore_errors=True)
+  any_device_peak = any(r.get("peak_device_bytes") for fam in summary["families"].values() for r in fam["runs"])
+  summary["memory_measure"] = "device peak bytes" if any_device_peak else "process peak RSS"
+  summary["memory_note"] = ("peak_memory_bytes: the accelerator allocator's peak_bytes_in_use of the run's process"
+                            if any_device_peak else
+                            "peak_memory_bytes: the run process's RSS high-water mark (ru_maxrss; includes the Python "
+                            "interpreter, jax, the data pipeline and compilation)")
+  if len(families) == 2:
+    gap = abs(params["llama"] - params["megalodon"]) / params["megalodon"]
+    summary["param_gap"] = gap
+  if protocol.name == "cpu":
+    summary["cpu_time_estimate"] = cpu_time_estimate()
+  summary["wall_s"] = time.time() - started
+  from benchmarks.common import machine_info  # pylint: disable=import-outside-toplevel
+  from megalodon_jax import platforms  # pylint: disable=import-outside-toplevel
+  platforms.skip_absent_tpu()
+  summary["machine"] = machine_info()
+  summary["recipes"] = {f: fam["recipe"] for f, fam in summary["families"].items()}
+  summary["png"] = prefix + ".png"
+  plot(summary, prefix + ".png")
+  _write(prefix + ".json", summary)
+  print()
+  print(tables(summary))
+  print(f"\nwrote {prefix}.json and {prefix}.png in {summary['wall_s']:.0f} s")
+  return 0
+
+
+def _write(path: str, obj: Any) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, default=_json_default)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

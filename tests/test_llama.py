@@ -290,3 +290,30 @@ def test_auto_falls_back_to_xla_where_kernels_do_not_apply():
   np.testing.assert_array_equal(fa.full_attention(q, k, v, impl="splash", q_segment_ids=seg), ref)
   # cudnn takes 16-bit inputs only: float32 runs xla on any platform
   np.testing.assert_array_equal(fa.full_attention(q, k, v, impl="cudnn"), fa.xla_attention(q, k, v))
+
+
+def test_splash_attention_compiles_for_tpu():
+  """Deviceless: the splash kernel (native Mosaic, not interpret mode), forward and backward with segment ids,
+  under shard_map on a 2x2 v5e mesh splitting the batch (data) and the key/value heads (tensor)."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # a deviceless compile touches no TPU
+  pytest.importorskip("libtpu", reason="deviceless TPU compilation needs libtpu")
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  from megalodon_jax import mesh_axes  # pylint: disable=import-outside-toplevel
+  from pallas_kernels.platform import target_platform  # pylint: disable=import-outside-toplevel
+  topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
+  mesh = topologies.make_mesh(topo, (2, 2), (mesh_axes.DATA, mesh_axes.TENSOR))
+  b, t, h, kh, d = 4, 512, 8, 4, 128
+  heads = P(mesh_axes.DATA, None, mesh_axes.TENSOR)
+  q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16, sharding=NamedSharding(mesh, heads))
+  k = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16, sharding=NamedSharding(mesh, heads))
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=NamedSharding(mesh, P(mesh_axes.DATA)))
+
+  def loss(q, k, v, seg):
+    return fa.full_attention(q, k, v, impl="auto", q_segment_ids=seg).astype(jnp.float32).sum()
+
+  with target_platform("tpu"), jax.set_mesh(mesh):
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(lowering_platforms=("tpu",))
+    assert "tpu_custom_call" in lowered.as_text()  # the Mosaic kernel, not the einsum fallback
+    lowered.compile()

@@ -317,3 +317,29 @@ def test_splash_attention_compiles_for_tpu():
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(lowering_platforms=("tpu",))
     assert "tpu_custom_call" in lowered.as_text()  # the Mosaic kernel, not the einsum fallback
     lowered.compile()
+
+
+def test_to_hf_llama_command_line(untied, tmp_path, capsys):
+  """A params-only Llama checkpoint -> `megalodon-convert to-hf-llama` -> LlamaForCausalLM with HF's logits."""
+  from megalodon_jax.checkpoints import model_io  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.cli import convert as cli  # pylint: disable=import-outside-toplevel
+  config, hf, model = untied
+  ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+  model_io.save_params_checkpoint(ckpt, model)
+  assert cli.main(["to-hf-llama", "--checkpoint", ckpt, "--out", out, "--max_position_embeddings", "64"]) == 0
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+  loaded, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True,
+                                                               attn_implementation="eager")
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  ids = np.random.default_rng(9).integers(0, 97, (1, 12))
+  assert np.abs(_hf_logits(loaded.eval(), ids) - _hf_logits(hf, ids)).max() < TOL
+  capsys.readouterr()
+  assert cli.main(["to-hf-llama", "--checkpoint", ckpt, "--out", out]) == 2  # exists: --overwrite needed
+  assert "--overwrite" in capsys.readouterr().err
+  with open(os.path.join(out, "notes.txt"), "w", encoding="utf-8") as f:
+    f.write("mine")
+  assert cli.main(["to-hf-llama", "--checkpoint", ckpt, "--out", out, "--overwrite"]) == 2  # a foreign entry
+  assert "notes.txt" in capsys.readouterr().err and os.path.exists(os.path.join(out, "notes.txt"))
+  assert cli.main(["to-hf-llama", "--checkpoint", ckpt, "--out", os.path.join(ckpt, "x")]) == 2  # inside the input
+  assert cli.main(["to-pytorch", "--checkpoint", ckpt, "--out", str(tmp_path / "pt")]) == 2  # the other family
+  assert "to-hf-llama" in capsys.readouterr().err

@@ -3,6 +3,12 @@
   to-pytorch --checkpoint CKPT --out DIR [--format official|hf|safetensors] [--dtype float32|bfloat16]
              [--model_parallel N] [--step S] [--overwrite]
   from-pytorch --torch PATH [--config params.json] --out DIR [--overwrite]
+  to-hf-llama --checkpoint CKPT --out DIR [--dtype float32|bfloat16] [--max_position_embeddings N] [--step S]
+              [--overwrite]
+
+to-pytorch exports the Megalodon family; to-hf-llama exports a checkpoint of the Llama baseline family
+(`--config.model.family=llama`) as a Hugging Face `transformers` LlamaForCausalLM folder (model.safetensors +
+config.json, convert/hf_llama.py) that `LlamaForCausalLM.from_pretrained(DIR)` loads.
 
 CKPT is a train.py workdir, its checkpoints/ folder, a step folder, or a from-pytorch output folder. Output
 folders are written next to DIR under a temporary name and renamed into place at the end, so a failure never
@@ -19,7 +25,8 @@ What is read is never written over (checked before anything is loaded or created
 - A non-empty DIR is replaced only with --overwrite, and only when every entry in it is one this kind of output
   writes: for to-pytorch any file a to-pytorch export of any format writes (consolidated.pth, consolidated.NN.pth,
   model.safetensors, params.json, config.json, tokenizer.model: so re-exporting in another format works), for
-  from-pytorch the entries of a params-only Orbax checkpoint (`output_guard.PARAMS_CHECKPOINT_ENTRIES`). Any other
+  to-hf-llama model.safetensors, config.json and tokenizer.model, for from-pytorch the entries of a params-only
+  Orbax checkpoint (`output_guard.PARAMS_CHECKPOINT_ENTRIES`). Any other
   entry is named in the error and nothing is deleted. The earlier output is then replaced whole.
 """
 
@@ -51,6 +58,12 @@ EXPORT_ENTRIES = output_guard.KnownEntries(
                + re.escape(HF_CONFIG_JSON) + "|" + re.escape(tokenizer_copy.TOKENIZER_FILE)),
     "a to-pytorch export",
     "consolidated.pth, consolidated.NN.pth, model.safetensors, params.json, config.json, tokenizer.model")
+# What a to-hf-llama export writes (convert/hf_llama.write_hf_llama and the tokenizer copy).
+HF_LLAMA_ENTRIES = output_guard.KnownEntries(
+    re.compile(r"model\.safetensors|" + re.escape(HF_CONFIG_JSON) + "|" + re.escape(tokenizer_copy.TOKENIZER_FILE)),
+    "a to-hf-llama export", "model.safetensors, config.json, tokenizer.model")
+# max_position_embeddings of the exported config.json when the checkpoint records no training seq_len.
+DEFAULT_MAX_POSITIONS = 4096
 OVERWRITE_HELP = ("replace an earlier output in --out (atomically): allowed only when every entry in it is one this "
                   "command writes; anything else is named and nothing is deleted")
 
@@ -91,6 +104,22 @@ def build_parser() -> Parser:
   frm.add_argument("--overwrite", action="store_true",
                    help=OVERWRITE_HELP + " (the entries of a params-only Orbax checkpoint and its "
                         "megalodon_config.json, tokenizer.model)")
+  llama = sub.add_parser("to-hf-llama", help="Llama-family Orbax checkpoint -> Hugging Face LlamaForCausalLM folder",
+                         description="Export a checkpoint of the Llama baseline family as model.safetensors + "
+                                     "config.json that transformers' LlamaForCausalLM.from_pretrained loads (runs on "
+                                     "CPU).")
+  llama.add_argument("--checkpoint", required=True,
+                     help="train.py workdir, its checkpoints/ folder, a step folder, or a params-only folder")
+  llama.add_argument("--out", required=True,
+                     help="output folder: new, empty, or an earlier to-hf-llama export with --overwrite; never "
+                          "inside, containing or equal to the run directory of --checkpoint")
+  llama.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32", help="dtype of the stored weights")
+  llama.add_argument("--max_position_embeddings", type=int, default=None, metavar="N",
+                     help="config.json's max_position_embeddings (default: the run's seq_len, else "
+                          f"{DEFAULT_MAX_POSITIONS}); RoPE itself has no limit")
+  llama.add_argument("--step", type=int, default=None, help="step to export (default: the latest finished one)")
+  llama.add_argument("--overwrite", action="store_true",
+                     help=OVERWRITE_HELP + " (model.safetensors, config.json, tokenizer.model)")
   return parser
 
 
@@ -98,7 +127,8 @@ def _check_out(args: argparse.Namespace, sources: list[tuple[str, str]]) -> None
   """--out is separate from what the subcommand reads (`sources`: (what, path) pairs) and new, empty, or an earlier
   output of this subcommand (`output_guard.check_separate`, `output_guard.check_output_folder`)."""
   output_guard.check_separate(args.out, "--out", sources, ConvertError)
-  known = EXPORT_ENTRIES if args.command == "to-pytorch" else output_guard.PARAMS_CHECKPOINT_ENTRIES
+  known = {"to-pytorch": EXPORT_ENTRIES, "to-hf-llama": HF_LLAMA_ENTRIES}.get(
+      args.command, output_guard.PARAMS_CHECKPOINT_ENTRIES)
   output_guard.check_output_folder(args.out, "--out", known, ConvertError, overwrite=args.overwrite)
 
 
@@ -112,18 +142,52 @@ def _start_jax(args: argparse.Namespace):
   return jax.devices("cpu")[0]
 
 
+def _run_source(args: argparse.Namespace) -> tuple[str, str]:
+  """(what, path) that --out must stay clear of: the whole run directory of a --checkpoint folder."""
+  if paths.as_path(args.checkpoint).is_dir():  # the whole run is at stake, not just the step read
+    return (f"the run directory of --checkpoint {args.checkpoint}",
+            output_guard.checkpoint_areas(args.checkpoint).root)
+  return ("--checkpoint", args.checkpoint)  # not a checkpoint: refused by locate_checkpoint
+
+
+def _check_family(info, wanted: str, command: str, other: str) -> None:
+  family = getattr(info, "family", "megalodon")
+  if family != wanted:
+    raise ConvertError(f"--checkpoint {info.params_path} holds a model of the {family!r} family; {command} exports "
+                       f"the {wanted!r} family (use {other})")
+
+
+def to_hf_llama(args: argparse.Namespace) -> None:
+  if args.max_position_embeddings is not None and args.max_position_embeddings < 1:
+    raise ConvertError(f"--max_position_embeddings must be >= 1, got {args.max_position_embeddings}")
+  _check_out(args, [_run_source(args)])  # before the (slow) restore
+  info = locate_checkpoint(args.checkpoint, args.step)
+  _check_family(info, "llama", "to-hf-llama", "to-pytorch")
+  max_positions = args.max_position_embeddings or (info.train_config or {}).get("seq_len") or DEFAULT_MAX_POSITIONS
+  cpu = _start_jax(args)
+  # pylint: disable=import-outside-toplevel  (jax, flax, orbax: after the checks above)
+  from megalodon_jax.checkpoints import model_io
+  from megalodon_jax.convert import hf_llama
+  model, config, step = model_io.load_checkpoint(args.checkpoint, step=args.step, device=cpu)
+  tensors = hf_llama.to_hf_state_dict(model, config)
+  with model_io.atomic_output(args.out, overwrite=args.overwrite, known=HF_LLAMA_ENTRIES) as tmp:
+    files = hf_llama.write_hf_llama(tmp, tensors, config, dtype=args.dtype,
+                                    max_position_embeddings=int(max_positions))
+    if info.tokenizer_model is not None:  # the SentencePiece model the run trained with, beside the config
+      files = [*files, os.path.basename(tokenizer_copy.write_copy(tmp, info.tokenizer_model))]
+  print(f"wrote {paths.abspath(args.out)}: {', '.join(files)} (LlamaForCausalLM, {args.dtype}, step {step}, "
+        f"{config.num_params():,} parameters)")
+
+
 def to_pytorch(args: argparse.Namespace) -> None:
   if args.model_parallel < 1:
     raise ConvertError(f"--model_parallel must be >= 1, got {args.model_parallel}")
   if args.model_parallel > 1 and args.format != "official":
     raise ConvertError(f"--model_parallel applies to --format official only (got --format {args.format})")
-  if paths.as_path(args.checkpoint).is_dir():  # the whole run is at stake, not just the step read
-    source = (f"the run directory of --checkpoint {args.checkpoint}",
-              output_guard.checkpoint_areas(args.checkpoint).root)
-  else:
-    source = ("--checkpoint", args.checkpoint)  # not a checkpoint: refused below, by locate_checkpoint
-  _check_out(args, [source])  # before the (slow) restore
-  tokenizer_model = locate_checkpoint(args.checkpoint, args.step).tokenizer_model
+  _check_out(args, [_run_source(args)])  # before the (slow) restore
+  info = locate_checkpoint(args.checkpoint, args.step)
+  _check_family(info, "megalodon", "to-pytorch", "to-hf-llama")
+  tokenizer_model = info.tokenizer_model
   cpu = _start_jax(args)
   # pylint: disable=import-outside-toplevel  (jax, flax, orbax: after the checks above)
   from megalodon_jax.checkpoints import model_io
@@ -183,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None, *, cpu_by_default: bool = False) 
   args.cpu_by_default = cpu_by_default
 
   def body() -> int:
-    (to_pytorch if args.command == "to-pytorch" else from_pytorch)(args)
+    {"to-pytorch": to_pytorch, "to-hf-llama": to_hf_llama, "from-pytorch": from_pytorch}[args.command](args)
     return 0
 
   # one_line=False: a state-dict mismatch lists one offending key per line

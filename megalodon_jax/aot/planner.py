@@ -1,5 +1,7 @@
 """Compile a program for a target and report what one chip needs: the memory the compiler assigns, FLOPs, and
-what to change when it does not fit. This reads the compiler's report; nothing runs.
+what to change when it does not fit; for the train step also an estimate (XLA cost model) of its step time, the
+tokens/s and the MFU that implies (aot/estimate.py: XLA's counts with loop bodies counted per iteration, on the
+chip's roofline; not a timing). This reads the compiler's report; nothing runs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, Optional
 
 import jax
 
-from megalodon_jax.aot import buffers
+from megalodon_jax.aot import buffers, estimate
 from megalodon_jax.aot.programs import Program
 from megalodon_jax.aot.topology import GIB, Target
 from pallas_kernels.platform import target_platform
@@ -48,6 +50,20 @@ class Report:
   largest: list = dataclasses.field(default_factory=list)
   suggestions: list = dataclasses.field(default_factory=list)
   error: str = ""
+  # The train step's estimate (XLA cost model), per chip unless named global; None when not estimated (another
+  # program, a failed compile, a chip without peak FLOP/s or bandwidth on record). Never a timing.
+  xla_bytes: Optional[float] = None  # cost_analysis "bytes accessed", as reported (loop bodies once)
+  xla_optimal_seconds: Optional[float] = None  # cost_analysis "optimal_seconds" (-6 with libtpu 0.0.42.1: not computed)
+  loop_scaling: Optional[dict] = None  # estimate.LoopScaling: factors applied to the reported flops and bytes
+  est_flops: Optional[float] = None  # XLA flops with every loop body counted per iteration
+  est_bytes: Optional[float] = None
+  est_step_seconds: Optional[float] = None
+  est_tokens_per_second: Optional[float] = None  # global: batch x seq_len / est_step_seconds
+  est_tokens_per_second_per_chip: Optional[float] = None
+  est_mfu: Optional[float] = None  # analytic train-step FLOPs (causal) / (chips x peak bf16 x est_step_seconds)
+  est_source: str = ""  # "roofline" (max of flops / peak, bytes / HBM bandwidth) or "optimal_seconds"
+  est_bound: str = ""  # roofline: "compute" or "memory"
+  est_label: str = ""  # estimate.LABEL when estimated
 
   def as_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -97,6 +113,11 @@ def compile_program(program: Program, target: Target, mesh, settings: dict, *, d
       report = Report(**base, compiled=True, compile_seconds=seconds, argument_gib=arg, output_gib=out,
                       alias_gib=alias, temp_gib=temp, peak_gib=peak, fits=peak <= FIT_FRACTION * hbm,
                       xla_flops=float(cost.get("flops", 0.0)) if cost else None)
+      if cost:
+        report.xla_bytes = float(cost.get("bytes accessed", 0.0))
+        report.xla_optimal_seconds = float(cost["optimal_seconds"]) if "optimal_seconds" in cost else None
+      if cost and program.name == "train_step":
+        _estimate(report, compiled, program, target)
     parsed = buffers.read_dump(dump, f"jit_{program.name}", top) or buffers.read_dump(dump, program.name, top)
     if parsed is not None:
       report.buffer_temp_gib = parsed.temp_bytes / GIB
@@ -105,6 +126,30 @@ def compile_program(program: Program, target: Target, mesh, settings: dict, *, d
     if not report.fits:
       report.suggestions = suggest(report)
     return report
+
+
+def _estimate(report: Report, compiled, program: Program, target: Target) -> None:
+  """Fills the report's est_* fields (aot/estimate.py); an estimate that cannot be made leaves them None."""
+  try:
+    scaling = estimate.loop_scaled_costs(compiled.as_text())
+  except Exception as e:  # pylint: disable=broad-except
+    report.loop_scaling = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    return
+  devices = len(target.devices)
+  per_chip = max(1, devices // target.chips)
+  step = estimate.step_estimate(report.xla_flops or 0.0, report.xla_bytes or 0.0, report.xla_optimal_seconds,
+                                scaling, target.device_kind, per_chip)
+  report.loop_scaling = dataclasses.asdict(scaling)
+  if step is None or step.seconds <= 0:
+    return
+  tokens = program.shape["batch"] * program.shape["seq_len"]
+  peak_chip = estimate.peak_flops(target.device_kind)
+  report.est_flops, report.est_bytes = step.flops, step.bytes
+  report.est_step_seconds = step.seconds
+  report.est_tokens_per_second = tokens / step.seconds
+  report.est_tokens_per_second_per_chip = report.est_tokens_per_second / target.chips
+  report.est_mfu = program.analytic_flops * devices / (target.chips * peak_chip * step.seconds)
+  report.est_source, report.est_bound, report.est_label = step.source, step.bound, estimate.LABEL
 
 
 def _global_batch_tensors(report: Report) -> list[str]:

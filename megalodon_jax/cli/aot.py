@@ -76,16 +76,28 @@ def _settings(cfg, model_cfg, seq_len: int, platform: str) -> dict:
 
 def _table(reports) -> str:
   head = ("program", "topology", "mesh", "seq_len", "seqs/chip", "peak GiB", "HBM GiB", "fits", "compile s",
-          "XLA TFLOP", "analytic TFLOP")
+          "XLA TFLOP", "analytic TFLOP", "est step s*", "est tok/s/chip*", "est MFU*")
   rows = [head]
   for r in reports:
     mesh = "x".join(f"{k}{v}" for k, v in r.mesh.items() if v > 1) or "1"
     rows.append((r.program, r.topology, mesh, str(r.shape.get("seq_len")), f"{r.shape.get('seqs_per_chip', 0):g}",
                  f"{r.peak_gib:.2f}" if r.compiled else f">{r.peak_gib:.2f}" if r.peak_gib else "-",
                  f"{r.hbm_gib:.2f}", "yes" if r.fits else "NO", f"{r.compile_seconds:.1f}",
-                 f"{r.xla_flops / 1e12:.3g}" if r.xla_flops else "-", f"{r.analytic_flops / 1e12:.3g}"))
+                 f"{r.xla_flops / 1e12:.3g}" if r.xla_flops else "-", f"{r.analytic_flops / 1e12:.3g}",
+                 *_estimate_cells(r)))
   widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-  return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+  table = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+  if any(r.est_step_seconds for r in reports):
+    table += ("\n* estimate (XLA cost model), not a timing: XLA's flops and bytes of the train step with every loop "
+              "body counted per iteration, on the chip's roofline (max of flops / peak bf16, bytes / HBM bandwidth); "
+              "MFU = analytic train-step FLOPs / (chips x peak x est step s). megalodon_jax/aot/estimate.py")
+  return table
+
+
+def _estimate_cells(r) -> tuple[str, str, str]:
+  if not r.est_step_seconds:
+    return "-", "-", "-"
+  return (f"{r.est_step_seconds:.3g}", f"{r.est_tokens_per_second_per_chip:,.0f}", f"{100 * r.est_mfu:.1f}%")
 
 
 def _details(r) -> str:

@@ -8,7 +8,7 @@ from megalodon_jax.config import preset
 from megalodon_jax.errors import ConfigError
 from megalodon_jax.training.train_config import TrainConfig, check_inputs
 
-CONFIGS = ["default", "tiny", "enwik8", "mega200m", "mega1_3b", "megalodon_7b"]
+CONFIGS = ["default", "tiny", "enwik8", "mega200m", "mega1_3b", "megalodon_7b", "llama2_7b"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -35,13 +35,28 @@ def test_large_configs_have_the_official_shapes_and_the_paper_recipe(name, prese
     assert cfg.seq_len * cfg.batch_size == 4 * 1024 * 1024
 
 
-@pytest.mark.parametrize("name", ["mega200m", "mega1_3b", "megalodon_7b"])
+@pytest.mark.parametrize("name", ["mega200m", "mega1_3b", "megalodon_7b", "llama2_7b"])
 def test_large_configs_ask_for_their_tokenizer_and_dataset(name):
   cfg = importlib.import_module(f"megalodon_jax.configs.{name}").get_config()
   config = TrainConfig.of(cfg)
   config.check_devices(128)
   with pytest.raises(ConfigError, match=r"data\.(tokenizer_path|name)"):
     check_inputs(config)
+
+
+def test_llama2_7b_is_llama2_with_megalodon_7b_run_settings():
+  """Llama2-7B (6,738,415,616 parameters) on Megalodon-7B's mesh, batch, dtype, remat and scanned blocks, at 4K."""
+  llama = TrainConfig.of(importlib.import_module("megalodon_jax.configs.llama2_7b").get_config())
+  mega = TrainConfig.of(importlib.import_module("megalodon_jax.configs.megalodon_7b").get_config())
+  m = llama.model_config(32000)
+  assert llama.family == "llama" and m.num_params() == 6_738_415_616
+  assert (m.num_layers, m.model_dim, m.num_heads, m.kv_heads, m.ffn_hidden_dim, m.vocab_size) == \
+      (32, 4096, 32, 32, 11008, 32000)
+  assert (m.norm_eps, m.effective_rope_base, m.share_emb) == (1e-5, 10000.0, False)
+  mm = mega.model_config(32000)
+  assert (m.dtype, m.param_dtype, m.remat_policy, m.scan_layers) == (mm.dtype, mm.param_dtype, mm.remat_policy,
+                                                                     mm.scan_layers)
+  assert (llama.mesh, llama.batch_size, llama.seq_len) == (mega.mesh, mega.batch_size, 4096)
 
 
 def test_enwik8_without_the_file_or_network_names_manual_dir(tmp_path, monkeypatch):

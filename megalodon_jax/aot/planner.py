@@ -180,9 +180,9 @@ def suggest(report: Report) -> list[str]:
       accum = s.get("grad_accum_steps", 1)
       out.append(f"fewer sequences per chip at once ({per_chip:g} now): --config.grad_accum_steps={accum * 2} "
                  f"(same tokens per step), or more chips")
-    if s.get("attention_impl") != "pallas":
+    if "attention_impl" in s and s.get("attention_impl") != "pallas":
       out.append("the Pallas attention kernel keeps one tile of scores at a time: --config.model.attention_impl=pallas")
-    if s.get("cema_impl") not in ("chunked", "pallas"):
+    if "cema_impl" in s and s.get("cema_impl") not in ("chunked", "pallas"):
       out.append("a CEMA that never holds (length x model_dim x cema_ndim) or FFT buffers: "
                  "--config.model.cema_impl=chunked (or pallas)")
   if report.argument_gib > 0.5 * report.hbm_gib:
@@ -191,7 +191,7 @@ def suggest(report: Report) -> list[str]:
   if s.get("mesh_data", 1) > 1:
     out.append("parameters are replicated over mesh.data; move those chips to fsdp: --config.mesh.data=1 "
                "--config.mesh.fsdp=-1")
-  if report.program == "train_step":
+  if report.program == "train_step" and "cema_impl" in s:  # the sequence axis: Megalodon's chunk parallelism
     out.append("split each sequence over chips with the sequence mesh axis (--config.mesh.sequence=2, 4, ...; "
                "seq_len must be a multiple of mesh.sequence x model.chunk_size)")
   return out

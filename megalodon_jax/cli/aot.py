@@ -64,14 +64,16 @@ def vocab_size_for(cfg) -> int:
 
 
 def _settings(cfg, model_cfg, seq_len: int, platform: str) -> dict:
+  settings = {"remat": model_cfg.remat_policy, "scan_layers": model_cfg.scan_layers, "dtype": model_cfg.dtype,
+              "grad_accum_steps": cfg.grad_accum_steps, "loss_piece": cfg.loss_piece, "mesh_data": cfg.mesh.data,
+              "family": cfg.family}
+  if not hasattr(model_cfg, "cema_impl"):  # a family without Megalodon's kernels (llama): its attention setting
+    settings["full_attention_impl"] = getattr(model_cfg, "full_attention_impl", None)
+    return settings
   from megalodon_jax.ops.attention import resolve_attention_impl  # pylint: disable=import-outside-toplevel
   from megalodon_jax.ops.cema import default_impl  # pylint: disable=import-outside-toplevel
-  return {
-      "remat": model_cfg.remat_policy, "scan_layers": model_cfg.scan_layers, "dtype": model_cfg.dtype,
-      "attention_impl": resolve_attention_impl(model_cfg.attention_impl, platform),
-      "cema_impl": model_cfg.cema_impl if model_cfg.cema_impl != "auto" else default_impl(seq_len, platform),
-      "grad_accum_steps": cfg.grad_accum_steps, "loss_piece": cfg.loss_piece, "mesh_data": cfg.mesh.data,
-  }
+  return {**settings, "attention_impl": resolve_attention_impl(model_cfg.attention_impl, platform),
+          "cema_impl": model_cfg.cema_impl if model_cfg.cema_impl != "auto" else default_impl(seq_len, platform)}
 
 
 def _table(reports) -> str:

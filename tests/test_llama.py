@@ -285,11 +285,21 @@ def test_auto_falls_back_to_xla_where_kernels_do_not_apply():
   assert fa.resolve_full_attention_impl("auto", "tpu") == "splash"
   assert fa.resolve_full_attention_impl("auto", "gpu") == "cudnn"
   assert fa.resolve_full_attention_impl("auto", "cpu") == "xla"
-  q, k, v, seg = _attention_inputs(64)  # 64 is no multiple of splash's tile: xla runs
+  from pallas_kernels.platform import target_platform  # pylint: disable=import-outside-toplevel
+  q, k, v, seg = _attention_inputs(64)
   ref = fa.xla_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg)
-  np.testing.assert_array_equal(fa.full_attention(q, k, v, impl="splash", q_segment_ids=seg), ref)
-  # cudnn takes 16-bit inputs only: float32 runs xla on any platform
-  np.testing.assert_array_equal(fa.full_attention(q, k, v, impl="cudnn"), fa.xla_attention(q, k, v))
+  with target_platform("tpu"):  # 64 is no multiple of splash's tile: xla runs (eagerly, on this CPU)
+    np.testing.assert_array_equal(fa.full_attention(q, k, v, impl="splash", q_segment_ids=seg), ref)
+    np.testing.assert_array_equal(fa.full_attention(q, k, v, impl="auto", q_segment_ids=seg), ref)
+  with target_platform("gpu"):  # cudnn takes 16-bit inputs only, and no segment ids
+    np.testing.assert_array_equal(fa.full_attention(q, k, v, impl="cudnn"), fa.xla_attention(q, k, v))
+    np.testing.assert_array_equal(fa.full_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                                                    v.astype(jnp.bfloat16), impl="cudnn", q_segment_ids=seg),
+                                  fa.xla_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                                                   v.astype(jnp.bfloat16), q_segment_ids=seg,
+                                                   kv_segment_ids=seg))
+  with pytest.raises(ValueError, match="runs on tpu only"):
+    fa.full_attention(q, k, v, impl="splash")
 
 
 def test_splash_attention_compiles_for_tpu():

@@ -21,7 +21,8 @@ Implementations (`full_attention(..., impl=...)`):
           batch and head axes; the no-cache path with T = S a multiple of 128.
   auto    cudnn on GPU, splash on TPU, xla elsewhere (the platform being compiled for, `current_platform`).
 A kernel is used only on the paths it covers; any other call (the cache path, segment ids for cudnn, float32
-inputs for cudnn, lengths splash cannot tile) runs "xla", whatever was asked.
+inputs for cudnn, lengths splash cannot tile) runs "xla", whatever was asked. Asking for a kernel by name on
+another platform is a ValueError.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pallas_kernels.platform import current_platform
 
 FULL_ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 AUTO_FULL_ATTENTION_IMPL = {"cpu": "xla", "gpu": "cudnn", "tpu": "splash"}
+_KERNEL_PLATFORM = {"cudnn": "gpu", "splash": "tpu"}
 _MASKED = -1e30  # finite: a fully masked row (never produced by causal attention) would not turn into NaN
 _SPLASH_BLOCKS = (512, 256, 128)
 
@@ -119,6 +121,10 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "aut
     raise ValueError(f"without q_offset queries and keys must have the same length; got {q.shape[1]} and "
                      f"{k.shape[1]}")
   impl = resolve_full_attention_impl(impl)
+  platform = current_platform()
+  if impl != "xla" and platform != _KERNEL_PLATFORM[impl]:
+    raise ValueError(f"full_attention_impl={impl!r} runs on {_KERNEL_PLATFORM[impl]} only (compiling for "
+                     f"{platform}); use 'auto' or 'xla'")
   plain = q_offset is None
   if impl == "cudnn" and plain and q_segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16):
     return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,

@@ -64,7 +64,7 @@ def _segment(graphdef: nnx.GraphDef, state, cache, ids: jax.Array, targets: jax.
 def _window_norms(graphdef: nnx.GraphDef, state, ids: jax.Array):
   """ids: (R, W) -> every TimestepNorm state after running ids from an empty cache (layers', final)."""
   model = nnx.merge(graphdef, state)
-  _, fresh = model(ids, cache=model.init_cache(ids.shape[0]))  # the logits are unused: XLA drops the head
+  _, fresh = model(ids, cache=model.init_cache(ids.shape[0], max_length=ids.shape[1]))  # logits unused: dropped
   return tuple(layer.norm for layer in fresh.layers), fresh.final_norm
 
 

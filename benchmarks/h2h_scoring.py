@@ -1,11 +1,12 @@
 """Scoring helpers of benchmarks/head_to_head.py: next-token NLL of long documents, and generation cache sizes.
 
-Three ways to score the first L+1 tokens of a document (L scored tokens, each predicted from the tokens before it):
+Two ways to score the first L+1 tokens of a document (L scored tokens, each predicted from the tokens before it),
+both giving per-token NLL in nats:
 - `stream_nll`: the model's own cache, fed piece by piece (Megalodon: a constant-size cache; Llama: a KV cache
   of `max_length=L`, so every token sees the whole document before it);
 - `sliding_window_nll`: no cache; windows of `window` tokens with stride `window // 2`, each window scoring only the
   tokens no earlier window scored (the first window scores all of its tokens), so a token sees between
-  window/2 and window tokens of context (the first window's tokens fewer);
+  window/2 and window tokens of context (the first window's tokens fewer).
 Every compiled program is keyed by the model's graph and the piece / window shape, so each shape compiles once.
 """
 
@@ -29,17 +30,16 @@ def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _stream_piece(graphdef: nnx.GraphDef, state: Any, cache: Any, ids: jax.Array, targets: jax.Array):
-  """(1, P) ids and targets through the cache -> (summed NLL in nats, new cache)."""
+  """(1, P) ids and targets through the cache -> ((P,) NLL in nats, new cache)."""
   logits, cache = nnx.merge(graphdef, state)(ids, cache=cache)
-  return jnp.sum(_token_nll(logits, targets), dtype=jnp.float32), cache
+  return _token_nll(logits, targets)[0], cache
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _window_rows(graphdef: nnx.GraphDef, state: Any, ids: jax.Array, targets: jax.Array, weights: jax.Array):
-  """(R, W) windows scored without a cache -> summed NLL of the weighted (scored) positions."""
+def _window_rows(graphdef: nnx.GraphDef, state: Any, ids: jax.Array, targets: jax.Array):
+  """(R, W) windows scored without a cache -> (R, W) NLL in nats."""
   model = nnx.merge(graphdef, state)
-  logits = model.head(model.features(ids))
-  return jnp.sum(_token_nll(logits, targets) * weights, dtype=jnp.float32)
+  return _token_nll(model.head(model.features(ids)), targets)
 
 
 def _split(model: Any) -> tuple[nnx.GraphDef, Any]:
@@ -54,9 +54,9 @@ def new_cache(model: Any, family: str, length: int) -> Any:
   return model.init_cache(1)
 
 
-def stream_nll(model: Any, family: str, tokens: np.ndarray, piece: int) -> float:
-  """Summed NLL (nats) of tokens[1:] given everything before each, streamed through the model's cache in pieces
-  of `piece` tokens (len(tokens) - 1 must be a multiple of `piece`)."""
+def stream_nll(model: Any, family: str, tokens: np.ndarray, piece: int) -> np.ndarray:
+  """Per-token NLL (nats, (len(tokens) - 1,)) of tokens[1:], each given every token before it, streamed through the
+  model's cache in pieces of `piece` tokens (len(tokens) - 1 must be a multiple of `piece`)."""
   length = len(tokens) - 1
   if length % piece:
     raise ValueError(f"{length} scored tokens are not a multiple of the piece {piece}")
@@ -64,16 +64,17 @@ def stream_nll(model: Any, family: str, tokens: np.ndarray, piece: int) -> float
   cache = new_cache(model, family, length)
   x = jnp.asarray(np.asarray(tokens[:-1], np.int32)[None])
   y = jnp.asarray(np.asarray(tokens[1:], np.int32)[None])
-  total = jnp.zeros((), jnp.float32)
+  out = []
   for start in range(0, length, piece):
     nll, cache = _stream_piece(graphdef, state, cache, x[:, start:start + piece], y[:, start:start + piece])
-    total = total + nll
-  return float(total)
+    out.append(nll)  # kept on the device: one wait at the end
+  return np.concatenate([np.asarray(o, np.float64) for o in out])
 
 
-def sliding_window_nll(model: Any, tokens: np.ndarray, window: int, rows: int = 8) -> float:
-  """Summed NLL (nats) of tokens[1:], each predicted inside a window of at most `window` tokens; windows move by
-  `window // 2` and score only the positions not scored before (see the module docstring)."""
+def sliding_window_nll(model: Any, tokens: np.ndarray, window: int, rows: int = 8) -> np.ndarray:
+  """Per-token NLL (nats, (len(tokens) - 1,)) of tokens[1:], each predicted inside a window of at most `window`
+  tokens; windows move by `window // 2` and score only the positions no earlier window scored (see the module
+  docstring)."""
   length = len(tokens) - 1
   window = min(window, length)
   stride = max(1, window // 2)
@@ -82,29 +83,21 @@ def sliding_window_nll(model: Any, tokens: np.ndarray, window: int, rows: int = 
     starts.append(length - window)  # a last window flush with the end
   x_all = np.asarray(tokens[:-1], np.int32)
   y_all = np.asarray(tokens[1:], np.int32)
-  xs, ys, ws = [], [], []
-  scored_until = 0
-  for s in starts:
-    xs.append(x_all[s:s + window])
-    ys.append(y_all[s:s + window])
-    w = (np.arange(s, s + window) >= scored_until).astype(np.float32)
-    ws.append(w)
-    scored_until = s + window
   graphdef, state = _split(model)
-  total = jnp.zeros((), jnp.float32)
-  for b in range(0, len(xs), rows):
-    n = len(xs[b:b + rows])
-    pad = rows - n  # one shape per window size: a short last batch is padded with unscored rows
-    x = np.stack(xs[b:b + rows] + [xs[0]] * pad)
-    y = np.stack(ys[b:b + rows] + [ys[0]] * pad)
-    w = np.stack(ws[b:b + rows] + [np.zeros(window, np.float32)] * pad)
-    total = total + _window_rows(graphdef, state, jnp.asarray(x), jnp.asarray(y), jnp.asarray(w))
-  assert int(sum(w.sum() for w in ws)) == length
-  return float(total)
-
-
-def bits_per_token(nll_nats: float, tokens: int) -> float:
-  return nll_nats / tokens / math.log(2.0)
+  out = np.full(length, np.nan)
+  scored_until = 0
+  for b in range(0, len(starts), rows):
+    batch = starts[b:b + rows]
+    pad = rows - len(batch)  # one shape per window size: a short last batch is padded with repeated rows
+    x = np.stack([x_all[s:s + window] for s in batch] + [x_all[:window]] * pad)
+    y = np.stack([y_all[s:s + window] for s in batch] + [y_all[:window]] * pad)
+    nll = np.asarray(_window_rows(graphdef, state, jnp.asarray(x), jnp.asarray(y)), np.float64)
+    for i, s in enumerate(batch):
+      first = max(scored_until, s)  # the window's positions not scored before
+      out[first:s + window] = nll[i, first - s:]
+      scored_until = s + window
+  assert not np.isnan(out).any()
+  return out
 
 
 def cache_bytes(model: Any, family: str, tokens: int) -> dict:
@@ -122,15 +115,14 @@ def cache_bytes(model: Any, family: str, tokens: int) -> dict:
           "fixed_bytes": int(total - sum(size(a) for a in growing))}
 
 
-def choose_documents(docs: list[np.ndarray], length: int, count: int) -> list[np.ndarray]:
-  """Up to `count` of the longest documents holding at least length + 1 tokens, each cut to length + 1."""
-  long_enough = sorted((d for d in docs if len(d) >= length + 1), key=len, reverse=True)
-  return [d[:length + 1] for d in long_enough[:count]]
+def choose_documents(docs: list[np.ndarray], count: int) -> list[np.ndarray]:
+  """The `count` longest documents (longest first)."""
+  return sorted(docs, key=len, reverse=True)[:count]
 
 
 def context_lengths(requested: list[int], longest: int, piece: int) -> list[int]:
-  """The requested lengths the documents allow; when the longest document is shorter than some requested length,
-  also the longest length (a multiple of `piece`) it allows."""
+  """The requested lengths a document of `longest` tokens allows (a length L scores L tokens, so needs L + 1); when
+  it is shorter than some requested length, also the longest multiple of `piece` it allows."""
   usable = (longest - 1) // piece * piece
   out = [n for n in requested if n <= usable]
   if usable > (max(out) if out else 0) and any(n > usable for n in requested):
@@ -138,27 +130,48 @@ def context_lengths(requested: list[int], longest: int, piece: int) -> list[int]
   return out
 
 
-def score_contexts(model: Any, family: str, docs: list[np.ndarray], *, lengths: list[int], num_docs: int,
-                   piece: int, train_window: int, log: Optional[Any] = None) -> list[dict]:
-  """bpb by evaluation context length (tokens are bytes): Megalodon through its stream; Llama two ways (full
-  context through its KV cache, and sliding windows of the trained length)."""
+def score_contexts(model: Any, family: str, docs: list[np.ndarray], *, contexts: list[int], num_docs: int,
+                   piece: int, train_window: int, kv_cache_max_context: int = 0,
+                   log: Optional[Any] = None) -> list[dict]:
+  """bpb by evaluation context length on the `num_docs` longest documents (tokens are bytes).
+
+  Each document's first Lmax + 1 tokens (Lmax: the longest requested context the shortest chosen document allows)
+  are scored once per method, token by token: Megalodon through its stream ("stream"); Llama through its KV cache
+  over the whole prefix ("full_kv_cache") and with sliding windows of its trained length ("sliding_window"). For each
+  context length L the rows give `bpb`: the mean over the first L tokens of every document (each token given all
+  the tokens before it, up to L - 1), and `bpb_last_half`: over the tokens at positions [L/2, L) only (those that
+  have between L/2 and L tokens of context), so the rows of one method differ only in how much context their
+  tokens had. `kv_cache_max_context` (> 0) stops Llama's full-context scoring at that context (its cost is
+  quadratic in the context)."""
   import time  # pylint: disable=import-outside-toplevel
+  chosen = choose_documents(docs, num_docs)
+  if not chosen:
+    return []
+  lengths = context_lengths(contexts, min(len(d) for d in chosen), piece)
+  if not lengths:
+    return []
+  longest = max(lengths)
+  chosen = [d[:longest + 1] for d in chosen]
+  stream = lambda d, n: stream_nll(model, family, d[:n + 1], min(piece, n))  # noqa: E731
+  ways = {"stream": (stream, longest)}
+  if family == "llama":
+    capped = [n for n in lengths if n <= kv_cache_max_context] if kv_cache_max_context > 0 else lengths
+    ways = {"sliding_window": (lambda d, n: sliding_window_nll(model, d[:n + 1], train_window), longest)}
+    if capped:
+      ways["full_kv_cache"] = (stream, max(capped))
   rows = []
-  for length in lengths:
-    chosen = choose_documents(docs, length, num_docs)
-    if not chosen:
-      continue
-    ways = {"stream": lambda d: stream_nll(model, family, d, min(piece, length))}
-    if family == "llama":
-      ways = {"full_kv_cache": ways["stream"], "sliding_window": lambda d: sliding_window_nll(model, d, train_window)}
-    for way, score in ways.items():
-      t0 = time.perf_counter()
-      nll = sum(score(d) for d in chosen)
-      seconds = time.perf_counter() - t0
-      tokens = length * len(chosen)
-      rows.append({"family": family, "method": way, "context": length, "documents": len(chosen), "tokens": tokens,
-                   "bpb": bits_per_token(nll, tokens), "seconds": seconds})
+  for way, (score, upto) in ways.items():
+    t0 = time.perf_counter()
+    nll = np.stack([score(d, upto) for d in chosen])  # (documents, upto)
+    seconds = time.perf_counter() - t0
+    for length in (n for n in lengths if n <= upto):
+      rows.append({"family": family, "method": way, "context": length, "documents": len(chosen),
+                   "tokens": length * len(chosen), "bpb": float(nll[:, :length].mean() / math.log(2.0)),
+                   "bpb_last_half": float(nll[:, length // 2:length].mean() / math.log(2.0)),
+                   "seconds_all_contexts": seconds})
       if log is not None:
-        log(f"  {family:9s} {way:15s} context {length:7d}: {rows[-1]['bpb']:.4f} bpb over {len(chosen)} document(s)"
-            f" ({seconds:.1f} s)")
+        log(f"  {family:9s} {way:15s} context {length:7d}: {rows[-1]['bpb']:.4f} bpb, positions [L/2, L): "
+            f"{rows[-1]['bpb_last_half']:.4f} ({len(chosen)} document(s))")
+    if log is not None:
+      log(f"  {family:9s} {way:15s} {len(chosen)} x {upto} tokens in {seconds:.1f} s")
   return rows

@@ -75,6 +75,9 @@ class Protocol:
   contexts: tuple  # evaluation context lengths (tokens), kept where the documents are long enough
   context_docs: int  # documents per context length
   piece: int  # tokens per cached call when streaming
+  # Llama's full-context (KV cache) scoring stops at this context (0: none): its cost grows with the square of the
+  # context (each piece attends over the whole cache), about 5 min per 32K-token document on 2 CPU cores.
+  kv_cache_max_context: int = 0
   max_documents: int = 0  # stdlib corpus: the first N files (0 = all)
   weight_decay: float = 0.1
   clip: float = 1.0
@@ -91,9 +94,10 @@ PROTOCOLS = {
     # Sized from timings on this 2-core machine (the report's estimate): see cpu_time_estimate in the summary.
     "cpu": Protocol(name="cpu", megalodon=_MEGA_CPU,
                     llama=dict(num_layers=4, model_dim=128, num_heads=2, dtype="float32"),
-                    seq_len=512, batch_size=8, steps=300, sweep_steps=100, lrs=(2e-3, 4e-3, 8e-3), seeds=(0, 1),
-                    eval_every=50, eval_batches=8, log_every=10, warmup_fraction=0.1,
-                    contexts=(512, 2048, 8192, 32768), context_docs=2, piece=512, max_documents=400),
+                    seq_len=512, batch_size=8, steps=150, sweep_steps=50, lrs=(2e-3, 4e-3, 8e-3), seeds=(0, 1),
+                    eval_every=25, eval_batches=4, log_every=5, warmup_fraction=0.1,
+                    contexts=(512, 2048, 8192, 32768), context_docs=2, piece=512, max_documents=400,
+                    kv_cache_max_context=8192),
     # The peer's shapes: 6 x 384; 1200 steps x 16 x 512 bytes; bf16; 3 seeds.
     "gpu": Protocol(name="gpu", megalodon=_MEGA_GPU,
                     llama=dict(num_layers=6, model_dim=384, num_heads=6, head_dim=64, dtype="bfloat16"),
@@ -238,12 +242,11 @@ def worker(spec_path: str) -> None:
     source = open_split(plan, typed.data.eval_split, "eval_split")
     docs = [np.asarray(tokenizer.encode_bytes(source[i]), np.int32) for i in range(len(source))]
     longest = max(len(d) for d in docs)
-    lengths = h2h_scoring.context_lengths(list(lc["contexts"]), longest, lc["piece"])
-    print(f"long-context evaluation of {family}: {len(docs)} held-out documents, longest {longest} tokens; "
-          f"contexts {lengths}", flush=True)
+    print(f"long-context evaluation of {family}: {len(docs)} held-out documents, longest {longest} tokens", flush=True)
     t1 = time.perf_counter()
     result["context_eval"] = h2h_scoring.score_contexts(
-        model, family, docs, lengths=lengths, num_docs=lc["docs"], piece=lc["piece"], train_window=typed.seq_len,
+        model, family, docs, contexts=list(lc["contexts"]), num_docs=lc["docs"], piece=lc["piece"],
+        train_window=typed.seq_len, kv_cache_max_context=lc.get("kv_cache_max_context", 0),
         log=lambda s: print(s, flush=True))
     result["context_eval_s"] = time.perf_counter() - t1
     result["eval_documents"] = {"count": len(docs), "longest_tokens": int(longest)}
@@ -307,7 +310,8 @@ class Runner:
       shutil.rmtree(workdir)  # a fresh run, never a resume of an older one
     spec = {"family": family, "config": cfg, "workdir": workdir, "result": os.path.join(self.workdirs, name + ".json"),
             "long_context": ({"contexts": list(self.protocol.contexts), "docs": self.protocol.context_docs,
-                              "piece": self.protocol.piece} if long_context else None)}
+                              "piece": self.protocol.piece, "kv_cache_max_context": self.protocol.kv_cache_max_context}
+                             if long_context else None)}
     spec_path = os.path.join(self.workdirs, name + ".spec.json")
     with open(spec_path, "w", encoding="utf-8") as f:
       json.dump(spec, f)
@@ -425,19 +429,21 @@ def tables(summary: dict) -> str:
     lines.append(f"{family:10s} {fam['params']:10,d} {t['tokens_per_s']:10.0f} {1e3 * t['step_time_s']:9.1f} "
                  f"{t['wall_s']:8.1f} {_fmt_bytes(t['peak_memory_bytes']):>22s}")
   lines.append("")
-  lines.append("== bpb against evaluation context length (held-out documents; first seed's model) ==")
-  rows = [r for fam in fams.values() for r in fam.get("context_eval", [])]
+  rows = [r for fam in fams.values() for r in fam.get("context_eval") or []]
   contexts = sorted({r["context"] for r in rows})
-  lines.append(f"{'model / method':28s} " + " ".join(f"{c:>9d}" for c in contexts))
-  for family, fam in fams.items():
-    methods = sorted({r["method"] for r in fam.get("context_eval", [])})
-    for m in methods:
-      cells = []
-      for c in contexts:
-        r = next((r for r in fam["context_eval"] if r["method"] == m and r["context"] == c), None)
-        cells.append(f"{r['bpb']:9.4f}" if r else f"{'-':>9s}")
-      lines.append(f"{family + ' ' + m:28s} " + " ".join(cells))
-  lines.append("")
+  for key, title in (("bpb", "bpb of the first L tokens of each document"),
+                     ("bpb_last_half", "bpb of the tokens at positions [L/2, L) (each with L/2 to L tokens of context)")):
+    lines.append(f"== bpb against evaluation context length L, held-out documents, first seed's model: {title} ==")
+    lines.append(f"{'model / method':28s} " + " ".join(f"{c:>9d}" for c in contexts))
+    for family, fam in fams.items():
+      ce = fam.get("context_eval") or []
+      for m in sorted({r["method"] for r in ce}):
+        cells = []
+        for c in contexts:
+          r = next((r for r in ce if r["method"] == m and r["context"] == c), None)
+          cells.append(f"{r[key]:9.4f}" if r else f"{'-':>9s}")
+        lines.append(f"{family + ' ' + m:28s} " + " ".join(cells))
+    lines.append("")
   lines.append("== generation cache per sequence ==")
   lines.append(f"{'family':10s} " + " ".join(f"{n:>14,d}" for n in CACHE_CONTEXTS) + "  tokens of context")
   for family, fam in fams.items():
@@ -449,13 +455,21 @@ def tables(summary: dict) -> str:
   return "\n".join(lines)
 
 
-def cpu_time_estimate() -> dict:
-  """How the CPU protocol was sized (measured on the 2-core development machine, float32): see the module's
-  report. Kept in the summary so a rerun can compare."""
-  return dict(
-      measured_on="2 shared CPU cores (the development machine), float32, seq_len 512, batch 8",
-      note="estimate = sweep (3 lrs x 2 families x sweep_steps) + seeds (2 x 2 x steps) + per-run startup/compile "
-           "+ evals + long-context scoring; see benchmarks/head_to_head.py PROTOCOLS['cpu']")
+def cpu_time_estimate(protocol: Protocol) -> dict:
+  """How the CPU protocol was sized: step times and overheads measured on the 2-core development machine (shared
+  with other jobs, load 4-7) at this protocol's shapes, float32; kept in the summary to compare with the real run."""
+  per_step = {"megalodon": 1.0, "llama": 1.7}  # s per 8 x 512-token step, as measured
+  startup = 30.0  # s per run: process start, data, compile (cold), the step-0 eval
+  eval_s = {"megalodon": 1.5, "llama": 2.5}  # s per evaluation of 4 x 8 x 512 tokens
+  context_s = {"megalodon": 25.0, "llama": 60.0}  # s: 2 documents, stream to 32K; sliding to 32K + KV cache to 8K
+  steps = len(protocol.lrs) * protocol.sweep_steps + len(protocol.seeds) * protocol.steps
+  runs = len(protocol.lrs) + len(protocol.seeds)
+  evals = (len(protocol.lrs) * (protocol.sweep_steps // protocol.eval_every + 1)
+           + len(protocol.seeds) * (protocol.steps // protocol.eval_every + 1))
+  total = sum(steps * per_step[f] + runs * startup + evals * eval_s[f] + context_s[f] for f in FAMILIES)
+  return {"measured_on": "2 shared CPU cores, float32, 1M-parameter models, 8 x 512 tokens per step",
+          "step_s": per_step, "startup_s_per_run": startup, "eval_s": eval_s, "context_eval_s": context_s,
+          "steps_per_family": steps, "runs": 2 * runs, "estimate_s": round(total)}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -472,6 +486,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of megalodon,llama")
   parser.add_argument("--lrs", default="", help="override the sweep's learning rates (comma-separated)")
   parser.add_argument("--seeds", type=int, default=0, help="override the number of seeds")
+  parser.add_argument("--steps", type=int, default=0, help="override the full runs' steps")
+  parser.add_argument("--sweep_steps", type=int, default=0, help="override the sweep runs' steps")
   parser.add_argument("--plan", action="store_true", help="print the configs and parameter counts, run nothing")
   parser.add_argument("--verbose", action="store_true", help="show the runs' own output")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -484,6 +500,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     protocol = dataclasses.replace(protocol, lrs=tuple(float(x) for x in args.lrs.split(",")))
   if args.seeds:
     protocol = dataclasses.replace(protocol, seeds=tuple(range(args.seeds)))
+  if args.steps:
+    protocol = dataclasses.replace(protocol, steps=args.steps)
+  if args.sweep_steps:
+    protocol = dataclasses.replace(protocol, sweep_steps=args.sweep_steps)
   families = [f.strip() for f in args.families.split(",") if f.strip()]
   if set(families) - set(FAMILIES):
     parser.error(f"--families: unknown {sorted(set(families) - set(FAMILIES))}")
@@ -571,7 +591,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     gap = abs(params["llama"] - params["megalodon"]) / params["megalodon"]
     summary["param_gap"] = gap
   if protocol.name == "cpu":
-    summary["cpu_time_estimate"] = cpu_time_estimate()
+    summary["cpu_time_estimate"] = cpu_time_estimate(protocol)
   summary["wall_s"] = time.time() - started
   from benchmarks.common import machine_info  # pylint: disable=import-outside-toplevel
   from megalodon_jax import platforms  # pylint: disable=import-outside-toplevel

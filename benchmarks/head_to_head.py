@@ -365,8 +365,8 @@ def plot(summary: dict, path: str) -> None:
   ax1.set_xlabel("training tokens seen")
   ax1.set_ylabel("validation bits per byte")
   ax1.set_title(f"head to head ({summary['protocol']}): validation bpb")
-  finals = [p["mean"] for fam in summary["families"].values() for p in fam["mean_curve"][1:]]
-  if finals:  # the untrained step-0 point (8 bpb) would flatten the rest
+  finals = [p["mean"] for fam in summary["families"].values() for p in fam["mean_curve"][2:]]
+  if finals:  # the untrained step-0 point (8 bpb) and the first eval would flatten the rest
     lo, hi = min(finals), max(finals)
     ax1.set_ylim(lo - 0.05 * (hi - lo + 1e-3), hi + 0.05 * (hi - lo + 1e-3))
   ax1.legend(fontsize=8)
@@ -452,6 +452,21 @@ def tables(summary: dict) -> str:
   lines.append("")
   for family, fam in fams.items():
     lines.append(f"chosen {family} recipe: " + " ".join(fam["recipe"]))
+  return "\n".join(lines)
+
+
+def recipe_config_file(cfg: dict, protocol: str) -> str:
+  """A configs/*.py file of the run's settings (what this script sets on top of the typed config's defaults)."""
+  lines = [f'"""The head-to-head benchmark\'s chosen {cfg["model"].get("family", "megalodon")} recipe (benchmarks/'
+           f'head_to_head.py --protocol {protocol})."""', "", "from megalodon_jax.configs import default", "", "",
+           "def get_config():", "  c = default.get_config()"]
+  lines += [f"  c.model.{k} = {v!r}" for k, v in cfg["model"].items()]
+  lines += [f"  c.data.{k} = {cfg['data'][k]!r}" for k in ("dataset", "tokenizer", "max_documents", "manual_dir")
+            if k in cfg["data"] and cfg["data"][k] not in ("", None, 0)]
+  lines += [f"  c.{k} = {cfg[k]!r}" for k in ("seq_len", "batch_size", "total_steps", "eval_every", "eval_batches")]
+  lines += [f"  c.optimizer.{k} = {cfg['optimizer'][k]!r}"
+            for k in ("lr", "warmup_steps", "scheduler", "end_ratio", "weight_decay", "clip")]
+  lines += ["  return c", ""]
   return "\n".join(lines)
 
 
@@ -599,11 +614,18 @@ def main(argv: Optional[list[str]] = None) -> int:
   summary["machine"] = machine_info()
   summary["recipes"] = {f: fam["recipe"] for f, fam in summary["families"].items()}
   summary["png"] = prefix + ".png"
+  if "megalodon" in summary["families"]:
+    recipe_path = f"{prefix}_megalodon_recipe.py"
+    with open(recipe_path, "w", encoding="utf-8") as f:
+      f.write(recipe_config_file(summary["families"]["megalodon"]["config"], protocol.name))
+    summary["megalodon_recipe_config"] = recipe_path
   plot(summary, prefix + ".png")
   _write(prefix + ".json", summary)
   print()
   print(tables(summary))
-  print(f"\nwrote {prefix}.json and {prefix}.png in {summary['wall_s']:.0f} s")
+  print(f"\nwrote {prefix}.json and {prefix}.png in {summary['wall_s']:.0f} s"
+        + (f"; the Megalodon recipe as a config: {summary['megalodon_recipe_config']}"
+           if "megalodon_recipe_config" in summary else ""))
   return 0
 
 

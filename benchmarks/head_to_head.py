@@ -1,7 +1,7 @@
 """Megalodon against a Llama-style baseline of the same size, both trained by this project's trainer on the same
 data, token budget and schedule.
 
-  python benchmarks/head_to_head.py                     # --protocol cpu: about 1M params, the whole protocol on 2 CPU cores
+  python benchmarks/head_to_head.py                     # --protocol cpu: 1M params, the whole protocol, 2 CPU cores
   python benchmarks/head_to_head.py --protocol gpu      # 11M params, 6 x 384, bf16, 3 seeds (one H100)
   python benchmarks/head_to_head.py --protocol gpu --manual_dir data/enwik8   # on enwik8 instead of the stdlib corpus
   python benchmarks/head_to_head.py --smoke --out /tmp/h2h                    # seconds: tiny models, a few steps
@@ -193,7 +193,8 @@ def recipe_overrides(cfg: dict) -> list[str]:
   out += [f"--config.model.{k}={v}" for k, v in cfg["model"].items() if not (k == "family" and "family" in cfg)]
   out += [f"--config.data.{k}={cfg['data'][k]}" for k in ("dataset", "tokenizer", "max_documents", "manual_dir")
           if k in cfg["data"] and cfg["data"][k] not in ("", None)]
-  out += [f"--config.{k}={cfg[k]}" for k in ("seq_len", "batch_size", "total_steps", "seed", "eval_every")]
+  out += [f"--config.{k}={cfg[k]}"
+          for k in ("seq_len", "batch_size", "total_steps", "seed", "log_every", "eval_every", "eval_batches")]
   out += [f"--config.optimizer.{k}={cfg['optimizer'][k]}"
           for k in ("lr", "warmup_steps", "scheduler", "end_ratio", "weight_decay", "clip")]
   return out
@@ -432,7 +433,7 @@ def tables(summary: dict) -> str:
   rows = [r for fam in fams.values() for r in fam.get("context_eval") or []]
   contexts = sorted({r["context"] for r in rows})
   for key, title in (("bpb", "bpb of the first L tokens of each document"),
-                     ("bpb_last_half", "bpb of the tokens at positions [L/2, L) (each with L/2 to L tokens of context)")):
+                     ("bpb_last_half", "bpb of the tokens at positions [L/2, L) (L/2 to L tokens of context)")):
     lines.append(f"== bpb against evaluation context length L, held-out documents, first seed's model: {title} ==")
     lines.append(f"{'model / method':28s} " + " ".join(f"{c:>9d}" for c in contexts))
     for family, fam in fams.items():
@@ -463,7 +464,8 @@ def recipe_config_file(cfg: dict, protocol: str) -> str:
   lines += [f"  c.model.{k} = {v!r}" for k, v in cfg["model"].items()]
   lines += [f"  c.data.{k} = {cfg['data'][k]!r}" for k in ("dataset", "tokenizer", "max_documents", "manual_dir")
             if k in cfg["data"] and cfg["data"][k] not in ("", None, 0)]
-  lines += [f"  c.{k} = {cfg[k]!r}" for k in ("seq_len", "batch_size", "total_steps", "eval_every", "eval_batches")]
+  lines += [f"  c.{k} = {cfg[k]!r}" for k in ("seq_len", "batch_size", "total_steps", "log_every", "eval_every",
+                                            "eval_batches")]
   lines += [f"  c.optimizer.{k} = {cfg['optimizer'][k]!r}"
             for k in ("lr", "warmup_steps", "scheduler", "end_ratio", "weight_decay", "clip")]
   lines += ["  return c", ""]

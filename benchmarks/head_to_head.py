@@ -101,9 +101,9 @@ PROTOCOLS = {
     # The peer's shapes: 6 x 384; 1200 steps x 16 x 512 bytes; bf16; 3 seeds.
     "gpu": Protocol(name="gpu", megalodon=_MEGA_GPU,
                     llama=dict(num_layers=6, model_dim=384, num_heads=6, head_dim=64, dtype="bfloat16"),
-                    seq_len=512, batch_size=16, steps=1200, sweep_steps=300, lrs=(1e-3, 2e-3, 4e-3), seeds=(0, 1, 2),
-                    eval_every=100, eval_batches=16, log_every=50, warmup_fraction=0.1,
-                    contexts=(512, 2048, 8192, 32768), context_docs=4, piece=512),
+                    seq_len=512, batch_size=16, steps=1200, sweep_steps=240, lrs=(1e-3, 2e-3, 4e-3), seeds=(0, 1, 2),
+                    eval_every=100, eval_batches=8, log_every=20, warmup_fraction=0.1,
+                    contexts=(512, 2048, 8192, 32768), context_docs=4, piece=512, max_documents=1000),
     "smoke": Protocol(name="smoke", megalodon=_MEGA_SMOKE,
                       llama=dict(num_layers=1, model_dim=32, num_heads=2, dtype="float32"),
                       seq_len=64, batch_size=4, steps=6, sweep_steps=6, lrs=(3e-3,), seeds=(0,),
@@ -217,10 +217,16 @@ def worker(spec_path: str) -> None:
 
   device = jax.devices()[0]
   cfg, workdir = spec["config"], spec["workdir"]
+  from megalodon_jax.errors import NonFiniteLossError  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
-  last = trainer.train_and_evaluate(cfg, workdir, devices=[device])
+  error = None
+  try:
+    last = trainer.train_and_evaluate(cfg, workdir, devices=[device])
+  except NonFiniteLossError as e:  # a diverged run (a too-high rate in the sweep) is a result, not a crash
+    last, error = {}, str(e)
+    print(f"  diverged: {e}", flush=True)
   wall = time.perf_counter() - t0
-  result: dict[str, Any] = {"wall_s": wall, "last": last,
+  result: dict[str, Any] = {"wall_s": wall, "last": last, "error": error,
                             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
   try:
     stats = device.memory_stats() or {}
@@ -230,7 +236,7 @@ def worker(spec_path: str) -> None:
     result["peak_device_bytes"] = int(stats["peak_bytes_in_use"])
   result["metrics"] = read_metrics(os.path.join(workdir, "metrics.jsonl"))
 
-  if spec.get("long_context"):
+  if spec.get("long_context") and error is None:
     from benchmarks import h2h_scoring  # pylint: disable=import-outside-toplevel
     from megalodon_jax.checkpoints.model_io import load_checkpoint  # pylint: disable=import-outside-toplevel
     from megalodon_jax.data.sources import open_split  # pylint: disable=import-outside-toplevel
@@ -276,11 +282,12 @@ def run_summary(family: str, kind: str, lr: float, seed: int, cfg: dict, result:
   records = result["metrics"]
   curve = [{"step": r["step"], "tokens": r["step"] * tokens_per_step, "eval_bpb": r["eval_bpb"]}
            for r in records if "eval_bpb" in r]
+  final = curve[-1]["eval_bpb"] if curve and not result.get("error") else float("nan")  # NaN: diverged
   timed = [r for r in records if "step_time" in r][1:] or [r for r in records if "step_time" in r]
   step_time = statistics.median(r["step_time"] for r in timed) if timed else float("nan")
   out = {"family": family, "kind": kind, "lr": lr, "seed": seed, "params": param_count,
          "steps": cfg["total_steps"], "tokens": cfg["total_steps"] * tokens_per_step,
-         "eval_curve": curve, "final_eval_bpb": curve[-1]["eval_bpb"] if curve else float("nan"),
+         "eval_curve": curve, "final_eval_bpb": final, "error": result.get("error"),
          "final_train_bpb": next((r["bpb"] for r in reversed(records) if "bpb" in r), float("nan")),
          "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time if step_time > 0 else float("nan"),
          "wall_s": result["wall_s"], "peak_rss_bytes": result["peak_rss_bytes"],
@@ -375,7 +382,7 @@ def plot(summary: dict, path: str) -> None:
   styles = {"stream": "-", "full_kv_cache": "--", "sliding_window": ":"}
   for row_family, fam in summary["families"].items():
     by_method: dict[str, list] = {}
-    for row in fam.get("context_eval", []):
+    for row in fam.get("context_eval") or []:
       by_method.setdefault(row["method"], []).append(row)
     for method, rows in by_method.items():
       rows.sort(key=lambda r: r["context"])
@@ -448,7 +455,7 @@ def tables(summary: dict) -> str:
   lines.append("== generation cache per sequence ==")
   lines.append(f"{'family':10s} " + " ".join(f"{n:>14,d}" for n in CACHE_CONTEXTS) + "  tokens of context")
   for family, fam in fams.items():
-    by_n = {c["tokens"]: c["bytes"] for c in fam.get("cache_memory", [])}
+    by_n = {c["tokens"]: c["bytes"] for c in fam.get("cache_memory") or []}
     lines.append(f"{family:10s} " + " ".join(f"{_fmt_bytes(by_n.get(n)):>14s}" for n in CACHE_CONTEXTS))
   lines.append("")
   for family, fam in fams.items():
@@ -539,8 +546,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                         manual_dir=manual_dir)
 
   if args.plan:
+    from megalodon_jax.training.train_config import TrainConfig  # pylint: disable=import-outside-toplevel
     for family in families:
-      print(family, json.dumps(config(family, protocol.lrs[0], protocol.steps, 0), indent=1))
+      cfg = config(family, protocol.lrs[0], protocol.steps, 0)
+      TrainConfig.of(cfg)  # validated as the trainer will
+      print(f"{family}: {params[family]:,} params; train.py " + " ".join(recipe_overrides(cfg)))
     return 0
   os.makedirs(args.out, exist_ok=True)
   workdirs = args.workdirs or tempfile.mkdtemp(prefix="head_to_head_")
@@ -581,9 +591,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"  {family} seed {seed}: final eval bpb {res['final_eval_bpb']:.4f}, {res['tokens_per_s']:.0f} tokens/s,"
               f" wall {res['wall_s']:.1f} s", flush=True)
       fam["runs"] = [{k: r[k] for k in ("seed", "eval_curve", "final_eval_bpb", "tokens_per_s", "step_time_s",
-                                        "wall_s", "peak_rss_bytes", "peak_device_bytes")} for r in runs]
-      fam["mean_curve"] = _mean_curve(runs)
-      finals = [r["final_eval_bpb"] for r in runs]
+                                        "wall_s", "peak_rss_bytes", "peak_device_bytes", "error")} for r in runs]
+      fam["mean_curve"] = _mean_curve([r for r in runs if not r["error"]] or runs)
+      finals = [r["final_eval_bpb"] for r in runs if _finite(r["final_eval_bpb"])] or [float("nan")]
       fam["final_eval_bpb"] = {"mean": statistics.fmean(finals), "min": min(finals), "max": max(finals),
                                "std": statistics.pstdev(finals) if len(finals) > 1 else 0.0}
       peaks = [r["peak_device_bytes"] or r["peak_rss_bytes"] for r in runs]

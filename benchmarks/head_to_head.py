@@ -3,7 +3,7 @@ data, token budget and schedule.
 
   python benchmarks/head_to_head.py                     # --protocol cpu: 1M params, the whole protocol, 2 CPU cores
   python benchmarks/head_to_head.py --protocol gpu      # 11M params, 6 x 384, bf16, 3 seeds (one H100)
-  python benchmarks/head_to_head.py --protocol gpu --manual_dir data/enwik8   # on enwik8 instead of the stdlib corpus
+  python benchmarks/head_to_head.py --protocol gpu --manual_dir data/enwik8   # enwik8 (gpu: the default folder)
   python benchmarks/head_to_head.py --smoke --out /tmp/h2h                    # seconds: tiny models, a few steps
 
 Per family (megalodon, llama):
@@ -235,6 +235,8 @@ def worker(spec_path: str) -> None:
   if "peak_bytes_in_use" in stats:
     result["peak_device_bytes"] = int(stats["peak_bytes_in_use"])
   result["metrics"] = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  from benchmarks.common import machine_info  # pylint: disable=import-outside-toplevel
+  result["machine"] = machine_info()
 
   if spec.get("long_context") and error is None:
     from benchmarks import h2h_scoring  # pylint: disable=import-outside-toplevel
@@ -291,7 +293,8 @@ def run_summary(family: str, kind: str, lr: float, seed: int, cfg: dict, result:
          "final_train_bpb": next((r["bpb"] for r in reversed(records) if "bpb" in r), float("nan")),
          "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time if step_time > 0 else float("nan"),
          "wall_s": result["wall_s"], "peak_rss_bytes": result["peak_rss_bytes"],
-         "peak_device_bytes": result.get("peak_device_bytes"), "config": cfg, "recipe": recipe_overrides(cfg)}
+         "peak_device_bytes": result.get("peak_device_bytes"), "config": cfg, "recipe": recipe_overrides(cfg),
+         "machine": result.get("machine")}
   for key in ("context_eval", "context_eval_s", "cache_memory", "eval_documents"):
     if key in result:
       out[key] = result[key]
@@ -506,12 +509,16 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--workdirs", default="", help="folder of the run directories (default: a temporary folder)")
   parser.add_argument("--keep_workdirs", action="store_true")
   parser.add_argument("--data_dir", default="", help="data.data_dir: where the TFDS datasets are prepared")
-  parser.add_argument("--manual_dir", default="", help="data.manual_dir holding enwik8 (then dataset enwik8)")
+  parser.add_argument("--manual_dir", default=None,
+                      help="data.manual_dir: where enwik8 or enwik8.zip is; when it is there the runs use enwik8, else "
+                           "the built-in corpus (default: data/enwik8 for --protocol gpu, none otherwise)")
   parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of megalodon,llama")
   parser.add_argument("--lrs", default="", help="override the sweep's learning rates (comma-separated)")
   parser.add_argument("--seeds", type=int, default=0, help="override the number of seeds")
   parser.add_argument("--steps", type=int, default=0, help="override the full runs' steps")
   parser.add_argument("--sweep_steps", type=int, default=0, help="override the sweep runs' steps")
+  parser.add_argument("--contexts", default="", help="override the evaluation context lengths (comma-separated)")
+  parser.add_argument("--context_docs", type=int, default=0, help="override the documents per context length")
   parser.add_argument("--plan", action="store_true", help="print the configs and parameter counts, run nothing")
   parser.add_argument("--verbose", action="store_true", help="show the runs' own output")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -528,6 +535,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     protocol = dataclasses.replace(protocol, steps=args.steps)
   if args.sweep_steps:
     protocol = dataclasses.replace(protocol, sweep_steps=args.sweep_steps)
+  if args.contexts:
+    protocol = dataclasses.replace(protocol, contexts=tuple(int(x) for x in args.contexts.split(",")))
+  if args.context_docs:
+    protocol = dataclasses.replace(protocol, context_docs=args.context_docs)
   families = [f.strip() for f in args.families.split(",") if f.strip()]
   if set(families) - set(FAMILIES):
     parser.error(f"--families: unknown {sorted(set(families) - set(FAMILIES))}")
@@ -539,7 +550,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"{protocol.steps} steps x {protocol.batch_size} x {protocol.seq_len} tokens, lrs {list(protocol.lrs)}, "
         f"seeds {list(protocol.seeds)}", flush=True)
   data_dir = os.path.abspath(args.data_dir) if args.data_dir else ""
-  manual_dir = os.path.abspath(args.manual_dir) if args.manual_dir else ""
+  manual_dir = args.manual_dir if args.manual_dir is not None else ("data/enwik8" if protocol.name == "gpu" else "")
+  if manual_dir:
+    from megalodon_jax.data import enwik8  # pylint: disable=import-outside-toplevel
+    manual_dir = os.path.abspath(os.path.join(REPO_ROOT, manual_dir))
+    if enwik8.find_file(manual_dir) is None:
+      print(f"head_to_head: no enwik8 or enwik8.zip in {manual_dir}: using the built-in corpus (stdlib)", flush=True)
+      manual_dir = ""
 
   def config(family, lr, steps, seed):
     return train_config(family, model_fields[family], protocol, lr=lr, steps=steps, seed=seed, data_dir=data_dir,
@@ -591,7 +608,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"  {family} seed {seed}: final eval bpb {res['final_eval_bpb']:.4f}, {res['tokens_per_s']:.0f} tokens/s,"
               f" wall {res['wall_s']:.1f} s", flush=True)
       fam["runs"] = [{k: r[k] for k in ("seed", "eval_curve", "final_eval_bpb", "tokens_per_s", "step_time_s",
-                                        "wall_s", "peak_rss_bytes", "peak_device_bytes", "error")} for r in runs]
+                                        "wall_s", "peak_rss_bytes", "peak_device_bytes", "error", "machine")}
+                     for r in runs]
       fam["mean_curve"] = _mean_curve([r for r in runs if not r["error"]] or runs)
       finals = [r["final_eval_bpb"] for r in runs if _finite(r["final_eval_bpb"])] or [float("nan")]
       fam["final_eval_bpb"] = {"mean": statistics.fmean(finals), "min": min(finals), "max": max(finals),
@@ -620,10 +638,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   if protocol.name == "cpu":
     summary["cpu_time_estimate"] = cpu_time_estimate(protocol)
   summary["wall_s"] = time.time() - started
-  from benchmarks.common import machine_info  # pylint: disable=import-outside-toplevel
-  from megalodon_jax import platforms  # pylint: disable=import-outside-toplevel
-  platforms.skip_absent_tpu()
-  summary["machine"] = machine_info()
+  # The runs' machine (this process never starts a jax backend: on a GPU it would hold memory the runs need).
+  summary["machine"] = next((r["machine"] for fam in summary["families"].values() for r in fam["runs"]
+                             if r.get("machine")), None)
   summary["recipes"] = {f: fam["recipe"] for f, fam in summary["families"].items()}
   summary["png"] = prefix + ".png"
   if "megalodon" in summary["families"]:

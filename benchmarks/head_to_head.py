@@ -371,13 +371,13 @@ def plot(summary: dict, path: str) -> None:
     mean = fam["mean_curve"]
     xs = [p["tokens"] for p in mean]
     ax1.plot(xs, [p["mean"] for p in mean], color=c, lw=2,
-             label=f"{family} ({fam['params'] / 1e6:.2f}M, lr {fam['chosen_lr']:g}, {len(fam['runs'])} seeds)")
+             label=f"{family} ({fam['params'] / 1e6:.2f}M, lr {fam['chosen_lr']:g}, seeds: {len(fam['runs'])})")
     ax1.fill_between(xs, [p["min"] for p in mean], [p["max"] for p in mean], color=c, alpha=0.15)
   ax1.set_xlabel("training tokens seen")
   ax1.set_ylabel("validation bits per byte")
   ax1.set_title(f"head to head ({summary['protocol']}): validation bpb")
-  finals = [p["mean"] for fam in summary["families"].values() for p in fam["mean_curve"][2:]]
-  if finals:  # the untrained step-0 point (8 bpb) and the first eval would flatten the rest
+  finals = [p["mean"] for fam in summary["families"].values() for p in fam["mean_curve"][1:]]
+  if finals:  # the untrained step-0 point (8 bpb) would flatten the rest
     lo, hi = min(finals), max(finals)
     ax1.set_ylim(lo - 0.05 * (hi - lo + 1e-3), hi + 0.05 * (hi - lo + 1e-3))
   ax1.legend(fontsize=8)

@@ -4,7 +4,6 @@ See docs/model.md#block and docs/streaming.md."""
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -18,28 +17,12 @@ from megalodon_jax.nn import document_boundaries
 from megalodon_jax.nn.attention import LayerCache
 from megalodon_jax.nn.block import MegalodonBlock
 from megalodon_jax.nn.init import truncated_normal
+from megalodon_jax.nn.precision import under_matmul_precision
 from megalodon_jax.nn.layers import Buffer, Embed, Linear, TimestepNorm
 from megalodon_jax.ops.attention import next_cache_segment_ids
 from megalodon_jax.ops.partitioning import constrain
 from megalodon_jax.ops.timestep_norm import NormState
 
-
-def _under_matmul_precision(method):
-  """Runs a model method with `jax.default_matmul_precision(config.matmul_precision)` in force.
-
-  The context applies while the method is traced, so every dot / einsum it binds without an explicit precision
-  (projections, attention, the LM head; their gradients inherit it) records that precision; explicit ones (the
-  CEMA einsums, always HIGHEST; the Pallas kernels) keep theirs. "default" enters no context: jax's own setting
-  applies, as it did before the field existed.
-  """
-  @functools.wraps(method)
-  def run(self, *args, **kwargs):
-    precision = self.config.matmul_precision
-    if precision == "default":
-      return method(self, *args, **kwargs)
-    with jax.default_matmul_precision(precision):
-      return method(self, *args, **kwargs)
-  return run
 
 
 class Cache(NamedTuple):
@@ -100,7 +83,7 @@ class MegalodonLM(nnx.Module):
     return Cache(layers, self.final_norm.initial_state(batch_size), jnp.zeros((), jnp.int32),
                  jnp.zeros((batch_size, c.chunk_size), jnp.int32))
 
-  @_under_matmul_precision
+  @under_matmul_precision
   def __call__(self, input_ids: jax.Array, cache: Optional[Cache] = None, *,
                positions: Optional[jax.Array] = None):
     """Forward pass.
@@ -137,7 +120,7 @@ class MegalodonLM(nnx.Module):
     count = (cache.count + input_ids.shape[1]) % c.chunk_size
     return logits, Cache(tuple(new_layers), norm_state, count, cache_ids)
 
-  @_under_matmul_precision
+  @under_matmul_precision
   def features(self, input_ids: jax.Array, *, positions: Optional[jax.Array] = None) -> jax.Array:
     """The final-norm output of a stand-alone sequence, the LM head's input: (B, L) ids -> (B, L, D) float32.
 
@@ -166,7 +149,7 @@ class MegalodonLM(nnx.Module):
     x = constrain(self.emb_dropout(x), ("batch", "length", "act_embed"))
     return x, self.rope_freqs[...]
 
-  @_under_matmul_precision
+  @under_matmul_precision
   def head(self, x: jax.Array) -> jax.Array:
     """(B, L, D) -> (B, L, V_out) float32 logits; accumulation in float32 whatever the compute dtype."""
     if self.output is None:

@@ -15,7 +15,6 @@ sequence into pieces gives the logits of one full forward.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -25,6 +24,7 @@ from flax import nnx
 
 from megalodon_jax.config import REMAT_POLICIES
 from megalodon_jax.llama.config import LlamaConfig
+from megalodon_jax.nn.precision import under_matmul_precision
 from megalodon_jax.nn.layers import Embed, Linear
 from megalodon_jax.ops.full_attention import (apply_rope, full_attention, rope_cos_sin,
                                               segment_ids_from_positions)
@@ -53,18 +53,6 @@ class LlamaCache(NamedTuple):
   def max_length(self) -> int:
     return self.segment_ids.shape[1]
 
-
-def _under_matmul_precision(method):
-  """Runs a model method under `jax.default_matmul_precision(config.matmul_precision)` ("default": no context), as
-  MegalodonLM does (megalodon_jax/model.py; its helper is private to that module)."""
-  @functools.wraps(method)
-  def run(self, *args, **kwargs):
-    precision = self.config.matmul_precision
-    if precision == "default":
-      return method(self, *args, **kwargs)
-    with jax.default_matmul_precision(precision):
-      return method(self, *args, **kwargs)
-  return run
 
 
 def _normal(std: float):
@@ -192,7 +180,7 @@ class LlamaLM(nnx.Module):
     return LlamaCache(layers, jnp.zeros((), jnp.int32), jnp.zeros((batch_size, int(max_length)), jnp.int32),
                       jnp.zeros((batch_size,), jnp.int32))
 
-  @_under_matmul_precision
+  @under_matmul_precision
   def __call__(self, input_ids: jax.Array, cache: Optional[LlamaCache] = None, *,
                positions: Optional[jax.Array] = None):
     """Forward pass.
@@ -231,7 +219,7 @@ class LlamaLM(nnx.Module):
     logits = self.head(self.final_norm(x).astype(jnp.float32))
     return logits, LlamaCache(tuple(layers), length + l, kv_ids, pos[:, -1] + 1)
 
-  @_under_matmul_precision
+  @under_matmul_precision
   def features(self, input_ids: jax.Array, *, positions: Optional[jax.Array] = None) -> jax.Array:
     """The final-norm output of a stand-alone sequence, the LM head's input: (B, L) ids -> (B, L, D) float32."""
     self._check_inputs(input_ids, None, positions)
@@ -256,7 +244,7 @@ class LlamaLM(nnx.Module):
   def _embed(self, input_ids: jax.Array) -> jax.Array:
     return constrain(self.embed(input_ids), ("batch", "length", "act_embed"))
 
-  @_under_matmul_precision
+  @under_matmul_precision
   def head(self, x: jax.Array) -> jax.Array:
     """(B, L, D) -> (B, L, V) float32 logits: x in the compute dtype, accumulation in float32."""
     if self.output is None:

@@ -146,6 +146,45 @@ def test_train_step_estimate_counts_scanned_layers_per_iteration():
     assert abs(r.est_tokens_per_second_per_chip * target.chips - r.est_tokens_per_second) < 1e-6 * tokens
 
 
+_LOOP_HLO = """HloModule m, entry_computation_layout={(f32[8,8]{1,0})->f32[8,8]{1,0}}
+
+%body (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %p = (s32[], f32[8,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,8]{1,0} get-tuple-element(%p), index=1
+  %one = s32[] constant(1)
+  %j = s32[] add(%i, %one)
+  %y = f32[8,8]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}, frontend_attributes={note="a
+}}, b"}
+  ROOT %t = (s32[], f32[8,8]{1,0}) tuple(%j, %y)
+}
+
+%cond (q: (s32[], f32[8,8])) -> pred[] {
+  %q = (s32[], f32[8,8]{1,0}) parameter(0)
+  %n = s32[] constant(5)
+  %k = s32[] get-tuple-element(%q), index=0
+  ROOT %lt = pred[] compare(%k, %n), direction=LT
+}
+
+ENTRY %main (a: f32[8,8]) -> f32[8,8] {
+  %a = f32[8,8]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,8]{1,0}) tuple(%zero, %a)
+  %w = (s32[], f32[8,8]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[8,8]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_loop_scaling_reads_trip_counts_from_conditions():
+  """A while loop of 5 iterations around an 8x8 matmul (an instruction whose attributes span lines, as a Pallas
+  kernel's do): its body is counted 5 times, the trip count read from the condition `i < 5`."""
+  from megalodon_jax.aot import estimate  # pylint: disable=import-outside-toplevel
+  scaling = estimate.loop_scaled_costs(_LOOP_HLO)
+  assert scaling.loops == 1 and scaling.unknown_trip_loops == 0 and scaling.kernels == 0
+  assert abs(scaling.flops - 5) < 0.01, scaling
+
+
 def _cli(*args, timeout=600):
   cmd = [sys.executable, "-m", "megalodon_jax.aot", *args]
   return subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)

@@ -1,5 +1,6 @@
-"""A step-time estimate (XLA cost model) for a compiled program: XLA's FLOP and byte counts, with every loop body
-counted once per iteration, put on the chip's roofline. An estimate from the compiler's counts, never a timing.
+"""A step-time estimate (XLA cost model) for a compiled program: XLA's own time estimate (or the roofline of its FLOP
+and byte counts), with every loop body counted once per iteration. An estimate from the compiler's cost model, never
+a timing.
 
 Why the loop scaling. XLA's cost analysis (`compiled.cost_analysis()`, HloCostAnalysis) counts the body of a
 `while` loop once, whatever its trip count. A train step with `scan_layers=True` runs all blocks as one while loop
@@ -17,11 +18,19 @@ depth). XLA:TPU's byte count differs from the CPU analysis' (it knows TPU memory
 the CPU analysis' ratio (scaled / reported); FLOPs are the same in both. Loops without a known trip count are left
 as counted (reported in `unknown_trip_loops`).
 
-Why a roofline. XLA:TPU's cost analysis has an `optimal_seconds` entry; with libtpu 0.0.42.1 it is -6 for every
-program (not computed), so the estimate is max(FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth) per chip: what the
-compiler's counts allow if compute and memory traffic overlapped perfectly and collectives were free. It is a lower
-bound on the step time (an upper bound on tokens/s and MFU). When a later libtpu fills `optimal_seconds` (> 0) it
-is used instead, scaled by the loop factor of the FLOPs.
+Which time. XLA:TPU's cost analysis has an `optimal_seconds` entry, its own cost model's time for the module (loop
+bodies once, like the counts). With libtpu 0.0.42.1 it is filled for the 7B steps on v5p (0.427 s for Megalodon-7B
+at 32K, 2 sequences per chip) but is -6 (not computed) for the tiny step on v5e. When it is positive the estimate
+is optimal_seconds x the FLOP loop factor (the loops hold nearly all of a scanned step's work: the factor is 36 for
+the 32-layer Megalodon-7B step); otherwise it is the roofline max(FLOPs / peak bf16 FLOP/s, bytes / HBM
+bandwidth) per chip, which is also reported (`est_roofline_seconds`): what the counts allow if compute and memory
+traffic overlapped perfectly and collectives were free, a lower bound on the step time. Either way: an estimate
+from the compiler's cost model, an upper bound on tokens/s and MFU, never a timing.
+
+What it leaves out. XLA's counts and optimal_seconds do not see inside Pallas kernels (custom calls): a program that
+runs its attention in one (Llama's splash attention on TPU, attention_impl=pallas) is estimated without that
+attention's work. `kernels` counts such calls; benchmarks/family_speed.py adds the analytic attention FLOPs for
+them (RESULTS.md, issue 22). Collectives are not in the counts either.
 """
 
 from __future__ import annotations
@@ -73,6 +82,7 @@ class LoopScaling:
   bytes: float
   loops: int
   unknown_trip_loops: int
+  kernels: int = 0  # Pallas (Mosaic / Triton) custom calls: XLA's counts leave out the work inside them
 
 
 def _computations(text: str) -> tuple[dict, Optional[str], list]:
@@ -89,7 +99,7 @@ def _computations(text: str) -> tuple[dict, Optional[str], list]:
         entry = current
       continue
     if current is not None:
-      if line.startswith("}"):
+      if line.rstrip() == "}":  # a computation's end (an instruction's attributes may span lines opening with "}")
         current = None
       else:
         comps[current].append(line)
@@ -187,9 +197,11 @@ def loop_scaled_costs(hlo_text: str) -> LoopScaling:
     bf, bb = body_cost[body]
     extra_flops += runs[comp] * (trip - 1) * bf
     extra_bytes += runs[comp] * (trip - 1) * bb
+  kernels = sum(line.count('custom_call_target="tpu_custom_call"') + line.count('custom_call_target="__gpu$xla.gpu.triton"')
+                for body_lines in comps.values() for line in body_lines)
   return LoopScaling(flops=(flops + extra_flops) / flops if flops else 1.0,
                      bytes=(nbytes + extra_bytes) / nbytes if nbytes else 1.0, loops=len(loops),
-                     unknown_trip_loops=unknown)
+                     unknown_trip_loops=unknown, kernels=kernels)
 
 
 @dataclasses.dataclass
@@ -199,7 +211,8 @@ class StepEstimate:
   bytes: float
   seconds: float
   source: str
-  bound: str  # "compute" or "memory" for the roofline
+  bound: str  # "compute" or "memory": the roofline's larger side
+  roofline_seconds: float  # max(flops / peak, bytes / bandwidth), reported whichever the source
 
 
 def step_estimate(flops: float, nbytes: float, optimal_seconds: Optional[float], scaling: LoopScaling,
@@ -211,7 +224,8 @@ def step_estimate(flops: float, nbytes: float, optimal_seconds: Optional[float],
     return None
   peak, bandwidth = peak / devices_per_chip, bandwidth / devices_per_chip
   f, b = flops * scaling.flops, nbytes * scaling.bytes
-  if optimal_seconds is not None and optimal_seconds > 0:
-    return StepEstimate(f, b, optimal_seconds * scaling.flops, "optimal_seconds", "")
   compute, memory = f / peak, b / bandwidth
-  return StepEstimate(f, b, max(compute, memory), "roofline", "compute" if compute >= memory else "memory")
+  roofline, bound = max(compute, memory), "compute" if compute >= memory else "memory"
+  if optimal_seconds is not None and optimal_seconds > 0:
+    return StepEstimate(f, b, optimal_seconds * scaling.flops, "optimal_seconds", bound, roofline)
+  return StepEstimate(f, b, roofline, "roofline", bound, roofline)

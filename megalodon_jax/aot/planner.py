@@ -62,7 +62,8 @@ class Report:
   est_tokens_per_second_per_chip: Optional[float] = None
   est_mfu: Optional[float] = None  # analytic train-step FLOPs (causal) / (chips x peak bf16 x est_step_seconds)
   est_source: str = ""  # "roofline" (max of flops / peak, bytes / HBM bandwidth) or "optimal_seconds"
-  est_bound: str = ""  # roofline: "compute" or "memory"
+  est_roofline_seconds: Optional[float] = None  # max(est_flops / peak, est_bytes / HBM bandwidth)
+  est_bound: str = ""  # the roofline's larger side: "compute" or "memory"
   est_label: str = ""  # estimate.LABEL when estimated
 
   def as_json(self) -> dict[str, Any]:
@@ -150,6 +151,7 @@ def _estimate(report: Report, compiled, program: Program, target: Target) -> Non
   report.est_tokens_per_second_per_chip = report.est_tokens_per_second / target.chips
   report.est_mfu = program.analytic_flops * devices / (target.chips * peak_chip * step.seconds)
   report.est_source, report.est_bound, report.est_label = step.source, step.bound, estimate.LABEL
+  report.est_roofline_seconds = step.roofline_seconds
 
 
 def _global_batch_tensors(report: Report) -> list[str]:

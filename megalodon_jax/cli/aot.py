@@ -90,9 +90,13 @@ def _table(reports) -> str:
   widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
   table = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
   if any(r.est_step_seconds for r in reports):
-    table += ("\n* estimate (XLA cost model), not a timing: XLA's flops and bytes of the train step with every loop "
-              "body counted per iteration, on the chip's roofline (max of flops / peak bf16, bytes / HBM bandwidth); "
-              "MFU = analytic train-step FLOPs / (chips x peak x est step s). megalodon_jax/aot/estimate.py")
+    table += ("\n* estimate (XLA cost model), not a timing: XLA's optimal_seconds (or, where XLA leaves it unset, the "
+              "roofline of its flops and bytes) with every loop body counted per iteration; MFU = analytic train-step "
+              "FLOPs / (chips x peak bf16 x est step s). megalodon_jax/aot/estimate.py")
+    kernels = sum((r.loop_scaling or {}).get("kernels", 0) for r in reports if r.est_step_seconds)
+    if kernels:
+      table += (f"\n  the train step calls {kernels} Pallas kernel(s): XLA's cost model does not see the work inside "
+                "them (e.g. splash attention), so the estimate leaves it out")
   return table
 
 

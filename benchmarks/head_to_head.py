@@ -76,7 +76,7 @@ class Protocol:
   context_docs: int  # documents per context length
   piece: int  # tokens per cached call when streaming
   # Llama's full-context (KV cache) scoring stops at this context (0: none): its cost grows with the square of the
-  # context (each piece attends over the whole cache), about 5 min per 32K-token document on 2 CPU cores.
+  # context (each piece attends over the whole cache), about 3 min per 32K-token document on 2 CPU cores.
   kv_cache_max_context: int = 0
   max_documents: int = 0  # stdlib corpus: the first N files (0 = all)
   weight_decay: float = 0.1
@@ -94,10 +94,10 @@ PROTOCOLS = {
     # Sized from timings on this 2-core machine (the report's estimate): see cpu_time_estimate in the summary.
     "cpu": Protocol(name="cpu", megalodon=_MEGA_CPU,
                     llama=dict(num_layers=4, model_dim=128, num_heads=2, dtype="float32"),
-                    seq_len=512, batch_size=8, steps=150, sweep_steps=50, lrs=(2e-3, 4e-3, 8e-3), seeds=(0, 1),
+                    seq_len=512, batch_size=8, steps=150, sweep_steps=50, lrs=(1e-3, 2e-3, 4e-3, 8e-3), seeds=(0, 1),
                     eval_every=25, eval_batches=4, log_every=5, warmup_fraction=0.1,
                     contexts=(512, 2048, 8192, 32768), context_docs=2, piece=512, max_documents=400,
-                    kv_cache_max_context=8192),
+                    kv_cache_max_context=0),
     # The peer's shapes: 6 x 384; 1200 steps x 16 x 512 bytes; bf16; 3 seeds.
     "gpu": Protocol(name="gpu", megalodon=_MEGA_GPU,
                     llama=dict(num_layers=6, model_dim=384, num_heads=6, head_dim=64, dtype="bfloat16"),
@@ -147,13 +147,10 @@ def matched_llama(protocol: Protocol) -> tuple[dict, int, int]:
   return fields, target, count
 
 
-def _section_fields(family: str) -> Optional[set]:
-  """The field names the training config's model section takes for `family` (None: unknown, pass everything)."""
+def _section_fields(family: str) -> set:
+  """The field names the training config's model section takes for `family`."""
   from megalodon_jax import families  # pylint: disable=import-outside-toplevel
-  try:
-    return {f.name for f in dataclasses.fields(families.get(family).section_class())}
-  except Exception:  # pylint: disable=broad-except
-    return None
+  return {f.name for f in dataclasses.fields(families.get(family).section_class())}
 
 
 def train_config(family: str, model_fields: dict, protocol: Protocol, *, lr: float, steps: int, seed: int,
@@ -163,13 +160,7 @@ def train_config(family: str, model_fields: dict, protocol: Protocol, *, lr: flo
   from megalodon_jax.typed_config import config_dict  # pylint: disable=import-outside-toplevel
   cfg = config_dict(TrainConfig()).to_dict()
   names = _section_fields(family)
-  model = {k: v for k, v in model_fields.items() if names is None or k in names}
-  # The family is named where this checkout's TrainConfig takes it: top-level `family`, or `model.family`.
-  if "family" in {f.name for f in dataclasses.fields(TrainConfig)}:
-    cfg["family"] = family
-  if names is None or "family" in names:
-    model["family"] = family
-  cfg["model"] = model
+  cfg["model"] = {**{k: v for k, v in model_fields.items() if k in names}, "family": family}
   cfg["data"] = {**cfg["data"], "tokenizer": "bytes", "data_dir": data_dir}
   if manual_dir:
     cfg["data"].update(dataset="enwik8", manual_dir=manual_dir)
@@ -189,8 +180,7 @@ def train_config(family: str, model_fields: dict, protocol: Protocol, *, lr: flo
 
 def recipe_overrides(cfg: dict) -> list[str]:
   """The run's config as command-line overrides of train.py (the fields this script sets)."""
-  out = [f"--config.family={cfg['family']}"] if "family" in cfg else []
-  out += [f"--config.model.{k}={v}" for k, v in cfg["model"].items() if not (k == "family" and "family" in cfg)]
+  out = [f"--config.model.{k}={v}" for k, v in cfg["model"].items()]
   out += [f"--config.data.{k}={cfg['data'][k]}" for k in ("dataset", "tokenizer", "max_documents", "manual_dir")
           if k in cfg["data"] and cfg["data"][k] not in ("", None)]
   out += [f"--config.{k}={cfg[k]}"
@@ -317,13 +307,20 @@ class Runner:
   def run(self, family: str, kind: str, cfg: dict, long_context: bool) -> dict:
     name = f"{family}_{kind}_lr{cfg['optimizer']['lr']:g}_s{cfg['seed']}"
     workdir = os.path.join(self.workdirs, name)
-    if os.path.exists(workdir):
-      shutil.rmtree(workdir)  # a fresh run, never a resume of an older one
     spec = {"family": family, "config": cfg, "workdir": workdir, "result": os.path.join(self.workdirs, name + ".json"),
             "long_context": ({"contexts": list(self.protocol.contexts), "docs": self.protocol.context_docs,
                               "piece": self.protocol.piece, "kv_cache_max_context": self.protocol.kv_cache_max_context}
                              if long_context else None)}
     spec_path = os.path.join(self.workdirs, name + ".spec.json")
+    if self.args.reuse and os.path.exists(spec["result"]) and os.path.exists(spec_path):
+      with open(spec_path, encoding="utf-8") as f:
+        same = json.load(f) == json.loads(json.dumps(spec))
+      if same:
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: reused {spec['result']}", flush=True)
+        with open(spec["result"], encoding="utf-8") as f:
+          return json.load(f)
+    if os.path.exists(workdir):
+      shutil.rmtree(workdir)  # a fresh run, never a resume of an older one
     with open(spec_path, "w", encoding="utf-8") as f:
       json.dump(spec, f)
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {cfg['total_steps']} steps", flush=True)
@@ -508,6 +505,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                       help="folder of the JSON and PNG outputs")
   parser.add_argument("--workdirs", default="", help="folder of the run directories (default: a temporary folder)")
   parser.add_argument("--keep_workdirs", action="store_true")
+  parser.add_argument("--reuse", action="store_true",
+                      help="take a run's result from --workdirs when a finished run of the identical spec is there "
+                           "(continue or extend an interrupted protocol)")
   parser.add_argument("--data_dir", default="", help="data.data_dir: where the TFDS datasets are prepared")
   parser.add_argument("--manual_dir", default=None,
                       help="data.manual_dir: where enwik8 or enwik8.zip is; when it is there the runs use enwik8, else "

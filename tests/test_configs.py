@@ -8,7 +8,7 @@ from megalodon_jax.config import preset
 from megalodon_jax.errors import ConfigError
 from megalodon_jax.training.train_config import TrainConfig, check_inputs
 
-CONFIGS = ["default", "tiny", "enwik8", "mega200m", "mega1_3b", "megalodon_7b", "llama2_7b"]
+CONFIGS = ["default", "tiny", "enwik8", "mega200m", "mega1_3b", "megalodon_7b", "llama2_7b", "megalodon_1m_stdlib"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -80,3 +80,28 @@ def test_model_errors_name_the_config_key():
   cfg.model.vocab_size = 100
   with pytest.raises(ConfigError, match=r"--config\.model\.vocab_size=100: is smaller"):
     TrainConfig.of(cfg).model_config(256)
+
+
+def test_megalodon_1m_stdlib_is_the_head_to_head_cpu_recipe():
+  """The reproducible Megalodon is the run of benchmarks/head_to_head.py's CPU protocol at its chosen rate (seed
+  0): every field the benchmark sets, read from the benchmark's own protocol, is the same in the config file."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "head_to_head.py")
+  spec = importlib.util.spec_from_file_location("head_to_head_under_test", path)
+  h2h = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = h2h  # its dataclasses look their module up
+  spec.loader.exec_module(h2h)
+  protocol = h2h.PROTOCOLS["cpu"]
+  want = TrainConfig.of(h2h.train_config("megalodon", protocol.megalodon, protocol, lr=4e-3, steps=protocol.steps,
+                                         seed=0, data_dir="", manual_dir=""))
+  got = TrainConfig.of(importlib.import_module("megalodon_jax.configs.megalodon_1m_stdlib").get_config())
+  assert got.model == want.model
+  assert got.optimizer == want.optimizer
+  for name in ("seq_len", "batch_size", "total_steps", "seed", "eval_every", "eval_batches"):
+    assert getattr(got, name) == getattr(want, name), name
+  for name in ("dataset", "tokenizer", "max_documents"):
+    assert getattr(got.data, name) == getattr(want.data, name), name
+  assert 4e-3 in protocol.lrs and dataclasses.is_dataclass(got.model)

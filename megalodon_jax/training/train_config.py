@@ -201,9 +201,11 @@ _LOGGED: set = set()
 
 
 def _log_once(message: str) -> None:
+  """A warning, once per process: settings that have no effect deserve a look, and the command line checks the
+  config before its logging is set up (Python's last-resort handler prints warnings then)."""
   if message not in _LOGGED:
     _LOGGED.add(message)
-    logging.getLogger("megalodon_jax").info(message)
+    logging.getLogger("megalodon_jax").warning(message)
 
 
 def command_line_dict(config: Optional[TrainConfig] = None):

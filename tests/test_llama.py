@@ -272,6 +272,29 @@ def test_xla_attention_equals_repeat_kv_reference():
   assert np.abs(np.asarray(got - ref)).max() < 1e-5
 
 
+@pytest.mark.parametrize("offset", [None, 64])
+def test_query_blocked_xla_attention_equals_one_block(monkeypatch, offset):
+  """Queries longer than QUERY_BLOCK go a rematerialised block at a time: the same outputs and gradients as the
+  whole (T, S) block at once, with documents, grouped heads and a cache offset."""
+  q, k, v, seg = _attention_inputs(256)
+  kv_seg = seg
+  if offset is not None:  # 192 queries after 64 cached slots
+    q, seg = q[:, offset:], seg[:, offset:]
+
+  def loss(q, k, v):
+    with jax.default_matmul_precision("highest"):
+      out = fa.xla_attention(q, k, v, q_offset=offset, q_segment_ids=seg, kv_segment_ids=kv_seg)
+    return jnp.sum(out * jnp.cos(out)), out
+
+  (_, whole), g_whole = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  monkeypatch.setattr(fa, "QUERY_BLOCK", 64)
+  (_, blocked), g_blocked = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  assert "scan" in str(jax.make_jaxpr(lambda q: loss(q, k, v)[1])(q))  # the blocked path ran
+  np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), atol=1e-5, rtol=1e-5)
+  for a, b in zip(g_blocked, g_whole):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
 def test_splash_attention_equals_xla_in_interpret_mode():
   q, k, v, seg = _attention_inputs(128)
   with jax.default_matmul_precision("highest"):

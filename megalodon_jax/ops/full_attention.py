@@ -134,10 +134,39 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "aut
   return xla_attention(q, k, v, q_offset=q_offset, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
 
 
+# Longer query lengths are attended QUERY_BLOCK queries at a time (a rematerialised `lax.map`), so only one block's
+# (QUERY_BLOCK, S) float32 scores exist at once, in the forward and the backward pass: at 32K tokens the whole
+# (L, L) block is 4 GiB per head and layer.
+QUERY_BLOCK = 1024
+
+
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: Optional[jax.Array] = None,
                   q_segment_ids: Optional[jax.Array] = None,
                   kv_segment_ids: Optional[jax.Array] = None) -> jax.Array:
-  """The einsum implementation of `full_attention` (every path); float32 scores and softmax."""
+  """The einsum implementation of `full_attention` (every path); float32 scores and softmax. Queries longer than
+  QUERY_BLOCK (a multiple of it) go a block at a time against all the keys."""
+  b, t, h, d = q.shape
+  if t <= QUERY_BLOCK or t % QUERY_BLOCK:
+    return _xla_block(q, k, v, q_offset, q_segment_ids, kv_segment_ids)
+  n = t // QUERY_BLOCK
+  blocks = q.reshape(b, n, QUERY_BLOCK, h, d).swapaxes(0, 1)
+  start = jnp.asarray(0 if q_offset is None else q_offset, jnp.int32)
+  segments = (jnp.zeros((n, b, QUERY_BLOCK), jnp.int32) if q_segment_ids is None
+              else q_segment_ids.reshape(b, n, QUERY_BLOCK).swapaxes(0, 1))
+
+  @jax.checkpoint
+  def one(args):
+    i, q_block, seg = args
+    return _xla_block(q_block, k, v, start + i * QUERY_BLOCK, None if q_segment_ids is None else seg,
+                      kv_segment_ids)
+
+  out = jax.lax.map(one, (jnp.arange(n, dtype=jnp.int32), blocks, segments))
+  return out.swapaxes(0, 1).reshape(b, t, h, d)
+
+
+def _xla_block(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Optional[jax.Array],
+               q_segment_ids: Optional[jax.Array], kv_segment_ids: Optional[jax.Array]) -> jax.Array:
+  """`xla_attention` of queries whose (T, S) scores are formed at once."""
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
   g = h // kh

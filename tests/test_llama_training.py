@@ -141,3 +141,31 @@ def test_planner_compiles_the_llama_train_step_for_tpu(tmp_path):
                                    dump_dir=str(tmp_path))
   assert report.compiled and report.fits, report.error
   assert report.temp_gib > 0
+
+
+def test_planner_compiles_llama_generation_with_a_kv_cache_of_the_training_length():
+  """megalodon-aot's prefill and decode programs for a Llama: the KV cache holds the training length or the prefill
+  piece, the longer (its keys and values are LlamaConfig.kv_cache_bytes of that per sequence), and both programs
+  compile for TPU."""
+  from megalodon_jax.aot import planner, programs, topology  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.training.program import TrainProgram  # pylint: disable=import-outside-toplevel
+  from pallas_kernels.platform import target_platform  # pylint: disable=import-outside-toplevel
+
+  cfg = importlib.import_module("megalodon_jax.configs.tiny").get_config()
+  cfg.model.family = "llama"
+  cfg.model.num_heads = 4
+  cfg.model.num_kv_heads = 2
+  target = topology.resolve("v5e-4")
+  with target_platform(target.platform):
+    run = TrainProgram.build(cfg, list(target.devices), vocab_size=256)
+  with jax.set_mesh(run.mesh), target_platform(target.platform):
+    progs = programs.inference_programs(run)
+  assert [p.name for p in progs] == ["prefill", "decode"]
+  m = run.model_config
+  per_seq = progs[0].shape["cache_bytes_per_seq"]
+  context = max(cfg.seq_len, progs[0].shape["seq_len"])
+  kv = m.kv_cache_bytes(context)
+  assert kv <= per_seq <= kv + 4 * context + 16  # plus one int32 document id per slot and the counters
+  for program in progs:
+    report = planner.compile_program(program, target, run.mesh, {"remat": m.remat_policy})
+    assert report.compiled and report.fits, report.error

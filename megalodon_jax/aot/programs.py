@@ -58,6 +58,10 @@ def _batch_spec(mesh, batch: int, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
 
 
+def _tree_bytes(tree) -> int:
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
 def inference_programs(run: TrainProgram, batch: Optional[int] = None,
                        prefill_tokens: Optional[int] = None) -> list[Program]:
   """The generator's prefill (a piece of `prefill_tokens`, default its own piece size) and one-token decode step.
@@ -72,7 +76,11 @@ def inference_programs(run: TrainProgram, batch: Optional[int] = None,
   params, buffers = run.abstract_state.params, run.abstract_state.buffers
   state_of = lambda p, b: run.abstract_state.replace(params=p, buffers=b)  # noqa: E731
 
-  cache_abstract = jax.eval_shape(lambda p, b: run.model(state_of(p, b)).init_cache(batch), params, buffers)
+  # A cache that grows with the context (Llama's KV cache) holds the training length (the context the model was
+  # trained for), or the prefill piece if that is longer; Megalodon's constant-size cache ignores it.
+  context = max(run.config.seq_len, piece)
+  cache_abstract = jax.eval_shape(lambda p, b: run.model(state_of(p, b)).init_cache(batch, max_length=context),
+                                  params, buffers)
   # Every cache array split over the batch axes on its leading (batch) dimension when they divide it; scalars
   # replicated.
   cache_sh = jax.tree.map(lambda x: _batch_spec(mesh, batch, x.ndim) if x.ndim else NamedSharding(mesh, P()),
@@ -95,5 +103,6 @@ def inference_programs(run: TrainProgram, batch: Optional[int] = None,
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=ids_sh)
     flops = flops_lib.forward_flops(model_cfg, batch, length, causal_attention=True)["matmul"] / len(run.devices)
     out.append(Program(fn.__name__, jitted, (params, buffers, cache, ids), flops,
-                       {"batch": batch, "seq_len": length, "seqs_per_chip": batch / shards}))
+                       {"batch": batch, "seq_len": length, "seqs_per_chip": batch / shards,
+                        "cache_bytes_per_seq": _tree_bytes(cache_abstract) // batch}))
   return out

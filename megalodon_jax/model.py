@@ -9,7 +9,6 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from megalodon_jax.config import REMAT_POLICIES, MegalodonConfig, rope_inv_freq
@@ -17,6 +16,7 @@ from megalodon_jax.nn import document_boundaries
 from megalodon_jax.nn.attention import LayerCache
 from megalodon_jax.nn.block import MegalodonBlock
 from megalodon_jax.nn.init import truncated_normal
+from megalodon_jax.nn.inputs import check_token_inputs
 from megalodon_jax.nn.precision import under_matmul_precision
 from megalodon_jax.nn.layers import Buffer, Embed, Linear, TimestepNorm
 from megalodon_jax.ops.attention import next_cache_segment_ids
@@ -162,31 +162,13 @@ class MegalodonLM(nnx.Module):
   def _check_inputs(self, input_ids: jax.Array, cache: Optional[Cache],
                     positions: Optional[jax.Array] = None) -> None:
     c = self.config
-    if input_ids.ndim != 2:
-      raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
-    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
-      raise TypeError(f"input_ids must be integers; got dtype {input_ids.dtype}")
-    if input_ids.shape[1] == 0:
-      raise ValueError("input_ids has length 0; pass at least one token")
-    if positions is not None and (positions.shape != input_ids.shape or
-                                  not jnp.issubdtype(positions.dtype, jnp.integer)):
-      raise ValueError(f"positions must be integers shaped like input_ids {tuple(input_ids.shape)}; got "
-                       f"{positions.dtype} {tuple(positions.shape)}")
+    check_token_inputs(input_ids, c.vocab_size, positions)
     if cache is not None:
       if len(cache.layers) != c.num_layers:
         raise ValueError(f"cache has {len(cache.layers)} layers; the model has num_layers={c.num_layers}")
       if cache.final_norm.mean.shape[0] != input_ids.shape[0]:
         raise ValueError(f"cache was made for batch size {cache.final_norm.mean.shape[0]}; input_ids has batch "
                          f"size {input_ids.shape[0]}")
-    try:  # concrete ids (an eager call): check their range before any compute; traced ids cannot be checked
-      ids = np.asarray(input_ids)
-    except jax.errors.TracerArrayConversionError:
-      return
-    bad = (ids < 0) | (ids >= c.vocab_size)
-    if bad.any():
-      where = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(f"token id {int(ids[where])} at position {where} is outside [0, vocab_size="
-                       f"{c.vocab_size}); {int(bad.sum())} id(s) out of range")
 
 
 def _remat_block(policy: str):

@@ -24,6 +24,7 @@ from flax import nnx
 
 from megalodon_jax.config import REMAT_POLICIES
 from megalodon_jax.llama.config import LlamaConfig
+from megalodon_jax.nn.inputs import check_token_inputs
 from megalodon_jax.nn.precision import under_matmul_precision
 from megalodon_jax.nn.layers import Embed, Linear
 from megalodon_jax.ops.full_attention import (apply_rope, full_attention, rope_cos_sin,
@@ -257,16 +258,7 @@ class LlamaLM(nnx.Module):
   def _check_inputs(self, input_ids: jax.Array, cache: Optional[LlamaCache],
                     positions: Optional[jax.Array] = None) -> None:
     c = self.config
-    if input_ids.ndim != 2:
-      raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
-    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
-      raise TypeError(f"input_ids must be integers; got dtype {input_ids.dtype}")
-    if input_ids.shape[1] == 0:
-      raise ValueError("input_ids has length 0; pass at least one token")
-    if positions is not None and (positions.shape != input_ids.shape or
-                                  not jnp.issubdtype(positions.dtype, jnp.integer)):
-      raise ValueError(f"positions must be integers shaped like input_ids {tuple(input_ids.shape)}; got "
-                       f"{positions.dtype} {tuple(positions.shape)}")
+    check_token_inputs(input_ids, c.vocab_size, positions)
     if cache is not None:
       if not isinstance(cache, LlamaCache):
         raise TypeError(f"cache must be a LlamaCache from init_cache; got {type(cache).__name__}")
@@ -283,15 +275,6 @@ class LlamaLM(nnx.Module):
         raise ValueError(f"the KV cache holds {held} of {cache.max_length} tokens and cannot take "
                          f"{input_ids.shape[1]} more; make it with init_cache(batch_size, max_length=N) for a "
                          "larger N")
-    try:  # concrete ids (an eager call): check their range before any compute; traced ids cannot be checked
-      ids = np.asarray(input_ids)
-    except jax.errors.TracerArrayConversionError:
-      return
-    bad = (ids < 0) | (ids >= c.vocab_size)
-    if bad.any():
-      where = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(f"token id {int(ids[where])} at position {where} is outside [0, vocab_size="
-                       f"{c.vocab_size}); {int(bad.sum())} id(s) out of range")
 
 
 def _remat_block(policy: str):

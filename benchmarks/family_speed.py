@@ -12,9 +12,10 @@ own process: compile ahead of time (memory_analysis() gives the compiled buffers
 and reported), one warm-up step, then the median of --repeats timed steps ended by block_until_ready. Tokens per
 step: --tokens (4096) split into sequences of the given length, one sequence at the longer lengths; from 8K tokens
 on, one timed step (no warm-up; the compile is ahead of time). The table's
-ratio is Megalodon's tokens/s over Llama's. Llama's attention (ops/full_attention.py, XLA on CPU) holds L x L float32
-scores, so past 8K tokens its step needs more memory than a small machine has (16K: 26.7 GiB, 32K: 105.5 GiB of
-compiled buffers): such a case is compiled, reported as skipped with what it needs, and not run.
+ratio is Megalodon's tokens/s over Llama's. Llama's attention on CPU is XLA's (ops/full_attention.py), which past
+1024 queries runs a rematerialised block of queries at a time against every key: memory stays small, and the work is
+the whole L x L block (twice in the backward pass), not its causal half. A case whose compiled buffers exceed
+--max-gib is reported as skipped with what it needs, and not run.
 
 Estimated part (--tpu). `python -m megalodon_jax.aot --programs train_step --json` (the planner: a real XLA:TPU
 compile of the train step for the abstract slice) for Megalodon-7B (configs/megalodon_7b.py) and Llama2-7B

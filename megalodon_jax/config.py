@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Mapping
 from megalodon_jax.architecture import OFFICIAL_FIELDS, Architecture, fail
 from megalodon_jax.errors import ConfigError
 from megalodon_jax.ops.impl_names import ATTENTION_IMPLEMENTATIONS, CEMA_IMPLEMENTATIONS, pallas_dropout_problem
+from megalodon_jax.typed_config import check_family, section_model_config
 
 # remat (besides "none" and "auto") -> the jax.checkpoint_policies entry a rematerialised block saves by (model.py)
 REMAT_POLICIES = {"full": "nothing_saveable", "dots_saveable": "dots_with_no_batch_dims_saveable"}
@@ -22,6 +23,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 # "highest" are jax's precisions: on TPU "default" multiplies float32 operands in one bfloat16 pass, "high" in
 # three, "highest" in full float32 (what float32 parity with the official model needs).
 MATMUL_PRECISIONS = ("default", "high", "highest")
+# The execution settings every model family has, and the values they take.
+SHARED_EXECUTION_CHOICES = (("dtype", DTYPES), ("param_dtype", DTYPES), ("matmul_precision", MATMUL_PRECISIONS),
+                            ("remat", ("auto", "none", *REMAT_POLICIES)))
+
+
+def check_choices(config, choices) -> None:
+  """Each (field, allowed values) of `choices`: the config's value is one of them (FieldError naming the field)."""
+  for name, allowed in choices:
+    if getattr(config, name) not in allowed:
+      fail(config, name, getattr(config, name), f"must be one of {allowed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,17 +103,11 @@ class MegalodonSection(MegalodonConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.family != "megalodon":
-      fail(self, "family", self.family, "must be 'megalodon' in a Megalodon model section")
+    check_family(self)
 
   def with_vocab(self, tokenizer_vocab_size: int) -> MegalodonConfig:
     """The model's config: vocab_size -1 becomes the tokenizer's size; a set one must hold every token id."""
-    vocab = tokenizer_vocab_size if self.vocab_size == -1 else self.vocab_size
-    if vocab < tokenizer_vocab_size:
-      fail(self, "vocab_size", self.vocab_size, f"is smaller than the tokenizer's vocabulary ({tokenizer_vocab_size});"
-           " use -1 to take the tokenizer's size")
-    return MegalodonConfig(**{**{f.name: getattr(self, f.name) for f in dataclasses.fields(MegalodonConfig)},
-                              "vocab_size": vocab})
+    return section_model_config(self, MegalodonConfig, tokenizer_vocab_size)
 
 
 # Names of our execution fields, in order (saved beside converted checkpoints, overridable when loading one).
@@ -110,12 +115,8 @@ EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(MegalodonConfig) if 
 
 
 def _validate_execution(c: MegalodonConfig) -> None:
-  for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("matmul_precision", MATMUL_PRECISIONS),
-                        ("cema_impl", ("auto", *CEMA_IMPLEMENTATIONS)),
-                        ("attention_impl", ("auto", *ATTENTION_IMPLEMENTATIONS)),
-                        ("remat", ("auto", "none", *REMAT_POLICIES))):
-    if getattr(c, name) not in allowed:
-      fail(c, name, getattr(c, name), f"must be one of {allowed}")
+  check_choices(c, (*SHARED_EXECUTION_CHOICES, ("cema_impl", ("auto", *CEMA_IMPLEMENTATIONS)),
+                    ("attention_impl", ("auto", *ATTENTION_IMPLEMENTATIONS))))
   if c.attention_impl == "pallas" and (why := pallas_dropout_problem(c.attention_dropout, bool(c.efficient_attn))):
     fail(c, "attention_impl", c.attention_impl, why)
   if not isinstance(c.scan_layers, bool):

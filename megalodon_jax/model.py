@@ -18,6 +18,7 @@ from megalodon_jax.nn.block import MegalodonBlock
 from megalodon_jax.nn.init import truncated_normal
 from megalodon_jax.nn.inputs import check_token_inputs
 from megalodon_jax.nn.precision import under_matmul_precision
+from megalodon_jax.nn.stacking import stack_blocks
 from megalodon_jax.nn.layers import Buffer, Embed, Linear, TimestepNorm
 from megalodon_jax.ops.attention import next_cache_segment_ids
 from megalodon_jax.ops.partitioning import constrain
@@ -191,12 +192,7 @@ def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
 
   x: (B, L, D) activations -> (B, L, D); docs: optional document boundaries (every block).
   """
-  splits = [nnx.split(b) for b in blocks]
-  graphdef = splits[0][0]
-  for i, (block_graphdef, _) in enumerate(splits[1:], 1):
-    if block_graphdef != graphdef:
-      raise ValueError(f"scan_layers: block {i} differs in structure from block 0 and cannot be stacked")
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in splits))
+  graphdef, stacked = stack_blocks(blocks)
 
   def body(h, state):
     block = nnx.merge(graphdef, state)

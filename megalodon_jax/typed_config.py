@@ -78,3 +78,21 @@ def from_mapping(cls: type, values: Mapping[str, Any], key: str = "", *, classes
     return cls(**kwargs)
   except FieldError as e:
     raise field_error(key, e) from None
+
+
+def check_family(section: Any) -> None:
+  """A model section's `family` must be the one its class belongs to (the default of its `family` field)."""
+  default = next(f.default for f in dataclasses.fields(section) if f.name == "family")
+  if section.family != default:
+    raise FieldError(type(section).__name__, "family", section.family, f"must be {default!r} in this model section")
+
+
+def section_model_config(section: Any, config_cls: type, tokenizer_vocab_size: int) -> Any:
+  """The model config (`config_cls`, from the section's fields it has) of a training config's model section:
+  vocab_size -1 becomes the tokenizer's size; a set one must hold every token id (FieldError otherwise)."""
+  vocab = tokenizer_vocab_size if section.vocab_size == -1 else section.vocab_size
+  if vocab < tokenizer_vocab_size:
+    raise FieldError(type(section).__name__, "vocab_size", section.vocab_size, f"is smaller than the tokenizer's "
+                     f"vocabulary ({tokenizer_vocab_size}); use -1 to take the tokenizer's size")
+  fields = {f.name: getattr(section, f.name) for f in dataclasses.fields(config_cls)}
+  return config_cls(**{**fields, "vocab_size": vocab})

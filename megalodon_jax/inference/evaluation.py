@@ -25,6 +25,7 @@ from flax import nnx
 
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference.options import NormWindow  # defined without jax: evaluate checks it before jax starts
+from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.families import LanguageModel
 
 # Bytes of activations and logits per token of a segment, roughly, to size the default segment: the logits
@@ -87,7 +88,7 @@ class Evaluator:
     self.model = model
     self.config = c
     self.window = window
-    if window is not None and not hasattr(c, "norm_num_groups"):
+    if window is not None and not isinstance(c, MegalodonConfig):
       raise InferenceError(f"the TimestepNorm window applies to Megalodon models only, not to a "
                            f"{type(c).__name__}")
     if window is not None:

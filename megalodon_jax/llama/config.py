@@ -16,8 +16,9 @@ import dataclasses
 from typing import Any, ClassVar, Mapping, Optional
 
 from megalodon_jax.architecture import DEFAULT_ROPE_BASE, fail, is_int, is_number
-from megalodon_jax.config import DTYPES, MATMUL_PRECISIONS, REMAT_POLICIES
+from megalodon_jax.config import SHARED_EXECUTION_CHOICES, check_choices
 from megalodon_jax.errors import ConfigError
+from megalodon_jax.typed_config import check_family, section_model_config
 
 # auto: cuDNN flash attention on GPU (jax.nn.dot_product_attention), splash attention on TPU
 # (jax.experimental.pallas.ops.tpu), XLA elsewhere.
@@ -82,11 +83,8 @@ class LlamaConfig:
     for name in ("share_emb", "layerwise_ckpt", "scan_layers"):
       if not isinstance(getattr(self, name), bool):
         fail(self, name, getattr(self, name), "must be a bool (true or false)")
-    for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("matmul_precision", MATMUL_PRECISIONS),
-                          ("full_attention_impl", ("auto", *FULL_ATTENTION_IMPLEMENTATIONS)),
-                          ("remat", ("auto", "none", *REMAT_POLICIES))):
-      if getattr(self, name) not in allowed:
-        fail(self, name, getattr(self, name), f"must be one of {allowed}")
+    check_choices(self, (*SHARED_EXECUTION_CHOICES,
+                         ("full_attention_impl", ("auto", *FULL_ATTENTION_IMPLEMENTATIONS))))
 
   # ---- derived quantities ----
   @property
@@ -156,17 +154,11 @@ class LlamaSection(LlamaConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.family != "llama":
-      fail(self, "family", self.family, "must be 'llama' in a Llama model section")
+    check_family(self)
 
   def with_vocab(self, tokenizer_vocab_size: int) -> LlamaConfig:
     """The model's config: vocab_size -1 becomes the tokenizer's size; a set one must hold every token id."""
-    vocab = tokenizer_vocab_size if self.vocab_size == -1 else self.vocab_size
-    if vocab < tokenizer_vocab_size:
-      fail(self, "vocab_size", self.vocab_size, f"is smaller than the tokenizer's vocabulary ({tokenizer_vocab_size});"
-           " use -1 to take the tokenizer's size")
-    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LlamaConfig)}
-    return LlamaConfig(**{**fields, "vocab_size": vocab})
+    return section_model_config(self, LlamaConfig, tokenizer_vocab_size)
 
 
 # Execution settings: the fields that are not architecture (dtypes, kernels, remat, scanning, precision).

@@ -26,6 +26,7 @@ from megalodon_jax.config import REMAT_POLICIES
 from megalodon_jax.llama.config import LlamaConfig
 from megalodon_jax.nn.inputs import check_token_inputs
 from megalodon_jax.nn.precision import under_matmul_precision
+from megalodon_jax.nn.stacking import stack_blocks
 from megalodon_jax.nn.layers import Embed, Linear
 from megalodon_jax.ops.full_attention import (apply_rope, full_attention, rope_cos_sin,
                                               segment_ids_from_positions)
@@ -290,12 +291,7 @@ def _scan_blocks(blocks: list, x: jax.Array, cos: jax.Array, sin: jax.Array, seg
                  policy: str) -> jax.Array:
   """All blocks as one `lax.scan` (parameters stay stored per block and are stacked for the call, as in
   megalodon_jax.model's scan); the blocks hold no state a call updates."""
-  splits = [nnx.split(b) for b in blocks]
-  graphdef = splits[0][0]
-  for i, (block_graphdef, _) in enumerate(splits[1:], 1):
-    if block_graphdef != graphdef:
-      raise ValueError(f"scan_layers: block {i} differs in structure from block 0 and cannot be stacked")
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in splits))
+  graphdef, stacked = stack_blocks(blocks)
 
   def body(h, state):
     h, _ = nnx.merge(graphdef, state)(h, cos, sin, segment_ids)

@@ -179,19 +179,26 @@ class TrainConfig:
 
 
 def _section_defaults(family: families.ModelFamily) -> dict[str, Any]:
-  section = family.section_class()
-  return {f.name: getattr(section(), f.name) for f in dataclasses.fields(section) if f.init}
+  defaults = family.section_class()()
+  return {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults) if f.init}
+
+
+def _other_families_defaults(family: families.ModelFamily) -> dict[str, Any]:
+  """{field: default} of every registered family's section but `family`'s (the first family to name a field
+  gives its default)."""
+  out: dict[str, Any] = {}
+  for other in families.FAMILIES.values():
+    if other is not family:
+      for name, default in _section_defaults(other).items():
+        out.setdefault(name, default)
+  return out
 
 
 def _split_model_section(family: families.ModelFamily, model: Mapping[str, Any]) -> tuple[dict, dict]:
   """(the fields of `family`'s section, {field: value} of the other families' fields set away from their
   defaults}). Keys no family has stay in the first, for the unknown-key error."""
   own = set(_section_defaults(family))
-  others: dict[str, Any] = {}
-  for other in families.FAMILIES.values():
-    if other is not family:
-      for name, default in _section_defaults(other).items():
-        others.setdefault(name, default)
+  others = _other_families_defaults(family)
   kept = {k: v for k, v in model.items() if k in own or k not in others}
   ignored = {k: v for k, v in model.items() if k not in kept and k != "family" and v != others[k]}
   return kept, ignored
@@ -213,12 +220,9 @@ def command_line_dict(config: Optional[TrainConfig] = None):
   `model` also every other registered family's fields at their defaults, so one config file runs with any
   `--config.model.family` (a family reads its fields and ignores the others')."""
   c = typed_config.config_dict(config if config is not None else TrainConfig())
-  family = families.get(c.model.family, key="model.family")
-  for other in families.FAMILIES.values():
-    if other is not family:
-      for name, default in _section_defaults(other).items():
-        if name not in c.model:
-          c.model[name] = default
+  for name, default in _other_families_defaults(families.get(c.model.family, key="model.family")).items():
+    if name not in c.model:
+      c.model[name] = default
   return c
 
 

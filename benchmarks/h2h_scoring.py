@@ -21,18 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from megalodon_jax.inference.evaluation import Evaluator
+
 
 def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _stream_piece(graphdef: nnx.GraphDef, state: Any, cache: Any, ids: jax.Array, targets: jax.Array):
-  """(1, P) ids and targets through the cache -> ((P,) NLL in nats, new cache)."""
-  logits, cache = nnx.merge(graphdef, state)(ids, cache=cache)
-  return _token_nll(logits, targets)[0], cache
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -47,28 +42,16 @@ def _split(model: Any) -> tuple[nnx.GraphDef, Any]:
   return nnx.split(model)
 
 
-def new_cache(model: Any, family: str, length: int) -> Any:
-  """The empty generation cache of one sequence: Llama's KV cache holds `length` tokens, Megalodon's is fixed."""
-  if family == "llama":
-    return model.init_cache(1, max_length=length)
-  return model.init_cache(1)
-
-
-def stream_nll(model: Any, family: str, tokens: np.ndarray, piece: int) -> np.ndarray:
+def stream_nll(model: Any, tokens: np.ndarray, piece: int) -> np.ndarray:
   """Per-token NLL (nats, (len(tokens) - 1,)) of tokens[1:], each given every token before it, streamed through the
-  model's cache in pieces of `piece` tokens (len(tokens) - 1 must be a multiple of `piece`)."""
+  model's cache in pieces of `piece` tokens (len(tokens) - 1 must be a multiple of `piece`): the project's
+  `Evaluator`, which gives a growing cache the whole length."""
   length = len(tokens) - 1
   if length % piece:
     raise ValueError(f"{length} scored tokens are not a multiple of the piece {piece}")
-  graphdef, state = _split(model)
-  cache = new_cache(model, family, length)
-  x = jnp.asarray(np.asarray(tokens[:-1], np.int32)[None])
-  y = jnp.asarray(np.asarray(tokens[1:], np.int32)[None])
-  out = []
-  for start in range(0, length, piece):
-    nll, cache = _stream_piece(graphdef, state, cache, x[:, start:start + piece], y[:, start:start + piece])
-    out.append(nll)  # kept on the device: one wait at the end
-  return np.concatenate([np.asarray(o, np.float64) for o in out])
+  x = np.asarray(tokens[:-1], np.int32)[None]
+  y = np.asarray(tokens[1:], np.int32)[None]
+  return Evaluator(model, segment_len=piece).rows_nll(x, y)[0].astype(np.float64)
 
 
 def sliding_window_nll(model: Any, tokens: np.ndarray, window: int, rows: int = 8) -> np.ndarray:
@@ -105,7 +88,7 @@ def cache_bytes(model: Any, family: str, tokens: int) -> dict:
   allocated, so 1M tokens is fine). `length_bytes`: the leaves with an axis of size `tokens` (a KV cache's keys
   and values, and any per-slot bookkeeping); `kv_bytes`: those of rank >= 3 (keys and values: the part
   `LlamaConfig.kv_cache_bytes` counts); `fixed_bytes`: the leaves that do not grow with the context."""
-  shapes = jax.eval_shape(lambda: new_cache(model, family, tokens))
+  shapes = jax.eval_shape(lambda: model.init_cache(1, max_length=tokens))
   leaves = jax.tree.leaves(shapes)
   size = lambda a: math.prod(a.shape) * np.dtype(a.dtype).itemsize  # noqa: E731
   total = sum(size(a) for a in leaves)
@@ -152,7 +135,7 @@ def score_contexts(model: Any, family: str, docs: list[np.ndarray], *, contexts:
     return []
   longest = max(lengths)
   chosen = [d[:longest + 1] for d in chosen]
-  stream = lambda d, n: stream_nll(model, family, d[:n + 1], min(piece, n))  # noqa: E731
+  stream = lambda d, n: stream_nll(model, d[:n + 1], min(piece, n))  # noqa: E731
   ways = {"stream": (stream, longest)}
   if family == "llama":
     capped = [n for n in lengths if n <= kv_cache_max_context] if kv_cache_max_context > 0 else lengths

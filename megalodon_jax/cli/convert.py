@@ -151,10 +151,9 @@ def _run_source(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _check_family(info, wanted: str, command: str, other: str) -> None:
-  family = getattr(info, "family", "megalodon")
-  if family != wanted:
-    raise ConvertError(f"--checkpoint {info.params_path} holds a model of the {family!r} family; {command} exports "
-                       f"the {wanted!r} family (use {other})")
+  if info.family != wanted:
+    raise ConvertError(f"--checkpoint {info.params_path} holds a model of the {info.family!r} family; {command} "
+                       f"exports the {wanted!r} family (use {other})")
 
 
 def to_hf_llama(args: argparse.Namespace) -> None:

@@ -117,8 +117,7 @@ class WandbSink:
       paths.write_text_atomic(paths.join(self.workdir, RUN_ID_FILE), self.run.id + "\n")
     # Online, a resumed run starts after the last step W&B holds; offline it does not know it (0).
     self._skip_below = int(self.run.starting_step) if run_id else 0
-    log.info("W&B run %s (%s) %s at step %d", self.run.id, self.run.name,
-             "continues" if run_id else "starts", max(step, self._skip_below))
+    log.info("W&B run %s %s %s", self.run.id, "continues from step" if run_id else "starts at step", step)
 
   def log(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Logs one metrics.jsonl record: its numeric values (None left out) at W&B step `step`."""

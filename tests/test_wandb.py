@@ -23,7 +23,8 @@ from megalodon_jax.errors import ConfigError
 from megalodon_jax.training import trainer
 from megalodon_jax.training import workdir as workdir_lib
 from megalodon_jax.training.metrics import read_metrics
-from megalodon_jax.training.wandb_run import RUN_ID_FILE
+from megalodon_jax.training.wandb_config import WandbConfig
+from megalodon_jax.training.wandb_run import RUN_ID_FILE, WandbSink
 from test_train import small_config
 
 # --- The .wandb transaction log: a 7-byte file header (b":W&B", magic 0xBEE1 little-endian, version 0), then
@@ -167,3 +168,20 @@ def test_bad_wandb_fields_name_their_key(tmp_path, key, value):
   values["wandb"][key] = value
   with pytest.raises(ConfigError, match=rf"--config\.wandb\.{key}="):
     workdir_lib.check_run(values, str(tmp_path / "run"))
+
+
+def test_online_without_a_login_is_a_config_error(tmp_path, monkeypatch):
+  """W&B refusing to start (online, no API key anywhere: its own UsageError, raised before any network call) is a
+  ConfigError saying how to log in or go offline, and no run id is stored."""
+  for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+    monkeypatch.delenv(name, raising=False)
+  for name, folder in (("HOME", "home"), ("WANDB_CONFIG_DIR", "wandb_config"), ("WANDB_DIR", "wandb_dir")):
+    os.makedirs(tmp_path / folder)
+    monkeypatch.setenv(name, str(tmp_path / folder))
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  sink = WandbSink(WandbConfig(project="p", mode="online"), workdir, {"seed": 0})
+  with pytest.raises(ConfigError, match=r"W&B could not start the run \(UsageError: .*wandb\.mode=offline"):
+    sink.start(0)
+  assert os.listdir(workdir) == []

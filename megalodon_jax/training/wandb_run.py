@@ -113,7 +113,7 @@ class WandbSink:
       raise ConfigError(f"--config.wandb.project={c.project!r}: W&B could not start the run ({type(e).__name__}: "
                         f"{e}); log in (wandb login, or WANDB_API_KEY) or log offline "
                         f"(--config.wandb.mode=offline)") from None
-    if self.run.id != run_id:
+    if self.run.id != run_id and not getattr(self.run, "disabled", False):  # mode=disabled: an id of nothing
       paths.write_text_atomic(paths.join(self.workdir, RUN_ID_FILE), self.run.id + "\n")
     # Online, a resumed run starts after the last step W&B holds; offline it does not know it (0).
     self._skip_below = int(self.run.starting_step) if run_id else 0

@@ -19,7 +19,7 @@ import math
 import numbers
 import os
 import sys
-from typing import Any, Optional, TextIO
+from typing import Any, Optional, Sequence, TextIO
 
 from tqdm import tqdm
 
@@ -180,7 +180,7 @@ class MetricsLogger:
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
-               progress: Optional[tqdm] = None, stream: Optional[TextIO] = None):
+               progress: Optional[tqdm] = None, stream: Optional[TextIO] = None, sinks: Sequence[Any] = ()):
     """Creates `workdir` (if enabled); the files are opened on first use.
 
     Args:
@@ -190,6 +190,8 @@ class MetricsLogger:
       progress: The tqdm bar to print console lines above (`tqdm.write` clears it, prints, redraws it) while it is
         drawn; a disabled bar (off a terminal) changes nothing.
       stream: Console stream when no bar is drawn; None means `sys.stdout` at construction time.
+      sinks: More destinations of every `log` (e.g. `wandb_run.WandbSink`): objects with `log(step, metrics)` and
+        `close()`, called with the same step and metrics as metrics.jsonl gets.
     """
     self.enabled = enabled
     self.workdir = workdir
@@ -200,6 +202,7 @@ class MetricsLogger:
     self._writer: Any = None
     self._purge_step: Optional[int] = None
     self._tb_folder: Optional[paths.SyncedFolder] = None  # TensorBoard's local stand-in for a remote workdir
+    self._sinks = list(sinks) if enabled else []
     if enabled:
       paths.makedirs(workdir)
 
@@ -222,6 +225,8 @@ class MetricsLogger:
       return
     record = {"step": int(step), **{k: _to_json(v) for k, v in metrics.items()}}
     self._append(METRICS_FILE, record)
+    for sink in self._sinks:
+      sink.log(int(step), metrics)
     writer = self._tb()
     if writer is not None:
       for k, v in metrics.items():
@@ -257,6 +262,8 @@ class MetricsLogger:
     """Flushes and closes every file; safe to call twice (a later `log` reopens them)."""
     for name in list(self._files):
       self._files.pop(name).close()
+    for sink in self._sinks:
+      sink.close()
     if self._writer is not None:
       self._writer.close()
       self._writer = None

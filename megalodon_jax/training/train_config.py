@@ -23,6 +23,8 @@ from megalodon_jax.errors import CheckpointError, ConfigError, FieldError, Shard
 from megalodon_jax.mesh_axes import PARAM_RULES
 from megalodon_jax.training import mesh_checks
 from megalodon_jax.training.optimizer_args import OptimizerConfig, check_warmup
+from megalodon_jax.training import wandb_run
+from megalodon_jax.training.wandb_config import WandbConfig
 
 PROGRESS_BAR = ("auto", "on", "off")
 
@@ -76,6 +78,7 @@ class TrainConfig:
   tensorboard: bool = True  # write TensorBoard event files to workdir/tensorboard
   progress_bar: str = "auto"  # auto (on a terminal) | on | off
   stop_on_nan: bool = True  # stop at the first non-finite loss, keeping the last good checkpoint
+  wandb: WandbConfig = WandbConfig()  # Weights & Biases logging (training/wandb_run.py); project "" = off
 
   def __post_init__(self):
     for name, minimum in (("seq_len", 1), ("batch_size", 1), ("grad_accum_steps", 1), ("total_steps", 1),
@@ -235,6 +238,7 @@ def check_inputs(config: TrainConfig) -> Any:
       layout.params_item(paths.abspath(config.init_from))
     except CheckpointError as e:
       raise ConfigError(f"{typed_config.PREFIX}init_from={config.init_from!r}: {e}") from None
+  wandb_run.check_available(config.wandb)  # an optional extra: a missing package is refused here, not later
   from megalodon_jax import data  # pylint: disable=import-outside-toplevel  (the data package pulls in TFDS)
   try:
     return data.check_data_config(config.data)

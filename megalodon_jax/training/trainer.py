@@ -38,6 +38,7 @@ from megalodon_jax.training.metrics import MetricsLogger, loss_metrics, throughp
 from megalodon_jax.training.preemption import PreemptionFlag, TrainingInterrupted
 from megalodon_jax.training.program import TrainProgram
 from megalodon_jax.training.train_config import TrainConfig
+from megalodon_jax.training import wandb_run
 
 log = logging.getLogger("megalodon_jax")
 
@@ -138,8 +139,12 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
           train_iter: Any, eval_batches: list, lock: Any) -> dict[str, float]:
   byte_level = run.tokenizer.vocab_size == 256 and run.tokenizer.eos_id is None
   bar = progress_bar(cfg.progress_bar, cfg.total_steps, start) if run.is_main else None
-  logger = MetricsLogger(workdir, enabled=run.is_main, tensorboard=cfg.tensorboard, progress=bar)
+  wandb_sink = wandb_run.sink(cfg, workdir) if run.is_main else None
+  logger = MetricsLogger(workdir, enabled=run.is_main, tensorboard=cfg.tensorboard, progress=bar,
+                         sinks=[wandb_sink] if wandb_sink is not None else [])
   logger.truncate_after(start)
+  if wandb_sink is not None:
+    wandb_sink.start(start)  # before compiling: a W&B login problem is reported at once
   program = run.program
   flops_per_step = program.train_step_flops()
   peak = flops_lib.peak_flops(program.devices[0].device_kind)

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
-from megalodon_jax.data import mixture, pipeline
+from megalodon_jax.data import mixture, pipeline, sources
 from megalodon_jax.data.row_streams import DocumentReader, RowPacker
 from megalodon_jax.data.tokenizers import make_tokenizer
 from megalodon_jax.errors import DataError
@@ -149,13 +149,19 @@ def _shown(weights: dict[str, Any]) -> str:
                          for k, v in sorted(weights.items())) + "}"
 
 
-def make_train_iterator(plan: mixture.MixturePlan, *, seq_len: int, batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1) -> MixtureIterator:
-  """The training batches of this process's rows of a mixture (`pipeline.make_train_iterator` dispatches here).
+def make_train_iterator(data: Any, *, seq_len: int, batch_size: int, seed: int, process_index: int = 0,
+                        process_count: int = 1) -> Union[pipeline.TrainIterator, MixtureIterator]:
+  """The training batches of this process's rows [p * b, (p + 1) * b) (b = batch_size / process_count): a
+  `MixtureIterator` for a mixture, else `pipeline.make_train_iterator`'s. `data`: a plan (`sources.plan`), or a
+  `config.data`, planned here.
 
   Raises:
     DataError: as `pipeline.make_train_iterator`, with the source's label.
   """
+  plan = sources.as_plan(data)
+  if isinstance(plan, sources.DataPlan):
+    return pipeline.make_train_iterator(plan, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                                        process_index=process_index, process_count=process_count)
   local_batch = pipeline.per_process_batch(seq_len, batch_size, process_count, process_index)
   tokenizer = make_tokenizer(plan)
   first = process_index * local_batch
@@ -175,19 +181,24 @@ def make_train_iterator(plan: mixture.MixturePlan, *, seq_len: int, batch_size: 
                          fingerprint)
 
 
-def make_eval_batches(plan: mixture.MixturePlan, *, seq_len: int, batch_size: int, num_batches: int,
-                      process_index: int = 0, process_count: int = 1, split: Optional[str] = None) -> EvalBatches:
-  """Each source's `num_batches` evaluation batches (`pipeline.make_eval_batches` of the source, its own
-  `eval_split` unless `split` is given), sources in label order.
+def make_eval_batches(data: Any, *, seq_len: int, batch_size: int, num_batches: int, process_index: int = 0,
+                      process_count: int = 1, split: Optional[str] = None) -> list[Batch]:
+  """`pipeline.make_eval_batches` of a single dataset; of a mixture, each source's `num_batches` evaluation
+  batches (its own `eval_split` unless `split` is given), sources in label order, as `EvalBatches`. `data`: a plan
+  (`sources.plan`), or a `config.data`, planned here.
 
   Raises:
     DataError: as `pipeline.make_eval_batches`, with the source's label.
   """
+  plan = sources.as_plan(data)
+  kwargs = dict(seq_len=seq_len, batch_size=batch_size, num_batches=num_batches, process_index=process_index,
+                process_count=process_count, split=split)
+  if isinstance(plan, sources.DataPlan):
+    return pipeline.make_eval_batches(plan, **kwargs)
   batches, labels = [], []
   for source in plan.sources:
     try:
-      own = pipeline.make_eval_batches(source.plan, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches,
-                                       process_index=process_index, process_count=process_count, split=split)
+      own = pipeline.make_eval_batches(source.plan, **kwargs)
     except DataError as e:
       raise DataError(f"data.mixture source {source.label!r}: {e}") from None
     batches += own

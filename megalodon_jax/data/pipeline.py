@@ -188,10 +188,6 @@ def make_train_iterator(data: Union[sources.DataPlan, Any], *, seq_len: int, bat
   """
   local_batch = per_process_batch(seq_len, batch_size, process_count, process_index)
   plan = sources.as_plan(data)
-  if not isinstance(plan, sources.DataPlan):  # data.mixture
-    from megalodon_jax.data import mixture_pipeline  # pylint: disable=import-outside-toplevel  (it imports this)
-    return mixture_pipeline.make_train_iterator(plan, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                                                process_index=process_index, process_count=process_count)
   tokenizer = make_tokenizer(plan)
   first = process_index * local_batch
   reader, rows, described = row_packers(plan, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
@@ -238,10 +234,6 @@ def make_eval_batches(data: Union[sources.DataPlan, Any], *, seq_len: int, batch
   local_batch = per_process_batch(seq_len, batch_size, process_count, process_index)
   sources.check_number("num_batches", num_batches, 1)
   plan = sources.as_plan(data)
-  if not isinstance(plan, sources.DataPlan):  # data.mixture
-    from megalodon_jax.data import mixture_pipeline  # pylint: disable=import-outside-toplevel  (it imports this)
-    return mixture_pipeline.make_eval_batches(plan, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches,
-                                              process_index=process_index, process_count=process_count, split=split)
   key = "eval_split" if split is None else "split"
   split = plan.eval_split if split is None else split
   tokenize = _Tokenize(make_tokenizer(plan), plan.add_eos)

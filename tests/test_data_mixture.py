@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import random
+import shutil
 
 import jax
 import numpy as np
@@ -221,6 +222,8 @@ def test_states_of_other_data_are_refused(corpus):
     processes(fewer, 1)[0].set_state(it.get_state())
   with pytest.raises(data.DataError, match="seed: saved 5, now 6"):
     processes(mixed, 1, seed=6)[0].set_state(it.get_state())
+  with pytest.raises(data.DataError, match=r"names several sources \(stdlib, txt\).*--data mixture="):
+    data.sources.open_split(data.plan(mixed), "validation", "eval_split")  # megalodon-evaluate reads one source
 
 
 @pytest.mark.parametrize("mixture, message", [
@@ -252,14 +255,21 @@ def test_a_run_reports_the_evaluation_loss_per_source(corpus, tmp_path):
   cfg.data = mixed
   cfg.model.num_layers = 1
   cfg.model.chunk_size = 16
-  cfg.update(dict(seq_len=SEQ, batch_size=BATCH, total_steps=4, log_every=2, eval_every=2, eval_batches=2,
-                  num_samples=0, checkpoint_every=4, tensorboard=False, progress_bar="off",
+  cfg.update(dict(seq_len=SEQ, batch_size=BATCH, total_steps=4, log_every=1, eval_every=2, eval_batches=2,
+                  num_samples=0, checkpoint_every=2, tensorboard=False, progress_bar="off",
                   async_checkpointing=False))
   cfg.optimizer.warmup_steps = 1
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
-  records = {r["step"]: r for r in read_metrics(f"{workdir}/metrics.jsonl") if "eval_loss" in r}
+  straight = read_metrics(f"{workdir}/metrics.jsonl")
+  records = {r["step"]: r for r in straight if "eval_loss" in r}
   assert sorted(records) == [0, 2, 4]
+  shutil.rmtree(f"{workdir}/checkpoints/4")  # stopped after step 2's checkpoint: the same command resumes there
+  trainer.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
+  resumed = read_metrics(f"{workdir}/metrics.jsonl")
+  assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
+  for key in ("loss", "eval_loss", "eval_loss/stdlib", "eval_loss/txt"):  # the mixture's rows, bit for bit
+    assert [r.get(key) for r in resumed] == [r.get(key) for r in straight], key
   model, _, step = load_checkpoint(workdir)
   assert step == 4
   model.eval()

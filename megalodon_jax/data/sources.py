@@ -301,8 +301,9 @@ def open_split(data: Union[DataPlan, Any], split: str, key: str) -> TextSource:
   """
   data_plan = as_plan(data)
   if isinstance(data_plan, mixture.MixturePlan):
-    raise DataError(f"data.mixture names several sources ({', '.join(data_plan.labels)}); to read one split, set "
-                    f"data.mixture='' and that source's data settings")
+    raise DataError(f"data.mixture names several sources ({', '.join(data_plan.labels)}); to read one source's "
+                    f"split, give data.mixture='' and that source's data settings (megalodon-evaluate: --data "
+                    f"mixture= --data dataset=...)")
   label = f"data.{key}" if key in ("train_split", "eval_split") else key
   _check_split(data_plan, split, label)
   builder = _builder(data_plan)

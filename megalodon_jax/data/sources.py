@@ -76,12 +76,13 @@ class DataPlan:
   text_key: str = "text"  # the feature holding the text
 
 
-def plan(data_cfg: Any) -> DataPlan:
+def plan(data_cfg: Any) -> Union[DataPlan, mixture.MixturePlan]:
   """Checks `config.data` cheaply and resolves it; prepares and reads nothing big. Checks: `dataset` known; `path`
   non-empty with every entry matching a file, each UTF-8 text while text_files is not prepared
   (`text_files.check_text_files`); enwik8 not prepared: `manual_dir` set, its file of the right size; tfds: `name`
   prepared under `data_dir` in array_record with feature `text_key`; `tokenizer` known, `tokenizer_path` present for
-  sentencepiece; the splits existing, the training split non-empty; the numbers and flags valid.
+  sentencepiece; the splits existing, the training split non-empty; the numbers and flags valid. With
+  `data.mixture` every source is checked so and the result is a `mixture.MixturePlan` of their plans.
 
   Raises:
     DataError: the first problem, naming its `data.*` key; ConfigError: a `tokenizer_path` with the byte tokenizer.

@@ -21,6 +21,8 @@ import optax
 import pytest
 from flax import nnx
 
+from cli_harness import run_cli, train_command
+
 from megalodon_jax import data
 from megalodon_jax.checkpoints.model_io import load_checkpoint
 from megalodon_jax.configs import default as default_config
@@ -247,6 +249,16 @@ def test_bad_mixtures_are_config_errors_before_anything_is_built(corpus, mixture
   cfg.data = mixture_config(mixed, mixture)
   with pytest.raises(ConfigError, match=message):
     check_inputs(TrainConfig.of(cfg))
+
+
+def test_the_command_line_refuses_a_bad_mixture_with_one_error_line(corpus, tmp_path):
+  mixed, _, txt = corpus
+  result = run_cli(train_command("--config", "tiny", "--workdir", str(tmp_path / "w"),
+                                 f"--config.data.data_dir={mixed.data_dir}",
+                                 f"--config.data.mixture=stdlib:3; {txt.replace('txt:1', 'txt:-1')}"))
+  assert result.returncode == 2
+  assert result.one_error_line() == "error: data.mixture source 'txt': weight '-1' must be a number > 0"
+  assert not (tmp_path / "w").exists()
 
 
 def test_a_run_reports_the_evaluation_loss_per_source(corpus, tmp_path):

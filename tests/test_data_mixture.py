@@ -288,6 +288,7 @@ def test_a_run_reports_the_evaluation_loss_per_source(corpus, tmp_path):
   forward = nnx.jit(lambda m, ids: m(ids))  # a plain forward, not the trainer's eval step (loss in pieces)
   for label, single in singles.items():  # the saved model's loss on the source's own evaluation batches
     batches = data.make_eval_batches(single, seq_len=SEQ, batch_size=BATCH, num_batches=2)
+    assert not hasattr(batches, "sources")  # a run on one dataset gets no per-source keys
     nll = [np.asarray(optax.softmax_cross_entropy_with_integer_labels(forward(model, b["inputs"]), b["targets"]),
                       np.float64) for b in batches]
     want = float(np.mean(nll))

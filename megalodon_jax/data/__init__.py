@@ -10,7 +10,10 @@
 Order of use (the trainer's): `plan = plan(config.data)` (cheap checks, before anything else; the source is
 resolved here, once: `sources.py`), `prepare(plan)` (idempotent; builds the dataset once per set of inputs), then
 `make_train_iterator(plan, ...)` and `make_eval_batches(plan, ...)` (`pipeline.py`; the training order:
-`row_streams.py`). These also take a `config.data`, which each call then plans on its own.
+`row_streams.py`). These also take a `config.data`, which each call then plans on its own. With `data.mixture`
+(several sources with weights, `mixture.py`) the plan is a `MixturePlan` and the batches come from
+`mixture_pipeline.py`, where the package's `make_train_iterator` and `make_eval_batches` live (they hand a single
+dataset to `pipeline.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from megalodon_jax.errors import DataError
 
 # Imported on first use (PEP 562): the command line checks a config before jax, grain and TFDS start, and
 # `plan` (`check_data_config`) needs only sources.py.
-_LAZY = {"TrainIterator": "pipeline", "make_eval_batches": "pipeline", "make_train_iterator": "pipeline",
+_LAZY = {"TrainIterator": "pipeline", "make_eval_batches": "mixture_pipeline",
+         "make_train_iterator": "mixture_pipeline", "MixtureIterator": "mixture_pipeline", "MixturePlan": "mixture",
          "merge_states": "pipeline", "ByteTokenizer": "tokenizers", "SentencePieceTokenizer": "tokenizers",
          "Tokenizer": "tokenizers", "make_tokenizer": "tokenizers", "DataPlan": "sources", "plan": "sources",
          "prepare": "sources", "check_data_config": "sources"}

@@ -33,6 +33,9 @@ class DataConfig:
   # carry: CEMA / norm / attention state flows across the documents packed in a window (official) | reset: the
   # model restarts at every document start and the loss skips predicting a document's first token
   document_boundaries: str = "carry"
+  # Several sources drawn with weights, "LABEL:WEIGHT [key=value ...]; ...", each source these settings with its
+  # overrides, e.g. "stdlib:3; code:1 dataset=text_files path=/data/*.py" (data/mixture.py); "" = the one dataset
+  mixture: str = ""
 
   def replace(self, **changes) -> "DataConfig":
     return dataclasses.replace(self, **changes)

@@ -47,7 +47,7 @@ from megalodon_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
 
-_STATE_VERSION = 2
+STATE_VERSION = 2
 
 
 class _Tokenize:
@@ -97,7 +97,7 @@ class TrainIterator:
 
   def get_state(self) -> dict[str, Any]:
     # Round-trip through JSON so callers get plain lists/ints.
-    return json.loads(json.dumps({"version": _STATE_VERSION, "data": self._fingerprint,
+    return json.loads(json.dumps({"version": STATE_VERSION, "data": self._fingerprint,
                                   "rows": {"first": self._first, "states": [r.get_state() for r in self._rows]}}))
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -110,7 +110,7 @@ class TrainIterator:
     if isinstance(state, dict) and (state.get("version") == 1 or "process_states" in state):
       raise DataError(f"{OLD_STATE}: start a new workdir with --config.init_from=<the old run's checkpoints dir> "
                       f"(its weights; step, optimizer and data order start afresh)")
-    if not isinstance(state, dict) or state.get("version") != _STATE_VERSION or "rows" not in state:
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "rows" not in state:
       raise DataError(f"not a data iterator state of this version: {str(state)[:200]}")
     saved = state.get("data", {})
     diff = {k: (saved.get(k), self._fingerprint.get(k)) for k in {**saved, **self._fingerprint}
@@ -119,7 +119,7 @@ class TrainIterator:
       details = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
       raise DataError(f"the checkpoint's data position was recorded for other data ({details}); resume with the "
                       f"same data.* settings, seed and batch_size, or start in a new workdir")
-    first, states = _row_range(state)
+    first, states = row_range(state)
     lo, hi = self._first, self._first + len(self._rows)
     if not first <= lo <= hi <= first + len(states):
       raise DataError(f"the data state holds batch rows [{first}, {first + len(states)}), this process needs rows "
@@ -128,7 +128,8 @@ class TrainIterator:
       row.set_state(row_state)
 
 
-def _row_range(state: dict[str, Any]) -> tuple[int, list]:
+def row_range(state: dict[str, Any]) -> tuple[int, list]:
+  """(first row, row states) of a data state; DataError when it has no such rows."""
   rows = state.get("rows")
   if not (isinstance(rows, dict) and isinstance(rows.get("first"), int) and isinstance(rows.get("states"), list)):
     raise DataError(f"not a data iterator state of this version: {str(state)[:200]}")
@@ -150,7 +151,7 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
   for state in states:
     if {k: v for k, v in state.items() if k != "rows"} != head:
       raise DataError("the processes' data iterator states were recorded for different data or versions")
-    first, row_states = _row_range(state)
+    first, row_states = row_range(state)
     for r, row_state in enumerate(row_states, start=first):
       if merged.setdefault(r, row_state) != row_state:
         raise DataError(f"the processes disagree on the data state of batch row {r}")
@@ -160,7 +161,7 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
   return {**head, "rows": {"first": 0, "states": [merged[r] for r in range(batch_size)]}}
 
 
-def _per_process_batch(seq_len: int, batch_size: int, process_count: int, process_index: int) -> int:
+def per_process_batch(seq_len: int, batch_size: int, process_count: int, process_index: int) -> int:
   """Checks the settings both iterators share; returns the rows per process."""
   sources.check_number("seq_len", seq_len, 1)
   sources.check_number("batch_size", batch_size, 1)
@@ -185,24 +186,38 @@ def make_train_iterator(data: Union[sources.DataPlan, Any], *, seq_len: int, bat
     DataError: bad settings, unprepared data or an empty split; from next(): a row that reads only empty documents
       for 8 * N + 64 documents in a row (N = the split's documents).
   """
-  local_batch = _per_process_batch(seq_len, batch_size, process_count, process_index)
+  local_batch = per_process_batch(seq_len, batch_size, process_count, process_index)
   plan = sources.as_plan(data)
   tokenizer = make_tokenizer(plan)
+  first = process_index * local_batch
+  reader, rows, described = row_packers(plan, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                                        rows=range(first, first + local_batch))
+  fingerprint = {**described, "tokenizer": tokenizer_fingerprint(tokenizer), "add_eos": bool(plan.add_eos),
+                 "seed": int(seed), **({"document_boundaries": "reset"} if _reset(plan) else {}),
+                 "batch_size": int(batch_size)}
+  return TrainIterator(reader, rows, first, fingerprint)
+
+
+def _reset(plan: sources.DataPlan) -> bool:
+  return plan.document_boundaries == "reset"
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+  return f"{type(tokenizer).__name__}(vocab={tokenizer.vocab_size}, eos={tokenizer.eos_id})"
+
+
+def row_packers(plan: sources.DataPlan, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                rows: range) -> tuple[DocumentReader, list[RowPacker], dict[str, Any]]:
+  """The packers of global batch rows `rows` over the training split of `plan` (row_streams.py), their reader,
+  and {"source": the split's description, "documents": its size} for the state's fingerprint."""
   source = sources.open_split(plan, plan.train_split, "train_split")  # not empty
   docs = global_documents(grain.MapDataset.source(source), seed=seed)
   reader = DocumentReader(docs.map(_Tokenize(tokenizer, plan.add_eos)))
-  reset = plan.document_boundaries == "reset"
   # A row with only empty documents for this long would loop forever; with a few non-empty documents, each of a
   # row's draws is one of them with probability >= 1/N, so a row meets one well within 8N draws.
   max_empty = 8 * len(source) + 64
-  first = process_index * local_batch
-  rows = [RowPacker(reader, r, batch_size, seq_len + 1, max_empty, with_positions=reset)
-          for r in range(first, first + local_batch)]
-  fingerprint = {"source": source.description, "documents": len(source),
-                 "tokenizer": f"{type(tokenizer).__name__}(vocab={tokenizer.vocab_size}, eos={tokenizer.eos_id})",
-                 "add_eos": bool(plan.add_eos), "seed": int(seed),
-                 **({"document_boundaries": "reset"} if reset else {}), "batch_size": int(batch_size)}
-  return TrainIterator(reader, rows, first, fingerprint)
+  packers = [RowPacker(reader, r, batch_size, seq_len + 1, max_empty, with_positions=_reset(plan)) for r in rows]
+  return reader, packers, {"source": source.description, "documents": len(source)}
 
 
 def make_eval_batches(data: Union[sources.DataPlan, Any], *, seq_len: int, batch_size: int, num_batches: int,
@@ -216,7 +231,7 @@ def make_eval_batches(data: Union[sources.DataPlan, Any], *, seq_len: int, batch
   Raises:
     DataError: bad settings, unprepared data, or a split too short for one full batch.
   """
-  local_batch = _per_process_batch(seq_len, batch_size, process_count, process_index)
+  local_batch = per_process_batch(seq_len, batch_size, process_count, process_index)
   sources.check_number("num_batches", num_batches, 1)
   plan = sources.as_plan(data)
   key = "eval_split" if split is None else "split"

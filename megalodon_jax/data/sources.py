@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
 from megalodon_jax import paths
-from megalodon_jax.data import enwik8, jsonl, text_files
+from megalodon_jax.data import enwik8, jsonl, mixture, text_files
 from megalodon_jax.data.config import FIELDS, DataConfig
 from megalodon_jax.data.stdlib_corpus import stdlib_documents
 from megalodon_jax.data.tokenizers import check_tokenizer_config
@@ -76,17 +76,20 @@ class DataPlan:
   text_key: str = "text"  # the feature holding the text
 
 
-def plan(data_cfg: Any) -> DataPlan:
+def plan(data_cfg: Any) -> Union[DataPlan, mixture.MixturePlan]:
   """Checks `config.data` cheaply and resolves it; prepares and reads nothing big. Checks: `dataset` known; `path`
   non-empty with every entry matching a file, each UTF-8 text while text_files is not prepared
   (`text_files.check_text_files`); enwik8 not prepared: `manual_dir` set, its file of the right size; tfds: `name`
   prepared under `data_dir` in array_record with feature `text_key`; `tokenizer` known, `tokenizer_path` present for
-  sentencepiece; the splits existing, the training split non-empty; the numbers and flags valid.
+  sentencepiece; the splits existing, the training split non-empty; the numbers and flags valid. With
+  `data.mixture` every source is checked so and the result is a `mixture.MixturePlan` of their plans.
 
   Raises:
     DataError: the first problem, naming its `data.*` key; ConfigError: a `tokenizer_path` with the byte tokenizer.
   """
   cfg = DataConfig(**{k: getattr(data_cfg, k, getattr(_DEFAULTS, k)) for k in FIELDS})
+  if cfg.mixture:  # several sources, each planned here as the run's settings with its overrides
+    return mixture.plan_mixture(cfg, plan, DATASETS)
   dataset = cfg.dataset
   if dataset not in DATASETS:
     raise DataError(f"data.dataset={dataset!r} is unknown; use one of {DATASETS}")
@@ -152,9 +155,9 @@ def plan(data_cfg: Any) -> DataPlan:
 check_data_config = plan  # the name train_config.check_inputs calls
 
 
-def as_plan(data: Union[DataPlan, Any]) -> DataPlan:
-  """`data` when it is a DataPlan, else `plan(data)`: a `config.data` is resolved here, once per call."""
-  return data if isinstance(data, DataPlan) else plan(data)
+def as_plan(data: Union[DataPlan, mixture.MixturePlan, Any]) -> Union[DataPlan, mixture.MixturePlan]:
+  """`data` when it is a plan, else `plan(data)`: a `config.data` is resolved here, once per call."""
+  return data if isinstance(data, (DataPlan, mixture.MixturePlan)) else plan(data)
 
 
 def _tfds_plan(cfg: DataConfig, base: DataPlan) -> DataPlan:
@@ -239,6 +242,11 @@ def prepare(data: Union[DataPlan, Any]) -> DataPlan:
   Raises DataError: as `plan`, or the enwik8 file could not be found or downloaded.
   """
   data_plan = as_plan(data)
+  if isinstance(data_plan, mixture.MixturePlan):
+    log.info("data.mixture: %s", data_plan.describe())
+    for source in data_plan.sources:
+      prepare(source.plan)
+    return data_plan
   if data_plan.dataset == "tfds":
     return data_plan  # prepared elsewhere; `plan` found it
   if data_plan.documents is not None:
@@ -293,6 +301,10 @@ def open_split(data: Union[DataPlan, Any], split: str, key: str) -> TextSource:
     DataError: the dataset is not prepared (call `prepare` first), or the split is missing or empty.
   """
   data_plan = as_plan(data)
+  if isinstance(data_plan, mixture.MixturePlan):
+    raise DataError(f"data.mixture names several sources ({', '.join(data_plan.labels)}); to read one source's "
+                    f"split, give data.mixture='' and that source's data settings (megalodon-evaluate: --data "
+                    f"mixture= --data dataset=...)")
   label = f"data.{key}" if key in ("train_split", "eval_split") else key
   _check_split(data_plan, split, label)
   builder = _builder(data_plan)

@@ -33,6 +33,7 @@ from megalodon_jax.inference.sampling import Sampler
 from megalodon_jax.training import process_lock
 from megalodon_jax.training import workdir as workdir_lib
 from megalodon_jax.training import data_state as data_state_lib
+from megalodon_jax.training import source_metrics
 from megalodon_jax.training import train_step as ts
 from megalodon_jax.training.metrics import MetricsLogger, loss_metrics, throughput
 from megalodon_jax.training.preemption import PreemptionFlag, TrainingInterrupted
@@ -243,11 +244,13 @@ def _advance(bar: tqdm, step: int, loss: float) -> None:
 
 
 def _evaluate(run: _Run, state: ts.TrainState, batches: list, byte_level: bool) -> dict[str, float]:
-  """Token-weighted mean loss over the fixed eval batches: eval_loss and eval_bpb or eval_ppl."""
+  """Token-weighted mean loss over the fixed eval batches: eval_loss and eval_bpb or eval_ppl (and per source of a
+  data.mixture)."""
   totals = [run.program.eval_step(state, run.program.global_batch(b)) for b in batches]
   loss_sum = sum(float(t["loss_sum"]) for t in totals)
   tokens = sum(float(t["tokens"]) for t in totals)
-  return loss_metrics(loss_sum / tokens, byte_level=byte_level, prefix="eval_")
+  return {**loss_metrics(loss_sum / tokens, byte_level=byte_level, prefix="eval_"),
+          **source_metrics.per_source_metrics(batches, totals, byte_level=byte_level)}  # data.mixture: per source
 
 
 def sample_tokens(model: Any, prompts: np.ndarray, *, num_tokens: int, temperature: float,

@@ -334,8 +334,9 @@ def test_from_pytorch_downloads_a_hub_repo_id(run, tmp_path, monkeypatch, capsys
   assert len(calls) == 1
   capsys.readouterr()
   # Neither a path nor a repo id; --revision with a path.
-  assert cli.main(["from-pytorch", "--torch", "me/x/y", "--out", str(tmp_path / "a")]) == 2
-  assert "does not exist (and is not a Hugging Face Hub repo id" in capsys.readouterr().err
+  for path in ("me/x/y", "me/missing", "export/consolidated.pth"):  # me/ exists here: a path
+    assert cli.main(["from-pytorch", "--torch", path, "--out", str(tmp_path / "a")]) == 2, path
+    assert "does not exist (and is not a Hugging Face Hub repo id" in capsys.readouterr().err, path
   assert cli.main(["from-pytorch", "--torch", sharded, "--revision", "v1", "--out", str(tmp_path / "b")]) == 2
   assert "--revision applies to a Hub repo id" in capsys.readouterr().err
   assert len(calls) == 1

@@ -2,8 +2,9 @@
 `from-pytorch --torch OWNER/NAME`, through huggingface_hub.
 
 - A `--torch` value is a local path when it exists (or a gs:// URL), else a Hub repo id when it has the form
-  "owner/name" (huggingface_hub's `validate_repo_id`), else an error: a typo in a local path never turns into a
-  download of something else without saying so.
+  "owner/name" (huggingface_hub's `validate_repo_id`), "owner" is no local folder and "name" no file name of a
+  checkpoint (.pth, .safetensors, .json, .model), else an error: a typo in a local path is reported as a missing
+  path, and a download failure says that --torch was read as a repo id.
 - The token is huggingface_hub's (`get_token`: the HF_TOKEN environment variable, else the one `hf auth login`
   stored); pushing without one is refused before anything is converted. Downloads of public repos need none.
 """
@@ -17,6 +18,8 @@ from megalodon_jax import paths
 from megalodon_jax.errors import ConvertError
 
 # What a download fetches of a model repo: the weights, configs and tokenizer from-pytorch reads.
+# Names that end so are files of a local checkpoint, never Hub repo ids.
+_FILE_SUFFIXES = (".pth", ".safetensors", ".json", ".model")
 DOWNLOAD_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.pth", "*.json", "tokenizer.model")
 
 
@@ -41,7 +44,9 @@ def torch_source(text: str, flag: str = "--torch") -> Optional[str]:
   """
   if paths.is_remote(text) or os.path.exists(os.path.expanduser(text)):
     return None
-  if is_repo_id(text):
+  owner, _, name = text.partition("/")
+  # A missing file in an existing folder, or a weights/config file name, is a mistyped path, not a repo.
+  if is_repo_id(text) and not os.path.isdir(os.path.expanduser(owner)) and not name.endswith(_FILE_SUFFIXES):
     return text
   raise ConvertError(f"{flag} {text} does not exist (and is not a Hugging Face Hub repo id of the form owner/name)")
 

@@ -178,7 +178,8 @@ def test_sharded_hf_export_with_a_model_card(run, tmp_path, capsys):
   assert {"megalodon", "megalodon-jax"} <= set(card.data.tags)
   n = sum(v.size for v in want.values())
   assert f"**Parameters: {n:,}**" in card.text
-  assert "## Training" in card.text and "| `seq_len` | 64 |" in card.text and "| `data.dataset` | `stdlib` |" in card.text
+  assert "## Training" in card.text and "| `seq_len` | 64 |" in card.text
+  assert "| `data.dataset` | `stdlib` |" in card.text and "data_dir" not in card.text.split("## Data")[1]
   assert_card_metrics(card.text, run, step=4)
   assert all(f"- `{f}`" in card.text for f in os.listdir(sharded) if f != "README.md")
   # An earlier step's export lists that step's metrics, not the run's last ones.

@@ -34,8 +34,7 @@ What is read is never written over (checked before anything is loaded or created
   writes: for to-pytorch any file a to-pytorch export of any format writes (consolidated.pth, consolidated.NN.pth,
   model.safetensors or its shards and index, params.json, config.json, tokenizer.model, README.md: so re-exporting
   in another format works), for to-hf-llama the safetensors files, config.json, tokenizer.model and README.md, for
-  from-pytorch the entries of a params-only
-  Orbax checkpoint (`output_guard.PARAMS_CHECKPOINT_ENTRIES`). Any other
+  from-pytorch the entries of a params-only Orbax checkpoint (`output_guard.PARAMS_CHECKPOINT_ENTRIES`). Any other
   entry is named in the error and nothing is deleted. The earlier output is then replaced whole.
 """
 

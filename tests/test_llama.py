@@ -360,7 +360,7 @@ def test_to_hf_llama_command_line(untied, tmp_path, capsys):
   ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
   model_io.save_params_checkpoint(ckpt, model)
   assert cli.main(["to-hf-llama", "--checkpoint", ckpt, "--out", out, "--max_position_embeddings", "64"]) == 0
-  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+  assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]  # README.md: the model card
   loaded, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True,
                                                                attn_implementation="eager")
   assert not info["missing_keys"] and not info["unexpected_keys"], info

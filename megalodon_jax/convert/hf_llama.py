@@ -179,20 +179,21 @@ def hf_config(config: LlamaConfig, *, max_position_embeddings: int = 4096, dtype
 
 
 def write_hf_llama(folder: str, tensors: Mapping[str, np.ndarray], config: LlamaConfig, *, dtype: str = "float32",
-                   max_position_embeddings: int = 4096) -> list[str]:
-  """Writes model.safetensors (the tensors cast to `dtype`) + config.json into `folder`; returns the file names."""
-  from megalodon_jax.convert import torch_files  # pylint: disable=import-outside-toplevel
-  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+                   max_position_embeddings: int = 4096, max_shard_size: str = "5GB") -> list[str]:
+  """Writes model.safetensors (the tensors cast to `dtype`; sharded above `max_shard_size` with
+  model.safetensors.index.json, convert/safetensors_shards.py) + config.json into `folder`; returns the file
+  names."""
+  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.convert import safetensors_shards, torch_files
   if dtype not in torch_files.DTYPES:
     raise ValueError(f"dtype must be one of {tuple(torch_files.DTYPES)}; got {dtype!r}")
   tensors = torch_files.cast(tensors, dtype)
-  os.makedirs(folder, exist_ok=True)
-  save_file({k: torch_files.to_torch(v) for k, v in tensors.items()}, os.path.join(folder, WEIGHTS_FILE),
-            metadata={"format": "pt"})
+  files = safetensors_shards.write_shards(folder, {k: torch_files.to_torch(v) for k, v in tensors.items()},
+                                          max_shard_size)
   with open(os.path.join(folder, CONFIG_JSON), "w", encoding="utf-8") as f:
     json.dump(hf_config(config, max_position_embeddings=max_position_embeddings, dtype=dtype), f, indent=2)
     f.write("\n")
-  return [WEIGHTS_FILE, CONFIG_JSON]
+  return files + [CONFIG_JSON]
 
 
 def export_hf(model: Any, out_dir: str, *, dtype: str = "float32", max_position_embeddings: int = 4096,

@@ -20,7 +20,7 @@ from megalodon_jax import paths
 from megalodon_jax.errors import ConvertError
 from megalodon_jax.config import ConfigError, MegalodonConfig, rope_inv_freq
 from megalodon_jax.convert import hf as hf_lib
-from megalodon_jax.convert import tp_shards
+from megalodon_jax.convert import safetensors_shards, tp_shards
 from megalodon_jax.convert.official import StateDictError, check_state_dict
 
 PARAMS_JSON = "params.json"
@@ -105,10 +105,13 @@ def read_params_json(path: str, embed_rows: Optional[int] = None) -> MegalodonCo
 
 
 def _source_files(path: str) -> tuple[str, list[str]]:
-  """(kind, files) for --torch PATH: kind is "pth", "shards" or "safetensors"."""
+  """(kind, files) for --torch PATH: kind is "pth", "shards", "safetensors" or "index" (sharded safetensors: the
+  files are [model.safetensors.index.json])."""
   if not os.path.exists(path):
     raise ConvertError(f"{path} does not exist")
   if os.path.isfile(path):
+    if path.endswith(".safetensors.index.json"):
+      return "index", [path]
     return ("safetensors" if path.endswith(".safetensors") else "pth"), [path]
   found = []
   if os.path.isfile(os.path.join(path, "consolidated.pth")):
@@ -123,8 +126,11 @@ def _source_files(path: str) -> tuple[str, list[str]]:
     found.append(("shards", [p for _, p in shards]))
   if os.path.isfile(os.path.join(path, "model.safetensors")):
     found.append(("safetensors", [os.path.join(path, "model.safetensors")]))
+  if os.path.isfile(os.path.join(path, safetensors_shards.INDEX_FILE)):
+    found.append(("index", [os.path.join(path, safetensors_shards.INDEX_FILE)]))
   if not found:
-    raise ConvertError(f"{path} holds no consolidated.pth, consolidated.NN.pth shards or model.safetensors")
+    raise ConvertError(f"{path} holds no consolidated.pth, consolidated.NN.pth shards, model.safetensors or "
+                       f"{safetensors_shards.INDEX_FILE} (sharded safetensors)")
   if len(found) > 1:
     raise ConvertError(f"{path} holds several checkpoints ({[k for k, _ in found]}); pass the file to convert")
   return found[0]
@@ -135,8 +141,9 @@ def read_official(path: str, config_path: Optional[str] = None) -> tuple[dict[st
 
   Args:
     path: a consolidated.pth, a folder of consolidated.NN.pth shards (merged, docs/export.md#model-parallel-shards),
-      a folder holding consolidated.pth or model.safetensors, or a .safetensors file with official or megalodon-hf
-      keys.
+      a folder holding consolidated.pth, model.safetensors or sharded safetensors (model.safetensors.index.json and
+      its shards, convert/safetensors_shards.py), a .safetensors file or such an index file, with official or
+      megalodon-hf keys.
     config_path: params.json (official) or config.json (megalodon-hf); default: beside `path`.
 
   Returns:
@@ -151,6 +158,8 @@ def read_official(path: str, config_path: Optional[str] = None) -> tuple[dict[st
   kind, files = _source_files(path)
   if kind == "shards":
     tensors = tp_shards.merge_state_dicts([load_tensor_file(f) for f in files], [os.path.basename(f) for f in files])
+  elif kind == "index":
+    tensors = safetensors_shards.load_shards(files[0], load_tensor_file)
   else:
     tensors = load_tensor_file(files[0])
   is_hf = "model.embed.weight" in tensors
@@ -210,7 +219,9 @@ def _read_remote(path: str, config_path: Optional[str]) -> tuple[dict[str, np.nd
     raise ConvertError(f"{path} does not exist")
   with tempfile.TemporaryDirectory(prefix="megalodon_torch_") as tmp:
     folder = source if source.is_dir() else source.parent
-    wanted = None if source.is_dir() else {source.name, PARAMS_JSON, HF_CONFIG_JSON}
+    # An index file needs its shards beside it: the whole folder is copied then.
+    wanted = None if source.is_dir() or source.name.endswith(".index.json") else {
+        source.name, PARAMS_JSON, HF_CONFIG_JSON}
     for f in folder.iterdir():
       if f.is_file() and (wanted is None or f.name in wanted):
         f.copy(os.path.join(tmp, f.name))
@@ -250,26 +261,24 @@ def write_official(folder: str, tensors: Mapping[str, np.ndarray], config: Megal
   return names + [PARAMS_JSON]
 
 
-def write_safetensors(folder: str, tensors: Mapping[str, np.ndarray], config: MegalodonConfig) -> list[str]:
-  """Writes model.safetensors (official keys) + params.json into `folder`; returns the file names."""
-  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
-  os.makedirs(folder, exist_ok=True)
-  save_file({k: to_torch(v) for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"),
-            metadata={"format": "pt"})
+def write_safetensors(folder: str, tensors: Mapping[str, np.ndarray], config: MegalodonConfig,
+                      max_shard_size: str = safetensors_shards.DEFAULT_MAX_SHARD_SIZE) -> list[str]:
+  """Writes model.safetensors (official keys; sharded above `max_shard_size`, convert/safetensors_shards.py) +
+  params.json into `folder`; returns the file names."""
+  files = safetensors_shards.write_shards(folder, {k: to_torch(v) for k, v in tensors.items()}, max_shard_size)
   _write_json(os.path.join(folder, PARAMS_JSON), config.official_kwargs())
-  return ["model.safetensors", PARAMS_JSON]
+  return files + [PARAMS_JSON]
 
 
-def write_hf(folder: str, tensors: Mapping[str, np.ndarray], config: MegalodonConfig, dtype: str) -> list[str]:
-  """Writes the megalodon-hf layout (model.safetensors + config.json) into `folder`; returns the file names.
+def write_hf(folder: str, tensors: Mapping[str, np.ndarray], config: MegalodonConfig, dtype: str,
+             max_shard_size: str = safetensors_shards.DEFAULT_MAX_SHARD_SIZE) -> list[str]:
+  """Writes the megalodon-hf layout (model.safetensors, sharded above `max_shard_size` as
+  convert/safetensors_shards.py describes, + config.json) into `folder`; returns the file names.
 
   Raises:
     StateDictError: not representable in megalodon-hf (see `hf.hf_export_problems`).
   """
-  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
   hf = hf_lib.official_to_hf(tensors, config)
-  os.makedirs(folder, exist_ok=True)
-  save_file({k: to_torch(v) for k, v in hf.items()}, os.path.join(folder, "model.safetensors"),
-            metadata={"format": "pt"})
+  files = safetensors_shards.write_shards(folder, {k: to_torch(v) for k, v in hf.items()}, max_shard_size)
   _write_json(os.path.join(folder, HF_CONFIG_JSON), hf_lib.hf_config(config, dtype))
-  return ["model.safetensors", HF_CONFIG_JSON]
+  return files + [HF_CONFIG_JSON]

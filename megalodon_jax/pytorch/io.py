@@ -3,6 +3,8 @@
 A checkpoint directory holds
   params.json          the official `ModelConf` kwargs (or an official trainer config with a `model` entry);
   model.safetensors    the official state dict (exact keys), or
+  model-0000K-of-0000N.safetensors + model.safetensors.index.json   the same in shards (Hugging Face's layout,
+                       what `megalodon-convert to-pytorch --format safetensors` writes above --max_shard_size), or
   consolidated.pth     the same, saved with `torch.save` (the official consolidated format).
 Every problem is reported with the file and what is wrong: missing files, unreadable or truncated files, and
 all missing / unexpected / mis-shaped keys at once.
@@ -24,6 +26,7 @@ from megalodon_jax.pytorch.model import Mega
 
 PARAMS_FILE = "params.json"
 SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = SAFETENSORS_FILE + ".index.json"  # {"weight_map": {name: shard file}} of sharded safetensors
 TORCH_FILE = "consolidated.pth"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -181,10 +184,25 @@ def load(path: Union[str, os.PathLike], *, device: Union[None, str, torch.device
     conf = ModelConf.from_dict(_read_json(params), strict=strict_config)
   except (ConfigError, TypeError) as e:
     raise ConfigError(f"{params}: {e}") from e
-  weights = next((root / f for f in (SAFETENSORS_FILE, TORCH_FILE) if (root / f).is_file()), None)
+  weights = next((root / f for f in (SAFETENSORS_FILE, SAFETENSORS_INDEX, TORCH_FILE) if (root / f).is_file()), None)
   if weights is None:
-    raise CheckpointError(f"{root}: no weights file; expected {SAFETENSORS_FILE} or {TORCH_FILE}")
-  return from_state_dict(read_weights(weights), conf, device=device, dtype=dtype, source=str(weights), copy=False)
+    raise CheckpointError(f"{root}: no weights file; expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or "
+                          f"{TORCH_FILE}")
+  state_dict = _read_shards(weights) if weights.name == SAFETENSORS_INDEX else read_weights(weights)
+  return from_state_dict(state_dict, conf, device=device, dtype=dtype, source=str(weights), copy=False)
+
+
+def _read_shards(index: pathlib.Path) -> dict[str, Tensor]:
+  """The state dict of sharded safetensors: every shard the index's weight_map names, each tensor from the shard
+  it maps to (a name missing from its shard is left out, and from_state_dict names it)."""
+  weight_map = _read_json(index).get("weight_map")
+  if not isinstance(weight_map, dict):
+    raise CheckpointError(f"{index}: no \"weight_map\" (tensor name -> shard file)")
+  out: dict[str, Tensor] = {}
+  for shard in sorted(set(weight_map.values())):
+    tensors = read_weights(index.parent / os.path.basename(str(shard)))
+    out.update({k: v for k, v in tensors.items() if weight_map.get(k) == shard})
+  return out
 
 
 def save(model: Mega, path: Union[str, os.PathLike], *,

@@ -18,7 +18,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 OWN = {"megalodon_jax", "pallas_kernels"}
 # Modules an extra provides; they may only be imported by the code that needs that extra.
-EXTRA_MODULES = {"torch": "torch", "safetensors": "torch", "matplotlib": "plot", "wandb": "wandb", "huggingface_hub": "torch"}
+EXTRA_MODULES = {"torch": "torch", "safetensors": "torch", "matplotlib": "plot", "wandb": "wandb", "huggingface_hub": "torch", "httpx": "torch"}
 # Declared but never imported by name: jax loads jaxlib; TFDS reads array_record files through array-record;
 # etils.epath opens gs:// paths through fsspec, which loads gcsfs.
 INDIRECT = {"jaxlib", "array-record", "gcsfs"}

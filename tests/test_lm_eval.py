@@ -31,7 +31,8 @@ from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference.evaluation import Evaluator
 from megalodon_jax.inference.long_context import evaluate_documents
 from megalodon_jax.lm_eval.model import MegalodonHarnessModel
-from megalodon_jax.lm_eval.options import BYTE_PREFIX_TOKEN
+from megalodon_jax.lm_eval.options import BYTE_PREFIX_TOKEN, HarnessOptions
+from megalodon_jax.lm_eval.scoring import Scored, score_rows
 from megalodon_jax.llama.config import LlamaConfig
 from megalodon_jax.llama.model import LlamaLM
 from megalodon_jax.model import MegalodonLM
@@ -125,7 +126,7 @@ def test_tasks_through_simple_evaluate_match_the_references(megalodon, tmp_path)
   lm = MegalodonHarnessModel(checkpoint=path, segment_len=SEGMENT, batch_size=4)
   with count_traces("_segment") as traces:
     out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc", "tiny_roll", "tiny_gen"], log_samples=True,
-                                  task_manager=TaskManager(include_path=str(root)))
+                                  task_manager=TaskManager(include_path=str(root), include_defaults=False))
   assert traces["_segment"] <= 1  # every scoring call has one shape (4 rows x SEGMENT), whatever the lengths
   # loglikelihood: every choice's log-probability and greedy flag from the full forward. lm_eval puts its target
   # delimiter (" ") before the choice; a trailing space of a context would move into the continuation.
@@ -153,3 +154,115 @@ def test_tasks_through_simple_evaluate_match_the_references(megalodon, tmp_path)
   assert _samples(out, "tiny_gen")[0]["resps"][0][0] == free[:free.index(stop)]
   assert out["results"]["tiny_mc"]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
   assert lm.get_model_info()["family"] == "megalodon"
+
+
+def test_greedy_flag_and_empty_continuations(megalodon):
+  model, _ = megalodon
+  context = list(b"Two plus two equals")
+  greedy = _greedy(model, context, 3)
+  other = [(greedy[0] + 1) % 256, *greedy[1:]]
+  rows = [np.array(context + greedy), np.array(context + other), np.array(context)]
+  got = score_rows(Evaluator(model, segment_len=SEGMENT), rows, [3, 3, 0], rows_per_call=4)
+  assert got[0].greedy and not got[1].greedy and got[2] == Scored(0.0, True)
+  for res, row in zip(got, rows[:2]):
+    assert abs(res.logprob - _logprobs(model, row)[0][-3:].sum()) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+  """(model, checkpoint path, SentencePiece processor): a Llama baseline whose checkpoint carries its tokenizer."""
+  root = tmp_path_factory.mktemp("lm_eval_llama")
+  lines = [d["question"] + c for d in MC for c in d["choices"]] + [d["text"] for d in ROLLING]
+  lines += [f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(200)]
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(root / "sp"), vocab_size=64,
+                                 model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+  proto = (root / "sp.model").read_bytes()
+  sp = spm.SentencePieceProcessor(model_proto=proto)
+  cfg = LlamaConfig(num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, ffn_hidden_dim=64,
+                    vocab_size=sp.vocab_size())
+  model = LlamaLM(cfg, rngs=nnx.Rngs(1))
+  save_params_checkpoint(str(root / "params"), model, tokenizer_model=proto)
+  model.eval()
+  return model, str(root / "params"), sp
+
+
+def test_llama_with_its_sentencepiece_tokenizer(llama, tmp_path):
+  model, path, sp = llama
+  root = _write_tasks(tmp_path, ["\n"])
+  lm = MegalodonHarnessModel(checkpoint=path, segment_len=SEGMENT, batch_size=4)
+  assert lm.prefix_token == sp.eos_id() and lm.get_model_info()["family"] == "llama"
+  out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc", "tiny_roll"], log_samples=True,
+                                task_manager=TaskManager(include_path=str(root), include_defaults=False))
+  # The continuation's tokens: what encoding context + continuation adds after the context's tokens.
+  for sample in _samples(out, "tiny_mc"):
+    for (context, continuation), resp in zip(sample["arguments"], sample["resps"]):
+      ctx = sp.encode(context) or [sp.eos_id()]
+      cont = sp.encode(context + continuation)[len(ctx):] if context else sp.encode(continuation)
+      lp, _ = _logprobs(model, ctx + cont)
+      assert abs(resp[0][0] - lp[len(ctx) - 1:].sum()) <= 1e-5, (context, continuation)
+  for doc, sample in zip(ROLLING, _samples(out, "tiny_roll")):
+    ids = np.asarray(sp.encode(doc["text"]), np.int64)
+    streamed = evaluate_documents(Evaluator(model, segment_len=2 * SEGMENT), [ids], eos_id=sp.eos_id())
+    assert abs(sample["resps"][0][0] + streamed.full.nll) <= 1e-5 * max(1.0, streamed.full.nll)
+  assert len(sp.encode(ROLLING[0]["text"])) > 4 * SEGMENT  # the KV cache is sized to the whole document
+
+
+def _cli_env():
+  return {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+          "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def test_cli_runs_a_local_task_and_writes_results(megalodon, tmp_path):
+  model, path = megalodon
+  (tmp_path / "tasks").mkdir()
+  root = _write_tasks(tmp_path / "tasks", ["\n"])
+  out = tmp_path / "out"
+  cmd = [sys.executable, "-m", "megalodon_jax.lm_eval", "--model", "megalodon", "--model_args",
+         f"checkpoint={path},segment_len={SEGMENT},batch_size=4", "--tasks", "tiny_mc", "--include_path", str(root),
+         "--output_path", str(out), "--limit", "2", "--log_samples"]
+  proc = subprocess.run(cmd, cwd=REPO, env=_cli_env(), capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(next(out.rglob("results_*.json")).read_text())
+  assert results["results"]["tiny_mc"]["acc,none"] in (0.0, 0.5, 1.0)
+  assert results["config"]["model"] == "megalodon" and results["config"]["family"] == "megalodon"
+  samples = [json.loads(line) for line in next(out.rglob("samples_tiny_mc_*.jsonl")).read_text().splitlines()]
+  assert len(samples) == 2  # --limit 2
+  for sample in samples:
+    pairs = [(a["arg_0"], a["arg_1"]) for a in sample["arguments"].values()]  # {"gen_args_0": {"arg_0": ...}}
+    for (context, continuation), resp in zip(pairs, sample["resps"]):
+      ctx = list(context.encode()) or [BYTE_PREFIX_TOKEN]
+      lp, _ = _logprobs(model, ctx + list(continuation.encode()))
+      assert abs(float(resp[0][0]) - lp[len(ctx) - 1:].sum()) <= 1e-5
+
+
+@pytest.mark.parametrize("model_args, message", [
+    ("checkpoint={missing}", "does not exist"),
+    ("batch_size=2", "checkpoint=PATH is required"),
+    ("checkpoint={ckpt},bogus=1", "bogus: not arguments of the megalodon model"),
+    ("checkpoint={ckpt},segment_len=0", "segment_len=0: must be >= 1"),
+    ("checkpoint={ckpt},step=x", "step='x': expected an integer"),
+])
+def test_cli_bad_model_args_are_one_error_line(megalodon, tmp_path, capsys, model_args, message):
+  args = model_args.format(missing=tmp_path / "nope", ckpt=megalodon[1])
+  assert lm_eval_cli.main(["--model_args", args, "--tasks", "tiny_mc"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_cli_reports_a_bad_checkpoint_before_jax(tmp_path):
+  script = ("import sys; from megalodon_jax.cli.lm_eval import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'jax' in sys.modules)")
+  proc = subprocess.run([sys.executable, "-c", script, "--model", "megalodon", "--model_args",
+                         f"checkpoint={tmp_path / 'missing'}", "--tasks", "tiny_mc"], cwd=REPO, env=_cli_env(),
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.stdout.split() == ["2", "False"], proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {tmp_path / 'missing'} does not exist")
+
+
+def test_options_parse():
+  opts = HarnessOptions.parse({"checkpoint": 7, "batch_size": "auto:4", "max_batch_size": 8, "device": "cuda",
+                               "prefix_token": "3"})
+  assert opts.checkpoint == "7" and opts.batch_size is None and opts.prefix_token == 3
+  assert opts.rows_per_call(16) == 8 and HarnessOptions.parse({"checkpoint": "x", "batch_size": 2}).rows_per_call(16) == 2
+  with pytest.raises(InferenceError, match="batch_size=0"):
+    HarnessOptions.parse({"checkpoint": "x", "batch_size": 0})

@@ -7,7 +7,8 @@ on a checkpoint of this project:
   python -m megalodon_jax.lm_eval --model_args checkpoint=runs/tiny,batch_size=8 --tasks my_task \\
       --include_path my_tasks/ --log_samples --output_path out/
 
-Every flag is lm_eval's (`lm-eval run --help`); `--model` defaults to `megalodon` (without `--config`). The
+Every flag is lm_eval's (`lm-eval run --help`); `--model` defaults to `megalodon` (without `--config`) and
+`--batch_size` to `auto` (rows of about one segment per call; `--model_args batch_size=N` overrides). The
 model's arguments are `megalodon_jax.lm_eval.options.HarnessOptions`. They and the checkpoint (path, step,
 tokenizer) are checked before jax starts: bad ones end with one `error: ...` line on stderr and exit status 2.
 """
@@ -40,7 +41,9 @@ def run(argv: list[str]) -> int:
     if args.model is None and args.config is None:
       args.model = MODEL_NAME
     if args.model == MODEL_NAME:
-      extra = {"batch_size": getattr(args, "batch_size", None), "max_batch_size": args.max_batch_size}
+      if getattr(args, "batch_size", None) is None:  # lm_eval's default is 1 row per call: fill calls instead
+        args.batch_size = "auto"
+      extra = {"batch_size": args.batch_size, "max_batch_size": args.max_batch_size}
       HarnessOptions.parse({**(args.model_args or {}), **extra}).check()  # no jax yet
     # pylint: disable=import-outside-toplevel,unused-import  (registers the model; imports jax)
     import megalodon_jax.lm_eval.model  # noqa: F401

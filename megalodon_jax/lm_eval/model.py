@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import simple_parse_args_string
 
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.families import of_config
@@ -58,6 +59,18 @@ class MegalodonHarnessModel(LM):
     if self.prefix_token >= self.loaded.config.vocab_size:
       raise InferenceError(f"prefix_token={self.prefix_token} is outside the vocabulary [0, "
                        f"{self.loaded.config.vocab_size})")
+
+  @classmethod
+  def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None) -> MegalodonHarnessModel:
+    """lm_eval's constructor hook: its own settings (batch_size, max_batch_size, device) under the model
+    arguments, so `--model_args batch_size=8` overrides lm_eval's default `--batch_size` of 1."""
+    extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+    return cls(**{**extra, **arg_dict})
+
+  @classmethod
+  def create_from_arg_string(cls, arg_string: str,
+                             additional_config: Optional[dict] = None) -> MegalodonHarnessModel:
+    return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
   # ------------------------------------------------------------------------------------------------ tokenization
 

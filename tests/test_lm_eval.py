@@ -251,7 +251,7 @@ def test_cli_bad_model_args_are_one_error_line(megalodon, tmp_path, capsys, mode
 
 def test_cli_reports_a_bad_checkpoint_before_jax(tmp_path):
   script = ("import sys; from megalodon_jax.cli.lm_eval import main; rc = main(sys.argv[1:]); "
-            "print(rc, 'jax' in sys.modules)")
+            "print(rc, any(m in sys.modules for m in ('jax', 'flax', 'orbax', 'torch')))")
   proc = subprocess.run([sys.executable, "-c", script, "--model", "megalodon", "--model_args",
                          f"checkpoint={tmp_path / 'missing'}", "--tasks", "tiny_mc"], cwd=REPO, env=_cli_env(),
                         capture_output=True, text=True, timeout=300, check=False)
@@ -264,5 +264,8 @@ def test_options_parse():
                                "prefix_token": "3"})
   assert opts.checkpoint == "7" and opts.batch_size is None and opts.prefix_token == 3
   assert opts.rows_per_call(16) == 8 and HarnessOptions.parse({"checkpoint": "x", "batch_size": 2}).rows_per_call(16) == 2
+  assert HarnessOptions.parse({"pretrained": "runs/x"}).checkpoint == "runs/x"  # lm_eval's usual name
+  with pytest.raises(InferenceError, match="not both"):
+    HarnessOptions.parse({"pretrained": "a", "checkpoint": "b"})
   with pytest.raises(InferenceError, match="batch_size=0"):
     HarnessOptions.parse({"checkpoint": "x", "batch_size": 0})

@@ -28,7 +28,7 @@ class HarnessOptions:
   """Settings of the `megalodon` lm_eval model.
 
   checkpoint: anything `megalodon-evaluate --checkpoint` takes (a train.py run directory, a step, a params-only
-    or PyTorch checkpoint); step, config, tokenizer, tokenizer_path, dtype, cema_impl, matmul_precision: as the
+    or PyTorch checkpoint); `pretrained=` is an alias (lm_eval then names its output folder after it); step, config, tokenizer, tokenizer_path, dtype, cema_impl, matmul_precision: as the
     inference commands' flags of the same names.
   batch_size: rows per model call (an int), or None for "auto": scoring fills about `segment_len` tokens per call,
     generation runs AUTO_GENERATION_ROWS prompts; max_batch_size caps auto.
@@ -59,6 +59,10 @@ class HarnessOptions:
     """Options from lm_eval's model arguments (values may come as str, int or bool); InferenceError for unknown or
     bad ones. `device` is accepted and ignored (jax places the model on its default device)."""
     args = {k: v for k, v in args.items() if v is not None and k != "device"}
+    if "pretrained" in args:  # lm_eval's usual name, which also names its output folder
+      if "checkpoint" in args:
+        raise InferenceError("--model_args: give checkpoint= or pretrained= (its alias), not both")
+      args["checkpoint"] = args.pop("pretrained")
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(args) - fields)
     if unknown:

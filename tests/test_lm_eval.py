@@ -191,7 +191,7 @@ def test_llama_with_its_sentencepiece_tokenizer(llama, tmp_path):
   root = _write_tasks(tmp_path, ["\n"])
   lm = MegalodonHarnessModel(checkpoint=path, segment_len=SEGMENT, batch_size=4)
   assert lm.prefix_token == sp.eos_id() and lm.get_model_info()["family"] == "llama"
-  out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc", "tiny_roll"], log_samples=True,
+  out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc", "tiny_roll", "tiny_gen"], log_samples=True,
                                 task_manager=TaskManager(include_path=str(root), include_defaults=False))
   # The continuation's tokens: what encoding context + continuation adds after the context's tokens.
   for sample in _samples(out, "tiny_mc"):
@@ -205,6 +205,11 @@ def test_llama_with_its_sentencepiece_tokenizer(llama, tmp_path):
     streamed = evaluate_documents(Evaluator(model, segment_len=2 * SEGMENT), [ids], eos_id=sp.eos_id())
     assert abs(sample["resps"][0][0] + streamed.full.nll) <= 1e-5 * max(1.0, streamed.full.nll)
   assert len(sp.encode(ROLLING[0]["text"])) > 4 * SEGMENT  # the KV cache is sized to the whole document
+  for doc, sample in zip(GEN, _samples(out, "tiny_gen")):  # greedy, ended by the EOS (a stop id)
+    tokens = _greedy(model, sp.encode(doc["prompt"]), GEN_TOKENS)
+    tokens = tokens[:tokens.index(sp.eos_id())] if sp.eos_id() in tokens else tokens
+    assert sample["resps"][0][0] == sp.decode(tokens).split("\n")[0]
+  assert all(s["resps"][0][0] for s in _samples(out, "tiny_gen"))  # text was generated
 
 
 def _cli_env():

@@ -42,9 +42,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CFG = MegalodonConfig(num_layers=2, model_dim=32, z_dim=16, value_dim=32, ffn_hidden_dim=64, chunk_size=8,
+# Chunks of 32: rows of up to 16 inputs run as a partial chunk (width 16), longer ones in whole 32-token segments.
+CFG = MegalodonConfig(num_layers=2, model_dim=32, z_dim=16, value_dim=32, ffn_hidden_dim=64, chunk_size=32,
                       vocab_size=256, norm_num_groups=4, cema_ndim=4, dropout=0.1, dtype="float32")
-SEGMENT = 16  # the harness model's segment: rows of 9..16 inputs and every longer one share one shape
+SEGMENT = 32  # the harness model's segment: the long rolling document spans many of them
 REF_LEN = 512  # one padded buffer for every reference forward (causal model): one shape
 
 MC = [{"question": "The capital of France is", "choices": [" Paris", " Rome", " a city by the river"], "answer": 0},
@@ -127,7 +128,7 @@ def test_tasks_through_simple_evaluate_match_the_references(megalodon, tmp_path)
   with count_traces("_segment") as traces:
     out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc", "tiny_roll", "tiny_gen"], log_samples=True,
                                   task_manager=TaskManager(include_path=str(root), include_defaults=False))
-  assert traces["_segment"] <= 1  # every scoring call has one shape (4 rows x SEGMENT), whatever the lengths
+  assert traces["_segment"] <= 2  # 4 rows of 16 or of 32 tokens per call, whatever the requests' lengths
   # loglikelihood: every choice's log-probability and greedy flag from the full forward. lm_eval puts its target
   # delimiter (" ") before the choice; a trailing space of a context would move into the continuation.
   for sample in _samples(out, "tiny_mc"):
@@ -268,7 +269,8 @@ def test_options_parse():
   opts = HarnessOptions.parse({"checkpoint": 7, "batch_size": "auto:4", "max_batch_size": 8, "device": "cuda",
                                "prefix_token": "3"})
   assert opts.checkpoint == "7" and opts.batch_size is None and opts.prefix_token == 3
-  assert opts.rows_per_call(16) == 8 and HarnessOptions.parse({"checkpoint": "x", "batch_size": 2}).rows_per_call(16) == 2
+  assert opts.rows_per_call(16) == 8
+  assert HarnessOptions.parse({"checkpoint": "x", "batch_size": 2}).rows_per_call(16) == 2
   assert HarnessOptions.parse({"pretrained": "runs/x"}).checkpoint == "runs/x"  # lm_eval's usual name
   with pytest.raises(InferenceError, match="not both"):
     HarnessOptions.parse({"pretrained": "a", "checkpoint": "b"})

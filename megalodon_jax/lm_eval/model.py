@@ -3,7 +3,7 @@
 
 Importing this module registers the model under the name `megalodon` (`lm_eval.api.registry`); then
 `lm_eval.simple_evaluate(model="megalodon", model_args={"checkpoint": RUN}, ...)` or the `megalodon-lm-eval`
-command line run any lm_eval task on it. jax and the model load when the class is instantiated.
+command line run any lm_eval task on it. Importing it imports jax; the weights load when the class is instantiated.
 
 - loglikelihood: (context, continuation) pairs tokenized as lm_eval's Hugging Face model does (the context's
   trailing spaces move into the continuation; the continuation is what encoding the whole adds after the context's
@@ -25,8 +25,12 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import simple_parse_args_string
 
+from megalodon_jax import platforms
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.families import of_config
+from megalodon_jax.inference import loading
+from megalodon_jax.inference.evaluation import Evaluator
+from megalodon_jax.inference.generation import Generator
 from megalodon_jax.lm_eval import generation, scoring
 from megalodon_jax.lm_eval.options import AUTO_GENERATION_ROWS, BYTE_PREFIX_TOKEN, MODEL_NAME, HarnessOptions
 
@@ -39,14 +43,8 @@ class MegalodonHarnessModel(LM):
   def __init__(self, **model_args: Any):
     super().__init__()
     opts = HarnessOptions.parse(model_args)
-    checked = opts.check()  # path and arguments, before jax starts
-    # pylint: disable=import-outside-toplevel  (jax and the model load here, after the checks)
-    from megalodon_jax import platforms
-    from megalodon_jax.inference import loading
-    from megalodon_jax.inference.evaluation import Evaluator
-    from megalodon_jax.inference.generation import Generator
-
-    platforms.skip_absent_tpu()
+    checked = opts.check()  # path and arguments, before any array is read
+    platforms.skip_absent_tpu()  # before jax's backends start (cli/common.load)
     self.loaded = loading.load_checked(checked)
     self.options = opts
     self.tokenizer = self.loaded.tokenizer

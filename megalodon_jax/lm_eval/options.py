@@ -28,8 +28,9 @@ class HarnessOptions:
   """Settings of the `megalodon` lm_eval model.
 
   checkpoint: anything `megalodon-evaluate --checkpoint` takes (a train.py run directory, a step, a params-only
-    or PyTorch checkpoint); `pretrained=` is an alias (lm_eval then names its output folder after it); step, config, tokenizer, tokenizer_path, dtype, cema_impl, matmul_precision: as the
-    inference commands' flags of the same names.
+    or PyTorch checkpoint); `pretrained=` is an alias (lm_eval then names its output folder after it).
+  step, config, tokenizer, tokenizer_path, dtype, cema_impl, matmul_precision: as the inference commands' flags of
+    the same names.
   batch_size: rows per model call (an int), or None for "auto": scoring fills about `segment_len` tokens per call,
     generation runs AUTO_GENERATION_ROWS prompts; max_batch_size caps auto.
   segment_len: tokens per row per scoring call (Evaluator; default sized to about 1 GiB).

@@ -8,8 +8,8 @@ grows with the document; its positions go past the trained length through RoPE, 
 length is in-distribution streaming).
 
 Shapes are bucketed so that a run compiles a handful of programs, not one per request: a row of n <= segment_len
-inputs is padded to `length_bucket(n)` (the chunk times a power of two), a longer one to whole segments (every
-call then has the segment's shape); a batch holds rows of one width: exactly `rows_per_call` (padded with empty
+inputs is padded to `length_bucket(n)` (the chunk times a power of two; below one chunk, a power of two of at
+least MIN_WIDTH), a longer one to whole segments (every call then has the segment's shape); a batch holds rows of one width: exactly `rows_per_call` (padded with empty
 rows), or, without one, up to `segment_len` tokens of rows padded to a power of two rows.
 Longest rows go first, so a batch too large for memory fails at once.
 """
@@ -23,6 +23,8 @@ import numpy as np
 
 from megalodon_jax.inference.evaluation import Evaluator, length_bucket
 
+MIN_WIDTH = 16  # the narrowest padded row: rows of a few tokens share one shape
+
 
 @dataclasses.dataclass(frozen=True)
 class Scored:
@@ -34,10 +36,12 @@ class Scored:
 
 def row_width(inputs: int, evaluator: Evaluator) -> int:
   """The padded length of a row of `inputs` model inputs (see the module docstring)."""
-  seg = evaluator.segment_len
+  seg, chunk = evaluator.segment_len, evaluator.config.chunk_size
   if inputs > seg:
     return -(-inputs // seg) * seg
-  return length_bucket(inputs, evaluator.config.chunk_size)
+  if inputs < chunk:  # one call of a partial chunk (as prefill feeds one): no need to pad to the whole chunk
+    return min(chunk, max(MIN_WIDTH, _pow2_at_least(inputs)))
+  return max(MIN_WIDTH, length_bucket(inputs, chunk))  # (the model takes any length: chunks of 1 for Llama)
 
 
 def _pow2_at_least(n: int) -> int:

@@ -54,11 +54,11 @@ def length_bucket(length: int, chunk_size: int) -> int:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _segment(graphdef: nnx.GraphDef, state, cache, ids: jax.Array, targets: jax.Array):
-  """ids, targets: (R, S) int32 -> (nll (R, S) float32, cache)."""
+  """ids, targets: (R, S) int32 -> (nll (R, S) float32, top (R, S) bool: the target is a most likely token, cache)."""
   logits, cache = nnx.merge(graphdef, state)(ids, cache=cache)
   lse = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return lse - picked, cache
+  return lse - picked, picked >= jnp.max(logits, axis=-1), cache
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -120,7 +120,12 @@ class Evaluator:
     return out
 
   def rows_nll(self, inputs: np.ndarray, targets: np.ndarray, length: Optional[int] = None) -> np.ndarray:
-    """Per-token NLL of rows fed side by side from an empty cache.
+    """Per-token NLL of rows fed side by side from an empty cache: `rows_scores`' first array."""
+    return self.rows_scores(inputs, targets, length)[0]
+
+  def rows_scores(self, inputs: np.ndarray, targets: np.ndarray,
+                  length: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token NLL of rows fed side by side from an empty cache, and whether each target is the greedy choice.
 
     Args:
       inputs, targets: (R, T) integer arrays; targets[r, t] is the token that follows inputs[r, t].
@@ -128,7 +133,8 @@ class Evaluator:
         caller ignores. With the window option, rows fed together follow the schedule of this length, so only
         rows of exactly this length reproduce the official driver.
     Returns:
-      (R, T) float32 negative log-likelihoods in nats.
+      (R, T) float32 negative log-likelihoods in nats; (R, T) bool: the target's logit is the largest (greedy
+      decoding would pick it; ties count as picked).
     """
     inputs = np.asarray(inputs)
     targets = np.asarray(targets)
@@ -147,15 +153,18 @@ class Evaluator:
     x, y = (np.pad(a.astype(np.int32), ((0, 0), (0, padded - t))) for a in (inputs, targets))
     w, c = self.window, self.config.chunk_size
     cache = self.model.init_cache(r, max_length=padded)
-    out = []
+    out, tops = [], []
     for start, size, renormalise in plan:
       end = start + size
-      nll, cache = _segment(self.graphdef, self.state, cache, jnp.asarray(x[:, start:end]),
-                            jnp.asarray(y[:, start:end]))
+      nll, top, cache = _segment(self.graphdef, self.state, cache, jnp.asarray(x[:, start:end]),
+                                 jnp.asarray(y[:, start:end]))
       out.append(nll)  # kept on device: the host waits only once, at the end
+      tops.append(top)
       if renormalise:
         norms, final = _window_norms(self.graphdef, self.state, jnp.asarray(x[:, end - w.window_chunks * c:end]))
         cache = cache._replace(layers=tuple(l._replace(norm=n) for l, n in zip(cache.layers, norms)), final_norm=final)
     done = np.concatenate([np.asarray(o) for o in out], axis=1)
-    # NaN marks positions a window schedule never reached
-    return np.pad(done, ((0, 0), (0, padded - done.shape[1])), constant_values=np.nan)[:, :t]
+    top = np.concatenate([np.asarray(o) for o in tops], axis=1)
+    # NaN (False) marks positions a window schedule never reached
+    return (np.pad(done, ((0, 0), (0, padded - done.shape[1])), constant_values=np.nan)[:, :t],
+            np.pad(top, ((0, 0), (0, padded - top.shape[1])), constant_values=False)[:, :t])

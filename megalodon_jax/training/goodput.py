@@ -133,9 +133,10 @@ class Goodput:
     out["other"] = (now - self._start) - sum(measured.values())
     return out
 
-  def totals(self) -> dict[str, float]:
-    """Seconds per category over every attempt of the run (the previous ones from goodput.json), idle included."""
-    current = self.attempt()
+  def totals(self, current: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """Seconds per category over every attempt of the run (the previous ones from goodput.json), idle included;
+    `current` is this attempt's `attempt()` (default: now)."""
+    current = self.attempt() if current is None else current
     out = {c: self._previous[c] + current[c] for c in CATEGORIES}
     out["idle"] += self._idle
     return out
@@ -187,8 +188,9 @@ class Goodput:
     if self._workdir is None or (not force and self._clock() - self._written_at < 5.0):
       return
     self._written_at = self._clock()
+    attempt = self.attempt()
     record = {"format": _FORMAT, "updated_at": self._wall_clock(), "attempts": self.attempts,
-              "totals_s": self.totals(), "attempt_s": self.attempt()}
+              "totals_s": self.totals(attempt), "attempt_s": attempt}
     paths.write_text_atomic(paths.join(self._workdir, GOODPUT_FILE), json.dumps(record, indent=2) + "\n")
 
   def finish(self) -> None:

@@ -12,6 +12,7 @@ import time
 import jax
 import pytest
 
+from megalodon_jax.checkpoints import layout
 from megalodon_jax.checkpoints.manager import Checkpointer
 from megalodon_jax.training import goodput as goodput_lib
 from megalodon_jax.training import trainer
@@ -43,18 +44,18 @@ def test_phases_nest_and_the_categories_sum_to_the_wall_time():
     clock.now = 3.0
   with g.phase("eval"):
     clock.now = 4.0
-    with g.phase("data"):  # the innermost phase gets the time
+    with g.phase("data_wait"):  # the innermost phase gets the time
       clock.now = 4.5
     clock.now = 6.0
   with g.phase("step"):
     clock.now = 10.0
   clock.now = 10.25
-  assert g.attempt() == {"compile": 0.0, "data": 0.5, "step": 4.0, "eval": 2.5, "checkpoint": 2.0, "idle": 0.0,
+  assert g.attempt() == {"compile": 0.0, "data_wait": 0.5, "step": 4.0, "eval": 2.5, "checkpoint": 2.0, "idle": 0.0,
                          "other": 1.25}
   assert sum(g.attempt().values()) == g.wall_s() == 10.25
   metrics = g.metrics()
   assert metrics["goodput"] == 4.0 / 10.25 and metrics["goodput/wall_s"] == 10.25
-  assert g.summary() == "goodput 39% of 10.2 s: 4.0 s step, 2.5 s eval, 2.0 s checkpoint, 1.2 s other, 0.5 s data"
+  assert g.summary() == "goodput 39% of 10.2 s: 4.0 s step, 2.5 s eval, 2.0 s checkpoint, 1.2 s other, 0.5 s data_wait"
   with pytest.raises(ValueError, match="unknown goodput phase"):
     with g.phase("lunch"):
       pass
@@ -77,7 +78,7 @@ def test_backend_compiles_inside_a_phase_move_to_compile():
   finally:
     g.close()
   jax.monitoring.record_event_duration_secs(goodput_lib._BACKEND_COMPILE_EVENT, 9.0)  # no longer listening
-  assert g.attempt() == {"compile": 5.5, "data": 0.0, "step": 0.0, "eval": 2.0, "checkpoint": 0.0, "idle": 0.0,
+  assert g.attempt() == {"compile": 5.5, "data_wait": 0.0, "step": 0.0, "eval": 2.0, "checkpoint": 0.0, "idle": 0.0,
                          "other": 0.5}
 
 
@@ -122,8 +123,9 @@ def test_a_stopped_and_resumed_run_accounts_for_its_wall_time_and_its_idle_gap(t
   spent = first["attempt_s"]
   assert first["attempts"] == 1 and first["totals_s"] == spent and set(spent) == set(CATEGORIES)
   assert sum(spent.values()) == pytest.approx(wall, rel=0.02)
-  assert all(spent[c] > 0 for c in ("compile", "data", "step", "eval", "checkpoint", "other")), spent
+  assert all(spent[c] > 0 for c in ("compile", "data_wait", "step", "eval", "checkpoint", "other")), spent
   assert spent["idle"] == 0
+  assert goodput_lib.GOODPUT_FILE in layout.RUN_FILES  # a run's own file (workdir checks, output guards)
   # Measured where it happens: evaluation (less its compiles, moved to compile) and at least the saves.
   assert 0 < spent["eval"] <= evaluating[0] and spent["checkpoint"] >= saving[0] > 0
   assert re.search(r"goodput \d+% of [\d.]+ (s|min): [\d.]+ (s|min) step, ", caplog.text), caplog.text

@@ -11,6 +11,7 @@ import pytest
 
 from cli_harness import run_cli, train_command
 from gcs_emulator import _stray_gs_folders, fake_gcs, local_path  # pylint: disable=unused-import
+from megalodon_jax.checkpoints import layout
 from megalodon_jax.errors import ConfigError
 from megalodon_jax.training import profiling, trainer
 from megalodon_jax.training.train_config import TrainConfig
@@ -39,6 +40,7 @@ def test_profile_steps_write_a_trace_of_exactly_those_train_steps(tmp_path, data
                              devices=jax.devices()[:1])
   traces = profiling.trace_files(workdir)
   assert len(traces) == 1 and traces[0].startswith(os.path.join(workdir, "profile", "plugins", "profile")), traces
+  assert profiling.PROFILE_DIR in layout.RUN_FOLDERS  # a run's own folder (workdir checks, output guards)
   folder = os.path.dirname(traces[0])
   assert any(f.endswith(".xplane.pb") for f in os.listdir(folder))  # XProf / TensorBoard's profile plugin
   assert "perfetto_trace.json.gz" in os.listdir(folder)

@@ -161,7 +161,7 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
   profiler = profiling.StepProfiler.of_config(cfg, workdir, start=start, wait=goodput.block)
 
   t0 = time.perf_counter()
-  with goodput.phase("data"):
+  with goodput.phase("data_wait"):
     first_batch = program.global_batch(next(train_iter))
   with goodput.phase("compile"):
     compiled = program.train_step.lower(state, first_batch).compile()
@@ -192,7 +192,7 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
   try:
     for step in range(start + 1, cfg.total_steps + 1):
       with profiler.step(step):
-        with goodput.phase("data"):
+        with goodput.phase("data_wait"):
           batch = first_batch if step == start + 1 else program.global_batch(next(train_iter))
         with goodput.phase("step"):
           state, metrics = compiled(state, batch)

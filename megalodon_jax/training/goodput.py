@@ -3,7 +3,7 @@
 Categories (seconds, measured by the host's clock, `time.perf_counter`):
   compile     the train step's lower+compile, and the backend compiles of every other jit (eval, samples) that
               happen inside another phase (moved out of it through jax.monitoring's compile-duration events)
-  data        waiting for the next training batch (`next(train_iter)` and its global assembly)
+  data_wait   waiting for the next training batch (`next(train_iter)` and its global assembly)
   step        the training steps: dispatching them and waiting for their results (the device is asynchronous, so
               device time shows up where the host waits for it)
   eval        evaluations and generated samples
@@ -33,15 +33,15 @@ from megalodon_jax import paths
 log = logging.getLogger("megalodon_jax")
 
 GOODPUT_FILE = "goodput.json"
-CATEGORIES = ("compile", "data", "step", "eval", "checkpoint", "idle", "other")
-MEASURED = ("compile", "data", "step", "eval", "checkpoint")  # phases; idle comes from the file, other is the rest
+CATEGORIES = ("compile", "data_wait", "step", "eval", "checkpoint", "idle", "other")
+MEASURED = ("compile", "data_wait", "step", "eval", "checkpoint")  # phases; idle comes from the file, other is the rest
 _FORMAT = 1
 # jax.monitoring's event for one XLA compile (jax/_src/dispatch.py BACKEND_COMPILE_EVENT).
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 class Goodput:
-  """A run's wall-time breakdown. `with g.phase("data"): ...` charges the block's time to a category; phases nest
+  """A run's wall-time breakdown. `with g.phase("data_wait"): ...` charges the block's time to a category; phases nest
   (the innermost one gets the time). Time outside every phase is "other".
 
   Args:
@@ -150,7 +150,7 @@ class Goodput:
             **{f"goodput/{c}_s": v for c, v in totals.items()}, "goodput/wall_s": wall}
 
   def summary(self) -> str:
-    """One line: "goodput 93% of 1.6 min: 1.2 min compile, 4.1 s data, ..." (categories above 0 s, largest first
+    """One line: "goodput 93% of 1.6 min: 1.2 min compile, 4.1 s data_wait, ..." (categories above 0 s, largest first
     after step)."""
     totals = self.totals()
     wall = sum(totals.values())

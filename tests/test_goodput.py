@@ -15,7 +15,7 @@ import pytest
 from megalodon_jax.checkpoints import layout
 from megalodon_jax.checkpoints.manager import Checkpointer
 from megalodon_jax.training import goodput as goodput_lib
-from megalodon_jax.training import trainer
+from megalodon_jax.training import run_summary, trainer
 from megalodon_jax.training.goodput import CATEGORIES, Goodput, read_goodput
 from megalodon_jax.training.metrics import MetricsLogger, read_metrics
 from test_train import small_config
@@ -69,15 +69,15 @@ def test_backend_compiles_inside_a_phase_move_to_compile():
   try:
     with g.phase("eval"):
       clock.now = 5.0
-      jax.monitoring.record_event_duration_secs(goodput_lib._BACKEND_COMPILE_EVENT, 3.0)
+      jax.monitoring.record_event_duration_secs(goodput_lib.BACKEND_COMPILE_EVENT, 3.0)
     with g.phase("compile"):  # already counted by the phase's own clock
       clock.now = 7.0
-      jax.monitoring.record_event_duration_secs(goodput_lib._BACKEND_COMPILE_EVENT, 2.0)
-    jax.monitoring.record_event_duration_secs(goodput_lib._BACKEND_COMPILE_EVENT, 0.5)  # outside: was "other"
+      jax.monitoring.record_event_duration_secs(goodput_lib.BACKEND_COMPILE_EVENT, 2.0)
+    jax.monitoring.record_event_duration_secs(goodput_lib.BACKEND_COMPILE_EVENT, 0.5)  # outside: was "other"
     clock.now = 8.0
   finally:
     g.close()
-  jax.monitoring.record_event_duration_secs(goodput_lib._BACKEND_COMPILE_EVENT, 9.0)  # no longer listening
+  jax.monitoring.record_event_duration_secs(goodput_lib.BACKEND_COMPILE_EVENT, 9.0)  # no longer listening
   assert g.attempt() == {"compile": 5.5, "data_wait": 0.0, "step": 0.0, "eval": 2.0, "checkpoint": 0.0, "idle": 0.0,
                          "other": 0.5}
 
@@ -160,3 +160,7 @@ def test_a_stopped_and_resumed_run_accounts_for_its_wall_time_and_its_idle_gap(t
   last = read_metrics(os.path.join(workdir, "metrics.jsonl"))[-1]
   assert last["step"] == 6 and last["goodput/idle_s"] == pytest.approx(idle, abs=1e-9)
   assert last["goodput/wall_s"] > wall + DOWN_S
+  # The command line's last line (run_summary) reads the same totals.
+  line = run_summary.summary_line(workdir, start_step=4, end_step=6, total_steps=6, tensorboard=False)
+  totals = second["totals_s"]
+  assert f"; goodput {totals['step'] / sum(totals.values()) * 100:.0f}% of " in line and " over 2 attempts: " in line

@@ -37,7 +37,7 @@ CATEGORIES = ("compile", "data_wait", "step", "eval", "checkpoint", "idle", "oth
 MEASURED = ("compile", "data_wait", "step", "eval", "checkpoint")  # phases; idle comes from the file, other is the rest
 _FORMAT = 1
 # jax.monitoring's event for one XLA compile (jax/_src/dispatch.py BACKEND_COMPILE_EVENT).
-_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 class Goodput:
@@ -92,7 +92,7 @@ class Goodput:
     import jax  # pylint: disable=import-outside-toplevel
 
     def listener(event: str, duration: float, **_: Any) -> None:
-      if event != _BACKEND_COMPILE_EVENT or threading.get_ident() != self._thread:
+      if event != BACKEND_COMPILE_EVENT or threading.get_ident() != self._thread:
         return
       current = self._stack[-1][0] if self._stack else None
       if current == "compile":
@@ -150,14 +150,8 @@ class Goodput:
             **{f"goodput/{c}_s": v for c, v in totals.items()}, "goodput/wall_s": wall}
 
   def summary(self) -> str:
-    """One line: "goodput 93% of 1.6 min: 1.2 min compile, 4.1 s data_wait, ..." (categories above 0 s, largest first
-    after step)."""
-    totals = self.totals()
-    wall = sum(totals.values())
-    share = totals["step"] / wall if wall > 0 else 0.0
-    parts = [f"{_duration(v)} {c}" for c, v in sorted(totals.items(), key=lambda kv: (kv[0] != "step", -kv[1]))
-             if v >= 0.05 or c == "step"]
-    return f"goodput {share * 100:.0f}% of {_duration(wall)}: " + ", ".join(parts)
+    """The totals as one line (`summary_text`)."""
+    return summary_text(self.totals(), attempts=self.attempts)
 
   # ---- goodput.json
   def resume(self, workdir: str, enabled: bool) -> None:
@@ -204,6 +198,28 @@ class Goodput:
       except OSError as e:  # runs in a finally block: never hide the run's own outcome
         log.warning("could not write %s: %s", paths.join(self._workdir, GOODPUT_FILE), e)
       log.info("%s", self.summary())
+
+
+def summary_text(totals: dict[str, float], attempts: int = 1) -> str:
+  """"goodput 93% of 1.6 min: 1.5 min step, 4.1 s compile, ...": step's share of the wall time (of every attempt:
+  "over 2 attempts"), then step and the other categories of at least 0.05 s, largest first."""
+  wall = sum(totals.values())
+  share = totals["step"] / wall if wall > 0 else 0.0
+  parts = [f"{_duration(v)} {c}" for c, v in sorted(totals.items(), key=lambda kv: (kv[0] != "step", -kv[1]))
+           if v >= 0.05 or c == "step"]
+  over = f" over {attempts} attempts" if attempts > 1 else ""
+  return f"goodput {share * 100:.0f}% of {_duration(wall)}{over}: " + ", ".join(parts)
+
+
+def workdir_summary(workdir: str) -> Optional[str]:
+  """`summary_text` of `workdir`'s goodput.json, or None when it has none (or an unreadable one)."""
+  path = paths.join(workdir, GOODPUT_FILE)
+  try:
+    record = json.loads(paths.as_path(path).read_text()) if paths.as_path(path).exists() else None
+    return None if record is None else summary_text({c: float(record["totals_s"][c]) for c in CATEGORIES},
+                                                    attempts=int(record.get("attempts", 1)))
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
 
 
 def _duration(seconds: float) -> str:

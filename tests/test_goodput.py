@@ -18,6 +18,7 @@ from megalodon_jax.training import goodput as goodput_lib
 from megalodon_jax.training import run_summary, trainer
 from megalodon_jax.training.goodput import CATEGORIES, Goodput, read_goodput
 from megalodon_jax.training.metrics import MetricsLogger, read_metrics
+from test_metrics import _tensorboard_view
 from test_train import small_config
 
 DOWN_S = 100.0  # the simulated time the job was down between its two attempts
@@ -107,7 +108,8 @@ def _timed(monkeypatch, owner, name: str, spent: list) -> None:
 def test_a_stopped_and_resumed_run_accounts_for_its_wall_time_and_its_idle_gap(tmp_path, data_dir, monkeypatch,
                                                                              caplog):
   workdir = str(tmp_path / "run")
-  cfg = small_config(data_dir, total_steps=6, eval_every=3, eval_batches=1, num_samples=1, sample_len=8)
+  cfg = small_config(data_dir, total_steps=6, eval_every=3, eval_batches=1, num_samples=1, sample_len=8,
+                     tensorboard=True)
   evaluating, saving = [0.0], [0.0]
   for name in ("_evaluate", "_samples"):
     _timed(monkeypatch, trainer, name, evaluating)
@@ -157,7 +159,11 @@ def test_a_stopped_and_resumed_run_accounts_for_its_wall_time_and_its_idle_gap(t
   for c in CATEGORIES:  # the totals carry on from the first attempt's
     assert second["totals_s"][c] == pytest.approx(first["totals_s"][c] + second["attempt_s"][c]
                                                   + (idle if c == "idle" else 0.0), abs=1e-9)
-  last = read_metrics(os.path.join(workdir, "metrics.jsonl"))[-1]
+  records = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+  scalars, _, _ = _tensorboard_view(workdir)  # TensorBoard gets the same values at the same steps
+  for key in ("goodput", "goodput/idle_s", "goodput/step_s"):
+    assert scalars[key] == pytest.approx({r["step"]: r[key] for r in records}, rel=1e-6), key
+  last = records[-1]
   assert last["step"] == 6 and last["goodput/idle_s"] == pytest.approx(idle, abs=1e-9)
   assert last["goodput/wall_s"] > wall + DOWN_S
   # The command line's last line (run_summary) reads the same totals.

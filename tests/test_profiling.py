@@ -88,6 +88,19 @@ def test_profile_window():
   assert profiling.profile_window("4", start=9, total_steps=10) is None
 
 
+@pytest.mark.parametrize("index, count, every_process, target", [
+    (0, 2, False, "profile"), (1, 2, False, None), (1, 2, True, "profile/process_1"), (0, 1, True, "profile"),
+])
+def test_who_profiles_and_where(tmp_path, data_dir, monkeypatch, index, count, every_process, target):
+  monkeypatch.setattr(jax, "process_index", lambda: index)
+  monkeypatch.setattr(jax, "process_count", lambda: count)
+  cfg = TrainConfig.of(small_config(data_dir, profile_steps="2,3", profile_all_processes=every_process))
+  prof = profiling.StepProfiler.of_config(cfg, str(tmp_path), start=0)
+  assert prof.window == (None if target is None else (2, 3))
+  if target is not None:
+    assert prof.target == str(tmp_path / target)
+
+
 def test_the_command_line_refuses_a_bad_window_before_training(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
   result = run_cli(train_command("--config=configs/tiny.py", f"--workdir={workdir}",

@@ -10,6 +10,8 @@ import re
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from megalodon_jax.checkpoints import layout
@@ -62,8 +64,9 @@ def test_phases_nest_and_the_categories_sum_to_the_wall_time():
       pass
 
 
-def test_backend_compiles_inside_a_phase_move_to_compile():
-  """jax reports each XLA compile through jax.monitoring; that time leaves the phase it happened in."""
+def test_compilations_inside_a_phase_move_to_compile():
+  """jax reports each jit's tracing, lowering and XLA compile through jax.monitoring; that time leaves the phase
+  it happened in."""
   clock = FakeClock()
   g = Goodput(clock=clock, wall_clock=clock)
   g.count_compiles()
@@ -81,6 +84,28 @@ def test_backend_compiles_inside_a_phase_move_to_compile():
   jax.monitoring.record_event_duration_secs(goodput_lib.BACKEND_COMPILE_EVENT, 9.0)  # no longer listening
   assert g.attempt() == {"compile": 5.5, "data_wait": 0.0, "step": 0.0, "eval": 2.0, "checkpoint": 0.0, "idle": 0.0,
                          "other": 0.5}
+
+
+def test_a_jit_compiled_inside_a_phase_is_charged_to_compile():
+  seen = []
+
+  def listener(event, duration, **_):
+    if event in goodput_lib.COMPILE_EVENTS:
+      seen.append(event)
+      spent_compiling[0] += duration
+  spent_compiling = [0.0]
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  g = Goodput()
+  g.count_compiles()
+  try:
+    with g.phase("eval"):
+      jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)(np.arange(5.0)).block_until_ready()  # a new function
+  finally:
+    g.close()
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert set(seen) == set(goodput_lib.COMPILE_EVENTS)  # traced, lowered and compiled
+  spent = g.attempt()
+  assert spent["compile"] == pytest.approx(spent_compiling[0], rel=1e-12) and spent["eval"] > 0
 
 
 def test_the_console_shows_the_goodput_share_only(tmp_path):

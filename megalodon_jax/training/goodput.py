@@ -1,8 +1,8 @@
 """Goodput: where a training run's wall time went.
 
 Categories (seconds, measured by the host's clock, `time.perf_counter`):
-  compile     the train step's lower+compile, and the backend compiles of every other jit (eval, samples) that
-              happen inside another phase (moved out of it through jax.monitoring's compile-duration events)
+  compile     the train step's lower+compile, and the compilations (trace, lowering, XLA compile) of every other
+              jit (init, eval, samples), moved out of the phase they happen in through jax.monitoring's events
   data_wait   waiting for the next training batch (`next(train_iter)` and its global assembly)
   step        the training steps: dispatching them and waiting for their results (the device is asynchronous, so
               device time shows up where the host waits for it)
@@ -36,8 +36,11 @@ GOODPUT_FILE = "goodput.json"
 CATEGORIES = ("compile", "data_wait", "step", "eval", "checkpoint", "idle", "other")
 MEASURED = ("compile", "data_wait", "step", "eval", "checkpoint")  # phases; idle comes from the file, other is the rest
 _FORMAT = 1
-# jax.monitoring's event for one XLA compile (jax/_src/dispatch.py BACKEND_COMPILE_EVENT).
+# jax.monitoring's events of one jit compilation (jax/_src/dispatch.py): tracing to a jaxpr (recorded for top-level
+# traces only, so never nested), lowering to MLIR, and the XLA compile.
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  BACKEND_COMPILE_EVENT)
 
 
 class Goodput:
@@ -87,12 +90,12 @@ class Goodput:
     self._measured[name] += now - since
 
   def count_compiles(self) -> None:
-    """Moves the backend compiles that jax reports while another phase runs (this thread only: async checkpoint
-    threads compile nothing) into "compile". Call `close` to stop listening."""
+    """Moves the jit compilations (tracing, lowering, XLA compile) that jax reports while another phase runs (this
+    thread only: async checkpoint threads compile nothing) into "compile". Call `close` to stop listening."""
     import jax  # pylint: disable=import-outside-toplevel
 
     def listener(event: str, duration: float, **_: Any) -> None:
-      if event != BACKEND_COMPILE_EVENT or threading.get_ident() != self._thread:
+      if event not in COMPILE_EVENTS or threading.get_ident() != self._thread:
         return
       current = self._stack[-1][0] if self._stack else None
       if current == "compile":

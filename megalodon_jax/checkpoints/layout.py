@@ -34,8 +34,8 @@ CHECKPOINTS_DIR = "checkpoints"  # of a train.py workdir
 LOCK_FILE = ".megalodon-lock.json"  # a running training's lock (training/workdir_lock.py)
 # Everything a training run writes into its workdir (files, then folders); anything else there is the user's.
 RUN_FILES = ("config.json", "shardings.txt", "metrics.jsonl", "samples.jsonl", "tokenizer.model", LOCK_FILE,
-             "wandb_run_id")
-RUN_FOLDERS = (CHECKPOINTS_DIR, "tensorboard")
+             "wandb_run_id", "goodput.json")
+RUN_FOLDERS = (CHECKPOINTS_DIR, "tensorboard", "profile")
 PYTREE_METADATA = "_METADATA"
 STEP_METADATA = "_CHECKPOINT_METADATA"
 OCDBT_MANIFEST = "manifest.ocdbt"

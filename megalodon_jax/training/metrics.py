@@ -47,7 +47,10 @@ _CONSOLE = {
     "tokens_per_sec_per_device": ("tok/s/dev", "{:,.0f}".format),
     "tflops_per_device": ("TFLOP/s/dev", "{:.3g}".format),
     "mfu": ("mfu", lambda v: f"{v * 100:.3g}%"),
+    "goodput": ("goodput", lambda v: f"{v * 100:.3g}%"),
 }
+# Keys kept off the console line (still in metrics.jsonl and TensorBoard): goodput's breakdown (training/goodput.py).
+_CONSOLE_HIDDEN = ("goodput/",)
 
 
 def throughput(*, step_time_s: float, tokens_per_step: int, num_devices: int, flops_per_step: float,
@@ -235,7 +238,8 @@ class MetricsLogger:
           writer.add_scalar(k, x, int(step))
       writer.flush()
       self._tb_folder.sync()
-    self._print(" | ".join([f"step {step}"] + [_console_item(k, v) for k, v in metrics.items()]))
+    self._print(" | ".join([f"step {step}"] + [_console_item(k, v) for k, v in metrics.items()
+                                               if not k.startswith(_CONSOLE_HIDDEN)]))
 
   def log_text(self, step: int, tag: str, text: str) -> None:
     """Logs a generated sample: TensorBoard text (tag + "/text_summary"), console and samples.jsonl."""

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from etils import epath
 
 from megalodon_jax.checkpoints import layout
+from megalodon_jax.training import goodput as goodput_lib
 from megalodon_jax.training import metrics as metrics_lib
 
 
@@ -71,6 +72,9 @@ def summary_line(workdir: str, *, start_step: int, end_step: Optional[int], tota
   if evaluated is not None:
     items = ", ".join(f"{k} {_number(v)}" for k, v in evaluated.items() if k.startswith("eval_"))
     parts.append(f"{items} (step {evaluated['step']})")
+  goodput = goodput_lib.workdir_summary(workdir)
+  if goodput is not None:
+    parts.append(goodput)
   outputs = [f"checkpoints {layout.checkpoints_dir(workdir)}", f"metrics {path}"]
   if tensorboard:
     outputs.append(f"TensorBoard {os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)}")

@@ -22,6 +22,7 @@ from megalodon_jax.data.config import DataConfig
 from megalodon_jax.errors import CheckpointError, ConfigError, FieldError, ShardingError
 from megalodon_jax.mesh_axes import PARAM_RULES
 from megalodon_jax.training import mesh_checks
+from megalodon_jax.training import profiling
 from megalodon_jax.training.optimizer_args import OptimizerConfig, check_warmup
 from megalodon_jax.training import wandb_run
 from megalodon_jax.training.wandb_config import WandbConfig
@@ -79,6 +80,10 @@ class TrainConfig:
   progress_bar: str = "auto"  # auto (on a terminal) | on | off
   stop_on_nan: bool = True  # stop at the first non-finite loss, keeping the last good checkpoint
   wandb: WandbConfig = WandbConfig()  # Weights & Biases logging (training/wandb_run.py); project "" = off
+  # jax.profiler trace to workdir/profile of steps "START,STOP" (both included) or "N" (N steps after the first one
+  # this attempt runs); "" = off. training/profiling.py.
+  profile_steps: str = ""
+  profile_all_processes: bool = False  # every process traces (profile/process_<i>), not only process 0
 
   def __post_init__(self):
     for name, minimum in (("seq_len", 1), ("batch_size", 1), ("grad_accum_steps", 1), ("total_steps", 1),
@@ -90,6 +95,11 @@ class TrainConfig:
     for name in ("tensorboard", "async_checkpointing", "stop_on_nan"):
       if not isinstance(getattr(self, name), bool):
         self._fail(name, getattr(self, name), "must be True or False")
+    why = profiling.check_profile_steps(self.profile_steps, self.total_steps)
+    if why is not None:
+      self._fail("profile_steps", self.profile_steps, why)
+    if not isinstance(self.profile_all_processes, bool):
+      self._fail("profile_all_processes", self.profile_all_processes, "must be True or False")
     if self.progress_bar not in PROGRESS_BAR:
       self._fail("progress_bar", self.progress_bar, f"must be one of {PROGRESS_BAR}")
     if isinstance(self.sample_temperature, bool) or not isinstance(self.sample_temperature, (int, float)) \

@@ -33,8 +33,10 @@ from megalodon_jax.inference.sampling import Sampler
 from megalodon_jax.training import process_lock
 from megalodon_jax.training import workdir as workdir_lib
 from megalodon_jax.training import data_state as data_state_lib
+from megalodon_jax.training import profiling
 from megalodon_jax.training import source_metrics
 from megalodon_jax.training import train_step as ts
+from megalodon_jax.training.goodput import Goodput
 from megalodon_jax.training.metrics import MetricsLogger, loss_metrics, throughput
 from megalodon_jax.training.preemption import PreemptionFlag, TrainingInterrupted
 from megalodon_jax.training.program import TrainProgram
@@ -73,13 +75,19 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None, *
     NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     TrainingInterrupted: Ctrl-C (SIGINT) stopped the run after saving its step.
   """
+  goodput = Goodput()  # the run's wall time counts from here (training/goodput.py)
   run = _Run(cfg, workdir, devices)
+  run.goodput = goodput
   cfg = run.cfg
   # One writer per workdir: process 0 holds the lock for the whole run, the other processes share its outcome.
   lock = process_lock.hold(workdir, run.is_main)
   try:
+    goodput.resume(workdir, run.is_main)
+    goodput.count_compiles()
     return _train(run, cfg, workdir, lock, on_start)
   finally:
+    run.program = None  # frees the compiled programs (a noticeable time) inside the measured wall time
+    goodput.finish()  # goodput.json and the summary line, while the lock is held
     lock.release()
 
 
@@ -99,11 +107,13 @@ def _train(run: _Run, cfg: TrainConfig, workdir: str, lock: Any, on_start: Optio
     ckpt = Checkpointer(run.ckpt_dir, save_every=cfg.checkpoint_every, keep=cfg.checkpoint_keep,
                         async_save=cfg.async_checkpointing, check_steps=False)
     try:
-      resumed = _resume(run, ckpt, train_iter)
+      with run.goodput.phase("checkpoint"):
+        resumed = _resume(run, ckpt, train_iter)
       if resumed is not None:
         state, start = resumed
       elif cfg.init_from:
-        params = load_params(paths.abspath(cfg.init_from), program.abstract_state.params)
+        with run.goodput.phase("checkpoint"):
+          params = load_params(paths.abspath(cfg.init_from), program.abstract_state.params)
         state, start = program.from_params(params), 0
         log.info("initialised params from %s", cfg.init_from)
       else:
@@ -153,14 +163,20 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
   # SIGTERM and Ctrl-C save at the next step boundary; without the preemption service the processes agree at log
   # steps. A second Ctrl-C ends the process at once: the lock is released first.
   preempt = PreemptionFlag(agree_every=cfg.log_every, on_second_interrupt=lock.release)
+  goodput = run.goodput
+  profiler = profiling.StepProfiler.of_config(cfg, workdir, start=start, wait=goodput.block)
 
   t0 = time.perf_counter()
-  first_batch = program.global_batch(next(train_iter))
-  compiled = program.train_step.lower(state, first_batch).compile()
+  with goodput.phase("data_wait"):
+    first_batch = program.global_batch(next(train_iter))
+  with goodput.phase("compile"):
+    compiled = program.train_step.lower(state, first_batch).compile()
   _log_compile(compiled, time.perf_counter() - t0)
+  goodput.save(force=True)  # this attempt's first record: from here on it ends with one (finish)
   last: dict[str, float] = {}
   if start == 0 and eval_batches:  # the untrained model's eval loss: the baseline the run improves on
-    last = _evaluate(run, state, eval_batches, byte_level)
+    with goodput.phase("eval"):
+      last = _evaluate(run, state, eval_batches, byte_level)
     logger.log(0, last)
   if bar is not None:
     bar.unpause()  # the rate (and ETA) counts from here: compilation and the baseline eval are not steps
@@ -171,7 +187,8 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
 
   def check(pending_metrics: tuple[int, Any]) -> dict[str, float]:
     step_done, m = pending_metrics
-    host = {k: float(v) for k, v in jax.device_get(m).items()}
+    with goodput.phase("step"):  # the host waits for the device here
+      host = {k: float(v) for k, v in jax.device_get(m).items()}
     if not math.isfinite(host["loss"]) and cfg.stop_on_nan:
       raise NonFiniteLossError(f"non-finite loss {host['loss']} at step {step_done} (grad_norm {host['grad_norm']}); "
                                f"params were not updated by it and the last checkpoint is kept. Lower "
@@ -180,8 +197,12 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
 
   try:
     for step in range(start + 1, cfg.total_steps + 1):
-      batch = first_batch if step == start + 1 else program.global_batch(next(train_iter))
-      state, metrics = compiled(state, batch)
+      with profiler.step(step):
+        with goodput.phase("data_wait"):
+          batch = first_batch if step == start + 1 else program.global_batch(next(train_iter))
+        with goodput.phase("step"):
+          state, metrics = compiled(state, batch)
+      profiler.after(step, state)
       if pending is not None:  # read the previous step's metrics while this one runs
         previous = check(pending)
         if bar is not None:
@@ -201,9 +222,11 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
                              flops_per_step=flops_per_step, peak_flops_per_device=peak)}
         # eval_every is a multiple of log_every (TrainConfig), so eval steps are log steps: one record per step.
         if eval_batches and (step % cfg.eval_every == 0 or at_end):
-          last.update(_evaluate(run, state, eval_batches, byte_level))
-          _samples(run, cfg, state, eval_batches, logger, step)
-        logger.log(step, last)
+          with goodput.phase("eval"):
+            last.update(_evaluate(run, state, eval_batches, byte_level))
+            _samples(run, cfg, state, eval_batches, logger, step)
+        logger.log(step, {**last, **goodput.metrics()})
+        goodput.save()
         if bar is not None:
           _advance(bar, step, host["loss"])
         interval_start, interval_steps = time.perf_counter(), 0
@@ -212,16 +235,20 @@ def _loop(run: _Run, cfg: Any, workdir: str, ckpt: Checkpointer, state: ts.Train
         if pending is not None:  # never save a state before its loss is known to be finite
           check(pending)
           pending = None
-        ckpt.save(step, state.to_tree(), data_state_lib.gather_data_state(train_iter.get_state()), _meta(run, step),
-                  force=at_end or preempted)
-        logger.sync()
+        with goodput.phase("checkpoint"):
+          ckpt.save(step, state.to_tree(), data_state_lib.gather_data_state(train_iter.get_state()),
+                    _meta(run, step), force=at_end or preempted)
+          logger.sync()
+        goodput.save(force=True)
       if preempted:
         log.warning("%s: saved the checkpoint of step %d; exiting", "interrupted (Ctrl-C)" if preempt.interrupted
                     else "SIGTERM received", step)
         break
   finally:
-    ckpt.wait()
-    ckpt.close()
+    profiler.close()
+    with goodput.phase("checkpoint"):
+      ckpt.wait()
+      ckpt.close()
     preempt.close()
     logger.close()
     if bar is not None:

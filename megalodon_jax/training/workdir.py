@@ -2,7 +2,8 @@
 
 A run writes these entries into its workdir, and nothing else (`layout.RUN_FILES`, `layout.RUN_FOLDERS`):
 config.json, shardings.txt, metrics.jsonl, samples.jsonl, tokenizer.model, the lock file of `workdir_lock.py`,
-checkpoints/ and tensorboard/. Other files a user keeps there (notes, scheduler logs) are never touched.
+goodput.json, checkpoints/, tensorboard/ and profile/. Other files a user keeps there (notes, scheduler logs) are
+never touched.
 
 `with_run_tokenizer` points a resumed run at the run directory's copy of its SentencePiece model when the
 original file is gone (a run directory copied to another machine).

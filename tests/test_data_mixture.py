@@ -21,6 +21,7 @@ import optax
 import pytest
 from flax import nnx
 
+from batches import assert_same, global_batches
 from cli_harness import run_cli, train_command
 
 from megalodon_jax import data
@@ -65,23 +66,6 @@ def mixture_config(base, mixture, **changes):
 def processes(cfg, count, seed=SEED):
   return [data.make_train_iterator(cfg, seq_len=SEQ, batch_size=BATCH, seed=seed, process_index=p,
                                    process_count=count) for p in range(count)]
-
-
-def global_batches(iterators, steps):
-  out = []
-  for _ in range(steps):
-    local = [next(it) for it in iterators]
-    out.append({k: np.concatenate([b[k] for b in local]) for k in local[0]})
-  return out
-
-
-def assert_same(got, want):
-  assert len(got) == len(want)
-  for g, w in zip(got, want):
-    assert set(g) == set(w)
-    for k in w:
-      assert g[k].dtype == np.int32
-      np.testing.assert_array_equal(g[k], w[k], err_msg=k)
 
 
 class Attribution:

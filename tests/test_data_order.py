@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 
+from batches import assert_same as _assert_same, global_batches
 from megalodon_jax.configs import default as default_config
 from megalodon_jax import data
 from megalodon_jax.data.row_streams import document_order
@@ -17,6 +18,10 @@ from megalodon_jax.training import data_state
 
 SEED = 3
 KEYS = ("inputs", "targets", "segment_ids", "positions", "target_mask")
+
+
+def assert_same(got, want):
+  _assert_same(got, want, KEYS)
 
 
 @pytest.fixture(scope="module")
@@ -39,24 +44,6 @@ def corpus(tmp_path_factory):
 def processes(cfg, count, batch_size=8, seq_len=5):
   return [data.make_train_iterator(cfg, seq_len=seq_len, batch_size=batch_size, seed=SEED, process_index=p,
                                    process_count=count) for p in range(count)]
-
-
-def global_batches(iterators, steps):
-  """`steps` global batches: the process-local rows of every process, concatenated in process order."""
-  out = []
-  for _ in range(steps):
-    local = [next(it) for it in iterators]
-    out.append({k: np.concatenate([b[k] for b in local]) for k in local[0]})
-  return out
-
-
-def assert_same(got, want):
-  assert len(got) == len(want)
-  for g, w in zip(got, want):
-    assert set(g) == set(KEYS)
-    for k in KEYS:
-      assert g[k].dtype == np.int32
-      np.testing.assert_array_equal(g[k], w[k], err_msg=k)
 
 
 @functools.lru_cache(maxsize=None)

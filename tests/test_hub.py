@@ -196,7 +196,7 @@ def assert_card_metrics(text: str, workdir: str, step: int) -> None:
       record = json.loads(line)
       if record["step"] <= step:
         last.update({k: (v, record["step"]) for k, v in record.items() if k != "step" and v is not None})
-  rows = dict((m, (float(v), int(s))) for m, v, s in re.findall(r"^\| `(\w+)` \| ([-\d.e+]+) \| (\d+) \|$",
+  rows = dict((m, (float(v), int(s))) for m, v, s in re.findall(r"^\| `([^`]+)` \| ([-\d.e+]+) \| (\d+) \|$",
                                                                    text.split("## Final metrics")[1], re.M))
   assert {"loss", "eval_loss", "grad_norm"} <= rows.keys() and rows.keys() == last.keys(), (rows, last)
   assert rows["loss"][1] == rows["eval_loss"][1] == step

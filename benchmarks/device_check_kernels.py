@@ -156,7 +156,8 @@ def attention(opts, sink) -> None:
           sink.flush()
           continue
         compiled = compile_and_time(_attention_fn(impl, c, mode), inputs, case, max_bytes=opts.max_bytes,
-                                    max_seconds=opts.max_seconds, repeats=opts.repeats)
+                                    max_seconds=opts.max_seconds, repeats=opts.repeats,
+                                    fit_repeats=True)
         if compiled is not None:
           case["tflops"] = useful * (1 if mode == "fwd" else 3) / (case["median_ms"] * 1e-3) / 1e12
           got = compiled(*inputs) if impl == "xla" else compiled(perturbed(q), *inputs[1:])
@@ -198,7 +199,8 @@ def cema(opts, sink) -> None:
           if out_of_time(opts, sink, case):
             return
           compiled = compile_and_time(_cema_fn(impl, mode), inputs, case, max_bytes=opts.max_bytes,
-                                      max_seconds=opts.max_seconds, repeats=opts.repeats)
+                                      max_seconds=opts.max_seconds, repeats=opts.repeats,
+                                    fit_repeats=True)
           if compiled is not None and mode == "fwd":
             got = compiled(*inputs) if impl == "sequential" else compiled(params, perturbed(x))
             want = got if impl == "sequential" else want

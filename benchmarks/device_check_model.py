@@ -128,12 +128,13 @@ def decode(opts, sink) -> None:
   if opts.smoke:
     cfg, batches, prompt, block, blocks = MegalodonConfig(**dict(TINY, num_layers=1), dtype="float32"), (1,), 16, 8, 3
   else:
-    cfg, batches, prompt, block, blocks = preset("mega200M", dtype="bfloat16"), (1, 64), 1024, 32, 8
+    cfg = preset("mega200M", dtype="bfloat16", num_layers=opts.decode_layers)
+    batches, prompt, block, blocks = (1, 64), 1024, 32, 8
   gen = generation.Generator(MegalodonLM(cfg, rngs=nnx.Rngs(0)), block_size=block)
   greedy = Sampler(temperature=0.0)
   for batch in batches:
-    case = {"model": "smoke" if opts.smoke else "200M", "dtype": cfg.dtype, "batch": batch, "prompt": prompt,
-            "block": block, "new_tokens": block * blocks}
+    case = {"model": "smoke" if opts.smoke else "200M", "layers": cfg.num_layers, "dtype": cfg.dtype, "batch": batch,
+            "prompt": prompt, "block": block, "new_tokens": block * blocks}
     if out_of_time(opts, sink, case):
       return
     prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, prompt)).tolist()

@@ -162,12 +162,15 @@ def _train(cases) -> list[str]:
 
 
 def _decode(cases) -> list[str]:
-  rows = [[c["model"], c["dtype"], c["batch"], c["prompt"], c["block"], f"{c['ms_per_step']:.3g}",
-           f"{c['tokens_per_sec']:,.0f}", f"{c['first_block_s']:.3g}"] if c.get("status") == "ok"
-          else [c.get("model"), c.get("dtype"), c.get("batch"), c.get("prompt"), c.get("block"), c.get("status"), "", ""]
-          for c in cases]
-  return _rows(["model", "dtype", "batch", "prompt", "block", "ms / step", "tokens/s", "first block s (prefill)"],
-               rows)
+  rows = []
+  for c in cases:
+    head = [c.get(k) for k in ("model", "layers", "dtype", "batch", "prompt", "block")]
+    if c.get("status") != "ok":
+      rows.append(head + [c.get("status"), "", ""])
+      continue
+    rows.append(head + [f"{c['ms_per_step']:.3g}", f"{c['tokens_per_sec']:,.0f}", f"{c['first_block_s']:.3g}"])
+  return _rows(["model", "layers", "dtype", "batch", "prompt", "block", "ms / step", "tokens/s",
+                "first block s (prefill)"], rows)
 
 
 def markdown(result: dict) -> str:

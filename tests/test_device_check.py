@@ -1,12 +1,16 @@
 """benchmarks/device_check.py --smoke: every part runs on the CPU and writes the JSON, the markdown and a table of
 measured choices (never the shipped one); its numerics checks compare real numbers and fail on an injected
-mismatch. The two runs go in parallel subprocesses (a fresh jax each, as on a GPU machine)."""
+mismatch. Both runs are subprocesses (a fresh jax each, as on a GPU machine) sharing the tests' persistent
+compilation cache (tests/conftest.py): the injected mismatch changes inputs, not programs, so the second run
+compiles nothing new."""
 
 import json
 import math
 import os
 import subprocess
 import sys
+
+import jax
 
 from megalodon_jax.ops import impl_table
 
@@ -15,7 +19,9 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.py")
 
 
 def _start(out_dir, *extra, perturb=False):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(jax.config.jax_persistent_cache_min_compile_time_secs))
   env.pop(impl_table.ENV_VAR, None)
   if perturb:
     env["MEGALODON_DEVICE_CHECK_PERTURB"] = "1"
@@ -31,10 +37,8 @@ def _finish(proc):
 def test_smoke_run_writes_results_and_a_table_and_catches_a_mismatch(tmp_path):
   with open(impl_table.DEFAULT_PATH, "rb") as f:
     shipped = f.read()
-  good = _start(tmp_path / "good")
-  bad = _start(tmp_path / "bad", "--parts", "numerics", perturb=True)
-  rc, out = _finish(good)
-  rc_bad, out_bad = _finish(bad)
+  rc, out = _finish(_start(tmp_path / "good"))
+  rc_bad, out_bad = _finish(_start(tmp_path / "bad", "--parts", "numerics", perturb=True))
 
   assert rc == 0, out[-3000:]
   result = json.loads((tmp_path / "good" / "device_check_cpu.json").read_text())

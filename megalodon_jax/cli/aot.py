@@ -75,7 +75,7 @@ def _settings(cfg, model_cfg, seq_len: int, platform: str) -> dict:
   from megalodon_jax.ops.impl_names import pallas_dropout_problem  # pylint: disable=import-outside-toplevel
   head = dict(chunk_size=model_cfg.chunk_size, z_head_dim=model_cfg.z_head_dim,
               v_head_dim=model_cfg.value_dim // model_cfg.num_heads,
-              pallas_ok=pallas_dropout_problem(model_cfg.attention_dropout, model_cfg.efficient_attn is not None) is None)
+              pallas_ok=not pallas_dropout_problem(model_cfg.attention_dropout, model_cfg.efficient_attn is not None))
   cema_impl = model_cfg.cema_impl
   if cema_impl == "auto":
     cema_impl = default_impl(seq_len, platform, dim=model_cfg.model_dim)

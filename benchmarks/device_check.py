@@ -19,7 +19,7 @@ device_check_<backend>.md (the tables; benchmarks/RESULTS.md links it). The meas
 implementation that passed its numerics, per head shape and per CEMA length) go to --table-out (default
 megalodon_jax/ops/impl_table.json, only this backend's list replaced; with --smoke: <out-dir>/impl_table.json, so
 a CPU smoke run never touches the shipped table). No entries are written when the numerics part did not pass.
-Exit status 1 when a numerics check failed.
+Exit status 1 when a numerics check failed (or the numerics part did not finish).
 """
 
 from __future__ import annotations
@@ -183,8 +183,8 @@ def main(argv=None) -> int:
   with open(os.path.join(args.out_dir, f"device_check_{backend}.md"), "w", encoding="utf-8") as f:
     f.write(md)
   print(md)
-  print(f"wrote {json_path}; numerics {'passed' if result['numerics_ok'] else 'FAILED'}", flush=True)
-  return 0 if result["numerics_ok"] else 1
+  print(f"wrote {json_path}; numerics {report.verdict(result['numerics_ok'])}", flush=True)
+  return 1 if result["numerics_ok"] is False else 0
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ def assemble(args, machine: dict | None, parts: dict, elapsed: float) -> dict:
   checks = [c for c in numerics.get("cases", []) if "check" in c]
   bench_bad = [c for p in ("attention", "cema") for c in parts.get(p, {}).get("cases", [])
                if c.get("numerics_ok") is False]
+  # True: every check ran and passed; False: one failed, or the part did not finish; None: the part was not asked for
   numerics_ok = (numerics.get("status") == "ok" and bool(checks) and all(c["ok"] for c in checks)
-                 and not bench_bad)
+                 and not bench_bad) if numerics or bench_bad else None
   settings = {k: v for k, v in vars(args).items() if k not in ("part", "part_out", "part_deadline")}
   return {"machine": machine, "backend": backend or "unknown", "commit": _commit(), "smoke": args.smoke,
           "settings": settings, "elapsed_s": elapsed, "numerics_ok": numerics_ok,
@@ -55,7 +56,7 @@ def _ok(case) -> bool:
 def choices(result: dict) -> list[dict]:
   """The fastest fwd+bwd implementation per attention head shape and per CEMA (D, length), among those whose
   forward and backward both ran and passed their numerics; none at all when the numerics part did not pass."""
-  if not result["numerics_ok"]:
+  if result["numerics_ok"] is not True:
     return []
   entries = []
   att = result["parts"].get("attention", {}).get("cases", [])
@@ -173,6 +174,10 @@ def _decode(cases) -> list[str]:
                 "first block s (prefill)"], rows)
 
 
+def verdict(ok) -> str:
+  return {True: "passed", False: "FAILED", None: "not run"}[ok]
+
+
 def markdown(result: dict) -> str:
   m = result["machine"] or {}
   lines = ["# Device check (benchmarks/device_check.py)", "",
@@ -180,7 +185,7 @@ def markdown(result: dict) -> str:
            f" x {m.get('cpu_count')}; jax {m.get('jax_version', m.get('jax'))}, jaxlib {m.get('jaxlib_version')}, "
            f"flax {m.get('flax_version')}, Python {m.get('python')}. Commit {result['commit']}. "
            f"{'SMOKE RUN (tiny CPU shapes, Pallas interpreted): the times mean nothing. ' if result['smoke'] else ''}"
-           f"Whole run {result['elapsed_s']:.0f} s; numerics {'passed' if result['numerics_ok'] else 'FAILED'}.", ""]
+           f"Whole run {result['elapsed_s']:.0f} s; numerics {verdict(result['numerics_ok'])}.", ""]
   lines += ["| part | status | seconds | cases |", "|---|---|---|---|"]
   for name, part in result["parts"].items():
     lines.append(f"| {name} | {part['status']} | {part.get('elapsed_s', 0):.0f} | {len(part['cases'])} |")

@@ -72,8 +72,15 @@ def _settings(cfg, model_cfg, seq_len: int, platform: str) -> dict:
     return settings
   from megalodon_jax.ops.attention import resolve_attention_impl  # pylint: disable=import-outside-toplevel
   from megalodon_jax.ops.cema import default_impl  # pylint: disable=import-outside-toplevel
-  return {**settings, "attention_impl": resolve_attention_impl(model_cfg.attention_impl, platform),
-          "cema_impl": model_cfg.cema_impl if model_cfg.cema_impl != "auto" else default_impl(seq_len, platform)}
+  from megalodon_jax.ops.impl_names import pallas_dropout_problem  # pylint: disable=import-outside-toplevel
+  head = dict(chunk_size=model_cfg.chunk_size, z_head_dim=model_cfg.z_head_dim,
+              v_head_dim=model_cfg.value_dim // model_cfg.num_heads,
+              pallas_ok=not pallas_dropout_problem(model_cfg.attention_dropout, model_cfg.efficient_attn is not None))
+  cema_impl = model_cfg.cema_impl
+  if cema_impl == "auto":
+    cema_impl = default_impl(seq_len, platform, dim=model_cfg.model_dim)
+  return {**settings, "attention_impl": resolve_attention_impl(model_cfg.attention_impl, platform, **head),
+          "cema_impl": cema_impl}
 
 
 def _table(reports) -> str:

@@ -15,6 +15,7 @@ from megalodon_jax.nn.cema import ComplexEMA
 from megalodon_jax.nn.document_boundaries import Documents
 from megalodon_jax.nn.layers import Linear, RMSNorm, TimestepNorm
 from megalodon_jax.ops import attention as attn_ops
+from megalodon_jax.ops.impl_names import pallas_dropout_problem
 from megalodon_jax.ops.partitioning import constrain
 from megalodon_jax.ops.timestep_norm import NormState
 
@@ -104,7 +105,10 @@ class MovingAverageGatedAttention(nnx.Module):
 
     rate = 0.0 if self.deterministic else self.attention_dropout
     drop = dict(dropout_rate=rate, dropout_rng=self.attention_rngs() if rate > 0 else None, drop_key=self.drop_key,
-                impl=attn_ops.resolve_attention_impl(self.attention_impl))
+                impl=attn_ops.resolve_attention_impl(
+                    self.attention_impl, chunk_size=self.chunk_size, z_head_dim=q.shape[-1], v_head_dim=v.shape[-1],
+                    # a measured "pallas" must not turn a dropout the kernel cannot run into an error
+                    pallas_ok=pallas_dropout_problem(rate, self.drop_key) is None))
     offset = 0 if cache is None else count
     positions = (offset + jnp.arange(l)) % self.chunk_size
     q, k = attn_ops.rope(q, inv_freq, positions), attn_ops.rope(k, inv_freq, positions)

@@ -20,27 +20,38 @@ from jax.sharding import PartitionSpec as P
 
 from megalodon_jax import mesh_axes
 from megalodon_jax.mesh_axes import SEQUENCE_AXIS
-from megalodon_jax.ops import attention_dropout
+from megalodon_jax.ops import attention_dropout, impl_table
 from megalodon_jax.ops.attention_dropout import AttentionDropout
 from megalodon_jax.ops.impl_names import ATTENTION_IMPLEMENTATIONS, pallas_dropout_problem
 from megalodon_jax.ops.norms import rms_norm
 from pallas_kernels.platform import current_platform
 
-# `attention_impl` "auto" resolves to "xla" on every platform for now: the Pallas kernels (pallas_kernels/
+# `attention_impl` "auto" resolves to "xla" on every platform unless the measured table (ops/impl_table.py, written
+# by benchmarks/device_check.py) has an entry for the platform and head shape: the Pallas kernels (pallas_kernels/
 # chunked_attention) are verified in interpret mode and by lowering only, and have not been timed on TPU or GPU
-# (benchmarks/RESULTS.md#pallas-kernels-benchmarkskernelspy). Switch a platform's entry to "pallas" once
-# benchmarks/kernels.py shows the kernel ahead of XLA there.
+# (benchmarks/RESULTS.md#pallas-kernels-benchmarkskernelspy).
 AUTO_ATTENTION_IMPL = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "xla"}
 
 
-def resolve_attention_impl(impl: str, platform: Optional[str] = None) -> str:
+def resolve_attention_impl(impl: str, platform: Optional[str] = None, *, chunk_size: Optional[int] = None,
+                           z_head_dim: Optional[int] = None, v_head_dim: Optional[int] = None,
+                           pallas_ok: bool = True) -> str:
   """"xla" or "pallas" for a config's `attention_impl` ("auto" | "xla" | "pallas") on `platform` (default: the
-  platform being compiled for: the default backend, or an ahead-of-time target)."""
+  platform being compiled for: the default backend, or an ahead-of-time target).
+
+  "auto" takes the measured table's entry for (platform, chunk_size, z_head_dim, v_head_dim) where there is one,
+  else `AUTO_ATTENTION_IMPL`. pallas_ok=False (the kernel cannot run this dropout: impl_names.pallas_dropout_problem)
+  keeps "auto" on "xla" whatever the table says."""
   if impl != "auto" and impl not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention_impl={impl!r}: expected one of {('auto', *ATTENTION_IMPLEMENTATIONS)}")
   if impl != "auto":
     return impl
-  return AUTO_ATTENTION_IMPL.get(platform or current_platform(), "xla")
+  platform = platform or current_platform()
+  measured = impl_table.measured_impl("attention", {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform),
+                                      chunk_size=chunk_size, z_head_dim=z_head_dim, v_head_dim=v_head_dim)
+  if measured is not None and (measured != "pallas" or pallas_ok):
+    return measured
+  return AUTO_ATTENTION_IMPL.get(platform, "xla")
 
 
 def _check_pallas_dropout(dropout_rate: float, drop_key: bool) -> None:

@@ -20,19 +20,25 @@ from megalodon_jax.ops.cema.coefficients import CEMACoeffs
 from megalodon_jax.ops.cema.fft import cema_fft
 from megalodon_jax.ops.cema.pallas import cema_pallas
 from megalodon_jax.ops.cema.sequential import cema_sequential
+from megalodon_jax.ops import impl_table
 from megalodon_jax.ops.impl_names import CEMA_IMPLEMENTATIONS
-from pallas_kernels.platform import current_platform
+from pallas_kernels.platform import current_platform, normalize
 
 # name (impl_names, in order) -> fn(x, coeffs, omega, h0, return_state, *, resets=None) -> (y, state or None)
 IMPLEMENTATIONS: dict[str, Callable] = dict(zip(
     CEMA_IMPLEMENTATIONS, (cema_fft, cema_associative_scan, cema_sequential, cema_chunked, cema_pallas), strict=True))
 
 
-def default_impl(length: int, backend: Optional[str] = None) -> str:
-  """The implementation `impl="auto"` picks for a sequence of `length` on `backend` (default backend if None)."""
-  backend = backend or current_platform()
+def default_impl(length: int, backend: Optional[str] = None, dim: Optional[int] = None) -> str:
+  """The implementation `impl="auto"` picks for a sequence of `length` (and `dim` channels, None: unknown) on
+  `backend` (default backend if None): the measured table's entry (ops/impl_table.py) where it has one, else the
+  fixed rules below."""
+  backend = normalize(backend or current_platform())
   if length == 1:
     return "sequential"  # a decoding step: a few elementwise ops, no kernel or FFT to build
+  measured = impl_table.measured_impl("cema", backend, length=length, dim=dim)
+  if measured is not None:
+    return measured
   if backend == "cpu":
     # "sequential" is fastest below ~128 steps; from there on "chunked" is fastest forward and forward+backward
     # (measured: benchmarks/RESULTS.md#cema-benchmarkscemapy).
@@ -63,7 +69,7 @@ def cema(x: jax.Array, coeffs: CEMACoeffs, omega: jax.Array, h0: Optional[jax.Ar
     y: (B, L, D) float32, and the final state (B, D, N, 2) float32 (None unless return_state).
   """
   if impl == "auto":
-    impl = default_impl(x.shape[1])
+    impl = default_impl(x.shape[1], dim=x.shape[2])
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"unknown CEMA implementation {impl!r}; choose one of {['auto', *IMPLEMENTATIONS]}")
   if resets is None:

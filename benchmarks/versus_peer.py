@@ -256,7 +256,8 @@ def main(argv=None) -> None:
             rec = run_worker(side, case, args, root)
             rec.update(label=label, run=run)
             records.append(rec)
-            msg = rec.get("error") or f"first {rec['first_s']:.3f} s, warm median {statistics.median(rec['warm_s']):.3f} s"
+            msg = rec.get("error") or (f"first {rec['first_s']:.3f} s, "
+                                       f"warm median {statistics.median(rec['warm_s']):.3f} s")
             print(f"  {case} {label} run {run}: {msg}", flush=True)
     finally:
       for label, side, root in labels:

@@ -20,7 +20,7 @@ from megalodon_jax.config import MegalodonConfig
 from megalodon_jax.data.tokenizers import ByteTokenizer
 from megalodon_jax.errors import InferenceError
 from megalodon_jax.inference.detokenize import TextStream
-from megalodon_jax.inference.generation import Generator, prefill_plan
+from megalodon_jax.inference.generation import Generator, prefill_plan, prefilled_length
 from megalodon_jax.inference.sampling import Sampler, filter_logits, sample_logits
 from megalodon_jax.model import MegalodonLM
 from tests.tracing import count_traces
@@ -70,6 +70,11 @@ def test_prefill_plan():
   for n in range(200):
     plan = prefill_plan(n, 8, 32)
     assert sum(plan) == n and set(plan) <= {32, 16, 8, 4, 2, 1}
+
+
+def test_prefilled_length_leaves_the_sub_grain_tail_to_decode():
+  assert [prefilled_length(n, 256) for n in (0, 31, 32, 1023, 4096)] == [0, 0, 32, 992, 4096]
+  assert [prefilled_length(n, 8) for n in (7, 8, 37)] == [0, 8, 32]  # grain: the chunk when it is smaller
 
 
 def test_greedy_batch_equals_full_forward_decoding(model, gen):
@@ -125,8 +130,10 @@ def test_compiles_once_per_shape_bucket():
     gen.generate(batches[1], max_new_tokens=2, sampler=Sampler(1.0), stop_ids=[5, 6], seed=2)
     assert traces["_decode"] == 1
   # Prefill: one program per distinct piece length (batch 4 throughout), each traced once.
-  pieces = {n for rows in [PROMPTS] + batches for n in prefill_plan(min(map(len, rows)) - 1, 8, 16)}
-  assert pieces <= {16, 8, 4, 2, 1}
+  # The tokens below the grain (here the chunk, 8) go through decode steps: no piece shorter than a chunk.
+  pieces = {n for rows in [PROMPTS] + batches
+            for n in prefill_plan(prefilled_length(min(map(len, rows)) - 1, 8), 8, 16)}
+  assert pieces <= {16, 8}
   assert traces["_prefill"] == len(pieces)
 
 

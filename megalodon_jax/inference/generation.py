@@ -4,16 +4,20 @@ How a batch of prompts (token ids, lengths may differ) is run:
 1. Shapes are bucketed so that a long session compiles a handful of programs, not one per prompt length: the batch
    is padded to a power of two (padding rows are finished from the start) and the prompts to a power-of-two
    length (the padding is never read).
-2. Prefill: the first P0 - 1 tokens of every row (P0 = min(prompt lengths)) go through the model in large
-   pieces: as many `prefill_piece` tokens as fit, then the whole chunks left (in power-of-two multiples of the
-   chunk), then the partial chunk (in powers of two). Piece lengths therefore come from a fixed set of O(log)
-   sizes. Prefill returns only the cache: its logits are never formed (B x piece x vocab floats would dominate
-   memory), and the next-token logits come from the first decode step.
-3. Decode: a jitted `lax.scan` of `block_size` steps. Each step picks row i's next input: the prompt token while
-   the row is still inside its prompt (teacher forcing: the last prefill token, and the rest of longer prompts),
-   else a token sampled from the previous step's logits. After each block the new tokens go back to the host and are
-   yielded, so text streams block by block with no per-token Python dispatch. A prompt's tokens beyond P0 are
-   therefore fed one per step: batch prompts of similar lengths when some are long.
+2. Prefill: of the first P0 - 1 tokens of every row (P0 = min(prompt lengths)), all but the last few (fewer than
+   `PREFILL_GRAIN`, or than the chunk when it is smaller) go through the model in large pieces: as many
+   `prefill_piece` tokens as fit, then the whole chunks left (in power-of-two multiples of the chunk), then the
+   partial chunk (in powers of two of at least the grain). Piece lengths therefore come from a fixed set of O(log)
+   sizes, and the many small ones are not among them: each piece length is a program to compile (seconds each on a
+   CPU), while the few tokens below the grain cost a few decode steps. Prefill returns only the cache: its logits
+   are never formed (B x piece x vocab floats would dominate memory), and the next-token logits come from the first
+   decode step.
+3. Decode: a jitted loop of up to `block_size` steps (the step count is a traced argument, so the last block runs
+   only the steps still needed, with no recompile). Each step picks row i's next input: the prompt token while the
+   row is still inside its prompt (teacher forcing: the tokens after the prefilled ones, and the rest of longer
+   prompts), else a token sampled from the previous step's logits. After each block the new tokens go back to the
+   host and are yielded, so text streams block by block with no per-token Python dispatch. A prompt's tokens beyond
+   P0 are therefore fed one per step: batch prompts of similar lengths when some are long.
 
 A row finishes when it samples one of its stop ids (not included in the output) or after `max_new_tokens`
 generated tokens. Draws use one PRNG stream per row, `fold_in(fold_in(key(seed), row), position)`, so a row's
@@ -45,6 +49,9 @@ from megalodon_jax.inference.sampling import Sampler, sample_logits
 from megalodon_jax.families import LanguageModel
 
 DEFAULT_PREFILL_TOKENS = 4096
+# Prompt tokens below this multiple (at the end of the prefilled part) are fed by decode steps instead: the prefill
+# pieces of 1, 2, ..., 16 tokens would each be one more program to compile, for a few milliseconds of work.
+PREFILL_GRAIN = 32
 _MIN_PROMPT_BUCKET = 16
 _STOP_SLOTS = 4  # stop-id arrays are padded to a multiple of this (with -1) so their count rarely recompiles
 
@@ -94,6 +101,13 @@ def prefill_plan(length: int, chunk_size: int, max_piece: int) -> list[int]:
   return pieces
 
 
+def prefilled_length(tokens: int, chunk_size: int) -> int:
+  """How many of `tokens` leading prompt tokens `Generator.stream` prefills: a multiple of the grain (at most the
+  chunk size), the rest go through the decode steps."""
+  grain = min(PREFILL_GRAIN, chunk_size)
+  return tokens - tokens % grain
+
+
 def _pow2_at_least(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << max(0, n - 1).bit_length())
 
@@ -120,11 +134,12 @@ def _prefill(graphdef: nnx.GraphDef, state, cache: Any, ids: jax.Array) -> Any:
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("steps",))
 def _decode(graphdef: nnx.GraphDef, state, carry: _DecodeState, prompts, lengths, stop_ids, max_new, key, sampling,
-            *, steps: int):
-  """`steps` decode steps. prompts: (B, P) int32; lengths: (B,) int32; max_new: () int32; stop_ids: (B, S) int32;
-  key: a PRNG key; sampling: `Sampler.as_arrays()`.
+            num, *, steps: int):
+  """`num` (<= `steps`) decode steps. prompts: (B, P) int32; lengths: (B,) int32; max_new: () int32;
+  stop_ids: (B, S) int32; key: a PRNG key; sampling: `Sampler.as_arrays()`; num: () int32, traced, so that a last
+  block of fewer steps reuses the program.
 
-  Returns the new carry and, per step, (token, emitted), each (steps, B).
+  Returns the new carry and, per step, (token, emitted), each (steps, B); rows past `num` are 0 / False.
   """
   model = nnx.merge(graphdef, state)
   vocab = model.config.vocab_size
@@ -146,8 +161,13 @@ def _decode(graphdef: nnx.GraphDef, state, carry: _DecodeState, prompts, lengths
     new = _DecodeState(cache, logits[:, 0, :vocab], s.pos + 1, done, s.stopped | hit_stop, produced)
     return new, (token, emitted)
 
-  carry, (tokens, emitted) = jax.lax.scan(step, carry, None, length=steps)
-  return carry, tokens, emitted
+  def body(i, val):
+    s, tokens, emitted = val
+    s, (token, emit) = step(s, None)
+    return s, tokens.at[i].set(token), emitted.at[i].set(emit)
+
+  init = (carry, jnp.zeros((steps, b), jnp.int32), jnp.zeros((steps, b), bool))
+  return jax.lax.fori_loop(0, jnp.minimum(num, steps), body, init)
 
 
 class Generator:
@@ -235,11 +255,12 @@ class Generator:
       prompt_arr[i, :r.size] = r
     len_arr = np.array([r.size for r in padded_rows], np.int32)
     stops = self._stop_array(stop_ids, b, bp)
-    p0 = int(lengths.min()) - 1  # prefilled tokens; the next one is fed by the first decode step
+    # Prefilled tokens; the next ones (at least one, the last prompt token of the shortest row) are fed by decode.
+    p0 = prefilled_length(int(lengths.min()) - 1, c.chunk_size)
 
     # Every row ends within this many steps (by length at the latest); the bound also keeps a host loop finite.
     steps_left = int(lengths.max()) - p0 + max_new_tokens
-    capacity = _pow2_at_least(p0 + -(-steps_left // self.block_size) * self.block_size)  # tokens ever fed
+    capacity = _pow2_at_least(p0 + steps_left)  # tokens ever fed: the last block runs only the steps left
     cache = self.prefill(prompt_arr[:, :p0], self.model.init_cache(bp, max_length=capacity))
     no_logits = jnp.zeros((bp, c.vocab_size), jnp.float32)  # unused: every row is inside its prompt at step one
     carry = _DecodeState(cache, no_logits, jnp.int32(p0), jnp.arange(bp) >= b, jnp.zeros((bp,), bool),
@@ -248,8 +269,10 @@ class Generator:
             jax.random.key(seed), sampler.as_arrays())
     done = np.zeros(b, bool)
     while steps_left > 0 and not done.all():
-      carry, tokens, emitted = _decode(self.graphdef, self.state, carry, *args, steps=self.block_size)
-      steps_left -= self.block_size
+      num = min(steps_left, self.block_size)
+      carry, tokens, emitted = _decode(self.graphdef, self.state, carry, *args, jnp.int32(num),
+                                       steps=self.block_size)
+      steps_left -= num
       tokens, emitted = np.asarray(tokens), np.asarray(emitted)
       done, stopped = np.asarray(carry.done)[:b], np.asarray(carry.stopped)[:b]
       new = [tokens[emitted[:, i], i].tolist() for i in range(b)]

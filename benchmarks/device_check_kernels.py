@@ -18,6 +18,7 @@ import numpy as np
 
 from benchmarks.cema import make_inputs
 from benchmarks.common import compile_and_time
+from benchmarks.kernels_cema import build as build_cema
 from megalodon_jax.config import preset
 from megalodon_jax.ops import cema as cema_lib
 from megalodon_jax.ops.attention import chunked_causal_attention
@@ -174,14 +175,6 @@ def attention(opts, sink) -> None:
 
 # ---------------------------------------------------------------- CEMA
 
-def _cema_fn(impl: str, mode: str):
-  def forward(params, x):
-    coeffs = cema_lib.cema_coefficients(params["alpha"], params["delta"], params["theta"], params["gamma"])
-    return cema_lib.cema(x, coeffs, params["omega"], impl=impl)[0]
-  if mode == "fwd":
-    return forward
-  return jax.value_and_grad(lambda params, x, c: jnp.sum(forward(params, x) * c), argnums=(0, 1))
-
 
 def cema(opts, sink) -> None:
   """Every CEMA implementation at each length (x bfloat16 (1, L, D), N 16), fwd and fwd+bwd; the forward output
@@ -198,7 +191,7 @@ def cema(opts, sink) -> None:
           case = {"impl": impl, "length": length, "dim": dim, "ndim": ndim, "mode": mode}
           if out_of_time(opts, sink, case):
             return
-          compiled = compile_and_time(_cema_fn(impl, mode), inputs, case, max_bytes=opts.max_bytes,
+          compiled = compile_and_time(build_cema(impl, mode), inputs, case, max_bytes=opts.max_bytes,
                                       max_seconds=opts.max_seconds, repeats=opts.repeats,
                                     fit_repeats=True)
           if compiled is not None and mode == "fwd":

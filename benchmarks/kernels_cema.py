@@ -67,7 +67,8 @@ def _options(args) -> argparse.Namespace:
   return argparse.Namespace(**opts)
 
 
-def _build(impl: str, mode: str):
+def build(impl: str, mode: str):
+  """The CEMA of `impl` from its parameters: forward ("fwd"), or else value and gradients of Σ y·c."""
   def forward(params, x):
     coeffs = cema_lib.cema_coefficients(params["alpha"], params["delta"], params["theta"], params["gamma"])
     return cema_lib.cema(x, coeffs, params["omega"], impl=impl)[0]
@@ -83,13 +84,13 @@ def run_case(impl: str, length: int, dim: int, mode: str, opts) -> dict:
   x = x.astype(jnp.bfloat16)
   inputs = (params, x) if mode == "fwd" else (params, x, jnp.full(x.shape, 1.0 / x.size, jnp.float32))
   result = {"impl": impl, "length": length, "dim": dim, "mode": mode}
-  compiled = compile_and_time(_build(impl, mode), inputs, result, max_bytes=opts.max_bytes,
+  compiled = compile_and_time(build(impl, mode), inputs, result, max_bytes=opts.max_bytes,
                               max_seconds=opts.max_seconds, repeats=opts.repeats)
   if compiled is None:
     return result
   if impl == KERNEL and mode == "fwd":
     # The kernel has never run on hardware before: a fast wrong answer must not pass as a result.
-    y, y_ref = compiled(*inputs), jax.jit(_build("chunked", "fwd"))(*inputs)
+    y, y_ref = compiled(*inputs), jax.jit(build("chunked", "fwd"))(*inputs)
     result["max_rel_err_vs_chunked"] = float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref)))
   return result
 

@@ -390,3 +390,29 @@ def test_layout_names_orbax_tmp_folders_as_orbax_does():
   assert layout.TMP_MARK == ocp.path.atomicity_types.TMP_DIR_SUFFIX
   from orbax.checkpoint._src.path import atomicity  # pylint: disable=import-outside-toplevel
   assert layout.COMMIT_FILE == atomicity.COMMIT_SUCCESS_FILE
+
+
+def test_late_read_errors_of_a_damaged_step_print_nothing_after_the_error():
+  """The reads still in flight when a damaged step's restore fails end later; asyncio reports their futures (whose
+  TensorStore exception has no traceback) when they are collected. Once a restore has failed, those reports are
+  dropped and any other never-retrieved exception is still reported (judged by asyncio's own logging)."""
+  script = textwrap.dedent("""
+      import asyncio, gc, logging
+      logging.basicConfig(format="LOG %(message)s")
+      from megalodon_jax.checkpoints import manager
+      manager._ignore_late_read_callbacks()
+      loop = asyncio.new_event_loop()
+      for text in ['OUT_OF_RANGE: Error reading "params.w/0.0" in OCDBT database at local file "/x/state/"', "boom"]:
+        future = loop.create_future()
+        future.set_exception(ValueError(text))
+        del future
+        gc.collect()
+      loop.close()
+      print("done")
+      """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))},
+                          check=False)
+  assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr
+  assert "OUT_OF_RANGE" not in result.stderr
+  assert "Future exception was never retrieved" in result.stderr and "ValueError: boom" in result.stderr

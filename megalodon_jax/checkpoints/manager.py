@@ -62,9 +62,19 @@ def _ignore_late_read_callbacks() -> None:
 
   excepthook._megalodon_quiet = True  # type: ignore[attr-defined]
   sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
-  # The metadata reads of a damaged step end the same way, in tasks asyncio reports with their whole spec dump.
-  logging.getLogger("asyncio").addFilter(
-      lambda record: not str(record.msg).startswith("Task exception was never retrieved"))
+  # The metadata reads of a damaged step end the same way, in tasks asyncio reports with their whole spec dump, and
+  # TensorStore's own futures in asyncio futures whose exception carries no traceback (so asyncio's report ends in
+  # a bare "ValueError: OUT_OF_RANGE ..." line after the one-line error).
+  logging.getLogger("asyncio").addFilter(_keep_asyncio_record)
+
+
+def _keep_asyncio_record(record: logging.LogRecord) -> bool:
+  message = str(record.msg)
+  if message.startswith("Task exception was never retrieved"):
+    return False
+  if message.startswith("Future exception was never retrieved"):
+    return not (record.exc_info and _late_read_error(record.exc_info[1]))
+  return True
 
 
 class Checkpointer:

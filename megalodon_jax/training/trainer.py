@@ -56,9 +56,13 @@ class _Run:
     self.tokenizer_model = (self.tokenizer.model_bytes()
                             if isinstance(self.tokenizer, data_lib.SentencePieceTokenizer) else None)
     self.ckpt_dir = ckpt_layout.checkpoints_dir(workdir)
+    self.program = TrainProgram.build(self.cfg, devices, vocab_size=self.tokenizer.vocab_size)
+
+  def check_checkpoints(self) -> None:
+    """Checks the checkpoint folder; called with the workdir lock held, so a refused second run says only that the
+    workdir is in use, never what it saw of the first run's saves in flight."""
     if paths.as_path(self.ckpt_dir).exists():
       ckpt_layout.check_directory(self.ckpt_dir, check_steps=False)  # damaged steps: see _resume
-    self.program = TrainProgram.build(self.cfg, devices, vocab_size=self.tokenizer.vocab_size)
 
 
 def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None, *,
@@ -81,6 +85,11 @@ def train_and_evaluate(cfg: Any, workdir: str, devices: Optional[list] = None, *
   cfg = run.cfg
   # One writer per workdir: process 0 holds the lock for the whole run, the other processes share its outcome.
   lock = process_lock.hold(workdir, run.is_main)
+  try:
+    run.check_checkpoints()
+  except BaseException:
+    lock.release()  # refused before anything was written: the workdir stays as it was
+    raise
   try:
     goodput.resume(workdir, run.is_main)
     goodput.count_compiles()

@@ -110,10 +110,13 @@ class MegalodonLM(nnx.Module):
       if cache_ids is None:  # a Cache built without the field: no cached ids yet
         cache_ids = jnp.zeros((input_ids.shape[0], c.chunk_size), jnp.int32)
       docs = document_boundaries.from_positions(positions, cache_ids, cache.count)
-    new_layers = []
-    for block, layer_cache in zip(self.layers, cache.layers):
-      x, layer_cache = block(x, inv_freq, layer_cache, cache.count, docs)
-      new_layers.append(layer_cache)
+    if c.scan_layers and c.num_layers > 1:
+      x, new_layers = _scan_blocks_cached(list(self.layers), x, inv_freq, cache.layers, cache.count, docs)
+    else:
+      new_layers = []
+      for block, layer_cache in zip(self.layers, cache.layers):
+        x, layer_cache = block(x, inv_freq, layer_cache, cache.count, docs)
+        new_layers.append(layer_cache)
     x, norm_state = self.final_norm(x, cache.final_norm, resets=None if docs is None else docs.resets)
     logits = self.head(x)
     if docs is not None:  # the ids of the slots every layer just wrote into its KV cache
@@ -205,3 +208,26 @@ def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
   for i, b in enumerate(blocks):
     nnx.update(b, jax.tree.map(lambda leaf: leaf[i], new_states))
   return x
+
+
+def _scan_blocks_cached(blocks: list, x: jax.Array, inv_freq: jax.Array, layer_caches: tuple, count: jax.Array,
+                        docs: Optional[document_boundaries.Documents]) -> tuple[jax.Array, tuple]:
+  """The streaming path's blocks as one `lax.scan` (as `_scan_blocks`): a prefill or decode program compiles one
+  block whatever the depth. The per-layer caches are stacked for the scan and split again after it, so the Cache
+  keeps one LayerCache per block.
+
+  x: (B, L, D); layer_caches: one LayerCache per block -> ((B, L, D), tuple of the updated LayerCaches).
+  """
+  graphdef, stacked = stack_blocks(blocks)
+  stacked_caches = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layer_caches)
+
+  def body(h, xs):
+    state, layer_cache = xs
+    block = nnx.merge(graphdef, state)
+    h, layer_cache = block(h, inv_freq, layer_cache, count, docs)
+    return h, (layer_cache, nnx.state(block, nnx.RngState))
+
+  x, (new_caches, new_states) = jax.lax.scan(body, x, (stacked, stacked_caches))
+  for i, b in enumerate(blocks):
+    nnx.update(b, jax.tree.map(lambda leaf: leaf[i], new_states))
+  return x, tuple(jax.tree.map(lambda leaf: leaf[i], new_caches) for i in range(len(blocks)))

@@ -111,7 +111,7 @@ class MegalodonLM(nnx.Module):
         cache_ids = jnp.zeros((input_ids.shape[0], c.chunk_size), jnp.int32)
       docs = document_boundaries.from_positions(positions, cache_ids, cache.count)
     if c.scan_layers and c.num_layers > 1:
-      x, new_layers = _scan_blocks_cached(list(self.layers), x, inv_freq, cache.layers, cache.count, docs)
+      x, new_layers = _scan_blocks(list(self.layers), x, inv_freq, "none", docs, cache.layers, cache.count)
     else:
       new_layers = []
       for block, layer_cache in zip(self.layers, cache.layers):
@@ -136,7 +136,7 @@ class MegalodonLM(nnx.Module):
     x, inv_freq = self._embed(input_ids)
     docs = None if positions is None else document_boundaries.from_positions(positions)
     if c.scan_layers and c.num_layers > 1:
-      x = _scan_blocks(list(self.layers), x, inv_freq, c.remat_policy, docs)
+      x, _ = _scan_blocks(list(self.layers), x, inv_freq, c.remat_policy, docs)
     else:
       run = _remat_block(c.remat_policy)
       for block in self.layers:
@@ -185,41 +185,22 @@ def _remat_block(policy: str):
 
 
 def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
-                 docs: Optional[document_boundaries.Documents] = None) -> jax.Array:
-  """All blocks as one `lax.scan`, so the block is traced and compiled once whatever the depth.
+                 docs: Optional[document_boundaries.Documents] = None, caches: Optional[tuple] = None,
+                 count: Optional[jax.Array] = None):
+  """All blocks as one `lax.scan`, so the block is traced and compiled once whatever the depth (training, and the
+  streaming path's prefill and decode).
 
   Parameters stay stored per block (checkpoints, conversion and sharding rules are the same with or without
   scanning) and are stacked along a new leading axis for the call; this costs one transient copy of the block
   parameters and returns their gradients through the stack. The only state a call updates, the dropout RNG
-  counters, is written back to each block.
+  counters, is written back to each block. With `caches` (one LayerCache per block) the caches are stacked the same
+  way and split again after the scan, so the model's Cache keeps one LayerCache per block.
 
-  x: (B, L, D) activations -> (B, L, D); docs: optional document boundaries (every block).
+  x: (B, L, D) activations; docs: optional document boundaries (every block).
+  Returns (x, tuple of the updated LayerCaches, or None without `caches`).
   """
   graphdef, stacked = stack_blocks(blocks)
-
-  def body(h, state):
-    block = nnx.merge(graphdef, state)
-    h, _ = block(h, inv_freq, docs=docs)
-    return h, nnx.state(block, nnx.RngState)
-
-  if policy != "none":
-    body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[policy]))
-  x, new_states = jax.lax.scan(body, x, stacked)
-  for i, b in enumerate(blocks):
-    nnx.update(b, jax.tree.map(lambda leaf: leaf[i], new_states))
-  return x
-
-
-def _scan_blocks_cached(blocks: list, x: jax.Array, inv_freq: jax.Array, layer_caches: tuple, count: jax.Array,
-                        docs: Optional[document_boundaries.Documents]) -> tuple[jax.Array, tuple]:
-  """The streaming path's blocks as one `lax.scan` (as `_scan_blocks`): a prefill or decode program compiles one
-  block whatever the depth. The per-layer caches are stacked for the scan and split again after it, so the Cache
-  keeps one LayerCache per block.
-
-  x: (B, L, D); layer_caches: one LayerCache per block -> ((B, L, D), tuple of the updated LayerCaches).
-  """
-  graphdef, stacked = stack_blocks(blocks)
-  stacked_caches = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layer_caches)
+  stacked_caches = None if caches is None else jax.tree.map(lambda *leaves: jnp.stack(leaves), *caches)
 
   def body(h, xs):
     state, layer_cache = xs
@@ -227,7 +208,11 @@ def _scan_blocks_cached(blocks: list, x: jax.Array, inv_freq: jax.Array, layer_c
     h, layer_cache = block(h, inv_freq, layer_cache, count, docs)
     return h, (layer_cache, nnx.state(block, nnx.RngState))
 
+  if policy != "none":
+    body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[policy]))
   x, (new_caches, new_states) = jax.lax.scan(body, x, (stacked, stacked_caches))
   for i, b in enumerate(blocks):
     nnx.update(b, jax.tree.map(lambda leaf: leaf[i], new_states))
+  if caches is None:
+    return x, None
   return x, tuple(jax.tree.map(lambda leaf: leaf[i], new_caches) for i in range(len(blocks)))

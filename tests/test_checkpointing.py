@@ -17,6 +17,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cli_harness import env
 from gcs_emulator import fake_gcs  # noqa: F401  pylint: disable=unused-import
 from megalodon_jax.errors import CheckpointError
 from megalodon_jax.checkpoints.layout import check_directory
@@ -411,8 +412,7 @@ def test_late_read_errors_of_a_damaged_step_print_nothing_after_the_error():
       print("done")
       """)
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))},
-                          check=False)
+                          env=env(), check=False)
   assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr
   assert "OUT_OF_RANGE" not in result.stderr
   assert "Future exception was never retrieved" in result.stderr and "ValueError: boom" in result.stderr

@@ -29,16 +29,27 @@ from megalodon_jax.ops.timestep_norm import NormState
 class Cache(NamedTuple):
   """Streaming state of the whole model; a pytree, usable under `jax.jit`.
 
-  layers: one LayerCache per block.  final_norm: the output TimestepNorm's state.
+  layers: the blocks' LayerCaches as one, every leaf stacked over the blocks on axis 1 (after the batch axis): k is
+    (B, num_layers, C, H, dz), the norm counts (B, num_layers); `layer(i)` reads block i's. One array per field lets
+    a call update the whole cache in place (the scanned blocks read and write their slice of it).
+  final_norm: the output TimestepNorm's state.
   count: () int32, tokens of the current attention chunk already in the KV caches (0 ≤ count < chunk_size).
   segment_ids: (B, C) int32 document ids of the KV cache slots, shared by every layer (only read when a call
   passes positions; `init_cache` makes zeros).
   Its size does not grow with the stream: KV of at most one chunk, CEMA and norm states per layer.
   """
-  layers: tuple[LayerCache, ...]
+  layers: LayerCache
   final_norm: NormState
   count: jax.Array
   segment_ids: Optional[jax.Array] = None
+
+  @property
+  def num_layers(self) -> int:
+    return self.layers.k.shape[1]
+
+  def layer(self, i) -> LayerCache:
+    """Block i's LayerCache (i: an int, or a traced int32 scalar)."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False), self.layers)
 
 
 class MegalodonLM(nnx.Module):
@@ -74,13 +85,13 @@ class MegalodonLM(nnx.Module):
     del max_length
     c = self.config
     dt = jnp.dtype(c.dtype)
-    layers = tuple(
+    layers = _stack_layer_caches([
         LayerCache(
             k=jnp.zeros((batch_size, c.chunk_size, c.num_heads, c.z_head_dim), dt),
             v=jnp.zeros((batch_size, c.chunk_size, c.num_heads, c.v_head_dim), dt),
             norm=blk.mega.timenorm.initial_state(batch_size),
             cema=jnp.zeros((batch_size, c.model_dim, c.cema_ndim, 2), jnp.float32),
-        ) for blk in self.layers)
+        ) for blk in self.layers])
     return Cache(layers, self.final_norm.initial_state(batch_size), jnp.zeros((), jnp.int32),
                  jnp.zeros((batch_size, c.chunk_size), jnp.int32))
 
@@ -113,16 +124,16 @@ class MegalodonLM(nnx.Module):
     if c.scan_layers and c.num_layers > 1:
       x, new_layers = _scan_blocks(list(self.layers), x, inv_freq, "none", docs, cache.layers, cache.count)
     else:
-      new_layers = []
-      for block, layer_cache in zip(self.layers, cache.layers):
-        x, layer_cache = block(x, inv_freq, layer_cache, cache.count, docs)
-        new_layers.append(layer_cache)
+      new_layers = cache.layers
+      for i, block in enumerate(self.layers):
+        x, layer_cache = block(x, inv_freq, cache.layer(i), cache.count, docs)
+        new_layers = _write_layer_cache(new_layers, i, layer_cache)
     x, norm_state = self.final_norm(x, cache.final_norm, resets=None if docs is None else docs.resets)
     logits = self.head(x)
     if docs is not None:  # the ids of the slots every layer just wrote into its KV cache
       cache_ids = next_cache_segment_ids(cache_ids, docs.segment_ids, cache.count, c.chunk_size)
     count = (cache.count + input_ids.shape[1]) % c.chunk_size
-    return logits, Cache(tuple(new_layers), norm_state, count, cache_ids)
+    return logits, Cache(new_layers, norm_state, count, cache_ids)
 
   @under_matmul_precision
   def features(self, input_ids: jax.Array, *, positions: Optional[jax.Array] = None) -> jax.Array:
@@ -168,8 +179,10 @@ class MegalodonLM(nnx.Module):
     c = self.config
     check_token_inputs(input_ids, c.vocab_size, positions)
     if cache is not None:
-      if len(cache.layers) != c.num_layers:
-        raise ValueError(f"cache has {len(cache.layers)} layers; the model has num_layers={c.num_layers}")
+      if not isinstance(cache.layers, LayerCache) or cache.layers.k.ndim != 5:
+        raise ValueError("cache.layers must be one LayerCache stacked over the blocks on axis 1 (model.init_cache)")
+      if cache.num_layers != c.num_layers:
+        raise ValueError(f"cache has {cache.num_layers} layers; the model has num_layers={c.num_layers}")
       if cache.final_norm.mean.shape[0] != input_ids.shape[0]:
         raise ValueError(f"cache was made for batch size {cache.final_norm.mean.shape[0]}; input_ids has batch "
                          f"size {input_ids.shape[0]}")
@@ -184,8 +197,19 @@ def _remat_block(policy: str):
   return nnx.remat(run, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[policy]))
 
 
+def _stack_layer_caches(caches: list) -> LayerCache:
+  """One LayerCache per block -> one LayerCache, every leaf stacked over the blocks on axis 1."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves, axis=1), *caches)
+
+
+def _write_layer_cache(stacked: LayerCache, i, new: LayerCache) -> LayerCache:
+  """`stacked` with block i's slice replaced by `new` (an in-place update when the buffer is donated or carried)."""
+  return jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), i, axis=1),
+                      stacked, new)
+
+
 def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
-                 docs: Optional[document_boundaries.Documents] = None, caches: Optional[tuple] = None,
+                 docs: Optional[document_boundaries.Documents] = None, caches: Optional[LayerCache] = None,
                  count: Optional[jax.Array] = None):
   """All blocks as one `lax.scan`, so the block is traced and compiled once whatever the depth (training, and the
   streaming path's prefill and decode).
@@ -193,26 +217,29 @@ def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
   Parameters stay stored per block (checkpoints, conversion and sharding rules are the same with or without
   scanning) and are stacked along a new leading axis for the call; this costs one transient copy of the block
   parameters and returns their gradients through the stack. The only state a call updates, the dropout RNG
-  counters, is written back to each block. With `caches` (one LayerCache per block) the caches are stacked the same
-  way and split again after the scan, so the model's Cache keeps one LayerCache per block.
+  counters, is written back to each block. `caches` (the Cache's stacked LayerCache) rides in the scan's carry:
+  block i reads and writes its slice in place, so streaming holds one copy of the cache, not three.
 
   x: (B, L, D) activations; docs: optional document boundaries (every block).
-  Returns (x, tuple of the updated LayerCaches, or None without `caches`).
+  Returns (x, the updated stacked LayerCache, or None without `caches`).
   """
   graphdef, stacked = stack_blocks(blocks)
-  stacked_caches = None if caches is None else jax.tree.map(lambda *leaves: jnp.stack(leaves), *caches)
 
-  def body(h, xs):
-    state, layer_cache = xs
+  def body(carry, xs):
+    h, layer_caches = carry
+    state, i = xs
     block = nnx.merge(graphdef, state)
-    h, layer_cache = block(h, inv_freq, layer_cache, count, docs)
-    return h, (layer_cache, nnx.state(block, nnx.RngState))
+    if layer_caches is None:
+      h, _ = block(h, inv_freq, docs=docs)
+    else:
+      layer_cache = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False), layer_caches)
+      h, layer_cache = block(h, inv_freq, layer_cache, count, docs)
+      layer_caches = _write_layer_cache(layer_caches, i, layer_cache)
+    return (h, layer_caches), nnx.state(block, nnx.RngState)
 
   if policy != "none":
     body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[policy]))
-  x, (new_caches, new_states) = jax.lax.scan(body, x, (stacked, stacked_caches))
+  (x, caches), new_states = jax.lax.scan(body, (x, caches), (stacked, jnp.arange(len(blocks), dtype=jnp.int32)))
   for i, b in enumerate(blocks):
     nnx.update(b, jax.tree.map(lambda leaf: leaf[i], new_states))
-  if caches is None:
-    return x, None
-  return x, tuple(jax.tree.map(lambda leaf: leaf[i], new_caches) for i in range(len(blocks)))
+  return x, caches

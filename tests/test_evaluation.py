@@ -139,7 +139,7 @@ def _official_driver(model, tokens, window: NormWindow):
     if window.truncate_chunks * c <= e and (e < n_chunks * c or prev_pos < length):
       ss = e - (window.truncate_chunks - window.step_chunks) * c
       _, fresh = feed(ids[:, ss:e], model.init_cache(1))
-      cache = cache._replace(layers=tuple(l._replace(norm=f.norm) for l, f in zip(cache.layers, fresh.layers)),
+      cache = cache._replace(layers=cache.layers._replace(norm=fresh.layers.norm),
                              final_norm=fresh.final_norm)
   if prev_pos < length:
     out, _ = feed(ids[:, prev_pos:], cache)

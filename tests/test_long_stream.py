@@ -90,11 +90,11 @@ def test_million_token_stream_has_constant_cache_and_finite_outputs():
   assert bytes_at_1k == _cache_bytes(cache) == start_bytes
   # An untrained model: per-token losses near log(256), finite everywhere.
   assert np.all(np.isfinite(losses)) and 0.5 * np.log(256) < np.mean(losses) < 2 * np.log(256), np.mean(losses)
-  for norm in [layer.norm for layer in cache.layers] + [cache.final_norm]:
+  for norm in [cache.layer(i).norm for i in range(cache.num_layers)] + [cache.final_norm]:
     assert int(total_count(norm)[0]) == TOTAL
     assert np.all(np.isfinite(np.asarray(norm.mean))) and np.all(np.asarray(norm.var) > 0)
   assert int(cache.count) == TOTAL % CFG.chunk_size
-  assert np.all(np.isfinite(np.asarray(cache.layers[0].cema)))
+  assert np.all(np.isfinite(np.asarray(cache.layer(0).cema)))
 
 
 def test_norm_counts_continue_past_int32_inside_the_model():
@@ -106,11 +106,11 @@ def test_norm_counts_continue_past_int32_inside_the_model():
   lo, hi = split_count(2**31 - 3, 1)
 
   def far(norm: NormState) -> NormState:  # the same statistics, as if after 2^31 - 3 steps
-    return norm._replace(count=lo, count_hi=hi)
+    return norm._replace(count=jnp.full_like(norm.count, lo[0]), count_hi=jnp.full_like(norm.count_hi, hi[0]))
 
-  cache = fresh._replace(layers=tuple(l._replace(norm=far(l.norm)) for l in fresh.layers),
+  cache = fresh._replace(layers=fresh.layers._replace(norm=far(fresh.layers.norm)),
                          final_norm=far(fresh.final_norm))
   _, finite, cache = _step(graphdef, state, cache, jnp.asarray(ids[1]))
   assert bool(finite)
-  for norm in [layer.norm for layer in cache.layers] + [cache.final_norm]:
+  for norm in [cache.layer(i).norm for i in range(cache.num_layers)] + [cache.final_norm]:
     assert int(total_count(norm)[0]) == 2**31 - 3 + PIECE

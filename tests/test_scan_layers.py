@@ -100,7 +100,7 @@ def _stream(model, ids, pieces, positions=None):
 @pytest.mark.parametrize("with_positions", [False, True])
 def test_streaming_through_the_cache_matches_unrolled(with_positions):
   """The cache path scans the blocks too: pieces crossing chunk boundaries give the unrolled model's logits and
-  the same per-layer caches (the Cache keeps one LayerCache per block)."""
+  the same caches (one stacked LayerCache, blocks on axis 1)."""
   plain, scanned = _pair()
   ids = _ids((2, 23), seed=3)
   positions = None
@@ -112,7 +112,7 @@ def test_streaming_through_the_cache_matches_unrolled(with_positions):
   logits_p, cache_p = _stream(plain, ids, pieces, positions)
   logits_s, cache_s = _stream(scanned, ids, pieces, positions)
   np.testing.assert_allclose(np.asarray(logits_s), np.asarray(logits_p), rtol=0, atol=2e-5)
-  assert len(cache_s.layers) == 3
+  assert cache_s.num_layers == cache_p.num_layers == 3
   for a, b in zip(jax.tree.leaves(cache_s), jax.tree.leaves(cache_p)):
     assert a.shape == b.shape and a.dtype == b.dtype
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)

@@ -63,10 +63,11 @@ def _segment(graphdef: nnx.GraphDef, state, cache, ids: jax.Array, targets: jax.
 
 @functools.partial(jax.jit, static_argnums=0)
 def _window_norms(graphdef: nnx.GraphDef, state, ids: jax.Array):
-  """ids: (R, W) -> every TimestepNorm state after running ids from an empty cache (layers', final)."""
+  """ids: (R, W) -> every TimestepNorm state after running ids from an empty cache (the blocks' stacked on axis 1,
+  the final norm's)."""
   model = nnx.merge(graphdef, state)
   _, fresh = model(ids, cache=model.init_cache(ids.shape[0], max_length=ids.shape[1]))  # logits unused: dropped
-  return tuple(layer.norm for layer in fresh.layers), fresh.final_norm
+  return fresh.layers.norm, fresh.final_norm
 
 
 class Evaluator:
@@ -162,7 +163,7 @@ class Evaluator:
       tops.append(top)
       if renormalise:
         norms, final = _window_norms(self.graphdef, self.state, jnp.asarray(x[:, end - w.window_chunks * c:end]))
-        cache = cache._replace(layers=tuple(l._replace(norm=n) for l, n in zip(cache.layers, norms)), final_norm=final)
+        cache = cache._replace(layers=cache.layers._replace(norm=norms), final_norm=final)
     done = np.concatenate([np.asarray(o) for o in out], axis=1)
     top = np.concatenate([np.asarray(o) for o in tops], axis=1)
     # NaN (False) marks positions a window schedule never reached

@@ -13,6 +13,12 @@ import pytest
 
 from megalodon_jax import platforms
 
+# The suite is dominated by XLA:CPU compiles of tiny programs: LLVM at -O0 halves them (a cache-path test: 62 ->
+# 31 s). XLA's own HLO passes are unchanged and there is no fast-math either way; only the vectorisation of loops
+# (rounding order within a reduction) differs. Subprocesses inherit it. Set here, before the backend starts.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
 # Before any backend starts: single-device code still runs on device 0, sharding tests get 8 devices in-process.
 platforms.skip_absent_tpu()  # no libtpu warnings in the test logs (the command lines do the same)
 jax.config.update("jax_num_cpu_devices", 8)

@@ -49,7 +49,7 @@ class Cache(NamedTuple):
 
   def layer(self, i) -> LayerCache:
     """Block i's LayerCache (i: an int, or a traced int32 scalar)."""
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False), self.layers)
+    return _read_layer_cache(self.layers, i)
 
 
 class MegalodonLM(nnx.Module):
@@ -202,6 +202,11 @@ def _stack_layer_caches(caches: list) -> LayerCache:
   return jax.tree.map(lambda *leaves: jnp.stack(leaves, axis=1), *caches)
 
 
+def _read_layer_cache(stacked: LayerCache, i) -> LayerCache:
+  """Block i's slice of the stacked LayerCache (i: an int, or a traced int32 scalar)."""
+  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False), stacked)
+
+
 def _write_layer_cache(stacked: LayerCache, i, new: LayerCache) -> LayerCache:
   """`stacked` with block i's slice replaced by `new` (an in-place update when the buffer is donated or carried)."""
   return jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), i, axis=1),
@@ -232,8 +237,7 @@ def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
     if layer_caches is None:
       h, _ = block(h, inv_freq, docs=docs)
     else:
-      layer_cache = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False), layer_caches)
-      h, layer_cache = block(h, inv_freq, layer_cache, count, docs)
+      h, layer_cache = block(h, inv_freq, _read_layer_cache(layer_caches, i), count, docs)
       layer_caches = _write_layer_cache(layer_caches, i, layer_cache)
     return (h, layer_caches), nnx.state(block, nnx.RngState)
 

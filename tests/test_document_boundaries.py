@@ -62,23 +62,38 @@ TARGETS = jnp.concatenate([IDS[:, 1:], IDS[:, :1]], axis=1)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _alone(graphdef, state) -> list:
-  """Each document run alone, all in one program (run op by op, the 11 shapes compiled for minutes)."""
-  model = nnx.merge(graphdef, state)
-  return [[model(IDS[r:r + 1, a:b])[0] for a, b in spans(r)] for r in range(2)]
-
-
-@functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, positions=None):
   return nnx.merge(graphdef, state)(IDS, positions=positions)
 
 
-def separately(model) -> np.ndarray:
+# The reference of every case: each document run alone, from an empty state, through the sequential CEMA
+# recurrence and XLA attention without positions (the plain path, checked against the official fixtures; all
+# implementations agree to float32 rounding there, tests/test_cema.py and test_pallas_*.py). The model is causal
+# (CEMA, the cumulative timestep norm and chunk-causal attention only look back), so a document alone in a row of
+# L tokens, right-padded, gives the same outputs at its own positions: the 11 documents run as one (11, L) batch,
+# one program instead of one per document length.
+REFERENCE = ("sequential", "xla")
+DOCS = [(r, a, b) for r in range(2) for a, b in spans(r)]
+
+
+def _documents_alone():
+  """(11, L) ids (each document from position 0, then padding), next-token targets and their 0/1 weights."""
+  ids, targets, weights = (np.zeros((len(DOCS), L), np.int32) for _ in range(3))
+  ids_np = np.asarray(IDS)
+  for i, (r, a, b) in enumerate(DOCS):
+    ids[i, :b - a] = ids_np[r, a:b]
+    targets[i, :b - a - 1] = ids_np[r, a + 1:b]  # a document's own targets: tokens a+1..b-1 predicted from a..b-2
+    weights[i, :b - a - 1] = 1
+  return jnp.asarray(ids), jnp.asarray(targets), jnp.asarray(weights)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_logits() -> np.ndarray:
+  graphdef, state = nnx.split(build(*REFERENCE))
+  alone = np.asarray(jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))(state, _documents_alone()[0]))
   out = np.zeros((2, L, TINY["vocab_size"]), np.float64)
-  pieces = _alone(*nnx.split(model))
-  for r in range(2):
-    for (a, b), piece in zip(spans(r), pieces[r]):
-      out[r, a:b] = np.asarray(piece)
+  for i, (r, a, b) in enumerate(DOCS):
+    out[r, a:b] = alone[i, :b - a]
   return out
 
 
@@ -93,8 +108,27 @@ def test_packed_logits_equal_each_document_alone(cema_impl, attention_impl):
   model = build(cema_impl, attention_impl)
   graphdef, state = nnx.split(model)
   packed = _forward(graphdef, state, jnp.asarray(packed_positions()))
-  assert _rel(packed, separately(model)) <= 1e-5
+  assert _rel(packed, reference_logits()) <= 1e-5
   assert _rel(_forward(graphdef, state), packed) > 1e-3  # without boundaries the later documents see the earlier ones
+
+
+def _split_params(model):
+  return nnx.split(model, nnx.Param, ...)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_loss_and_grads():
+  """The loss summed over the documents run alone, each predicting only its own next tokens, and its gradients
+  (the reference model's parameters are every case's: the same config but for the implementations, the same
+  seed; the test checks it)."""
+  graphdef, params, rest = _split_params(build(*REFERENCE))
+  ids, targets, weights = _documents_alone()
+
+  def separate_loss(params):
+    m = nnx.merge(graphdef, params, rest)
+    return chunked_lm_loss(m.head, m.features(ids), targets, 0, weights)[0]
+
+  return jax.jit(jax.value_and_grad(separate_loss))(params)
 
 
 def _target_mask():
@@ -108,7 +142,7 @@ def test_packed_loss_and_gradients_equal_the_documents_summed(cema_impl, attenti
   """The masked loss skips each document's first target (predicted from the previous document); its sum and
   gradients equal those of the documents run alone, each predicting only its own next tokens."""
   model = build(cema_impl, attention_impl)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = _split_params(model)
   positions = jnp.asarray(packed_positions())
   mask = _target_mask()
 
@@ -116,18 +150,12 @@ def test_packed_loss_and_gradients_equal_the_documents_summed(cema_impl, attenti
     m = nnx.merge(graphdef, params, rest)
     return chunked_lm_loss(m.head, m.features(IDS, positions=positions), TARGETS, 16, mask)[0]
 
-  def separate_loss(params):
-    m = nnx.merge(graphdef, params, rest)
-    total = 0.0
-    for r in range(2):
-      for a, b in spans(r):
-        if b - a > 1:  # a document's own targets: tokens a+1..b-1 predicted from a..b-2
-          total = total + chunked_lm_loss(m.head, m.features(IDS[r:r + 1, a:b - 1]), IDS[r:r + 1, a + 1:b], 0)[0]
-    return total
-
   assert int(jnp.sum(mask)) == sum(b - a - 1 for r in range(2) for a, b in spans(r))
   v0, g0 = jax.jit(jax.value_and_grad(packed_loss))(params)
-  v1, g1 = jax.jit(jax.value_and_grad(separate_loss))(params)  # one program: op by op it compiled for minutes
+  v1, g1 = reference_loss_and_grads()
+  ref_params = _split_params(build(*REFERENCE))[1]
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params), strict=True):
+    np.testing.assert_array_equal(a, b)  # the same model but for its implementations
   assert _rel(v0, v1) <= 1e-5
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree_util.tree_leaves_with_path(g1)):
     assert _rel(a, b) <= 1e-5, jax.tree_util.keystr(path)
@@ -149,8 +177,8 @@ def test_streaming_across_a_boundary_equals_the_full_forward():
 
 
 def test_carry_path_is_unchanged_and_all_continuations_equal_no_boundaries():
-  model = build("chunked", "xla")
-  plain = model(IDS)
+  graphdef, state = nnx.split(build("chunked", "xla"))
+  plain = _forward(graphdef, state)
   # A window that starts mid-document and never restarts: positions without a 0 give the no-boundary result.
   cont = jnp.asarray(np.arange(5, 5 + L)[None].repeat(2, 0), jnp.int32)
-  assert _rel(model(IDS, positions=cont), plain) <= 1e-6
+  assert _rel(_forward(graphdef, state, cont), plain) <= 1e-6

@@ -114,13 +114,19 @@ class TrainProgram:
       return ts.init_state(params, buffers, tx, jax.random.key_data(jax.random.key(config.seed + 1)))
 
     with jax.set_mesh(self.mesh):
-      return jax.jit(init, out_shardings=self.state_shardings)()
+      return jax.jit(init, out_shardings=self.state_shardings, compiler_options=self._run_once_options())()
+
+  def _run_once_options(self) -> Optional[dict[str, Any]]:
+    """XLA options of a program that runs once (the init): on CPU, LLVM at -O0 halves its compile (a cold
+    quickstart's init: benchmarks/RESULTS.md) and its one run does not notice; elsewhere the defaults."""
+    return {"xla_backend_optimization_level": 0} if self.devices[0].platform == "cpu" else None
 
   def from_params(self, params: Any) -> ts.TrainState:
     """Step-0 state around given params (init_from): fresh buffers, optimizer state and rng."""
     state = self.fresh_state()
     with jax.set_mesh(self.mesh):
-      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state,
+                          compiler_options=self._run_once_options())(params)
     return state.replace(params=params, opt_state=opt_state)
 
   def model(self, state: ts.TrainState) -> Any:

@@ -87,10 +87,20 @@ def _documents_alone():
   return jnp.asarray(ids), jnp.asarray(targets), jnp.asarray(weights)
 
 
+def _split_params(model):
+  return nnx.split(model, nnx.Param, ...)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference():
+  """(graphdef, params, rest) of the reference model, built once for every case."""
+  return _split_params(build(*REFERENCE))
+
+
 @functools.lru_cache(maxsize=None)
 def reference_logits() -> np.ndarray:
-  graphdef, state = nnx.split(build(*REFERENCE))
-  alone = np.asarray(jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))(state, _documents_alone()[0]))
+  graphdef, params, rest = _reference()
+  alone = np.asarray(jax.jit(lambda p, ids: nnx.merge(graphdef, p, rest)(ids))(params, _documents_alone()[0]))
   out = np.zeros((2, L, TINY["vocab_size"]), np.float64)
   for i, (r, a, b) in enumerate(DOCS):
     out[r, a:b] = alone[i, :b - a]
@@ -112,16 +122,12 @@ def test_packed_logits_equal_each_document_alone(cema_impl, attention_impl):
   assert _rel(_forward(graphdef, state), packed) > 1e-3  # without boundaries the later documents see the earlier ones
 
 
-def _split_params(model):
-  return nnx.split(model, nnx.Param, ...)
-
-
 @functools.lru_cache(maxsize=None)
 def reference_loss_and_grads():
   """The loss summed over the documents run alone, each predicting only its own next tokens, and its gradients
   (the reference model's parameters are every case's: the same config but for the implementations, the same
   seed; the test checks it)."""
-  graphdef, params, rest = _split_params(build(*REFERENCE))
+  graphdef, params, rest = _reference()
   ids, targets, weights = _documents_alone()
 
   def separate_loss(params):
@@ -153,8 +159,7 @@ def test_packed_loss_and_gradients_equal_the_documents_summed(cema_impl, attenti
   assert int(jnp.sum(mask)) == sum(b - a - 1 for r in range(2) for a, b in spans(r))
   v0, g0 = jax.jit(jax.value_and_grad(packed_loss))(params)
   v1, g1 = reference_loss_and_grads()
-  ref_params = _split_params(build(*REFERENCE))[1]
-  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params), strict=True):
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(_reference()[1]), strict=True):
     np.testing.assert_array_equal(a, b)  # the same model but for its implementations
   assert _rel(v0, v1) <= 1e-5
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree_util.tree_leaves_with_path(g1)):

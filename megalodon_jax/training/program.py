@@ -117,8 +117,8 @@ class TrainProgram:
       return jax.jit(init, out_shardings=self.state_shardings, compiler_options=self._run_once_options())()
 
   def _run_once_options(self) -> Optional[dict[str, Any]]:
-    """XLA options of a program that runs once (the init): on CPU, LLVM at -O0 halves its compile (a cold
-    quickstart's init: benchmarks/RESULTS.md) and its one run does not notice; elsewhere the defaults."""
+    """XLA options of a program that runs once (the init): on CPU, LLVM at -O0, which compiles faster and costs
+    the one run little (benchmarks/RESULTS.md, "Quickstart: where the cold start goes"); elsewhere the defaults."""
     return {"xla_backend_optimization_level": 0} if self.devices[0].platform == "cpu" else None
 
   def from_params(self, params: Any) -> ts.TrainState:

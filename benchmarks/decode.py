@@ -69,7 +69,7 @@ def _cache_bytes(cache) -> int:
 
 def _timed_prefill(gen: generation.Generator, ids: np.ndarray, cache=None):
   t0 = time.perf_counter()
-  cache = gen.prefill(ids, cache)
+  cache, _ = gen.prefill(ids, cache)
   jax.block_until_ready(cache)
   return cache, time.perf_counter() - t0
 

@@ -38,8 +38,9 @@ class LanguageModel(Protocol):
     """The empty streaming state for `batch_size` sequences (a pytree) that will hold up to `max_length` tokens
     (a constant-size cache ignores it; a KV cache needs it)."""
 
-  def __call__(self, input_ids, cache=None):
-    """(B, L) ids -> (B, L, V) logits, and with a cache the cache after them: (logits, cache)."""
+  def __call__(self, input_ids, cache=None, *, last_only=False):
+    """(B, L) ids -> (B, L, V) logits, and with a cache the cache after them: (logits, cache); with a cache and
+    `last_only`, the logits of the last position only, (B, 1, V)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ See docs/model.md#block and docs/streaming.md."""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ from flax import nnx
 
 from megalodon_jax.config import REMAT_POLICIES, MegalodonConfig, rope_inv_freq
 from megalodon_jax.nn import document_boundaries
-from megalodon_jax.nn.attention import LayerCache
+from megalodon_jax.nn.attention import LayerCache, SlotWrite
 from megalodon_jax.nn.block import MegalodonBlock
 from megalodon_jax.nn.init import truncated_normal
 from megalodon_jax.nn.inputs import check_token_inputs
@@ -97,7 +97,7 @@ class MegalodonLM(nnx.Module):
 
   @under_matmul_precision
   def __call__(self, input_ids: jax.Array, cache: Optional[Cache] = None, *,
-               positions: Optional[jax.Array] = None):
+               positions: Optional[jax.Array] = None, last_only: bool = False):
     """Forward pass.
 
     Args:
@@ -107,6 +107,8 @@ class MegalodonLM(nnx.Module):
         (data.document_boundaries="reset"): where it is 0 a document starts and the model restarts (CEMA and
         TimestepNorm state, attention), as if each document ran alone (nn/document_boundaries.py). None: no boundaries.
         With a cache, a document may continue across calls.
+      last_only: with a cache, the logits of the last position only, (B, 1, V_out): what a prefill needs, without
+        the (B, L, V_out) array.
     Returns:
       logits (B, L, V_out) float32; with a cache, `(logits, new_cache)`.
     """
@@ -127,9 +129,9 @@ class MegalodonLM(nnx.Module):
       new_layers = cache.layers
       for i, block in enumerate(self.layers):
         x, layer_cache = block(x, inv_freq, cache.layer(i), cache.count, docs)
-        new_layers = _write_layer_cache(new_layers, i, layer_cache)
+        new_layers = _write_layer_cache(new_layers, i, layer_cache, cache.count)
     x, norm_state = self.final_norm(x, cache.final_norm, resets=None if docs is None else docs.resets)
-    logits = self.head(x)
+    logits = self.head(x[:, -1:] if last_only else x)
     if docs is not None:  # the ids of the slots every layer just wrote into its KV cache
       cache_ids = next_cache_segment_ids(cache_ids, docs.segment_ids, cache.count, c.chunk_size)
     count = (cache.count + input_ids.shape[1]) % c.chunk_size
@@ -207,10 +209,22 @@ def _read_layer_cache(stacked: LayerCache, i) -> LayerCache:
   return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False), stacked)
 
 
-def _write_layer_cache(stacked: LayerCache, i, new: LayerCache) -> LayerCache:
-  """`stacked` with block i's slice replaced by `new` (an in-place update when the buffer is donated or carried)."""
-  return jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), i, axis=1),
-                      stacked, new)
+def _write_layer_cache(stacked: LayerCache, i, new: Union[LayerCache, SlotWrite], count: jax.Array) -> LayerCache:
+  """`stacked` with block i's slice replaced by `new` (an in-place update when the buffer is donated or carried);
+  a SlotWrite (a one-token call's) replaces only KV slot `count` of block i, and its norm and CEMA states."""
+  def write(a, n):
+    return jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), i, axis=1)
+
+  if isinstance(new, LayerCache):
+    return jax.tree.map(write, stacked, new)
+
+  def write_slot(a, row):  # row: (B, 1, H, d)
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(a, row[:, None].astype(a.dtype),
+                                        (zero, jnp.asarray(i, jnp.int32), count, zero, zero))
+
+  return LayerCache(write_slot(stacked.k, new.k), write_slot(stacked.v, new.v),
+                    jax.tree.map(write, stacked.norm, new.norm), write(stacked.cema, new.cema))
 
 
 def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
@@ -238,7 +252,7 @@ def _scan_blocks(blocks: list, x: jax.Array, inv_freq: jax.Array, policy: str,
       h, _ = block(h, inv_freq, docs=docs)
     else:
       h, layer_cache = block(h, inv_freq, _read_layer_cache(layer_caches, i), count, docs)
-      layer_caches = _write_layer_cache(layer_caches, i, layer_cache)
+      layer_caches = _write_layer_cache(layer_caches, i, layer_cache, count)
     return (h, layer_caches), nnx.state(block, nnx.RngState)
 
   if policy != "none":

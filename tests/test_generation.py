@@ -132,7 +132,7 @@ def test_compiles_once_per_shape_bucket():
   # Prefill: one program per distinct piece length (batch 4 throughout), each traced once.
   # The tokens below the grain (here the chunk, 8) go through decode steps: no piece shorter than a chunk.
   pieces = {n for rows in [PROMPTS] + batches
-            for n in prefill_plan(prefilled_length(min(map(len, rows)) - 1, 8), 8, 16)}
+            for n in prefill_plan(prefilled_length(min(map(len, rows)), 8), 8, 16)}
   assert pieces <= {16, 8}
   assert traces["_prefill"] == len(pieces)
 

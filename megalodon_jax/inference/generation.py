@@ -4,14 +4,14 @@ How a batch of prompts (token ids, lengths may differ) is run:
 1. Shapes are bucketed so that a long session compiles a handful of programs, not one per prompt length: the batch
    is padded to a power of two (padding rows are finished from the start) and the prompts to a power-of-two
    length (the padding is never read).
-2. Prefill: of the first P0 - 1 tokens of every row (P0 = min(prompt lengths)), all but the last few (fewer than
+2. Prefill: of the first P0 tokens of every row (P0 = min(prompt lengths)), all but the last few (fewer than
    `PREFILL_GRAIN`, or than the chunk when it is smaller) go through the model in large pieces: as many
    `prefill_piece` tokens as fit, then the whole chunks left (in power-of-two multiples of the chunk), then the
    partial chunk (in powers of two of at least the grain). Piece lengths therefore come from a fixed set of O(log)
    sizes, and the many small ones are not among them: each piece length is a program to compile (seconds each on a
-   CPU), while the few tokens below the grain cost a few decode steps. Prefill returns only the cache: its logits
-   are never formed (B x piece x vocab floats would dominate memory), and the next-token logits come from the first
-   decode step.
+   CPU), while the few tokens below the grain cost a few decode steps. Prefill returns the cache and the logits of
+   its last position only (B x piece x vocab floats would dominate memory): a row whose whole prompt was prefilled
+   samples its first token from them, so a prompt of a multiple of the grain costs no decode step of its own.
 3. Decode: a jitted loop of up to `block_size` steps (the step count is a traced argument, so the last block runs
    only the steps still needed, with no recompile). Each step picks row i's next input: the prompt token while the
    row is still inside its prompt (teacher forcing: the tokens after the prefilled ones, and the rest of longer
@@ -127,9 +127,11 @@ def _check_ids(ids: Sequence[int], vocab_size: int, what: str) -> np.ndarray:
 # The jitted functions live at module level with the graphdef as a static argument, so every Generator of the same
 # model structure shares the compiled programs (one per shape bucket).
 @functools.partial(jax.jit, static_argnums=0)
-def _prefill(graphdef: nnx.GraphDef, state, cache: Any, ids: jax.Array) -> Any:
-  """ids: (B, L) int32 -> the cache after them (the unused logits are dropped by XLA)."""
-  return nnx.merge(graphdef, state)(ids, cache=cache)[1]
+def _prefill(graphdef: nnx.GraphDef, state, cache: Any, ids: jax.Array) -> tuple[Any, jax.Array]:
+  """ids: (B, L) int32 -> (the cache after them, (B, V) float32 logits of the last position)."""
+  model = nnx.merge(graphdef, state)
+  logits, cache = model(ids, cache=cache, last_only=True)
+  return cache, logits[:, 0, :model.config.vocab_size]
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("steps",))
@@ -208,18 +210,20 @@ class Generator:
       out[i, :len(r)] = r
     return out
 
-  def prefill(self, ids: np.ndarray, cache: Optional[Any] = None) -> Any:
-    """Feeds ids (B, L) through the model in `prefill_plan` pieces; returns the cache (no logits are formed).
+  def prefill(self, ids: np.ndarray, cache: Optional[Any] = None) -> tuple[Any, Optional[jax.Array]]:
+    """Feeds ids (B, L) through the model in `prefill_plan` pieces.
 
-    `cache` continues a stream (default: an empty one of batch B). Ids are not range-checked here.
+    Returns the cache and the (B, V) float32 next-token logits after the last id (None when L is 0); the logits of
+    the other positions are never formed. `cache` continues a stream (default: an empty one of batch B). Ids are
+    not range-checked here.
     """
     ids = np.asarray(ids, np.int32)
     cache = self.model.init_cache(ids.shape[0], max_length=ids.shape[1]) if cache is None else cache
-    start = 0
+    start, logits = 0, None
     for n in prefill_plan(ids.shape[1], self.config.chunk_size, self.prefill_piece):
-      cache = _prefill(self.graphdef, self.state, cache, jnp.asarray(ids[:, start:start + n]))
+      cache, logits = _prefill(self.graphdef, self.state, cache, jnp.asarray(ids[:, start:start + n]))
       start += n
-    return cache
+    return cache, logits
 
   def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampler: Sampler = Sampler(),
              stop_ids: Union[Sequence[int], Sequence[Sequence[int]]] = (), seed: int = 0) -> Iterator[Update]:
@@ -255,15 +259,16 @@ class Generator:
       prompt_arr[i, :r.size] = r
     len_arr = np.array([r.size for r in padded_rows], np.int32)
     stops = self._stop_array(stop_ids, b, bp)
-    # Prefilled tokens; the next ones (at least one, the last prompt token of the shortest row) are fed by decode.
-    p0 = prefilled_length(int(lengths.min()) - 1, c.chunk_size)
+    # Prefilled tokens (the shortest prompt's, down to the grain); the rest of the prompts are fed by decode steps.
+    p0 = prefilled_length(int(lengths.min()), c.chunk_size)
 
     # Every row ends within this many steps (by length at the latest); the bound also keeps a host loop finite.
     steps_left = int(lengths.max()) - p0 + max_new_tokens
     capacity = _pow2_at_least(p0 + steps_left)  # tokens ever fed: the last block runs only the steps left
-    cache = self.prefill(prompt_arr[:, :p0], self.model.init_cache(bp, max_length=capacity))
-    no_logits = jnp.zeros((bp, c.vocab_size), jnp.float32)  # unused: every row is inside its prompt at step one
-    carry = _DecodeState(cache, no_logits, jnp.int32(p0), jnp.arange(bp) >= b, jnp.zeros((bp,), bool),
+    cache, logits = self.prefill(prompt_arr[:, :p0], self.model.init_cache(bp, max_length=capacity))
+    if logits is None:  # nothing prefilled: every row is inside its prompt at step one, and the logits go unread
+      logits = jnp.zeros((bp, c.vocab_size), jnp.float32)
+    carry = _DecodeState(cache, logits, jnp.int32(p0), jnp.arange(bp) >= b, jnp.zeros((bp,), bool),
                          jnp.zeros((bp,), jnp.int32))
     args = (jnp.asarray(prompt_arr), jnp.asarray(len_arr), jnp.asarray(stops), jnp.int32(max_new_tokens),
             jax.random.key(seed), sampler.as_arrays())

@@ -184,7 +184,7 @@ class LlamaLM(nnx.Module):
 
   @under_matmul_precision
   def __call__(self, input_ids: jax.Array, cache: Optional[LlamaCache] = None, *,
-               positions: Optional[jax.Array] = None):
+               positions: Optional[jax.Array] = None, last_only: bool = False):
     """Forward pass.
 
     Args:
@@ -193,6 +193,7 @@ class LlamaLM(nnx.Module):
       positions: optional (B, L) int index of each token in its document (0 starts one): RoPE takes these
         positions and attention stays within a document. With a cache, a document continues across calls until a
         0 starts the next; without positions a call continues the cache's last document.
+      last_only: with a cache, the logits of the last position only, (B, 1, V) (a prefill's).
     Returns:
       logits (B, L, V) float32; with a cache, `(logits, new_cache)`. An eager call whose tokens do not fit in the
       cache raises ValueError (under jit the length is not known: size the cache for the whole stream).
@@ -218,7 +219,7 @@ class LlamaLM(nnx.Module):
     for block, layer_cache in zip(self.layers, cache.layers):
       x, layer_cache = block(x, cos, sin, new_ids, layer_cache, length, kv_ids)
       layers.append(layer_cache)
-    logits = self.head(self.final_norm(x).astype(jnp.float32))
+    logits = self.head(self.final_norm(x[:, -1:] if last_only else x).astype(jnp.float32))
     return logits, LlamaCache(tuple(layers), length + l, kv_ids, pos[:, -1] + 1)
 
   @under_matmul_precision

@@ -36,6 +36,16 @@ class LayerCache(NamedTuple):
   cema: jax.Array
 
 
+class SlotWrite(NamedTuple):
+  """What a one-token call changes in a LayerCache: the new token's key and value, which belong in slot `count`
+  (k: (B, 1, H, dz), v: (B, 1, H, dv)), and the whole (small) norm and CEMA states. The model writes just that
+  slot into its stacked cache; a whole updated (B, C, H, d) slice would cost XLA a copy of it on every step."""
+  k: jax.Array
+  v: jax.Array
+  norm: NormState
+  cema: jax.Array
+
+
 def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
   # Streams only where a rate is set, so dropout-free models carry no RNG state.
   return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
@@ -87,7 +97,8 @@ class MovingAverageGatedAttention(nnx.Module):
         `docs.resets`, attention never crosses a document (`docs.segment_ids`; with a cache the cached slots' ids
         are `docs.cache_segment_ids`, the model's Cache.segment_ids, which the layer does not return).
     Returns:
-      y = x + h: (B, L, D) in the compute dtype, and the updated LayerCache (None without a cache).
+      y = x + h: (B, L, D) in the compute dtype, and the updated LayerCache (None without a cache; a SlotWrite
+      after one token).
     """
     b, l, _ = x.shape
     h = self.num_heads
@@ -120,7 +131,8 @@ class MovingAverageGatedAttention(nnx.Module):
                                                       segment_ids=segment_ids,
                                                       cache_segment_ids=None if docs is None else
                                                       docs.cache_segment_ids, **drop)
-      new_cache = LayerCache(ck, cv, norm_state, cema_state)
+      new_cache = LayerCache(ck, cv, norm_state, cema_state) if l > 1 else SlotWrite(
+          k.astype(cache.k.dtype), v.astype(cache.v.dtype), norm_state, cema_state)
     out = constrain(out, BTHD)
     a = self.hidden_dropout(out.reshape(b, l, -1) * r)
     y = self.dropout(self.wh1(mx) + self.wh2(a))

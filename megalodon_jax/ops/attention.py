@@ -401,6 +401,9 @@ def _decode_step(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, c
   """
   new_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), count, axis=1)
   new_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), count, axis=1)
+  if drop is None and segments is None:
+    out = _attend_cache_then_token(q, k, v, cache_k, cache_v, count)
+    return out.astype(v.dtype), new_k, new_v, (count + 1) % chunk_size
   kpos = jnp.arange(chunk_size)
   allowed = (kpos <= count)[None, :]  # (1, C): the chunk's tokens so far, this one included
   if segments is not None:
@@ -414,3 +417,35 @@ def _decode_step(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, c
   if segments is None:
     return out.astype(v.dtype), new_k, new_v, (count + 1) % chunk_size
   return out.astype(v.dtype), new_k, new_v, (count + 1) % chunk_size, new_seg
+
+
+def _attend_cache_then_token(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+                             count: jax.Array) -> jax.Array:
+  """One query over the cache's first `count` slots and its own key, without dropout or documents.
+
+  q, k: (B, 1, H, dz); v: (B, 1, H, dv); cache_k: (B, C, H, dz), cache_v: (B, C, H, dv) before this token's write.
+  Returns (B, 1, H, dv) float32. Same softmax as `_softmax_attend`, with the token's own score kept apart, so the
+  cache is read as it is rather than through its updated copy.
+
+  Why the odd dots: a per-head dot over the cache wants its C axis next to the contracted one, and XLA:CPU then
+  transposes (copies) every layer's whole cache on every step; a multiply-and-reduce over C is slower still. So the
+  heads are folded into the contracted / output axis and contract against all H heads at once, (B, C, H*d) being
+  the cache's own layout: H times the flops of a (tiny) product, and the cross-head terms are masked or dropped.
+  """
+  b, c, h, dz = cache_k.shape
+  dv = cache_v.shape[-1]
+  eye = jnp.eye(h, dtype=jnp.float32)
+  qf = q[:, 0].astype(jnp.float32)  # (B, H, dz)
+  q_heads = (qf[:, :, :, None] * eye[:, None, :]).reshape(b, h * dz, h)  # row (h, d), column h': q[h, d] [h == h']
+  s_cache = jnp.einsum("bcx,bxh->bch", cache_k.reshape(b, c, h * dz), q_heads.astype(cache_k.dtype),
+                       preferred_element_type=jnp.float32)  # (B, C, H)
+  s_self = jnp.sum(qf * k[:, 0].astype(jnp.float32), axis=-1)  # (B, H)
+  s_cache = jnp.where((jnp.arange(c) < count)[None, :, None], s_cache, -jnp.inf)
+  top = jnp.maximum(jnp.max(s_cache, axis=1), s_self)  # finite: the token's own score is
+  p_cache = jnp.exp(s_cache - top[:, None])
+  p_self = jnp.exp(s_self - top)
+  total = jnp.sum(p_cache, axis=1) + p_self
+  every = jnp.einsum("bch,bcx->bhx", p_cache.astype(cache_v.dtype), cache_v.reshape(b, c, h * dv),
+                     preferred_element_type=jnp.float32).reshape(b, h, h, dv)  # head h's weights on head h''s values
+  mixed = jnp.sum(every * eye[None, :, :, None], axis=2) + p_self[..., None] * v[:, 0].astype(jnp.float32)
+  return (mixed / total[..., None])[:, None]

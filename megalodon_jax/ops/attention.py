@@ -332,9 +332,12 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
     drop = attention_dropout.make(dropout_rate, dropout_rng, drop_key, b, h)
     return _decode_step(q, k, v, cache_k, cache_v, count, c, drop,
                         None if seg is None else (seg, cache_seg))
-  # Frame length: room for the cached prefix and the new tokens, plus one chunk so the slice that becomes the
-  # next cache (starting at the last chunk boundary) never runs off the end.
-  frame = (-(-l // c) + 1) * c
+  if l > c:
+    return _long_input(q, k, v, cache_k, cache_v, count, c, seg, cache_seg if seg is not None else None,
+                       dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng, drop_key=drop_key, impl=impl))
+  # Frame: the cached chunk, then room for the new tokens (one more chunk), so that chunk membership and causality
+  # are index comparisons and the slice that becomes the next cache never runs off the end.
+  frame = 2 * c
 
   def place(cache, new):
     buf = jnp.zeros((b, frame) + cache.shape[2:], new.dtype)
@@ -344,11 +347,11 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
   kf, vf = place(cache_k, k), place(cache_v, v)
   # Frame ids: zeros past the new tokens, where only keys after every query lie.
   segf = None if seg is None else place(cache_seg, seg)
-  if l <= c and impl == "pallas":
+  if impl == "pallas":
     from pallas_kernels.chunked_attention import chunked_attention_decode  # pylint: disable=import-outside-toplevel
     out = chunked_attention_decode(q, kf, vf, count, c, q_segment_ids=seg, kv_segment_ids=segf,
                                    **_pallas_options(dropout_rate, dropout_rng, drop_key, b, h))
-  elif l <= c:
+  else:
     # Short input: only the L real query rows, against the whole frame; cost O(L·(C + L)).
     qpos = count + jnp.arange(l)
     kpos = jnp.arange(frame)
@@ -362,12 +365,6 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
       keep = attention_dropout.keep_mask(drop, drop.bh[:, :, None, None], qpos[:, None], kpos[None, :])
     out = _softmax_attend(scores, allowed, vf, "bhqk,bkhd->bqhd", drop, keep)
     out = out.astype(v.dtype)
-  else:
-    # Long input: ordinary chunked attention over the frame (queries placed like keys), then cut out the rows.
-    qf = place(jnp.zeros_like(cache_k, dtype=q.dtype), q)
-    out = chunked_causal_attention(qf, kf, vf, c, segment_ids=segf, dropout_rate=dropout_rate,
-                                   dropout_rng=dropout_rng, drop_key=drop_key, impl=impl)
-    out = jax.lax.dynamic_slice_in_dim(out, count, l, axis=1)
   end = count + l
   start = (end // c) * c
   new_k = jax.lax.dynamic_slice_in_dim(kf, start, c, axis=1).astype(cache_k.dtype)
@@ -375,6 +372,43 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
   if seg is None:
     return out, new_k, new_v, end % c
   return out, new_k, new_v, end % c, jax.lax.dynamic_slice_in_dim(segf, start, c, axis=1)
+
+
+def _long_input(q, k, v, cache_k, cache_v, count, c: int, seg, cache_seg, options: dict):
+  """`attention_with_cache` for L > C new tokens: chunked attention over the frame (queries placed like keys),
+  then the rows cut out; or, when the cache's chunk is empty (count 0: a prefill's pieces of whole chunks), over
+  the new tokens alone, which are then the frame. The second branch skips placing q, k, v into a frame and the
+  frame's spare chunk of attention; both give the same values and caches."""
+  b, l = q.shape[:2]
+  frame = (-(-l // c) + 1) * c
+  end_slot = (l // c) * c  # with count 0, where the next cache's chunk starts
+
+  def place(cache, new):
+    buf = jnp.zeros((b, frame) + cache.shape[2:], new.dtype)
+    buf = jax.lax.dynamic_update_slice_in_dim(buf, cache.astype(new.dtype), 0, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(buf, new, count, axis=1)
+
+  def finish(out, kf, vf, segf, start):
+    new = [jax.lax.dynamic_slice_in_dim(kf, start, c, axis=1).astype(cache_k.dtype),
+           jax.lax.dynamic_slice_in_dim(vf, start, c, axis=1).astype(cache_v.dtype)]
+    if segf is not None:
+      new.append(jax.lax.dynamic_slice_in_dim(segf, start, c, axis=1))
+    return (out.astype(v.dtype), *new)
+
+  def framed(q, k, v, seg):
+    kf, vf = place(cache_k, k), place(cache_v, v)
+    segf = None if seg is None else place(cache_seg, seg)  # zeros past the new tokens, after every query
+    qf = place(jnp.zeros_like(cache_k, dtype=q.dtype), q)
+    out = chunked_causal_attention(qf, kf, vf, c, segment_ids=segf, **options)
+    return finish(jax.lax.dynamic_slice_in_dim(out, count, l, axis=1), kf, vf, segf, ((count + l) // c) * c)
+
+  def aligned(q, k, v, seg):
+    out = chunked_causal_attention(q, k, v, c, segment_ids=seg, **options)
+    spare = lambda t: jnp.pad(t, ((0, 0), (0, c)) + ((0, 0),) * (t.ndim - 2))  # the frame's zeros after the tokens
+    return finish(out, spare(k), spare(v), None if seg is None else spare(seg), end_slot)
+
+  outs = jax.lax.cond(count == 0, aligned, framed, q, k, v, seg)
+  return (*outs[:3], (count + l) % c, *outs[3:])
 
 
 def next_cache_segment_ids(cache_segment_ids: jax.Array, segment_ids: jax.Array, count: jax.Array,

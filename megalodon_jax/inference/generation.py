@@ -149,7 +149,7 @@ def _decode(graphdef: nnx.GraphDef, state, carry: _DecodeState, prompts, lengths
   row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b))
 
   def step(s: _DecodeState, _):
-    keys = jax.vmap(lambda k: jax.random.fold_in(k, s.pos))(row_keys)
+    keys = lambda: jax.vmap(lambda k: jax.random.fold_in(k, s.pos))(row_keys)
     sampled = sample_logits(s.logits, keys, *sampling)
     forced = jax.lax.dynamic_index_in_dim(prompts, jnp.minimum(s.pos, p - 1), axis=1, keepdims=False)
     in_prompt = s.pos < lengths

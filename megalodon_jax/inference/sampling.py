@@ -8,6 +8,7 @@ and the notebooks all go through it.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Union
 
 import jax
 import jax.numpy as jnp
@@ -61,14 +62,17 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
   return jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda x: x, logits)
 
 
-def sample_logits(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array) -> jax.Array:
+def sample_logits(logits: jax.Array, keys: Union[jax.Array, Callable[[], jax.Array]], temperature: jax.Array,
+                  top_k: jax.Array, top_p: jax.Array) -> jax.Array:
   """(B, V) logits and (B,) per-row PRNG keys -> (B,) int32 tokens; argmax when temperature == 0.
 
-  One key per row makes a row's draw independent of the other rows of its batch.
+  One key per row makes a row's draw independent of the other rows of its batch. `keys` may be a function that
+  makes them: greedy decoding then never derives keys, filters or draws (a `lax.cond` on the temperature; in a
+  decode loop of a small model they are a sizeable part of a step).
   """
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  safe_t = jnp.where(temperature > 0, temperature, 1.0)
-  filtered = filter_logits(logits, safe_t, top_k, top_p)
-  drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-  return jnp.where(temperature > 0, drawn, greedy)
+  def draw(logits):
+    filtered = filter_logits(logits, jnp.where(temperature > 0, temperature, 1.0), top_k, top_p)
+    row_keys = keys() if callable(keys) else keys
+    return jax.vmap(jax.random.categorical)(row_keys, filtered).astype(jnp.int32)
+
+  return jax.lax.cond(temperature > 0, draw, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits)

@@ -84,6 +84,26 @@ def test_greedy_batch_equals_full_forward_decoding(model, gen):
     assert comp.finish_reason == "length"
 
 
+def test_first_token_from_the_prefill_logits_equals_full_forward_decoding(model, gen):
+  """The shortest prompt a multiple of the grain (here the chunk, 8): the whole of it is prefilled (16 tokens, one
+  piece of two chunks from an empty cache) and its first token is sampled from the prefill's last logits."""
+  prompts = [[(7 * i + 3) % 256 for i in range(16)], [(5 * i + 1) % 256 for i in range(21)]]
+  assert prefilled_length(16, CFG.chunk_size) == 16
+  out = gen.generate(prompts, max_new_tokens=NEW, sampler=Sampler(temperature=0.0))
+  for prompt, comp in zip(prompts, out):
+    assert comp.tokens == _greedy_reference(model, prompt, NEW)
+
+
+def test_last_only_logits_are_the_last_row_of_the_full_logits(model):
+  model.eval()
+  ids = jnp.asarray([[(3 * i + 2) % 256 for i in range(19)]], jnp.int32)
+  full, cache_full = model(ids, cache=model.init_cache(1))
+  last, cache_last = model(ids, cache=model.init_cache(1), last_only=True)
+  assert last.shape == (1, 1, CFG.vocab_size)
+  np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), rtol=1e-6, atol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, cache_full, cache_last)
+
+
 def test_rows_do_not_depend_on_later_rows_or_block_size(model, gen):
   sampler = Sampler(temperature=1.0, top_k=10, top_p=0.9)
   together = gen.generate(PROMPTS, max_new_tokens=NEW, sampler=sampler, seed=3)

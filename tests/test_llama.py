@@ -147,6 +147,8 @@ def test_greedy_generation_equals_hf_generate(pair):
   assert expected.shape == (BATCH, new)
   cache = model.init_cache(BATCH, max_length=5 + new)
   logits, cache = _step(model, jnp.asarray(prompt), cache)
+  last, _ = model(jnp.asarray(prompt), cache=model.init_cache(BATCH, max_length=5 + new), last_only=True)
+  np.testing.assert_allclose(np.asarray(last), np.asarray(logits[:, -1:]), rtol=1e-5, atol=1e-5)
   tokens = []
   for i in range(new):
     tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)

@@ -40,7 +40,8 @@ class LanguageModel(Protocol):
 
   def __call__(self, input_ids, cache=None, *, last_only=False):
     """(B, L) ids -> (B, L, V) logits, and with a cache the cache after them: (logits, cache); with a cache and
-    `last_only`, the logits of the last position only, (B, 1, V)."""
+    `last_only`, the logits of the last position only, (B, 1, V). `last_only` is optional: the generator's prefill
+    uses it where `__call__` has it (it spares the (B, L, V) logits), else slices the full logits."""
 
 
 @dataclasses.dataclass(frozen=True)

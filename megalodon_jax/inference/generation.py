@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -130,8 +131,17 @@ def _check_ids(ids: Sequence[int], vocab_size: int, what: str) -> np.ndarray:
 def _prefill(graphdef: nnx.GraphDef, state, cache: Any, ids: jax.Array) -> tuple[Any, jax.Array]:
   """ids: (B, L) int32 -> (the cache after them, (B, V) float32 logits of the last position)."""
   model = nnx.merge(graphdef, state)
-  logits, cache = model(ids, cache=cache, last_only=True)
-  return cache, logits[:, 0, :model.config.vocab_size]
+  if _takes_last_only(type(model)):
+    logits, cache = model(ids, cache=cache, last_only=True)
+  else:  # a family without the option: all positions' logits, of which XLA keeps the last row's
+    logits, cache = model(ids, cache=cache)
+  return cache, logits[:, -1, :model.config.vocab_size]
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_last_only(model_class: type) -> bool:
+  """Whether the family's `__call__` has the `last_only` option (families.LanguageModel); older ones may not."""
+  return "last_only" in inspect.signature(model_class.__call__).parameters
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("steps",))

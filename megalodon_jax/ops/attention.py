@@ -318,7 +318,7 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
   b, l, h, _ = q.shape
   c = chunk_size
   count = jnp.asarray(count, jnp.int32)
-  seg = None
+  seg = cache_seg = None
   if segment_ids is not None:
     if cache_segment_ids is None:
       raise ValueError("attention_with_cache: segment_ids needs cache_segment_ids (the cache slots' ids)")
@@ -333,20 +333,12 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
     return _decode_step(q, k, v, cache_k, cache_v, count, c, drop,
                         None if seg is None else (seg, cache_seg))
   if l > c:
-    return _long_input(q, k, v, cache_k, cache_v, count, c, seg, cache_seg if seg is not None else None,
+    return _long_input(q, k, v, cache_k, cache_v, count, c, seg, cache_seg,
                        dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng, drop_key=drop_key, impl=impl))
-  # Frame: the cached chunk, then room for the new tokens (one more chunk), so that chunk membership and causality
-  # are index comparisons and the slice that becomes the next cache never runs off the end.
-  frame = 2 * c
-
-  def place(cache, new):
-    buf = jnp.zeros((b, frame) + cache.shape[2:], new.dtype)
-    buf = jax.lax.dynamic_update_slice_in_dim(buf, cache.astype(new.dtype), 0, axis=1)
-    return jax.lax.dynamic_update_slice_in_dim(buf, new, count, axis=1)
-
-  kf, vf = place(cache_k, k), place(cache_v, v)
+  frame = _frame_length(l, c)
+  kf, vf = _place(cache_k, k, count, frame), _place(cache_v, v, count, frame)
   # Frame ids: zeros past the new tokens, where only keys after every query lie.
-  segf = None if seg is None else place(cache_seg, seg)
+  segf = None if seg is None else _place(cache_seg, seg, count, frame)
   if impl == "pallas":
     from pallas_kernels.chunked_attention import chunked_attention_decode  # pylint: disable=import-outside-toplevel
     out = chunked_attention_decode(q, kf, vf, count, c, q_segment_ids=seg, kv_segment_ids=segf,
@@ -365,13 +357,31 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
       keep = attention_dropout.keep_mask(drop, drop.bh[:, :, None, None], qpos[:, None], kpos[None, :])
     out = _softmax_attend(scores, allowed, vf, "bhqk,bkhd->bqhd", drop, keep)
     out = out.astype(v.dtype)
-  end = count + l
-  start = (end // c) * c
-  new_k = jax.lax.dynamic_slice_in_dim(kf, start, c, axis=1).astype(cache_k.dtype)
-  new_v = jax.lax.dynamic_slice_in_dim(vf, start, c, axis=1).astype(cache_v.dtype)
-  if seg is None:
-    return out, new_k, new_v, end % c
-  return out, new_k, new_v, end % c, jax.lax.dynamic_slice_in_dim(segf, start, c, axis=1)
+  new = _next_caches(kf, vf, segf, ((count + l) // c) * c, c, cache_k.dtype, cache_v.dtype)
+  return (out, *new[:2], (count + l) % c, *new[2:])
+
+
+def _frame_length(l: int, c: int) -> int:
+  """Slots of the frame for L new tokens: the cached chunk and the new tokens, plus one chunk so that the slice
+  that becomes the next cache (starting at the last chunk boundary) never runs off the end."""
+  return (-(-l // c) + 1) * c
+
+
+def _place(cache: jax.Array, new: jax.Array, count: jax.Array, frame: int) -> jax.Array:
+  """The frame (B, frame, ...) in new.dtype: the cached chunk's slots, then `new` from slot `count`, zeros after."""
+  buf = jnp.zeros((new.shape[0], frame) + cache.shape[2:], new.dtype)
+  buf = jax.lax.dynamic_update_slice_in_dim(buf, cache.astype(new.dtype), 0, axis=1)
+  return jax.lax.dynamic_update_slice_in_dim(buf, new, count, axis=1)
+
+
+def _next_caches(kf: jax.Array, vf: jax.Array, segf: Optional[jax.Array], start, c: int, k_dtype, v_dtype) -> list:
+  """The chunk of the frames that starts at `start` (the last chunk boundary): [new cache_k, new cache_v] and,
+  with segment ids, the new cache_segment_ids."""
+  new = [jax.lax.dynamic_slice_in_dim(kf, start, c, axis=1).astype(k_dtype),
+         jax.lax.dynamic_slice_in_dim(vf, start, c, axis=1).astype(v_dtype)]
+  if segf is not None:
+    new.append(jax.lax.dynamic_slice_in_dim(segf, start, c, axis=1))
+  return new
 
 
 def _long_input(q, k, v, cache_k, cache_v, count, c: int, seg, cache_seg, options: dict):
@@ -379,23 +389,15 @@ def _long_input(q, k, v, cache_k, cache_v, count, c: int, seg, cache_seg, option
   then the rows cut out; or, when the cache's chunk is empty (count 0: a prefill's pieces of whole chunks), over
   the new tokens alone, which are then the frame. The second branch skips placing q, k, v into a frame and the
   frame's spare chunk of attention; both give the same values and caches."""
-  b, l = q.shape[:2]
-  frame = (-(-l // c) + 1) * c
+  l = q.shape[1]
+  frame = _frame_length(l, c)
   end_slot = (l // c) * c  # with count 0, where the next cache's chunk starts
 
-  def place(cache, new):
-    buf = jnp.zeros((b, frame) + cache.shape[2:], new.dtype)
-    buf = jax.lax.dynamic_update_slice_in_dim(buf, cache.astype(new.dtype), 0, axis=1)
-    return jax.lax.dynamic_update_slice_in_dim(buf, new, count, axis=1)
-
   def finish(out, kf, vf, segf, start):
-    new = [jax.lax.dynamic_slice_in_dim(kf, start, c, axis=1).astype(cache_k.dtype),
-           jax.lax.dynamic_slice_in_dim(vf, start, c, axis=1).astype(cache_v.dtype)]
-    if segf is not None:
-      new.append(jax.lax.dynamic_slice_in_dim(segf, start, c, axis=1))
-    return (out.astype(v.dtype), *new)
+    return (out.astype(v.dtype), *_next_caches(kf, vf, segf, start, c, cache_k.dtype, cache_v.dtype))
 
   def framed(q, k, v, seg):
+    place = lambda cache, new: _place(cache, new, count, frame)
     kf, vf = place(cache_k, k), place(cache_v, v)
     segf = None if seg is None else place(cache_seg, seg)  # zeros past the new tokens, after every query
     qf = place(jnp.zeros_like(cache_k, dtype=q.dtype), q)
@@ -416,11 +418,9 @@ def next_cache_segment_ids(cache_segment_ids: jax.Array, segment_ids: jax.Array,
   """The cache slots' ids after `attention_with_cache` appends segment_ids (B, L) to a chunk holding `count`
   tokens whose ids are cache_segment_ids (B, C): (B, C) int32, slot for slot like its new cache_k (for a model
   whose layers share one set of ids)."""
-  b, l = segment_ids.shape
+  l = segment_ids.shape[1]
   c = chunk_size
-  buf = jnp.zeros((b, (-(-l // c) + 1) * c), jnp.int32)
-  buf = jax.lax.dynamic_update_slice_in_dim(buf, cache_segment_ids.astype(jnp.int32), 0, axis=1)
-  buf = jax.lax.dynamic_update_slice_in_dim(buf, segment_ids.astype(jnp.int32), count, axis=1)
+  buf = _place(cache_segment_ids, segment_ids.astype(jnp.int32), count, _frame_length(l, c))
   return jax.lax.dynamic_slice_in_dim(buf, ((count + l) // c) * c, c, axis=1)
 
 

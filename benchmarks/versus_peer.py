@@ -88,20 +88,21 @@ def _ours(kind: str, batch: int, length: int, repeats: int) -> dict:
     first, warm = _time(run, repeats)
     return dict(first_s=first, warm_s=warm, tokens=out["tokens"][0][:8])
 
-  graphdef, state = nnx.split(model)
+  # The gradient of every parameter; the rest of the state (the TimestepNorm's integer step counts) rides along.
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   @jax.jit
-  def loss_and_grad(state, ids):
-    def loss_fn(state):
-      out = nnx.merge(graphdef, state)(ids)
+  def loss_and_grad(params, rest, ids):
+    def loss_fn(params):
+      out = nnx.merge(graphdef, params, rest)(ids)
       logits = out[0] if isinstance(out, tuple) else out  # older commits return logits alone without a cache
       logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
       return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
-    return jax.value_and_grad(loss_fn)(state)
+    return jax.value_and_grad(loss_fn)(params)
 
   ids = jnp.asarray(ids)
-  first, warm = _time(lambda: jax.block_until_ready(loss_and_grad(state, ids)), repeats)
-  return dict(first_s=first, warm_s=warm, loss=float(loss_and_grad(state, ids)[0]))
+  first, warm = _time(lambda: jax.block_until_ready(loss_and_grad(params, rest, ids)), repeats)
+  return dict(first_s=first, warm_s=warm, loss=float(loss_and_grad(params, rest, ids)[0]))
 
 
 def _peer(kind: str, batch: int, length: int, repeats: int) -> dict:
@@ -179,7 +180,9 @@ def run_worker(side: str, case: str, args, root: str | None) -> dict:
   cmd += ["--worker", side, "--case", case, "--repeats", str(args.repeats)]
   proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=args.timeout, check=False)
   if proc.returncode != 0:
-    return dict(side=side, case=case, error=proc.stderr.strip().splitlines()[-1:] or [f"rc {proc.returncode}"])
+    # The exception's own line, not JAX's note on filtered frames that follows it.
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith(("For simplicity, JAX", "-----"))]
+    return dict(side=side, case=case, error=lines[-1:] or [f"rc {proc.returncode}"])
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -221,7 +224,7 @@ def main(argv=None) -> None:
   p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
   p.add_argument("--case", help=argparse.SUPPRESS)
   p.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
-  p.add_argument("--sides", default="ours,peer", help="ours, peer or both")
+  p.add_argument("--sides", default="ours,peer", help="comma-separated: ours, peer (default both)")
   p.add_argument("--revs", default="HEAD", help="commits of this project to run (HEAD = this working tree)")
   p.add_argument("--runs", type=int, default=2, help="fresh processes per side and case, alternated")
   p.add_argument("--repeats", type=int, default=5, help="warm calls per process after the first")
@@ -238,13 +241,17 @@ def main(argv=None) -> None:
   if unknown:
     p.error(f"unknown cases {unknown}; choose from {list(CASES)}")
   sides = [s for s in args.sides.split(",") if s]
+  if not sides or set(sides) - {"ours", "peer"}:
+    p.error(f"--sides {args.sides!r}: give ours, peer or ours,peer")
   with tempfile.TemporaryDirectory(prefix="versus_peer_") as tmp:
     labels = []  # (label, side, source root)
     try:
       if "ours" in sides:
         for rev in args.revs.split(","):
-          labels.append((f"ours@{rev if rev != 'HEAD' else _git('rev-parse', '--short', 'HEAD')}", "ours",
-                         checkout(rev, tmp)))
+          name = rev
+          if rev == "HEAD":  # the working tree: its commit, marked when it has uncommitted changes
+            name = _git("rev-parse", "--short", "HEAD") + ("+changes" if _git("status", "--porcelain", "-uno") else "")
+          labels.append((f"ours@{name}", "ours", checkout(rev, tmp)))
       if "peer" in sides:
         labels.append(("peer", "peer", None))
       records = []

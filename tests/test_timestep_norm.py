@@ -249,6 +249,25 @@ def test_forward_large_offset(offset):
     assert err_v < 2 * ulp, f"max rel var err {err_v:.3g}"
 
 
+@pytest.mark.parametrize("jump", [1000.0, -300.0])
+def test_first_step_far_from_the_rest(jump):
+  """The first step sits `jump` away from the 20,000 after it (spread 1): the running mean leaves the first step's
+  mean (what the running sums are taken about) by ~`jump` while the variance falls to ~jump^2/t, so sums of
+  squares about the first step less the squared mean would lose about t*2^-24 of it (~1e-3 at the end); the
+  variance terms the op sums are non-negative and keep it to float32 rounding, like the step-by-step merge."""
+  rng = np.random.default_rng(7)
+  b, l, d, g = 2, 20_000, 8, 2
+  x = rng.normal(size=(b, l, d))
+  x[:, 0] += jump
+  x = x.astype(np.float32)
+  state = _prior_state(b, g)
+  ref_m, ref_v = ref_cumulative_stats_closed_form(x, *state, g)
+  m, v, _ = jax.jit(lambda xx: cumulative_stats(xx, _norm_state(*state), g))(jnp.asarray(x))
+  err_m = float(np.max(np.abs(np.asarray(m) - ref_m) / (np.abs(ref_m) + np.sqrt(ref_v))))
+  err_v = _max_rel(v, ref_v)
+  assert err_m < 1e-5 and err_v < 5e-5, f"mean {err_m:.3g}, var {err_v:.3g}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # State carrying.
 

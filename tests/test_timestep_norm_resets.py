@@ -114,3 +114,23 @@ def test_gradients_do_not_cross_a_reset():
   grad = jax.grad(after)(x)
   assert np.all(np.asarray(grad[:, :8]) == 0)
   assert np.any(np.asarray(grad[:, 8:]) != 0)
+
+
+def test_documents_far_apart_in_mean():
+  """Documents whose means differ by 1000 times their spread: each one's statistics restart from the prior and
+  must not inherit rounding from the documents before it (sums restarted at a reset, not differences of running
+  totals)."""
+  rng = np.random.default_rng(3)
+  b, l, d, g = 2, 600, 8, 2
+  offsets = np.repeat(rng.choice([-500.0, 0.0, 300.0, 1000.0], size=(b, 6)), l // 6, axis=1)[..., None]
+  x = (offsets + 0.5 * rng.normal(size=(b, l, d))).astype(np.float32)
+  resets = np.zeros((b, l), bool)
+  resets[:, ::l // 6] = True
+  prior = tsn.initial_state(b, 0, jnp.zeros(g), jnp.zeros(g))
+  w = jnp.zeros(d)
+  y, _ = jax.jit(lambda xx: tsn.timestep_norm(xx, w, w, prior, num_groups=g, eps=1e-5, resets=jnp.asarray(resets),
+                                              prior=prior))(jnp.asarray(x))
+  want, _ = reference(x, g, resets, (0.0, np.zeros(g), np.ones(g)), (np.zeros(b), np.zeros((b, g)),
+                                                                     np.ones((b, g))), 1e-5)
+  # The float32 input holds x to 1000 * 2^-24 = 6e-5 absolute, 1.2e-4 of the spread: y cannot be closer.
+  np.testing.assert_allclose(np.asarray(y), want, rtol=0, atol=1e-3)

@@ -5,8 +5,9 @@ See docs/model.md#timestep-norm.
 At step t, each (batch row, group) is normalised with the mean and population variance of everything seen so
 far: the carried state (count n0 rows of mean M0, variance S0) plus all m*t scalars of the group up to and
 including step t. The official kernel merges one step at a time; the merge of (n, M, S) summaries is associative,
-so we run it as a parallel prefix (`jax.lax.associative_scan`) in float32. Chan's pairwise form never subtracts
-large sums, which keeps it stable over streams of millions of steps where a plain cumsum of x and x^2 drifts.
+so the steps of a piece run in parallel, in float32: Welford's recurrence as running sums of deviations and of
+non-negative variance terms (`local_prefix`, `reset_prefix`). Like Chan's pairwise form it never subtracts large
+sums, which keeps it stable over streams of millions of steps where a plain cumsum of x and x^2 drifts.
 
 The step count is exact integer state kept in two int32 words (see NormState), so it neither wraps (as one int32
 would after 2^31 ≈ 2.1e9 steps) nor needs `jax_enable_x64`; it becomes float32 only to form the merge weights.
@@ -115,15 +116,42 @@ def _step_summaries(x: jax.Array, num_groups: int, mask: Optional[jax.Array]):
   return jnp.broadcast_to(step_n, step_mean.shape), step_mean, step_var
 
 
+def _welford_prefix(n, m, v, running_sum):
+  """Inclusive prefix of (count, mean, var) summaries along axis 1 (each (B, L, G) float32), Welford's recurrence in
+  parallel: the running mean is a running sum of deviations from the piece's mean (so the sum is of deviations, not
+  magnitudes; any constant gives the same result up to rounding); then each step's addition to count * var,
+  n_t*v_t + (n_before*n_t/count) * (m_t - mean before t)^2, is known at every step at once and never negative, so
+  the variance is a running sum of non-negative terms: no cancellation, the same result as Chan's merge one step
+  at a time. `running_sum(*arrays)` sums each array along axis 1 (a cumulative sum, or one that restarts at
+  document starts)."""
+  # Not the first step's mean: a first step far from the rest would leave every later mean as a small difference
+  # of large numbers.
+  total = jnp.sum(n, axis=1, keepdims=True)
+  shift = jax.lax.stop_gradient(jnp.sum(n * m, axis=1, keepdims=True) / jnp.maximum(total, 1.0))
+  count, deviation = running_sum(n, n * (m - shift))
+  safe = jnp.maximum(count, 1.0)
+  mean = shift + deviation / safe
+  before = count - n  # 0 where a run starts: the previous step's mean gets weight 0 there
+  mean_before = jnp.concatenate([mean[:, :1], mean[:, :-1]], axis=1)
+  (spread,) = running_sum(n * v + (before * n / safe) * jnp.square(m - mean_before))
+  return count, mean, spread / safe
+
+
 def local_prefix(x: jax.Array, num_groups: int, mask: Optional[jax.Array] = None):
   """The inclusive prefix of per-step (count, mean, var) summaries of `x` from an empty state.
 
   Args:
     x: (B, L, D) any float dtype, L >= 1.  num_groups: G.  mask: optional (B, L) bool, True = padded step.
   Returns:
-    (n, mean, var), each (B, L, G) float32: the statistics of steps 0..t alone (no carried state).
+    (n, mean, var), each (B, L, G) float32: the statistics of steps 0..t alone (no carried state). Where no real
+    step has been seen yet (n 0) mean and var are placeholders that `chan_merge` ignores.
+
+  Cumulative sums compile to a few ops per level; Chan's merge as a `lax.associative_scan` unrolled some 45 per
+  level, forward and backward, and was a third of the tiny config's train-step compile (benchmarks/RESULTS.md,
+  "TimestepNorm as running sums").
   """
-  return jax.lax.associative_scan(chan_merge, _step_summaries(x, num_groups, mask), axis=1)
+  n, m, v = _step_summaries(x, num_groups, mask)
+  return _welford_prefix(n, m, v, lambda *a: tuple(jnp.cumsum(e, axis=1) for e in a))
 
 
 def segmented_merge(a, b):
@@ -151,9 +179,15 @@ def reset_prefix(x: jax.Array, num_groups: int, resets: jax.Array, prior, mask: 
   n, m, v = _step_summaries(x, num_groups, mask)
   flag = resets[..., None]
   started = chan_merge(tuple(a[:, None] for a in prior), (n, m, v))  # a reset step: prior, then the step
-  elems = (jnp.broadcast_to(flag, n.shape),) + tuple(jnp.where(flag, s, e) for s, e in zip(started, (n, m, v)))
-  seen, n, m, v = jax.lax.associative_scan(segmented_merge, elems, axis=1)
-  return seen[..., :1], (n, m, v)
+  n, m, v = (jnp.where(flag, s, e) for s, e in zip(started, (n, m, v)))
+
+  def running_sum(*arrays):  # sums that restart at every reset step: exact, nothing subtracted
+    def add(a, b):
+      return (a[0] | b[0],) + tuple(jnp.where(b[0], q, p + q) for p, q in zip(a[1:], b[1:]))
+    return jax.lax.associative_scan(add, (flag, *arrays), axis=1)[1:]
+
+  seen = jax.lax.cummax(resets.astype(jnp.int32), axis=1)[..., None] > 0
+  return seen, _welford_prefix(n, m, v, running_sum)
 
 
 def state_summary(state: NormState):

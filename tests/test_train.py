@@ -201,6 +201,37 @@ def test_restore_onto_a_different_mesh_continues_the_run(tmp_path, data_dir):
     assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)
 
 
+def test_eval_and_sampling_programs_compile_once_beside_the_train_step(tmp_path, data_dir):
+  """The trainer compiles the eval step and the sampler in a second thread while the train step compiles; the
+  calls at the eval steps must then reuse those programs, not compile them again (the jit cache key includes the
+  thread's mesh context). Counted from jax's own compile events, with the persistent cache off so that every
+  compile is an event (and a shape no other test uses, so that nothing is in memory already)."""
+  import jax.monitoring  # pylint: disable=import-outside-toplevel
+  from jax._src import dispatch  # pylint: disable=import-outside-toplevel
+
+  compiled = []
+
+  def listener(event, duration, **kwargs):
+    del duration
+    if event == dispatch.BACKEND_COMPILE_EVENT:
+      compiled.append(kwargs.get("fun_name"))
+
+  cfg = small_config(data_dir, **{"model.value_dim": 96, "eval_every": 4, "eval_batches": 2, "num_samples": 1,
+                                  "sample_len": 5})
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    trainer.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+    jax.config.update("jax_enable_compilation_cache", enabled)
+  counts = {name: compiled.count(f"jit({name})") for name in ("train_step", "eval_step", "_prefill", "_decode")}
+  assert counts == {"train_step": 1, "eval_step": 1, "_prefill": 1, "_decode": 1}, (counts, compiled)
+  samples = [json.loads(line) for line in open(os.path.join(tmp_path, "samples.jsonl"))]
+  assert {s["step"] for s in samples} == {4, 8}  # the warm-up's own samples are not logged
+
+
 def test_init_from_starts_from_the_saved_params(tmp_path, data_dir):
   source = small_config(data_dir, eval_every=4, eval_batches=2)
   _run(source, tmp_path / "a", jax.devices()[:1])

@@ -2,10 +2,15 @@
 
   python benchmarks/compile_time.py                       # 2, 4, 8, 16 layers, small blocks
   python benchmarks/compile_time.py --layers 8,32 --out benchmarks/results/compile_time.json
+  python benchmarks/compile_time.py --config tiny --runs 3  # the trainer's own step of a shipped config
 
 Each case traces, lowers and compiles the real train step (megalodon_jax/training/train_step.py with AdamW) in a
 fresh process with the persistent compilation cache off, so every number is a cold compile. With scan_layers the
 block is traced once, so compile time should stay flat as layers are added; unrolled it grows with depth.
+
+`--config NAME` instead compiles the step `train.py --config NAME` compiles (TrainProgram: the config's optimizer,
+clipping, loss pieces, mesh over the local devices), `--runs` times, each in a fresh process, for each checkout
+of `--repos` (default this one; e.g. a `git worktree` of an older commit for a before/after, alternated run by run).
 """
 
 from __future__ import annotations
@@ -52,14 +57,60 @@ def run_case(num_layers: int, scan: bool, remat: str, seq_len: int) -> dict:
           "compile_s": t2 - t1, "total_s": t2 - t0}
 
 
+def run_config(name: str) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from megalodon_jax.cli.config_flags import load_config  # pylint: disable=import-outside-toplevel
+  from megalodon_jax.training.program import TrainProgram  # pylint: disable=import-outside-toplevel
+
+  cfg, _ = load_config(name)
+  # The model's vocabulary is the tokenizer's when the config leaves it at -1: bytes (256) for the built-in corpus.
+  vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else 256
+  program = TrainProgram.build(cfg, vocab_size=vocab)
+  t0 = time.perf_counter()
+  lowered = program.train_step.lower(program.abstract_state, program.abstract_batch())
+  t1 = time.perf_counter()
+  lowered.compile()
+  t2 = time.perf_counter()
+  import megalodon_jax  # pylint: disable=import-outside-toplevel
+  package = os.path.dirname(megalodon_jax.__file__)
+  rev = subprocess.run(["git", "-C", package, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                       check=False).stdout.strip()
+  return {"config": name, "package": package, "commit": rev, "devices": len(jax.devices()),
+          "trace_lower_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0}
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--layers", default="2,4,8,16", help="comma-separated depths")
   p.add_argument("--remat", default="none", choices=["none", "full", "dots_saveable"])
   p.add_argument("--seq-len", type=int, default=512)
   p.add_argument("--out", default=None, help="write a JSON record here")
+  p.add_argument("--config", default=None, help="a shipped config's name: its trainer step instead of the sweep")
+  p.add_argument("--runs", type=int, default=3, help="fresh processes per checkout with --config")
+  p.add_argument("--repos", default=REPO_ROOT, help="comma-separated checkouts whose package compiles (--config)")
   p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: "layers,scan" in a child process
   args = p.parse_args()
+  if args.case and args.config:
+    sys.path.insert(0, args.repos)  # the child's one checkout, ahead of this file's own
+    print(json.dumps(run_config(args.config)))
+    return
+  if args.config:
+    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
+    rows = []
+    for run in range(args.runs):
+      for repo in args.repos.split(","):
+        out = subprocess.run([sys.executable, __file__, "--config", args.config, "--case", "config", "--repos",
+                              os.path.abspath(repo)], env=env, check=True, capture_output=True, text=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{args.config} run {run}: trace+lower {rows[-1]['trace_lower_s']:.2f} s, compile "
+              f"{rows[-1]['compile_s']:.2f} s ({rows[-1]['commit']} {rows[-1]['package']})", flush=True)
+    if args.out:
+      from benchmarks.common import machine_info  # pylint: disable=import-outside-toplevel
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      with open(args.out, "w", encoding="utf-8") as f:
+        json.dump({"machine": machine_info(), "args": vars(args), "results": rows}, f, indent=1)
+    return
   if args.case:
     n, scan = args.case.split(",")
     print(json.dumps(run_case(int(n), scan == "1", args.remat, args.seq_len)))

@@ -153,8 +153,9 @@ def test_a_stopped_and_resumed_run_accounts_for_its_wall_time_and_its_idle_gap(t
   assert all(spent[c] > 0 for c in ("compile", "data_wait", "step", "eval", "checkpoint", "other")), spent
   assert spent["idle"] == 0
   assert goodput_lib.GOODPUT_FILE in layout.RUN_FILES  # a run's own file (workdir checks, output guards)
-  # Measured where it happens: evaluation (less its compiles, moved to compile) and at least the saves.
-  assert 0 < spent["eval"] <= evaluating[0] and spent["checkpoint"] >= saving[0] > 0
+  # Measured where it happens: evaluation (less any compile, moved to compile; the eval and sampling programs now
+  # compile beside the train step, so allow the phase's own bookkeeping around the calls) and at least the saves.
+  assert 0 < spent["eval"] <= evaluating[0] + 0.01 and spent["checkpoint"] >= saving[0] > 0
   assert re.search(r"goodput \d+% of [\d.]+ (s|min): [\d.]+ (s|min) step, ", caplog.text), caplog.text
 
   records = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]

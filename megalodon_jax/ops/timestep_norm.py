@@ -118,19 +118,20 @@ def _step_summaries(x: jax.Array, num_groups: int, mask: Optional[jax.Array]):
 
 def _welford_prefix(n, m, v, running_sum):
   """Inclusive prefix of (count, mean, var) summaries along axis 1 (each (B, L, G) float32), Welford's recurrence in
-  parallel: the running mean is a running sum of deviations from the piece's mean (so the sum is of deviations, not
-  magnitudes; any constant gives the same result up to rounding); then each step's addition to count * var,
-  n_t*v_t + (n_before*n_t/count) * (m_t - mean before t)^2, is known at every step at once and never negative, so
-  the variance is a running sum of non-negative terms: no cancellation, the same result as Chan's merge one step
-  at a time. `running_sum(*arrays)` sums each array along axis 1 (a cumulative sum, or one that restarts at
-  document starts)."""
-  # Not the first step's mean: a first step far from the rest would leave every later mean as a small difference
-  # of large numbers.
-  total = jnp.sum(n, axis=1, keepdims=True)
-  shift = jax.lax.stop_gradient(jnp.sum(n * m, axis=1, keepdims=True) / jnp.maximum(total, 1.0))
-  count, deviation = running_sum(n, n * (m - shift))
+  parallel: the running mean is a running sum of step means (or of their deviations from the first step's, where
+  those are the smaller numbers); then each step's addition to count * var, n_t*v_t + (n_before*n_t/count) *
+  (m_t - mean before t)^2, is known at every step at once and never negative, so the variance is a running sum of
+  non-negative terms: no cancellation, the same result as Chan's merge one step at a time. Everything at step t
+  depends on steps <= t only, to the bit (a perturbation later in the piece leaves earlier outputs unchanged).
+  `running_sum(*arrays)` sums each array along axis 1 (a cumulative sum, or one that restarts at document starts).
+  """
+  # Sums about the first step's mean are exact for a stream with a large common offset, plain sums for a first step
+  # far from the rest (a massive first token); each step takes the form whose summed magnitudes are smaller.
+  shift = jax.lax.stop_gradient(m[:, :1])
+  count, deviation, plain, dev_size, plain_size = running_sum(n, n * (m - shift), n * m, jax.lax.stop_gradient(
+      n * jnp.abs(m - shift)), jax.lax.stop_gradient(n * jnp.abs(m)))
   safe = jnp.maximum(count, 1.0)
-  mean = shift + deviation / safe
+  mean = jnp.where(dev_size <= plain_size, shift + deviation / safe, plain / safe)
   before = count - n  # 0 where a run starts: the previous step's mean gets weight 0 there
   mean_before = jnp.concatenate([mean[:, :1], mean[:, :-1]], axis=1)
   (spread,) = running_sum(n * v + (before * n / safe) * jnp.square(m - mean_before))

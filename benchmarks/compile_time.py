@@ -30,6 +30,30 @@ BLOCK = dict(model_dim=128, z_dim=64, value_dim=256, num_heads=1, ffn_hidden_dim
              norm_num_groups=16, vocab_size=256)
 
 
+def _compile_seconds(step, *args) -> dict:
+  """Traces + lowers, then XLA-compiles the jitted `step` for `args` (arrays or abstract values): the seconds."""
+  t0 = time.perf_counter()
+  lowered = step.lower(*args)
+  t1 = time.perf_counter()
+  lowered.compile()
+  t2 = time.perf_counter()
+  return {"trace_lower_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0}
+
+
+def _in_child(argv: list[str]) -> dict:
+  """This file run with `argv` in a fresh process with the persistent compilation cache off: its JSON record."""
+  env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
+  out = subprocess.run([sys.executable, __file__, *argv], env=env, check=True, capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _write(path: str, record: dict) -> None:
+  from benchmarks.common import machine_info  # pylint: disable=import-outside-toplevel
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"machine": machine_info(), **record}, f, indent=1)
+
+
 def run_case(num_layers: int, scan: bool, remat: str, seq_len: int) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -48,13 +72,7 @@ def run_case(num_layers: int, scan: bool, remat: str, seq_len: int) -> dict:
                  donate_argnums=0)
   state = jax.eval_shape(lambda: ts.init_state(params, buffers, tx, jnp.zeros((2,), jnp.uint32)))
   batch = {k: jax.ShapeDtypeStruct((1, seq_len), jnp.int32) for k in ("inputs", "targets")}
-  t0 = time.perf_counter()
-  lowered = step.lower(state, batch)
-  t1 = time.perf_counter()
-  lowered.compile()
-  t2 = time.perf_counter()
-  return {"num_layers": num_layers, "scan_layers": scan, "remat": remat, "trace_lower_s": t1 - t0,
-          "compile_s": t2 - t1, "total_s": t2 - t0}
+  return {"num_layers": num_layers, "scan_layers": scan, "remat": remat, **_compile_seconds(step, state, batch)}
 
 
 def run_config(name: str) -> dict:
@@ -67,17 +85,12 @@ def run_config(name: str) -> dict:
   # The model's vocabulary is the tokenizer's when the config leaves it at -1: bytes (256) for the built-in corpus.
   vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else 256
   program = TrainProgram.build(cfg, vocab_size=vocab)
-  t0 = time.perf_counter()
-  lowered = program.train_step.lower(program.abstract_state, program.abstract_batch())
-  t1 = time.perf_counter()
-  lowered.compile()
-  t2 = time.perf_counter()
+  seconds = _compile_seconds(program.train_step, program.abstract_state, program.abstract_batch())
   import megalodon_jax  # pylint: disable=import-outside-toplevel
   package = os.path.dirname(megalodon_jax.__file__)
   rev = subprocess.run(["git", "-C", package, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                        check=False).stdout.strip()
-  return {"config": name, "package": package, "commit": rev, "devices": len(jax.devices()),
-          "trace_lower_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0}
+  return {"config": name, "package": package, "commit": rev, "devices": len(jax.devices()), **seconds}
 
 
 def main() -> None:
@@ -96,41 +109,29 @@ def main() -> None:
     print(json.dumps(run_config(args.config)))
     return
   if args.config:
-    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
     rows = []
     for run in range(args.runs):
       for repo in args.repos.split(","):
-        out = subprocess.run([sys.executable, __file__, "--config", args.config, "--case", "config", "--repos",
-                              os.path.abspath(repo)], env=env, check=True, capture_output=True, text=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(_in_child(["--config", args.config, "--case", "config", "--repos", os.path.abspath(repo)]))
         print(f"{args.config} run {run}: trace+lower {rows[-1]['trace_lower_s']:.2f} s, compile "
               f"{rows[-1]['compile_s']:.2f} s ({rows[-1]['commit']} {rows[-1]['package']})", flush=True)
     if args.out:
-      from benchmarks.common import machine_info  # pylint: disable=import-outside-toplevel
-      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-      with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"machine": machine_info(), "args": vars(args), "results": rows}, f, indent=1)
+      _write(args.out, {"args": vars(args), "results": rows})
     return
   if args.case:
     n, scan = args.case.split(",")
     print(json.dumps(run_case(int(n), scan == "1", args.remat, args.seq_len)))
     return
 
-  from benchmarks.common import machine_info  # pylint: disable=import-outside-toplevel
-  env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
   rows = []
   print(f"{'layers':>6} {'scan':>5} {'trace+lower s':>14} {'compile s':>10} {'total s':>8}")
   for n in (int(x) for x in args.layers.split(",")):
     for scan in (False, True):
-      out = subprocess.run([sys.executable, __file__, "--case", f"{n},{int(scan)}", "--remat", args.remat,
-                            "--seq-len", str(args.seq_len)], env=env, check=True, capture_output=True, text=True)
-      row = json.loads(out.stdout.strip().splitlines()[-1])
+      row = _in_child(["--case", f"{n},{int(scan)}", "--remat", args.remat, "--seq-len", str(args.seq_len)])
       rows.append(row)
       print(f"{n:>6} {str(scan):>5} {row['trace_lower_s']:>14.2f} {row['compile_s']:>10.2f} {row['total_s']:>8.2f}")
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump({"machine": machine_info(), "args": vars(args), "block": BLOCK, "results": rows}, f, indent=1)
+    _write(args.out, {"args": vars(args), "block": BLOCK, "results": rows})
 
 
 if __name__ == "__main__":

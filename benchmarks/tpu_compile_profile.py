@@ -28,16 +28,20 @@ import collections
 import glob
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
 import tempfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+from megalodon_jax.aot import buffers  # pylint: disable=wrong-import-position  # noqa: E402
 LOG_LINE = re.compile(r"^[IWE]\d{4} (\d\d):(\d\d):(\d\d\.\d+)\s+(\d+) (\S+)\] (.*)$")
 STAGE = re.compile(r"(HLO_PASSES|BACKEND_PASSES|CODE_GENERATION|END_TO_END) stage duration: (.+)$")
 PASS = re.compile(r"HLO pass: (\S+) time: .*?\((\d+) us\)")
-INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = .*?metadata=\{op_name=\"([^\"]*)\"")
 
 
 def duration_seconds(text: str) -> float:
@@ -70,19 +74,10 @@ def parse_log(lines) -> dict:
   return {"stages": stages, "passes": passes, "kernels": kernels}
 
 
-def op_names(hlo_path: str) -> dict[str, str]:
-  """Instruction name -> its op_name metadata, from an optimized HLO dump."""
-  out = {}
-  with open(hlo_path, encoding="utf-8", errors="replace") as f:
-    for line in f:
-      m = INSTRUCTION.match(line)
-      if m:
-        out[m.group(1)] = m.group(2)
-  return out
-
-
 def source_group(op_name: str) -> str:
-  """'loop <last two op_name parts>' for kernels in a loop body, 'top <...>' otherwise; '?' without metadata."""
+  """'loop <last two op_name parts>' for kernels in a loop body, 'top <...>' otherwise; '?' without metadata.
+  `op_name` as `aot.buffers.op_names` gives it ("op_name @ source line"); the source line is not part of the group."""
+  op_name = op_name.split(" @ ", 1)[0]
   if not op_name:
     return "? (no metadata: collectives, copies, layout changes)"
   parts = op_name.split("/")
@@ -114,8 +109,9 @@ def run(args, extra: list[str]) -> dict:
       with open(log_path, encoding="utf-8", errors="replace") as f:
         tail = f.readlines()[-20:]
       raise SystemExit(f"the planner failed (exit {proc.returncode}) or libtpu logged no kernels:\n{''.join(tail)}")
-    hlo = sorted(glob.glob(os.path.join(dump, "**", "*after_optimizations.txt"), recursive=True))
-    names = op_names(hlo[0]) if hlo else {}
+    hlo = glob.glob(os.path.join(dump, "**", "*after_optimizations.txt"), recursive=True)
+    # The program's module is the largest one dumped, as the planner reads it (aot/buffers.py).
+    names = buffers.op_names(pathlib.Path(max(hlo, key=os.path.getsize)).read_text()) if hlo else {}
   report = json.loads(proc.stdout)
   report = report[0] if isinstance(report, list) else report
   return {"command": " ".join(cmd[1:]), "planner": {k: report.get(k) for k in ("compile_seconds", "peak_gib", "fits")},
@@ -131,7 +127,6 @@ def main() -> None:
   p.add_argument("--out", default="", help="write the record as JSON here")
   args, extra = p.parse_known_args()
   extra = [a for a in extra if a != "--"]
-  sys.path.insert(0, REPO_ROOT)
   from benchmarks.common import machine_info  # pylint: disable=import-outside-toplevel
 
   r = run(args, extra)

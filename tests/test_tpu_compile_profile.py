@@ -45,8 +45,9 @@ def test_durations_in_libtpus_notation():
 
 
 def test_kernels_group_by_loop_body_and_operation():
+  # Names as aot.buffers.op_names reads them from the dump: the op_name, then " @ " and the source line where known.
   names = {"fusion.1": "jit(train_step)/transpose(jvp())/while/body/closed_call/checkpoint/dot_general",
-           "fusion.2": "jit(train_step)/jit(_where)/select_n", "fusion.3": "jit(train_step)/jit(_where)/select_n"}
+           "fusion.2": "jit(train_step)/jit(_where)/select_n", "fusion.3": "jit(train_step)/jit(_where)/select_n @ megalodon_jax/training/train_step.py:142 (train_step)"}
   groups = prof.group_kernels({"fusion.1": 3.0, "fusion.2": 1.0, "fusion.3": 1.5, "all-reduce.7": 4.0}, names)
   assert groups == [("? (no metadata: collectives, copies, layout changes)", 4.0, 1),
                     ("loop checkpoint/dot_general", 3.0, 1), ("top  jit(_where)/select_n", 2.5, 2)]

@@ -266,6 +266,34 @@ def test_gradients_match_reference(name, grad_case):
     assert_close(np.asarray(grads[key]), expected, rtol=2e-5, what=f"{name} d/d{key}")
 
 
+@pytest.mark.parametrize("count", [1, 2, 33, 100])
+def test_power_table_and_its_gradient_match_float64(count):
+  """b^j and the hand-written gradient of power_table against complex128 closed forms (d b^j / db = j b^(j-1))."""
+  rng = np.random.default_rng(count)
+  mag, phase = rng.uniform(0.3, 0.9999, (5, 4)), rng.uniform(0, 2 * np.pi, (5, 4))
+  b = mag * np.exp(1j * phase)
+  w_re, w_im = rng.normal(size=(5, 4, count)), rng.normal(size=(5, 4, count))
+  br, bi = jnp.asarray(b.real, jnp.float32), jnp.asarray(b.imag, jnp.float32)
+  b = np.asarray(br, np.float64) + 1j * np.asarray(bi, np.float64)  # the float32 inputs, exactly
+  j = np.arange(count)
+  table = b[..., None] ** j
+  tr, ti = power_table(br, bi, count)
+  assert tr.shape == ti.shape == (5, 4, count)
+  np.testing.assert_allclose(np.asarray(tr), table.real, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(ti), table.imag, atol=2e-6)
+
+  def loss(br, bi):
+    tr, ti = power_table(br, bi, count)
+    return jnp.sum(jnp.asarray(w_re, jnp.float32) * tr + jnp.asarray(w_im, jnp.float32) * ti)
+
+  g_re, g_im = jax.jit(jax.grad(loss, argnums=(0, 1)))(br, bi)
+  # Re Σ conj(c_j) b^j has the cotangent Σ_j conj(j b^(j-1)) c_j with c = w_re + i w_im.
+  expected = np.sum(np.conj(j * b[..., None] ** np.maximum(j - 1, 0)) * (w_re + 1j * w_im), axis=-1)
+  scale = np.abs(expected).max() + 1.0
+  np.testing.assert_allclose(np.asarray(g_re), expected.real, atol=2e-6 * scale)
+  np.testing.assert_allclose(np.asarray(g_im), expected.imag, atol=2e-6 * scale)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 

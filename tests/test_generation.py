@@ -94,6 +94,22 @@ def test_first_token_from_the_prefill_logits_equals_full_forward_decoding(model,
     assert comp.tokens == _greedy_reference(model, prompt, NEW)
 
 
+def test_prompts_below_min_prefill_are_fed_by_decode_steps_alone(model):
+  """min_prefill: a batch whose shortest prompt is shorter is fed by decode steps only (no prefill program is
+  traced), with the same greedy continuations as the full-forward reference; at or above it, prefill runs."""
+  gen = Generator(model, prefill_piece=16, block_size=5, min_prefill=12)
+  prompts = [[(7 * i + 3) % 256 for i in range(11)], [(5 * i + 1) % 256 for i in range(16)]]
+  with count_traces("_prefill") as traces:
+    out = gen.generate(prompts, max_new_tokens=NEW, sampler=Sampler(temperature=0.0))
+    assert traces["_prefill"] == 0
+    # Shortest prompt 12 tokens: 8 of them (the grain) prefilled. Five rows (batch bucket 8), a shape no other test
+    # of this model runs, so that the program is traced here.
+    gen.generate([p + [9] for p in prompts] * 2 + [[1] * 12], max_new_tokens=2, sampler=Sampler(temperature=0.0))
+    assert traces["_prefill"] == 1
+  for prompt, comp in zip(prompts, out):
+    assert comp.tokens == _greedy_reference(model, prompt, NEW)
+
+
 def test_last_only_logits_are_the_last_row_of_the_full_logits(model):
   model.eval()
   ids = jnp.asarray([[(3 * i + 2) % 256 for i in range(19)]], jnp.int32)

@@ -187,11 +187,14 @@ class Generator:
 
   `model` is put in eval mode (dropout off). `prefill_piece`: the largest prefill call in tokens (a multiple of
   the chunk size; default about 4096). `block_size`: decode steps per jitted call (and per streamed update).
-  Compiled programs are shared by all Generators of models with the same structure (one per shape bucket).
+  `min_prefill`: a batch whose shortest prompt has fewer tokens is fed by decode steps alone, with no prefill
+  program to compile (for a few short prompts drawn once in a while, as the trainer's samples: a prefill program
+  costs seconds of compiling, a short prompt a few milliseconds of decode steps). Compiled programs are shared by
+  all Generators of models with the same structure (one per shape bucket).
   """
 
   def __init__(self, model: LanguageModel, *, prefill_piece: Optional[int] = None,
-               block_size: int = DEFAULT_BLOCK_SIZE):
+               block_size: int = DEFAULT_BLOCK_SIZE, min_prefill: int = 0):
     c = model.config
     if prefill_piece is None:
       prefill_piece = default_prefill_piece(c.chunk_size)
@@ -201,6 +204,7 @@ class Generator:
     self.config = c
     self.prefill_piece = prefill_piece
     self.block_size = block_size
+    self.min_prefill = min_prefill
     self.graphdef, self.state = nnx.split(model)
 
   # ------------------------------------------------------------------------------------------------ host side
@@ -270,7 +274,7 @@ class Generator:
     len_arr = np.array([r.size for r in padded_rows], np.int32)
     stops = self._stop_array(stop_ids, b, bp)
     # Prefilled tokens (the shortest prompt's, down to the grain); the rest of the prompts are fed by decode steps.
-    p0 = prefilled_length(int(lengths.min()), c.chunk_size)
+    p0 = prefilled_length(int(lengths.min()), c.chunk_size) if lengths.min() >= self.min_prefill else 0
 
     # Every row ends within this many steps (by length at the latest); the bound also keeps a host loop finite.
     steps_left = int(lengths.max()) - p0 + max_new_tokens

@@ -320,7 +320,9 @@ def sample_tokens(model: Any, prompts: np.ndarray, *, num_tokens: int, temperatu
   prompts = np.asarray(prompts)
   if prompts.ndim != 2 or prompts.shape[1] < 1:
     raise ValueError(f"prompts must be (batch, length >= 1); got shape {prompts.shape}")
-  out = Generator(model).generate(prompts.tolist(), max_new_tokens=num_tokens,
+  # Prompts below 64 tokens (the default prompt is 32 tokens of an eval row) are fed by decode steps: no prefill
+  # program to compile for samples drawn twice in a run.
+  out = Generator(model, min_prefill=64).generate(prompts.tolist(), max_new_tokens=num_tokens,
                                   sampler=Sampler(temperature=float(temperature)), seed=seed)
   return np.asarray([c.tokens for c in out], np.int32).reshape(len(out), num_tokens)
 

@@ -49,14 +49,15 @@ def test_cema_entry_changes_the_choice(tmp_path, monkeypatch):
   assert default_impl(65536, "gpu") == "pallas"  # open upper bound, no dim key: matches any D
   assert default_impl(2048, "gpu", dim=1024) == "chunked"  # below every entry
   assert default_impl(1, "gpu") == "sequential"  # a decoding step stays sequential whatever the table says
-  assert default_impl(4096, "cpu", dim=1024) == "chunked"
+  assert default_impl(4096, "cpu", dim=1024) == "fft"  # the CPU's fixed rule (no CPU entry)
 
 
 def test_no_entry_keeps_the_fixed_rules(tmp_path, monkeypatch):
   _use(tmp_path, monkeypatch, {"gpu": [], "tpu": []})
   for backend in ("cpu", "gpu", "tpu"):
     assert resolve_attention_impl("auto", backend, **HEAD) == AUTO_ATTENTION_IMPL[backend]
-  assert default_impl(64, "cpu") == "sequential" and default_impl(4096, "cpu") == "chunked"
+  assert [default_impl(n, "cpu") for n in (64, 128, 512, 4096, 8192)] == [
+      "sequential", "chunked", "fft", "fft", "chunked"]
   assert default_impl(32768, "gpu", dim=4096) == "chunked"
   monkeypatch.setenv(impl_table.ENV_VAR, str(tmp_path / "absent.json"))
   assert default_impl(32768, "tpu") == "chunked"

@@ -53,27 +53,22 @@ def power_table(base_re: jax.Array, base_im: jax.Array, count: int) -> tuple[jax
   """b^j for j < count, real and imaginary parts, each (..., count) float32.
 
   Products instead of exp/cos/sin: transcendentals are the slowest ops on CPU, and the phase error of b^j grows
-  with log j here rather than with j as it does for exp(j log b). b^j is the product of the squarings b^(2^k) for
-  the set bits k of j, taken in increasing k (the order repeated doubling multiplies them in), as one elementwise
-  pass over the table; the gradient is written by hand (`_power_table_bwd`), so forward and backward are one kernel
-  each instead of a concatenation and its transpose per doubling.
+  with log j here rather than with j as it does for exp(j log b). The gradient is written by hand
+  (`_power_table_bwd`: one elementwise pass and a sum over j) instead of the transposes of every doubling's
+  concatenation and products.
   """
   return _power_table(base_re.astype(jnp.float32), base_im.astype(jnp.float32), count)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _power_table(base_re: jax.Array, base_im: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
-  j = jnp.arange(count, dtype=jnp.int32)
-  tr = jnp.ones(base_re.shape + (count,), jnp.float32)
+  tr = jnp.ones(base_re.shape + (1,), jnp.float32)
   ti = jnp.zeros_like(tr)
   br, bi = base_re[..., None], base_im[..., None]
-  bit = 0
-  while (1 << bit) < count:
-    use = (j >> bit) & 1 == 1
-    tr, ti = jnp.where(use, tr * br - ti * bi, tr), jnp.where(use, tr * bi + ti * br, ti)
+  while tr.shape[-1] < count:
+    tr, ti = jnp.concatenate([tr, tr * br - ti * bi], -1), jnp.concatenate([ti, tr * bi + ti * br], -1)
     br, bi = br * br - bi * bi, 2 * br * bi
-    bit += 1
-  return tr, ti
+  return tr[..., :count], ti[..., :count]
 
 
 def _power_table_fwd(base_re, base_im, count):

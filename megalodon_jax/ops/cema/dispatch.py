@@ -40,9 +40,12 @@ def default_impl(length: int, backend: Optional[str] = None, dim: Optional[int] 
   if measured is not None:
     return measured
   if backend == "cpu":
-    # "sequential" is fastest below ~128 steps; from there on "chunked" is fastest forward and forward+backward
-    # (measured: benchmarks/RESULTS.md#cema-benchmarkscemapy).
-    return "sequential" if length < 128 else "chunked"
+    # "sequential" is fastest below ~128 steps (benchmarks/RESULTS.md#cema-benchmarkscemapy). Inside the whole
+    # train step "fft" beats "chunked" at 512 and 2K tokens and ties it at 8K, though "chunked" is as fast or
+    # faster as an op alone; the step is what runs (benchmarks/RESULTS.md, "CPU train step: CEMA by fft").
+    if length < 128:
+      return "sequential"
+    return "fft" if 512 <= length <= 4096 else "chunked"
   # TPU / GPU: chosen for memory. With "fft" the gradient of the FFT kernel is summed over the batch through a
   # (chips, L/2, D) float32 buffer and its FFTs keep float32 (batch, D, 2L) buffers, so the 7B step at 32K tokens
   # does not fit a v5p chip; with "chunked" or "pallas" it does. Speed on hardware is still to be measured.

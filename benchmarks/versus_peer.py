@@ -4,6 +4,7 @@ machine: train step (forward + backward) tokens/s and greedy generation seconds,
   python benchmarks/versus_peer.py                                   # the whole table, 2 alternated runs per case
   python benchmarks/versus_peer.py --revs HEAD,4efb01b --sides ours  # this checkout against an older commit
   python benchmarks/versus_peer.py --cases gen1,gen8 --runs 3        # generation only
+  python benchmarks/versus_peer.py --cases train512 --sides ours --cema_impls chunked,fft   # CEMA paths in the step
 
 The peer lives in its own virtual environment (`--peer_python`, default /tmp/peervenv/bin/python) and imports
 under the same name, `megalodon_jax`: its workers run with the working directory outside any checkout and without
@@ -65,7 +66,7 @@ def _time(fn, repeats: int) -> tuple[float, list[float]]:
   return first, warm
 
 
-def _ours(kind: str, batch: int, length: int, repeats: int) -> dict:
+def _ours(kind: str, batch: int, length: int, repeats: int, cema_impl: str = "auto") -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -73,7 +74,8 @@ def _ours(kind: str, batch: int, length: int, repeats: int) -> dict:
   from megalodon_jax.config import MegalodonConfig  # pylint: disable=import-outside-toplevel
   from megalodon_jax.model import MegalodonLM  # pylint: disable=import-outside-toplevel
 
-  model = MegalodonLM(MegalodonConfig(**CONFIG, dtype="float32"), rngs=nnx.Rngs(0))
+  extra = {} if cema_impl == "auto" else {"cema_impl": cema_impl}  # older commits may not know every name
+  model = MegalodonLM(MegalodonConfig(**CONFIG, dtype="float32", **extra), rngs=nnx.Rngs(0))
   ids = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (batch, length), dtype=np.int32)
   if kind == "gen":
     from megalodon_jax.inference.generation import Generator  # pylint: disable=import-outside-toplevel
@@ -132,7 +134,7 @@ def _peer(kind: str, batch: int, length: int, repeats: int) -> dict:
   return dict(first_s=first, warm_s=warm, loss=float(loss_and_grad(model, ids)[0]))
 
 
-def worker(side: str, case: str, repeats: int) -> None:
+def worker(side: str, case: str, repeats: int, cema_impl: str = "auto") -> None:
   t0 = time.perf_counter()
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_enable_compilation_cache", False)  # first calls must compile, whatever the environment says
@@ -148,7 +150,10 @@ def worker(side: str, case: str, repeats: int) -> None:
   elif not rec["package"].startswith(os.environ["PYTHONPATH"]):
     raise SystemExit(f"the worker imported {rec['package']}, not the checkout {os.environ['PYTHONPATH']}")
   rec["import_s"] = time.perf_counter() - t0
-  rec.update((_peer if side == "peer" else _ours)(kind, batch, length, repeats))
+  if side == "peer":
+    rec.update(_peer(kind, batch, length, repeats))
+  else:
+    rec.update(_ours(kind, batch, length, repeats, cema_impl), cema_impl=cema_impl)
   rec["process_s"] = time.perf_counter() - t0
   print(json.dumps(rec))
 
@@ -168,7 +173,7 @@ def checkout(rev: str, tmp: str) -> str:
   return path
 
 
-def run_worker(side: str, case: str, args, root: str | None) -> dict:
+def run_worker(side: str, case: str, args, root: str | None, cema_impl: str = "auto") -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE") and k != "PYTHONPATH"}
   env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   if side == "peer":
@@ -178,6 +183,8 @@ def run_worker(side: str, case: str, args, root: str | None) -> dict:
     cmd, cwd = [sys.executable, os.path.abspath(__file__)], root
     env["PYTHONPATH"] = root
   cmd += ["--worker", side, "--case", case, "--repeats", str(args.repeats)]
+  if side == "ours":
+    cmd += ["--cema_impl", cema_impl]
   proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=args.timeout, check=False)
   if proc.returncode != 0:
     # The exception's own line, not JAX's note on filtered frames that follows it.
@@ -226,6 +233,9 @@ def main(argv=None) -> None:
   p.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
   p.add_argument("--sides", default="ours,peer", help="comma-separated: ours, peer (default both)")
   p.add_argument("--revs", default="HEAD", help="commits of this project to run (HEAD = this working tree)")
+  p.add_argument("--cema_impls", default="auto",
+                 help="comma-separated CEMA implementations of our side (auto or ops/impl_names' names), each a side")
+  p.add_argument("--cema_impl", default="auto", help=argparse.SUPPRESS)
   p.add_argument("--runs", type=int, default=2, help="fresh processes per side and case, alternated")
   p.add_argument("--repeats", type=int, default=5, help="warm calls per process after the first")
   p.add_argument("--peer_python", default=DEFAULT_PEER_PYTHON)
@@ -233,7 +243,7 @@ def main(argv=None) -> None:
   p.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "versus_peer_cpu.json"))
   args = p.parse_args(argv)
   if args.worker:
-    worker(args.worker, args.case, args.repeats)
+    worker(args.worker, args.case, args.repeats, args.cema_impl)
     return
 
   cases = [c for c in args.cases.split(",") if c]
@@ -244,32 +254,34 @@ def main(argv=None) -> None:
   if not sides or set(sides) - {"ours", "peer"}:
     p.error(f"--sides {args.sides!r}: give ours, peer or ours,peer")
   with tempfile.TemporaryDirectory(prefix="versus_peer_") as tmp:
-    labels = []  # (label, side, source root)
+    labels = []  # (label, side, source root, CEMA implementation)
+    impls = [i for i in args.cema_impls.split(",") if i]
     try:
       if "ours" in sides:
         for rev in args.revs.split(","):
           name = rev
           if rev == "HEAD":  # the working tree: its commit, marked when it has uncommitted changes
             name = _git("rev-parse", "--short", "HEAD") + ("+changes" if _git("status", "--porcelain", "-uno") else "")
-          labels.append((f"ours@{name}", "ours", checkout(rev, tmp)))
+          root = checkout(rev, tmp)
+          for impl in impls:
+            labels.append((f"ours@{name}" + ("" if impl == "auto" else f"[{impl}]"), "ours", root, impl))
       if "peer" in sides:
-        labels.append(("peer", "peer", None))
+        labels.append(("peer", "peer", None, "auto"))
       records = []
       for case in cases:
         for run in range(args.runs):
           # Alternate, and reverse every other round so that no side always runs right after another.
           order = labels if run % 2 == 0 else labels[::-1]
-          for label, side, root in order:
-            rec = run_worker(side, case, args, root)
+          for label, side, root, impl in order:
+            rec = run_worker(side, case, args, root, impl)
             rec.update(label=label, run=run)
             records.append(rec)
             msg = rec.get("error") or (f"first {rec['first_s']:.3f} s, "
                                        f"warm median {statistics.median(rec['warm_s']):.3f} s")
             print(f"  {case} {label} run {run}: {msg}", flush=True)
     finally:
-      for label, side, root in labels:
-        if side == "ours" and root != REPO_ROOT:
-          _git("worktree", "remove", "--force", root)
+      for root in {root for _, side, root, _ in labels if side == "ours" and root != REPO_ROOT}:
+        _git("worktree", "remove", "--force", root)
   summary = summarize(records)
   print(format_table(summary))
 
@@ -280,7 +292,7 @@ def main(argv=None) -> None:
                 repeats=args.repeats, machine=machine_info(), load_avg=os.getloadavg(),
                 peer=dict(version=peer_rec.get("version"), jax=peer_rec.get("jax")),
                 revs={label: (_git("rev-parse", "HEAD", cwd=root) if root == REPO_ROOT else label.split("@", 1)[1])
-                      for label, side, root in labels if side == "ours"},
+                      for label, side, root, _ in labels if side == "ours"},
                 summary=summary, records=records)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:

@@ -9,7 +9,6 @@ kernels lack); the state is (B, D, N, 2), the layout of the official chunk-paral
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -50,18 +49,11 @@ def cema_coefficients(alpha: jax.Array, delta: jax.Array, theta: jax.Array, gamm
 
 
 def power_table(base_re: jax.Array, base_im: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
-  """b^j for j < count, real and imaginary parts, each (..., count) float32.
+  """b^j for j < count by repeated doubling, real and imaginary parts, each (..., count) float32.
 
   Products instead of exp/cos/sin: transcendentals are the slowest ops on CPU, and the phase error of b^j grows
-  with log j here rather than with j as it does for exp(j log b). The gradient is written by hand
-  (`_power_table_bwd`: one elementwise pass and a sum over j) instead of the transposes of every doubling's
-  concatenation and products.
+  with log j here rather than with j as it does for exp(j log b).
   """
-  return _power_table(base_re.astype(jnp.float32), base_im.astype(jnp.float32), count)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _power_table(base_re: jax.Array, base_im: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
   tr = jnp.ones(base_re.shape + (1,), jnp.float32)
   ti = jnp.zeros_like(tr)
   br, bi = base_re[..., None], base_im[..., None]
@@ -69,26 +61,6 @@ def _power_table(base_re: jax.Array, base_im: jax.Array, count: int) -> tuple[ja
     tr, ti = jnp.concatenate([tr, tr * br - ti * bi], -1), jnp.concatenate([ti, tr * bi + ti * br], -1)
     br, bi = br * br - bi * bi, 2 * br * bi
   return tr[..., :count], ti[..., :count]
-
-
-def _power_table_fwd(base_re, base_im, count):
-  tr, ti = _power_table(base_re, base_im, count)
-  return (tr, ti), (tr, ti)
-
-
-def _power_table_bwd(count, table, cotangents):
-  # b^j is holomorphic in b with derivative j b^(j-1), so the cotangent of b is Σ_j conj(j b^(j-1)) c_j with
-  # c_j = ct_re_j + i ct_im_j (the real-pair convention of JAX's complex gradients).
-  tr, ti = table
-  ct_re, ct_im = cotangents
-  if count < 2:
-    return jnp.zeros(tr.shape[:-1], jnp.float32), jnp.zeros(tr.shape[:-1], jnp.float32)
-  j = jnp.arange(1, count, dtype=jnp.float32)
-  pr, pi, cr, ci = tr[..., :-1], ti[..., :-1], ct_re[..., 1:], ct_im[..., 1:]
-  return jnp.sum(j * (pr * cr + pi * ci), axis=-1), jnp.sum(j * (pr * ci - pi * cr), axis=-1)
-
-
-_power_table.defvjp(_power_table_fwd, _power_table_bwd)
 
 
 def readout(coeffs: CEMACoeffs, hr: jax.Array, hi: jax.Array) -> jax.Array:

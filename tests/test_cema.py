@@ -268,7 +268,7 @@ def test_gradients_match_reference(name, grad_case):
 
 @pytest.mark.parametrize("count", [1, 2, 33, 100])
 def test_power_table_and_its_gradient_match_float64(count):
-  """b^j and the hand-written gradient of power_table against complex128 closed forms (d b^j / db = j b^(j-1))."""
+  """b^j and the gradient of power_table against complex128 closed forms (d b^j / db = j b^(j-1))."""
   rng = np.random.default_rng(count)
   mag, phase = rng.uniform(0.3, 0.9999, (5, 4)), rng.uniform(0, 2 * np.pi, (5, 4))
   b = mag * np.exp(1j * phase)

@@ -100,8 +100,8 @@ def _xla_forward_flops(cfg: MegalodonConfig, batch: int, seq_len: int) -> float:
 #   chunked     D96  H2 C32, D64 H1 C16         0.908 / 0.870   0.900 / 0.878   (not tested: >10% at D=64)
 # The analytic total reads low because XLA also counts elementwise work (norms, SiLU, softmax, RoPE, gates,
 # CEMA coefficients), which grows relative to the matmuls as D shrinks (~6% at D=128, ~13% at D=64); matmul-only
-# vs XLA is 0.87-0.89 at D=128. We test "chunked" ("auto"'s CPU choice for 128 <= L < 512 and past 4K): its cost is linear in L,
-# whereas "fft" pads to 2·next_pow2(L), so XLA's count jumps from L=64 (n_fft 128) to L=80 (n_fft 256) while the
+# vs XLA is 0.87-0.89 at D=128. We test "chunked" ("auto"'s CPU choice for 128 <= L < 512 and past 4K): its
+# cost is linear in L, whereas "fft" pads to 2·next_pow2(L), so XLA's count jumps from L=64 (n_fft 128) to L=80 (n_fft 256) while the
 # documented CEMA estimate barely moves. "sequential" reads closest (1.01-1.03), most likely only because XLA's cost
 # analysis counts a while-loop (lax.scan) body once rather than per step, so the CEMA recurrence is mostly missing
 # from its count: an accident, not agreement.

@@ -274,7 +274,8 @@ class Generator:
     len_arr = np.array([r.size for r in padded_rows], np.int32)
     stops = self._stop_array(stop_ids, b, bp)
     # Prefilled tokens (the shortest prompt's, down to the grain); the rest of the prompts are fed by decode steps.
-    p0 = prefilled_length(int(lengths.min()), c.chunk_size) if lengths.min() >= self.min_prefill else 0
+    shortest = int(lengths.min())
+    p0 = prefilled_length(shortest, c.chunk_size) if shortest >= self.min_prefill else 0
 
     # Every row ends within this many steps (by length at the latest); the bound also keeps a host loop finite.
     steps_left = int(lengths.max()) - p0 + max_new_tokens

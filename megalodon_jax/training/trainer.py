@@ -45,6 +45,7 @@ from megalodon_jax.training.train_config import TrainConfig
 from megalodon_jax.training import wandb_run
 
 log = logging.getLogger("megalodon_jax")
+SAMPLE_PROMPT_TOKENS = 32  # the default sample prompt: the first tokens of an eval row
 
 
 class _Run:
@@ -320,10 +321,11 @@ def sample_tokens(model: Any, prompts: np.ndarray, *, num_tokens: int, temperatu
   prompts = np.asarray(prompts)
   if prompts.ndim != 2 or prompts.shape[1] < 1:
     raise ValueError(f"prompts must be (batch, length >= 1); got shape {prompts.shape}")
-  # Prompts below 64 tokens (the default prompt is 32 tokens of an eval row) are fed by decode steps: no prefill
-  # program to compile for samples drawn twice in a run.
-  out = Generator(model, min_prefill=64).generate(prompts.tolist(), max_new_tokens=num_tokens,
-                                  sampler=Sampler(temperature=float(temperature)), seed=seed)
+  # Prompts as short as the default one are fed by decode steps: no prefill program to compile for samples drawn
+  # a few times in a run.
+  generator = Generator(model, min_prefill=2 * SAMPLE_PROMPT_TOKENS)
+  out = generator.generate(prompts.tolist(), max_new_tokens=num_tokens, sampler=Sampler(temperature=float(temperature)),
+                           seed=seed)
   return np.asarray([c.tokens for c in out], np.int32).reshape(len(out), num_tokens)
 
 
@@ -342,7 +344,7 @@ def _draw_samples(run: _Run, cfg: Any, state: ts.TrainState, batches: list, step
     prompt = np.tile(run.tokenizer.encode(cfg.sample_prompt)[None], (cfg.num_samples, 1))
   else:
     rows = batches[0]["inputs"][:cfg.num_samples]
-    prompt = np.asarray(rows[:, :min(32, rows.shape[1])])
+    prompt = np.asarray(rows[:, :min(SAMPLE_PROMPT_TOKENS, rows.shape[1])])
   model = run.program.model(state)
   seed = int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0])  # new draws at every step
   return prompt, sample_tokens(model, prompt, num_tokens=cfg.sample_len, temperature=cfg.sample_temperature,
